@@ -1,0 +1,217 @@
+// The one activation table of fusedlayers: f(z), f'(z) and f''(z) for every activation, written once for
+// host and device code and for scalar and SIMD types.
+//
+// Each functor's methods are templates over T, the math type: float or double on the host and in CUDA
+// kernels, at::vec::Vectorized<float|double> in the CPU kernels. They use only arithmetic, T(constant) and the
+// helpers of Math<T>, which cpu/vec_math.h specializes for Vectorized.
+//
+// The order of `Activation` is the order of fusedlayers.ACTIVATIONS (fusedlayers/activations.py), and the
+// name table below is checked against it by the tests.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FL_HOST_DEVICE inline
+#endif
+
+namespace fusedlayers {
+
+enum class Activation : int32_t {
+  Identity = 0,
+  ReLU,
+  LeakyReLU,
+  GELU,
+  GELUTanh,
+  SiLU,
+  Sigmoid,
+  Tanh,
+  Softplus,
+  SELU,
+  ELU,
+  Cos,
+  Sin,
+};
+
+constexpr int kNumActivations = 13;
+constexpr const char* kActivationNames[kNumActivations] = {
+    "identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid",
+    "tanh",     "softplus", "selu", "elu",  "cos",  "sin"};
+
+// Host code takes std:: overloads (float stays float); device code the CUDA math library's.
+#if defined(__CUDA_ARCH__)
+#define FL_MATH(fn) ::fn
+#else
+#define FL_MATH(fn) std::fn
+#endif
+
+// Scalar math. `where_pos(z, a, b)` is `z > 0 ? a : b`; with where_gt, the only branches the table needs.
+template <typename T>
+struct Math {
+  static FL_HOST_DEVICE T exp(T x) { return FL_MATH(exp)(x); }
+  static FL_HOST_DEVICE T expm1(T x) { return FL_MATH(expm1)(x); }
+  static FL_HOST_DEVICE T log1p(T x) { return FL_MATH(log1p)(x); }
+  static FL_HOST_DEVICE T tanh(T x) { return FL_MATH(tanh)(x); }
+  static FL_HOST_DEVICE T erf(T x) { return FL_MATH(erf)(x); }
+  static FL_HOST_DEVICE T cos(T x) { return FL_MATH(cos)(x); }
+  static FL_HOST_DEVICE T sin(T x) { return FL_MATH(sin)(x); }
+  // NaN in a propagates, as in torch.relu and at::vec::maximum.
+  static FL_HOST_DEVICE T max(T a, T b) { return (a != a || a > b) ? a : b; }
+  static FL_HOST_DEVICE T min(T a, T b) { return (a != a || a < b) ? a : b; }
+  static FL_HOST_DEVICE T where_pos(T z, T a, T b) { return z > T(0) ? a : b; }
+  static FL_HOST_DEVICE T where_gt(T z, T threshold, T a, T b) { return z > threshold ? a : b; }
+};
+
+namespace act {
+
+struct Identity {
+  template <typename T> static FL_HOST_DEVICE T f(T z) { return z; }
+  template <typename T> static FL_HOST_DEVICE T df(T) { return T(1); }
+  template <typename T> static FL_HOST_DEVICE T d2f(T) { return T(0); }
+};
+
+// f'(0) = 0, as torch.relu's backward.
+struct ReLU {
+  template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::max(z, T(0)); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_pos(z, T(1), T(0)); }
+  template <typename T> static FL_HOST_DEVICE T d2f(T) { return T(0); }
+};
+
+struct LeakyReLU {  // negative slope 0.01, f'(0) = 0.01 as torch's
+  template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::where_pos(z, z, z * T(0.01)); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_pos(z, T(1), T(0.01)); }
+  template <typename T> static FL_HOST_DEVICE T d2f(T) { return T(0); }
+};
+
+// Exact GELU: z * Phi(z); Phi' = phi = exp(-z^2/2) / sqrt(2 pi).
+struct GELU {
+  template <typename T> static FL_HOST_DEVICE T Phi(T z) {
+    return T(0.5) * (T(1) + Math<T>::erf(z * T(0.70710678118654752440)));
+  }
+  template <typename T> static FL_HOST_DEVICE T phi(T z) {
+    return Math<T>::exp(T(-0.5) * z * z) * T(0.39894228040143267794);
+  }
+  template <typename T> static FL_HOST_DEVICE T f(T z) { return z * Phi(z); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) { return Phi(z) + z * phi(z); }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) { return phi(z) * (T(2) - z * z); }
+};
+
+// GELU, tanh approximation: 0.5 z (1 + tanh(u)), u = sqrt(2/pi) (z + 0.044715 z^3).
+struct GELUTanh {
+  static constexpr double kAlpha = 0.79788456080286535588;  // sqrt(2/pi)
+  static constexpr double kBeta = 0.044715;
+  template <typename T> static FL_HOST_DEVICE T f(T z) {
+    T t = Math<T>::tanh(T(kAlpha) * (z + T(kBeta) * z * z * z));
+    return T(0.5) * z * (T(1) + t);
+  }
+  template <typename T> static FL_HOST_DEVICE T df(T z) {
+    T t = Math<T>::tanh(T(kAlpha) * (z + T(kBeta) * z * z * z));
+    T du = T(kAlpha) * (T(1) + T(3 * kBeta) * z * z);
+    return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * du;
+  }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) {
+    T t = Math<T>::tanh(T(kAlpha) * (z + T(kBeta) * z * z * z));
+    T du = T(kAlpha) * (T(1) + T(3 * kBeta) * z * z);
+    T d2u = T(6 * kAlpha * kBeta) * z;
+    return (T(1) - t * t) * (du + T(0.5) * z * (d2u - T(2) * t * du * du));
+  }
+};
+
+struct Sigmoid {
+  template <typename T> static FL_HOST_DEVICE T s(T z) { return T(1) / (T(1) + Math<T>::exp(T(0) - z)); }
+  template <typename T> static FL_HOST_DEVICE T f(T z) { return s(z); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) { T v = s(z); return v * (T(1) - v); }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) { T v = s(z); return v * (T(1) - v) * (T(1) - T(2) * v); }
+};
+
+struct SiLU {
+  template <typename T> static FL_HOST_DEVICE T f(T z) { return z * Sigmoid::s(z); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) {
+    T v = Sigmoid::s(z);
+    return v * (T(1) + z * (T(1) - v));
+  }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) {
+    T v = Sigmoid::s(z);
+    return v * (T(1) - v) * (T(2) + z * (T(1) - T(2) * v));
+  }
+};
+
+struct Tanh {
+  template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::tanh(z); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) { T t = Math<T>::tanh(z); return T(1) - t * t; }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) { T t = Math<T>::tanh(z); return T(-2) * t * (T(1) - t * t); }
+};
+
+// beta 1, threshold 20 as torch.nn.functional.softplus: linear above the threshold.
+struct Softplus {
+  template <typename T> static FL_HOST_DEVICE T f(T z) {
+    // min() keeps exp() finite in the branch that where_gt discards.
+    return Math<T>::where_gt(z, T(20), z, Math<T>::log1p(Math<T>::exp(Math<T>::min(z, T(20)))));
+  }
+  template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_gt(z, T(20), T(1), Sigmoid::s(z)); }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) { return Math<T>::where_gt(z, T(20), T(0), Sigmoid::df(z)); }
+};
+
+struct SELU {
+  static constexpr double kAlpha = 1.6732632423543772848170429916717;
+  static constexpr double kScale = 1.0507009873554804934193349852946;
+  template <typename T> static FL_HOST_DEVICE T f(T z) {
+    return Math<T>::where_pos(z, T(kScale) * z, T(kScale * kAlpha) * Math<T>::expm1(Math<T>::min(z, T(0))));
+  }
+  template <typename T> static FL_HOST_DEVICE T df(T z) {
+    return Math<T>::where_pos(z, T(kScale), T(kScale * kAlpha) * Math<T>::exp(Math<T>::min(z, T(0))));
+  }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) {
+    return Math<T>::where_pos(z, T(0), T(kScale * kAlpha) * Math<T>::exp(Math<T>::min(z, T(0))));
+  }
+};
+
+struct ELU {  // alpha 1
+  template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::where_pos(z, z, Math<T>::expm1(Math<T>::min(z, T(0)))); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_pos(z, T(1), Math<T>::exp(Math<T>::min(z, T(0)))); }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) { return Math<T>::where_pos(z, T(0), Math<T>::exp(Math<T>::min(z, T(0)))); }
+};
+
+struct Cos {
+  template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::cos(z); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) { return T(0) - Math<T>::sin(z); }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) { return T(0) - Math<T>::cos(z); }
+};
+
+struct Sin {
+  template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::sin(z); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::cos(z); }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) { return T(0) - Math<T>::sin(z); }
+};
+
+}  // namespace act
+
+// Calls fn(ActFunctor{}) for the activation `a`: kernels are instantiated once per activation, so the
+// per-element code has no branch on the activation.
+template <typename Fn>
+inline decltype(auto) dispatch_activation(Activation a, Fn&& fn) {
+  switch (a) {
+    case Activation::Identity: return fn(act::Identity{});
+    case Activation::ReLU: return fn(act::ReLU{});
+    case Activation::LeakyReLU: return fn(act::LeakyReLU{});
+    case Activation::GELU: return fn(act::GELU{});
+    case Activation::GELUTanh: return fn(act::GELUTanh{});
+    case Activation::SiLU: return fn(act::SiLU{});
+    case Activation::Sigmoid: return fn(act::Sigmoid{});
+    case Activation::Tanh: return fn(act::Tanh{});
+    case Activation::Softplus: return fn(act::Softplus{});
+    case Activation::SELU: return fn(act::SELU{});
+    case Activation::ELU: return fn(act::ELU{});
+    case Activation::Cos: return fn(act::Cos{});
+    case Activation::Sin: break;
+  }
+  return fn(act::Sin{});
+}
+
+// f' of these activations is constant: the backward needs no saved pre-activation.
+inline bool derivative_is_constant(Activation a) { return a == Activation::Identity; }
+
+}  // namespace fusedlayers

@@ -1,0 +1,228 @@
+// The dense op family on the CPU: y = f(x @ W.T + b) and its manual gradient.
+//
+// Small layers (few multiply-adds) run as plain loops in one thread with no ATen call but the output
+// allocations: there, dispatch and GEMM set-up cost more than the arithmetic. Larger layers use ATen's GEMM
+// (MKL/OpenBLAS) and one vectorized, parallel pass for bias + activation (forward) or for g * f'(z) and the
+// bias gradient (backward).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/dense_epilogue.h"
+#include "dense.h"
+
+namespace fusedlayers::cpu {
+namespace {
+
+// Layers with at most this many multiply-adds per call take the plain-loop path.
+constexpr int64_t kSmallLayerMacs = 16384;
+// Elements per parallel chunk of an elementwise pass.
+constexpr int64_t kElementsPerTask = 32768;
+
+bool is_small(int64_t rows, int64_t in, int64_t out) { return rows * in * out <= kSmallLayerMacs; }
+
+int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1)); }
+
+void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
+              "dense(): the CPU backend supports float32, float64 and bfloat16 x, got ", x.scalar_type());
+}
+
+template <typename T>
+void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z) {
+  (cpu_has_avx2() ? isa_avx2::dense_forward_rows<T> : isa_default::dense_forward_rows<T>)(a, bias, z, y, begin, end,
+                                                                                            cols, store_z);
+}
+
+template <typename T, typename acc_t>
+void backward_rows(Activation a, const T* g, const T* z, T* dz, acc_t* db, int64_t begin, int64_t end, int64_t cols) {
+  (cpu_has_avx2() ? isa_avx2::dense_backward_rows<T, acc_t> : isa_default::dense_backward_rows<T, acc_t>)(
+      a, g, z, dz, db, begin, end, cols);
+}
+
+// ---- the small-layer path: all of it in plain loops -------------------------------------------------------
+
+template <typename M, typename T>
+M dot(const T* a, const T* b, int64_t n) {
+  M acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += M(a[k]) * M(b[k]);
+  return acc;
+}
+
+template <typename Act, typename T>
+void small_forward(const T* x, const T* w, const T* b, T* z, T* y, int64_t rows, int64_t in, int64_t out) {
+  using M = at::opmath_type<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t o = 0; o < out; ++o) {
+      M v = (b ? M(b[o]) : M(0)) + dot<M>(x + r * in, w + o * in, in);
+      if (z) z[r * out + o] = T(v);
+      y[r * out + o] = T(Act::f(v));
+    }
+  }
+}
+
+// z null: recompute it. Any of dx, dw, db may be null (not wanted).
+template <typename Act, typename T>
+void small_backward(const T* g, const T* x, const T* w, const T* b, const T* z, T* dx, T* dw, T* db, int64_t rows,
+                    int64_t in, int64_t out) {
+  using M = at::opmath_type<T>;
+  std::vector<M> dz(out), dx_row(dx ? in : 0), dw_acc(dw ? out * in : 0), db_acc(db ? out : 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * in;
+    for (int64_t o = 0; o < out; ++o) {
+      M zv = z ? M(z[r * out + o]) : (b ? M(b[o]) : M(0)) + dot<M>(xr, w + o * in, in);
+      dz[o] = M(g[r * out + o]) * Act::df(zv);
+      if (db) db_acc[o] += dz[o];
+    }
+    if (dx) {
+      std::fill(dx_row.begin(), dx_row.end(), M(0));
+      for (int64_t o = 0; o < out; ++o) {
+        const T* wo = w + o * in;
+#pragma omp simd
+        for (int64_t k = 0; k < in; ++k) dx_row[k] += dz[o] * M(wo[k]);
+      }
+      for (int64_t k = 0; k < in; ++k) dx[r * in + k] = T(dx_row[k]);
+    }
+    if (dw) {
+      for (int64_t o = 0; o < out; ++o) {
+        M* acc = dw_acc.data() + o * in;
+#pragma omp simd
+        for (int64_t k = 0; k < in; ++k) acc[k] += dz[o] * M(xr[k]);
+      }
+    }
+  }
+  if (dw) std::copy(dw_acc.begin(), dw_acc.end(), dw);
+  if (db) std::copy(db_acc.begin(), db_acc.end(), db);
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+// ---- the ops ----------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                 const std::optional<at::Tensor>& bias, c10::string_view activation,
+                                                 bool save_preact) {
+  check_dense_args(x, weight, bias);
+  check_cpu_dtype(x);
+  const Activation a = parse_activation(activation);
+  const bool store_z = save_preact && !derivative_is_constant(a);
+  const int64_t in = weight.size(1), out = weight.size(0), rows = x.numel() / std::max<int64_t>(in, 1);
+  const auto out_shape = dense_output_shape(x, weight);
+  at::Tensor bias_c = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  at::Tensor y, z;
+
+  if (is_small(rows, in, out)) {
+    at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+    y = at::empty(out_shape, x.options());
+    z = store_z ? at::empty(out_shape, x.options()) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dense_forward", [&] {
+      dispatch_activation(a, [&](auto act) {
+        small_forward<decltype(act)>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+                                     bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr,
+                                     store_z ? z.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), rows, in, out);
+      });
+    });
+  } else {
+    z = at::mm(x.reshape({rows, in}), weight.t());
+    y = store_z ? at::empty_like(z) : z;
+    if (bias_c.defined() || a != Activation::Identity) {
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dense_forward", [&] {
+        const scalar_t* b = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
+        scalar_t* zp = z.data_ptr<scalar_t>();
+        scalar_t* yp = y.data_ptr<scalar_t>();
+        at::parallel_for(0, rows, grain_rows(out), [&](int64_t begin, int64_t end) {
+          forward_rows<scalar_t>(a, b, zp, yp, begin, end, out, store_z);
+        });
+      });
+    }
+    y = y.view(out_shape);
+    if (store_z) z = z.view(out_shape);
+  }
+  return {y, store_z ? z : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias,
+                                                              const std::optional<at::Tensor>& preact,
+                                                              c10::string_view activation,
+                                                              std::array<bool, 3> output_mask) {
+  check_dense_args(x, weight, bias);
+  check_cpu_dtype(x);
+  const Activation a = parse_activation(activation);
+  const int64_t in = weight.size(1), out = weight.size(0), rows = x.numel() / std::max<int64_t>(in, 1);
+  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(dense_output_shape(x, weight)),
+              "dense_backward(): expected grad_out of shape ", c10::IntArrayRef(dense_output_shape(x, weight)),
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "dense_backward(): expected grad_out of dtype ",
+              x.scalar_type(), ", got ", grad_out.scalar_type());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool need_db = output_mask[2] && has_bias;
+  const bool have_z = preact.has_value() && preact->defined() && !derivative_is_constant(a);
+  if (have_z) {
+    TORCH_CHECK(preact->sizes() == grad_out.sizes(), "dense_backward(): expected preact of shape ", grad_out.sizes(),
+                ", got ", preact->sizes());
+  }
+  at::Tensor dx, dw, db;
+
+  if (is_small(rows, in, out)) {
+    at::Tensor g = grad_out.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
+    at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
+    at::Tensor zc = have_z ? preact->contiguous() : at::Tensor();
+    if (output_mask[0]) dx = at::empty(x.sizes(), x.options());
+    if (output_mask[1]) dw = at::empty(weight.sizes(), weight.options());
+    if (need_db) db = at::empty({out}, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dense_backward", [&] {
+      auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+      dispatch_activation(a, [&](auto act) {
+        small_backward<decltype(act)>(ptr(g), ptr(xc), ptr(wc), ptr(bc), derivative_is_constant(a) ? ptr(g) : ptr(zc),
+                                      ptr(dx), ptr(dw), ptr(db), rows, in, out);
+      });
+    });
+    return {dx, dw, db};
+  }
+
+  at::Tensor x2 = x.reshape({rows, in});
+  at::Tensor g2 = grad_out.reshape({rows, out}).contiguous();
+  at::Tensor dz;
+  if (derivative_is_constant(a)) {
+    dz = g2;
+    if (need_db) db = g2.sum(0);
+  } else {
+    at::Tensor z = have_z ? preact->reshape({rows, out}).contiguous()
+                          : (has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t()));
+    dz = at::empty_like(g2);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dense_backward", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      // One row of bias-gradient partial sums per thread, added up at the end.
+      at::Tensor partial;
+      if (need_db) partial = at::zeros({at::get_num_threads(), out}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      acc_t* pp = need_db ? partial.data_ptr<acc_t>() : nullptr;
+      const scalar_t* gp = g2.data_ptr<scalar_t>();
+      const scalar_t* zp = z.data_ptr<scalar_t>();
+      scalar_t* dzp = dz.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, grain_rows(out), [&](int64_t begin, int64_t end) {
+        backward_rows<scalar_t, acc_t>(a, gp, zp, dzp, pp ? pp + at::get_thread_num() * out : nullptr, begin, end, out);
+      });
+      if (need_db) db = partial.sum(0).to(x.scalar_type());
+    });
+  }
+  if (output_mask[0]) dx = at::mm(dz, weight).view(x.sizes());
+  if (output_mask[1]) dw = at::mm(dz.t(), x2);
+  return {dx, dw, db};
+}
+
+}  // namespace
+}  // namespace fusedlayers::cpu
+
+TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
+  m.impl("dense_forward", &fusedlayers::cpu::dense_forward);
+  m.impl("dense_backward", &fusedlayers::cpu::dense_backward);
+}

@@ -1,0 +1,35 @@
+// The elementwise passes of the dense op on the CPU, over a range of rows of a row-major (rows, cols) matrix.
+// They are compiled once per instruction set (dense_epilogue_default.cpp, dense_epilogue_avx2.cpp) and
+// chosen at run time, so the library runs on any x86-64 CPU and uses AVX2 where there is one.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+#include "activations.h"
+
+namespace fusedlayers::cpu {
+
+// Declares the kernels of one instruction set; T is float, double or c10::BFloat16 (math in float).
+// acc_t is the accumulation type of the bias gradient: double for double, float otherwise.
+#define FL_DECLARE_DENSE_EPILOGUE(ISA)                                                                           \
+  namespace ISA {                                                                                                \
+  /* y = f(z + bias); z + bias is written back into z when store_z (z and y may alias when not). */             \
+  template <typename T>                                                                                          \
+  void dense_forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols,   \
+                          bool store_z);                                                                         \
+  /* dz = g * f'(z); db[c] += sum over the rows of dz[., c] when db is not null. */                            \
+  template <typename T, typename acc_t>                                                                          \
+  void dense_backward_rows(Activation a, const T* g, const T* z, T* dz, acc_t* db, int64_t begin, int64_t end,  \
+                           int64_t cols);                                                                        \
+  }
+
+FL_DECLARE_DENSE_EPILOGUE(isa_default)
+FL_DECLARE_DENSE_EPILOGUE(isa_avx2)
+#undef FL_DECLARE_DENSE_EPILOGUE
+
+// True when this CPU runs the AVX2 kernels.
+bool cpu_has_avx2();
+
+}  // namespace fusedlayers::cpu

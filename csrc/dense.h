@@ -1,0 +1,54 @@
+// Argument checks and helpers shared by the CPU and CUDA kernels of the dense op family.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "activations.h"
+
+namespace fusedlayers {
+
+// An unknown name is a ValueError that lists the known ones.
+inline Activation parse_activation(std::string_view name) {
+  for (int i = 0; i < kNumActivations; ++i) {
+    if (name == kActivationNames[i]) return static_cast<Activation>(i);
+  }
+  std::string known;
+  for (int i = 0; i < kNumActivations; ++i) known += std::string(i ? ", " : "") + kActivationNames[i];
+  TORCH_CHECK_VALUE(false, "unknown activation '", name, "'; expected one of: ", known);
+}
+
+// The checks every dense kernel makes, with the same messages as the Python fake kernels.
+inline void check_dense_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "dense(): expected x to have at least 1 dimension, got a 0-dimensional tensor");
+  TORCH_CHECK(weight.dim() == 2, "dense(): expected weight to be 2-D (out_features, in_features), got shape ",
+              weight.sizes());
+  TORCH_CHECK(x.size(-1) == weight.size(1), "dense(): expected x.size(-1) == weight.size(1) (in_features), got x of shape ",
+              x.sizes(), " and weight of shape ", weight.sizes());
+  TORCH_CHECK(x.is_floating_point(), "dense(): expected x to be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "dense(): expected weight to have the dtype of x (",
+              x.scalar_type(), "), got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(), "dense(): expected weight on the device of x (", x.device(), "), got ",
+              weight.device());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "dense(): expected bias of shape [", weight.size(0), "] (out_features), got shape ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "dense(): expected bias to have the dtype of x (",
+                x.scalar_type(), "), got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == x.device(), "dense(): expected bias on the device of x (", x.device(), "), got ",
+                bias->device());
+  }
+}
+
+// The shape of y (and of the saved pre-activation): x's with the last dimension out_features.
+inline std::vector<int64_t> dense_output_shape(const at::Tensor& x, const at::Tensor& weight) {
+  auto shape = x.sizes().vec();
+  shape.back() = weight.size(0);
+  return shape;
+}
+
+}  // namespace fusedlayers

@@ -1,0 +1,118 @@
+// Every op schema of fusedlayers, and the autograd of the differentiable ops.
+//
+// Each op family has a differentiable op (`dense`) whose Autograd kernel lives here, and a pair of
+// schema'd kernels per backend (`<prefix>dense_forward`, `<prefix>dense_backward`) that do the work:
+// prefix "" is the native backend (C++ on CPU, CUDA on GPU, chosen by the dispatcher from the device),
+// prefix "triton_" the Triton backend (registered from Python). The backward kernel is itself an op, so
+// torch.compile sees it and it can get an autograd formula of its own.
+#include <Python.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "dense.h"
+
+// The extension is a Python module only so that `import fusedlayers._C` loads the op registrations.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace fusedlayers {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using DenseForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                          const std::optional<at::Tensor>&, c10::string_view, bool);
+using DenseBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, c10::string_view, std::array<bool, 3>);
+
+bool is_triton(c10::string_view backend) {
+  if (backend == "triton") return true;
+  TORCH_CHECK_VALUE(backend == "native", "dense(): unknown backend '", backend, "'; expected 'native' or 'triton'");
+  return false;
+}
+
+// Handles are looked up once; the Triton ones resolve to kernels that Python registers later.
+c10::TypedOperatorHandle<DenseForwardFn> dense_forward_op(bool triton) {
+  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::dense_forward", "").typed<DenseForwardFn>();
+  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_dense_forward", "").typed<DenseForwardFn>();
+  return triton ? tri : native;
+}
+
+c10::TypedOperatorHandle<DenseBackwardFn> dense_backward_op(bool triton) {
+  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::dense_backward", "").typed<DenseBackwardFn>();
+  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_dense_backward", "").typed<DenseBackwardFn>();
+  return triton ? tri : native;
+}
+
+// One autograd node per dense layer. It saves x, weight, bias and (unless recomputing) the pre-activation;
+// the backward is the dense_backward op, differentiable in turn wherever that op has an autograd formula.
+class DenseFunction : public torch::autograd::Function<DenseFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, c10::string_view activation, bool save_preact,
+                            c10::string_view backend) {
+    const bool triton = is_triton(backend);
+    auto [y, preact] = dense_forward_op(triton).call(x, weight, bias, activation, save_preact);
+    const bool has_preact = save_preact && !derivative_is_constant(parse_activation(activation));
+    ctx->save_for_backward({x, weight, bias.value_or(at::Tensor()), has_preact ? preact : at::Tensor()});
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["triton"] = triton;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& bias = saved[2];
+    const auto& preact = saved[3];
+    std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                bias.defined() && ctx->needs_input_grad(2)};
+    at::Tensor dx, dw, db;
+    if (grads[0].defined() && (mask[0] || mask[1] || mask[2])) {
+      std::tie(dx, dw, db) = dense_backward_op(ctx->saved_data["triton"].toBool())
+                                 .call(grads[0], saved[0], saved[1],
+                                       bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
+                                       preact.defined() ? std::optional<at::Tensor>(preact) : std::nullopt,
+                                       ctx->saved_data["activation"].toStringRef(), mask);
+    }
+    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor dense_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          c10::string_view activation, bool save_preact, c10::string_view backend) {
+  return DenseFunction::apply(x, weight, bias, activation, save_preact, backend);
+}
+
+// Without autograd (inference mode, or below Autograd in a compiled graph) nothing is saved.
+at::Tensor dense_no_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             c10::string_view activation, bool /*save_preact*/, c10::string_view backend) {
+  return std::get<0>(dense_forward_op(is_triton(backend)).call(x, weight, bias, activation, false));
+}
+
+}  // namespace
+}  // namespace fusedlayers
+
+TORCH_LIBRARY(fusedlayers, m) {
+  m.def("dense(Tensor x, Tensor weight, Tensor? bias, str activation, bool save_preact, str backend) -> Tensor");
+  // Returns (y, preact); preact is z = x @ weight.T + bias when save_preact and f' is not constant, else an
+  // empty tensor.
+  // In the backward, preact None means: recompute it from x, weight and bias where f' needs it.
+#define FL_DEF_DENSE_KERNELS(prefix)                                                                          \
+  m.def(prefix "dense_forward(Tensor x, Tensor weight, Tensor? bias, str activation, bool save_preact) "        \
+               "-> (Tensor, Tensor)");                                                                        \
+  m.def(prefix "dense_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? preact, "         \
+               "str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  FL_DEF_DENSE_KERNELS("")
+  FL_DEF_DENSE_KERNELS("triton_")
+#undef FL_DEF_DENSE_KERNELS
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) { m.impl("dense", &fusedlayers::dense_autograd); }
+
+TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) { m.impl("dense", &fusedlayers::dense_no_autograd); }

@@ -1,0 +1,9 @@
+"""fusedlayers: fused dense, MLP and cross-entropy layers for PyTorch with hand-written gradients."""
+from . import _C  # noqa: F401  (registers the torch.library ops)
+from . import _ops  # noqa: F401  (fake kernels and backend registry)
+from . import functional
+from ._ops import available_backends
+from .activations import ACTIVATIONS
+from .modules import FusedDense
+
+__all__ = ["ACTIVATIONS", "FusedDense", "available_backends", "functional"]

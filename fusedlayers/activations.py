@@ -1,0 +1,132 @@
+"""The activations of fusedlayers and their plain-PyTorch formulas.
+
+Each activation has f, f' and f'' written with differentiable torch ops: they are the oracle the tests
+compare every backend against, and the exact composite that higher-order gradients can fall back on.
+The order of ACTIVATIONS is the order of the C++ table in csrc/activations.h.
+"""
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_TANH_ALPHA = math.sqrt(2.0 / math.pi)
+_GELU_TANH_BETA = 0.044715
+
+
+class Activation(NamedTuple):
+    name: str
+    f: Callable[[Tensor], Tensor]
+    df: Callable[[Tensor], Tensor]
+    d2f: Callable[[Tensor], Tensor]
+    module: Callable[[], nn.Module]  # the torch.nn module that computes f
+
+
+def _pos(z: Tensor, a, b) -> Tensor:
+    return torch.where(z > 0, a, b)
+
+
+def _gelu_df(z):
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
+
+
+def _gelu_d2f(z):
+    return _INV_SQRT_2PI * torch.exp(-0.5 * z * z) * (2 - z * z)
+
+
+def _gelu_tanh_parts(z):
+    t = torch.tanh(_GELU_TANH_ALPHA * (z + _GELU_TANH_BETA * z**3))
+    du = _GELU_TANH_ALPHA * (1 + 3 * _GELU_TANH_BETA * z * z)
+    return t, du
+
+
+def _gelu_tanh_df(z):
+    t, du = _gelu_tanh_parts(z)
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du
+
+
+def _gelu_tanh_d2f(z):
+    t, du = _gelu_tanh_parts(z)
+    d2u = 6 * _GELU_TANH_ALPHA * _GELU_TANH_BETA * z
+    return (1 - t * t) * (du + 0.5 * z * (d2u - 2 * t * du * du))
+
+
+def _sigmoid_df(z):
+    s = torch.sigmoid(z)
+    return s * (1 - s)
+
+
+def _sigmoid_d2f(z):
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (1 - 2 * s)
+
+
+def _silu_df(z):
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _silu_d2f(z):
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+def _tanh_df(z):
+    t = torch.tanh(z)
+    return 1 - t * t
+
+
+def _tanh_d2f(z):
+    t = torch.tanh(z)
+    return -2 * t * (1 - t * t)
+
+
+# Softplus with beta 1 and torch's threshold 20: linear above it, so f' = 1 and f'' = 0 there.
+def _softplus_df(z):
+    return torch.where(z > 20, torch.ones_like(z), torch.sigmoid(z))
+
+
+def _softplus_d2f(z):
+    return torch.where(z > 20, torch.zeros_like(z), _sigmoid_df(z))
+
+
+def _zeros(z):
+    return torch.zeros_like(z)
+
+
+def _ones(z):
+    return torch.ones_like(z)
+
+
+_TABLE = (
+    Activation("identity", lambda z: z, _ones, _zeros, nn.Identity),
+    Activation("relu", F.relu, lambda z: _pos(z, 1.0, 0.0).to(z.dtype), _zeros, nn.ReLU),
+    Activation("leaky_relu", F.leaky_relu, lambda z: _pos(z, 1.0, 0.01).to(z.dtype), _zeros, nn.LeakyReLU),
+    Activation("gelu", F.gelu, _gelu_df, _gelu_d2f, nn.GELU),
+    Activation("gelu_tanh", lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_df, _gelu_tanh_d2f,
+               lambda: nn.GELU(approximate="tanh")),
+    Activation("silu", F.silu, _silu_df, _silu_d2f, nn.SiLU),
+    Activation("sigmoid", torch.sigmoid, _sigmoid_df, _sigmoid_d2f, nn.Sigmoid),
+    Activation("tanh", torch.tanh, _tanh_df, _tanh_d2f, nn.Tanh),
+    Activation("softplus", F.softplus, _softplus_df, _softplus_d2f, nn.Softplus),
+    Activation("selu", F.selu, lambda z: _SELU_SCALE * _pos(z, torch.ones_like(z), _SELU_ALPHA * torch.exp(z)),
+               lambda z: _SELU_SCALE * _pos(z, torch.zeros_like(z), _SELU_ALPHA * torch.exp(z)), nn.SELU),
+    Activation("elu", F.elu, lambda z: _pos(z, torch.ones_like(z), torch.exp(z)),
+               lambda z: _pos(z, torch.zeros_like(z), torch.exp(z)), nn.ELU),
+    Activation("cos", torch.cos, lambda z: -torch.sin(z), lambda z: -torch.cos(z), None),
+    Activation("sin", torch.sin, torch.cos, lambda z: -torch.sin(z), None),
+)
+
+ACTIVATIONS = tuple(a.name for a in _TABLE)
+REFERENCE = {a.name: a for a in _TABLE}
+
+
+def check_activation(name: str) -> str:
+    """Returns name if it is a known activation, else raises ValueError listing the known ones."""
+    if name not in REFERENCE:
+        raise ValueError(f"unknown activation {name!r}; expected one of: {', '.join(ACTIVATIONS)}")
+    return name
