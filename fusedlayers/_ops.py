@@ -1,0 +1,109 @@
+"""The Python side of the torch.library ops: fake kernels (shapes for torch.compile and meta tensors) and the
+backend registry. The schemas, the autograd and the native kernels are C++ (csrc/)."""
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "cpu", "cuda", "triton")
+
+
+# ---- backends ---------------------------------------------------------------------------------------------
+
+@functools.cache
+def _has_native_cuda() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fusedlayers::dense_forward", "CUDA")
+
+
+@functools.cache
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends() -> list[str]:
+    """The backends this machine can run: "cpu" always; "cuda" with a GPU and the CUDA kernels built;
+    "triton" with triton and a GPU, or on CPU tensors under TRITON_INTERPRET=1."""
+    found = ["cpu"]
+    if torch.cuda.is_available() and _has_native_cuda():
+        found.append("cuda")
+    if _has_triton() and (torch.cuda.is_available() or _triton_interpreted()):
+        found.append("triton")
+    return found
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Maps a user's backend choice for tensors on `device` to the kernel family the C++ op calls:
+    "native" (the C++ CPU or CUDA kernels, picked by the dispatcher from the device) or "triton"."""
+    if backend == "auto" or backend == device.type:
+        if device.type == "cuda" and not _has_native_cuda():
+            raise RuntimeError("fusedlayers was built without its CUDA kernels; use backend='triton' or rebuild "
+                               "with nvcc present (FUSEDLAYERS_CUDA=1)")
+        return "native"
+    if backend == "triton":
+        if not _has_triton():
+            raise RuntimeError("backend='triton' needs the triton package")
+        if device.type == "cpu" and not _triton_interpreted():
+            raise RuntimeError("backend='triton' runs on CPU tensors only under TRITON_INTERPRET=1 (set before "
+                               "importing fusedlayers); move the tensors to a GPU otherwise")
+        from .triton import dense  # noqa: F401  (registers the triton_* kernels)
+        return "triton"
+    if backend in BACKENDS:
+        raise ValueError(f"backend={backend!r} cannot run tensors on device {device.type!r}")
+    raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
+
+
+# ---- argument checks and fake kernels -------------------------------------------------------------------
+
+def check_dense_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """The checks of csrc/dense.h, with the same messages, for the fake and Triton kernels."""
+    torch._check(x.dim() >= 1, lambda: "dense(): expected x to have at least 1 dimension, got a 0-dimensional tensor")
+    torch._check(weight.dim() == 2,
+                 lambda: f"dense(): expected weight to be 2-D (out_features, in_features), got shape {list(weight.shape)}")
+    torch._check(x.shape[-1] == weight.shape[1],
+                 lambda: f"dense(): expected x.size(-1) == weight.size(1) (in_features), got x of shape "
+                         f"{list(x.shape)} and weight of shape {list(weight.shape)}")
+    torch._check(x.dtype.is_floating_point, lambda: f"dense(): expected x to be a floating-point tensor, got {x.dtype}")
+    torch._check(weight.dtype == x.dtype,
+                 lambda: f"dense(): expected weight to have the dtype of x ({x.dtype}), got {weight.dtype}")
+    torch._check(weight.device == x.device,
+                 lambda: f"dense(): expected weight on the device of x ({x.device}), got {weight.device}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+                     lambda: f"dense(): expected bias of shape [{weight.shape[0]}] (out_features), got shape "
+                             f"{list(bias.shape)}")
+        torch._check(bias.dtype == x.dtype,
+                     lambda: f"dense(): expected bias to have the dtype of x ({x.dtype}), got {bias.dtype}")
+        torch._check(bias.device == x.device,
+                     lambda: f"dense(): expected bias on the device of x ({x.device}), got {bias.device}")
+
+
+def saves_preact(activation: str, save_preact: bool) -> bool:
+    """Whether dense_forward returns z (else an empty tensor): identity's f' needs no z."""
+    return save_preact and activation != "identity"
+
+
+def _dense_forward_fake(x, weight, bias, activation, save_preact):
+    check_dense_args(x, weight, bias)
+    shape = (*x.shape[:-1], weight.shape[0])
+    preact = x.new_empty(shape) if saves_preact(activation, save_preact) else x.new_empty(0)
+    return x.new_empty(shape), preact
+
+
+def _dense_backward_fake(grad_out, x, weight, bias, preact, activation, output_mask):
+    return (x.new_empty(x.shape) if output_mask[0] else None,
+            weight.new_empty(weight.shape) if output_mask[1] else None,
+            weight.new_empty(weight.shape[0]) if output_mask[2] and bias is not None else None)
+
+
+for _prefix in ("", "triton_"):
+    torch.library.register_fake(f"fusedlayers::{_prefix}dense_forward")(_dense_forward_fake)
+    torch.library.register_fake(f"fusedlayers::{_prefix}dense_backward")(_dense_backward_fake)
