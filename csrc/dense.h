@@ -44,6 +44,13 @@ inline void check_dense_args(const at::Tensor& x, const at::Tensor& weight, cons
   }
 }
 
+// The number of rows of x seen as a (rows, in_features) matrix.
+inline int64_t dense_rows(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
+}
+
 // The shape of y (and of the saved pre-activation): x's with the last dimension out_features.
 inline std::vector<int64_t> dense_output_shape(const at::Tensor& x, const at::Tensor& weight) {
   auto shape = x.sizes().vec();

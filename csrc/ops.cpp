@@ -9,6 +9,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "dense.h"
@@ -113,6 +114,12 @@ TORCH_LIBRARY(fusedlayers, m) {
 #undef FL_DEF_DENSE_KERNELS
 }
 
-TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) { m.impl("dense", &fusedlayers::dense_autograd); }
+TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
+  m.impl("dense", &fusedlayers::dense_autograd);
+  // The kernels are not differentiable yet: backpropagating through one raises, never a silent zero.
+  for (const char* op : {"dense_forward", "dense_backward", "triton_dense_forward", "triton_dense_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
+}
 
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) { m.impl("dense", &fusedlayers::dense_no_autograd); }

@@ -26,8 +26,9 @@ class Activation(NamedTuple):
     module: Callable[[], nn.Module]  # the torch.nn module that computes f
 
 
-def _pos(z: Tensor, a, b) -> Tensor:
-    return torch.where(z > 0, a, b)
+def _pos(z: Tensor, a: float, b: float) -> Tensor:
+    """a where z > 0 else b, in z's dtype (torch.where of two Python floats would give float32)."""
+    return torch.where(z > 0, torch.full_like(z, a), torch.full_like(z, b))
 
 
 def _gelu_df(z):
@@ -104,8 +105,8 @@ def _ones(z):
 
 _TABLE = (
     Activation("identity", lambda z: z, _ones, _zeros, nn.Identity),
-    Activation("relu", F.relu, lambda z: _pos(z, 1.0, 0.0).to(z.dtype), _zeros, nn.ReLU),
-    Activation("leaky_relu", F.leaky_relu, lambda z: _pos(z, 1.0, 0.01).to(z.dtype), _zeros, nn.LeakyReLU),
+    Activation("relu", F.relu, lambda z: _pos(z, 1.0, 0.0), _zeros, nn.ReLU),
+    Activation("leaky_relu", F.leaky_relu, lambda z: _pos(z, 1.0, 0.01), _zeros, nn.LeakyReLU),
     Activation("gelu", F.gelu, _gelu_df, _gelu_d2f, nn.GELU),
     Activation("gelu_tanh", lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_df, _gelu_tanh_d2f,
                lambda: nn.GELU(approximate="tanh")),
@@ -113,10 +114,10 @@ _TABLE = (
     Activation("sigmoid", torch.sigmoid, _sigmoid_df, _sigmoid_d2f, nn.Sigmoid),
     Activation("tanh", torch.tanh, _tanh_df, _tanh_d2f, nn.Tanh),
     Activation("softplus", F.softplus, _softplus_df, _softplus_d2f, nn.Softplus),
-    Activation("selu", F.selu, lambda z: _SELU_SCALE * _pos(z, torch.ones_like(z), _SELU_ALPHA * torch.exp(z)),
-               lambda z: _SELU_SCALE * _pos(z, torch.zeros_like(z), _SELU_ALPHA * torch.exp(z)), nn.SELU),
-    Activation("elu", F.elu, lambda z: _pos(z, torch.ones_like(z), torch.exp(z)),
-               lambda z: _pos(z, torch.zeros_like(z), torch.exp(z)), nn.ELU),
+    Activation("selu", F.selu, lambda z: _SELU_SCALE * torch.where(z > 0, torch.ones_like(z), _SELU_ALPHA * torch.exp(z)),
+               lambda z: _SELU_SCALE * torch.where(z > 0, torch.zeros_like(z), _SELU_ALPHA * torch.exp(z)), nn.SELU),
+    Activation("elu", F.elu, lambda z: torch.where(z > 0, torch.ones_like(z), torch.exp(z)),
+               lambda z: torch.where(z > 0, torch.zeros_like(z), torch.exp(z)), nn.ELU),
     Activation("cos", torch.cos, lambda z: -torch.sin(z), lambda z: -torch.cos(z), None),
     Activation("sin", torch.sin, torch.cos, lambda z: -torch.sin(z), None),
 )

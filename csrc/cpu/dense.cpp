@@ -37,11 +37,14 @@ void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_
                                                                                             cols, store_z);
 }
 
-template <typename T, typename acc_t>
-void backward_rows(Activation a, const T* g, const T* z, T* dz, acc_t* db, int64_t begin, int64_t end, int64_t cols) {
-  (cpu_has_avx2() ? isa_avx2::dense_backward_rows<T, acc_t> : isa_default::dense_backward_rows<T, acc_t>)(
-      a, g, z, dz, db, begin, end, cols);
+template <typename T>
+void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols) {
+  (cpu_has_avx2() ? isa_avx2::dense_backward_rows<T> : isa_default::dense_backward_rows<T>)(a, g, z, dz, db, begin,
+                                                                                            end, cols);
 }
+
+// The vectorized passes run in float or double; bfloat16 goes through float copies.
+at::ScalarType math_dtype(at::ScalarType t) { return t == at::kBFloat16 ? at::kFloat : t; }
 
 // ---- the small-layer path: all of it in plain loops -------------------------------------------------------
 
@@ -113,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::
   check_cpu_dtype(x);
   const Activation a = parse_activation(activation);
   const bool store_z = save_preact && !derivative_is_constant(a);
-  const int64_t in = weight.size(1), out = weight.size(0), rows = x.numel() / std::max<int64_t>(in, 1);
+  const int64_t in = weight.size(1), out = weight.size(0), rows = dense_rows(x);
   const auto out_shape = dense_output_shape(x, weight);
   at::Tensor bias_c = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   at::Tensor y, z;
@@ -130,18 +133,22 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::
       });
     });
   } else {
-    z = at::mm(x.reshape({rows, in}), weight.t());
+    const auto math = math_dtype(x.scalar_type());
+    z = at::mm(x.reshape({rows, in}), weight.t()).to(math);
     y = store_z ? at::empty_like(z) : z;
     if (bias_c.defined() || a != Activation::Identity) {
-      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dense_forward", [&] {
-        const scalar_t* b = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
+      at::Tensor b = bias_c.defined() ? bias_c.to(math) : at::Tensor();
+      AT_DISPATCH_FLOATING_TYPES(math, "dense_forward", [&] {
+        const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
         scalar_t* zp = z.data_ptr<scalar_t>();
         scalar_t* yp = y.data_ptr<scalar_t>();
         at::parallel_for(0, rows, grain_rows(out), [&](int64_t begin, int64_t end) {
-          forward_rows<scalar_t>(a, b, zp, yp, begin, end, out, store_z);
+          forward_rows<scalar_t>(a, bp, zp, yp, begin, end, out, store_z);
         });
       });
     }
+    y = y.to(x.scalar_type());
+    z = z.to(x.scalar_type());
     y = y.view(out_shape);
     if (store_z) z = z.view(out_shape);
   }
@@ -157,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
   check_dense_args(x, weight, bias);
   check_cpu_dtype(x);
   const Activation a = parse_activation(activation);
-  const int64_t in = weight.size(1), out = weight.size(0), rows = x.numel() / std::max<int64_t>(in, 1);
+  const int64_t in = weight.size(1), out = weight.size(0), rows = dense_rows(x);
   TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(dense_output_shape(x, weight)),
               "dense_backward(): expected grad_out of shape ", c10::IntArrayRef(dense_output_shape(x, weight)),
               ", got ", grad_out.sizes());
@@ -198,21 +205,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
   } else {
     at::Tensor z = have_z ? preact->reshape({rows, out}).contiguous()
                           : (has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t()));
-    dz = at::empty_like(g2);
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "dense_backward", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      // One row of bias-gradient partial sums per thread, added up at the end.
-      at::Tensor partial;
-      if (need_db) partial = at::zeros({at::get_num_threads(), out}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      acc_t* pp = need_db ? partial.data_ptr<acc_t>() : nullptr;
-      const scalar_t* gp = g2.data_ptr<scalar_t>();
-      const scalar_t* zp = z.data_ptr<scalar_t>();
+    const auto math = math_dtype(x.scalar_type());
+    at::Tensor gm = g2.to(math), zm = z.to(math).contiguous();
+    dz = at::empty_like(gm);
+    // One row of bias-gradient partial sums per thread, added up at the end.
+    at::Tensor partial = need_db ? at::zeros({at::get_num_threads(), out}, gm.options()) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(math, "dense_backward", [&] {
+      scalar_t* pp = need_db ? partial.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* gp = gm.data_ptr<scalar_t>();
+      const scalar_t* zp = zm.data_ptr<scalar_t>();
       scalar_t* dzp = dz.data_ptr<scalar_t>();
       at::parallel_for(0, rows, grain_rows(out), [&](int64_t begin, int64_t end) {
-        backward_rows<scalar_t, acc_t>(a, gp, zp, dzp, pp ? pp + at::get_thread_num() * out : nullptr, begin, end, out);
+        backward_rows<scalar_t>(a, gp, zp, dzp, pp ? pp + at::get_thread_num() * out : nullptr, begin, end, out);
       });
-      if (need_db) db = partial.sum(0).to(x.scalar_type());
     });
+    if (need_db) db = partial.sum(0).to(x.scalar_type());
+    dz = dz.to(x.scalar_type());
   }
   if (output_mask[0]) dx = at::mm(dz, weight).view(x.sizes());
   if (output_mask[1]) dw = at::mm(dz.t(), x2);

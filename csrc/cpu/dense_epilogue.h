@@ -3,16 +3,13 @@
 // chosen at run time, so the library runs on any x86-64 CPU and uses AVX2 where there is one.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-
 #include <cstdint>
 
 #include "activations.h"
 
 namespace fusedlayers::cpu {
 
-// Declares the kernels of one instruction set; T is float, double or c10::BFloat16 (math in float).
-// acc_t is the accumulation type of the bias gradient: double for double, float otherwise.
+// Declares the kernels of one instruction set; T is float or double.
 #define FL_DECLARE_DENSE_EPILOGUE(ISA)                                                                           \
   namespace ISA {                                                                                                \
   /* y = f(z + bias); z + bias is written back into z when store_z (z and y may alias when not). */             \
@@ -20,8 +17,8 @@ namespace fusedlayers::cpu {
   void dense_forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols,   \
                           bool store_z);                                                                         \
   /* dz = g * f'(z); db[c] += sum over the rows of dz[., c] when db is not null. */                            \
-  template <typename T, typename acc_t>                                                                          \
-  void dense_backward_rows(Activation a, const T* g, const T* z, T* dz, acc_t* db, int64_t begin, int64_t end,  \
+  template <typename T>                                                                                          \
+  void dense_backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end,      \
                            int64_t cols);                                                                        \
   }
 

@@ -1,15 +1,19 @@
 // The dense epilogues for AVX2+FMA CPUs, chosen at run time by cpu_has_avx2().
 //
-// Only the code below the target pragma is compiled for AVX2: the shared headers are included first, so
-// their inline functions (which the linker may merge with other files' copies) stay portable, while ATen's
-// AVX2 Vectorized lives in its own namespace (at::vec::AVX2).
+// Only what follows the target pragma is compiled for AVX2. Shared headers come first, so their inline
+// functions (which the linker may merge with other files' copies) stay portable; after the pragma come only
+// ATen's AVX2 Vectorized (its own namespace, at::vec::AVX2) and our templates instantiated on it.
 #include <ATen/OpMathType.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <c10/util/complex.h>
 #include <c10/util/irange.h>
 
-#include "cpu/dense_epilogue.h"
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
@@ -36,7 +40,7 @@ bool fusedlayers::cpu::cpu_has_avx2() {
   return has;
 }
 #else
-// Elsewhere the AVX2 names forward to the portable kernels and are never chosen.
+// Elsewhere the AVX2 names hold portable kernels and are never chosen.
 #define FL_ISA isa_avx2
 #include "cpu/dense_epilogue_impl.h"
 bool fusedlayers::cpu::cpu_has_avx2() { return false; }

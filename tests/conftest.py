@@ -1,0 +1,32 @@
+import os
+
+# Triton kernels run on CPU tensors only under the interpreter, which must be on before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fusedlayers  # noqa: E402
+
+BACKENDS = fusedlayers.available_backends()
+
+
+def device_of(backend: str) -> str:
+    """The device a backend's tests run on: the GPU when there is one, else the CPU (Triton interpreted)."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def assert_rel_close(actual, expected, rtol, what=""):
+    """max |actual - expected| <= rtol * max |expected|: a relative error over the whole tensor, so values
+    near zero do not need an absolute tolerance of their own."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    assert err <= rtol * max(scale, 1e-300), f"{what}: max error {err:.3e} > {rtol:.0e} * max |expected| {scale:.3e}"
