@@ -85,15 +85,21 @@ class DenseFunction : public torch::autograd::Function<DenseFunction> {
   }
 };
 
-at::Tensor dense_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          c10::string_view activation, bool save_preact, c10::string_view backend) {
-  return DenseFunction::apply(x, weight, bias, activation, save_preact, backend);
-}
-
-// Without autograd (inference mode, or below Autograd in a compiled graph) nothing is saved.
+// Without autograd (inference mode, no grad needed, or below Autograd in a compiled graph) nothing is saved.
 at::Tensor dense_no_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              c10::string_view activation, bool /*save_preact*/, c10::string_view backend) {
   return std::get<0>(dense_forward_op(is_triton(backend)).call(x, weight, bias, activation, false));
+}
+
+at::Tensor dense_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          c10::string_view activation, bool save_preact, c10::string_view backend) {
+  const bool needs_grad = at::GradMode::is_enabled() &&
+                          (x.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return dense_no_autograd(x, weight, bias, activation, save_preact, backend);
+  }
+  return DenseFunction::apply(x, weight, bias, activation, save_preact, backend);
 }
 
 }  // namespace

@@ -51,6 +51,12 @@ def _const(z, value: tl.constexpr):
 
 
 @triton.jit
+def _min(z, bound):
+    # NaN propagates, as in the C++ table: tl.minimum(NaN, c) would return c, and f(NaN) a number.
+    return tl.minimum(z, bound, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _expm1(x):
     # Kahan's trick: (e^x - 1) * x / log(e^x) cancels the rounding error of e^x, unlike e^x - 1.
     u = tl.exp(x)
@@ -124,11 +130,11 @@ def act_f(z, ACT: tl.constexpr):
         return _tanh(z)
     elif ACT == SOFTPLUS:
         # min() keeps exp() finite in the lanes that the where() discards
-        return tl.where(z > _SOFTPLUS_THRESHOLD, z, _log1p(tl.exp(tl.minimum(z, _SOFTPLUS_THRESHOLD))))
+        return tl.where(z > _SOFTPLUS_THRESHOLD, z, _log1p(tl.exp(_min(z, _SOFTPLUS_THRESHOLD))))
     elif ACT == SELU:
-        return tl.where(z > 0.0, z * _SELU_SCALE, _expm1(tl.minimum(z, 0.0)) * _SELU_SCALE_ALPHA)
+        return tl.where(z > 0.0, z * _SELU_SCALE, _expm1(_min(z, 0.0)) * _SELU_SCALE_ALPHA)
     elif ACT == ELU:
-        return tl.where(z > 0.0, z, _expm1(tl.minimum(z, 0.0)))
+        return tl.where(z > 0.0, z, _expm1(_min(z, 0.0)))
     elif ACT == COS:
         return tl.cos(z)
     else:
@@ -162,9 +168,9 @@ def act_df(z, ACT: tl.constexpr):
     elif ACT == SOFTPLUS:
         return tl.where(z > _SOFTPLUS_THRESHOLD, _const(z, 1.0), _sigmoid(z))
     elif ACT == SELU:
-        return tl.where(z > 0.0, tl.full(z.shape, _SELU_SCALE, z.dtype), tl.exp(tl.minimum(z, 0.0)) * _SELU_SCALE_ALPHA)
+        return tl.where(z > 0.0, tl.full(z.shape, _SELU_SCALE, z.dtype), tl.exp(_min(z, 0.0)) * _SELU_SCALE_ALPHA)
     elif ACT == ELU:
-        return tl.where(z > 0.0, _const(z, 1.0), tl.exp(tl.minimum(z, 0.0)))
+        return tl.where(z > 0.0, _const(z, 1.0), tl.exp(_min(z, 0.0)))
     elif ACT == COS:
         return -tl.sin(z)
     else:
@@ -197,9 +203,9 @@ def act_d2f(z, ACT: tl.constexpr):
         s = _sigmoid(z)
         return tl.where(z > _SOFTPLUS_THRESHOLD, _const(z, 0.0), s * (1.0 - s))
     elif ACT == SELU:
-        return tl.where(z > 0.0, _const(z, 0.0), tl.exp(tl.minimum(z, 0.0)) * _SELU_SCALE_ALPHA)
+        return tl.where(z > 0.0, _const(z, 0.0), tl.exp(_min(z, 0.0)) * _SELU_SCALE_ALPHA)
     elif ACT == ELU:
-        return tl.where(z > 0.0, _const(z, 0.0), tl.exp(tl.minimum(z, 0.0)))
+        return tl.where(z > 0.0, _const(z, 0.0), tl.exp(_min(z, 0.0)))
     elif ACT == COS:
         return -tl.cos(z)
     else:

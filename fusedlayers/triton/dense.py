@@ -23,7 +23,7 @@ from .activations import IDENTITY, act_df, act_f, activation_code
 # Forward: (rows, out) tiles of y, reducing over in.
 FORWARD_BLOCKS = {torch.float32: (64, 64, 8), torch.float64: (32, 32, 16)}
 # dx: (rows, in) tiles of dx, reducing over out; BLOCK_N is the reduction step.
-DX_BLOCKS = {torch.float32: (64, 8, 64), torch.float64: (32, 32, 16)}
+DX_BLOCKS = {torch.float32: (64, 8, 64), torch.float64: (32, 16, 32)}
 # dW: (out, in) tiles of dW, reducing over rows; BLOCK_M is the reduction step.
 DW_BLOCKS = {torch.float32: (8, 64, 64), torch.float64: (16, 32, 32)}
 NUM_WARPS = 4
