@@ -1,0 +1,1 @@
+"""The fusedlayers microbenchmark harness: `python -m bench --help`."""

@@ -1,0 +1,136 @@
+"""Timing, records and reports of the benchmark harness.
+
+Every implementation of a case is timed in the same loop, interleaved repetition by repetition, so the
+ratios between them hold on a noisy machine. A sample is the mean of enough back-to-back calls to last about
+a millisecond (one call of a tiny layer is tens of microseconds, below perf_counter's useful resolution);
+reported times are the median, min and max of the samples.
+"""
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+try:
+    from tqdm import tqdm
+except ImportError:  # the progress bar is a nicety
+    tqdm = None
+
+
+@dataclass
+class Impl:
+    name: str
+    forward: Callable[[], object]           # the primal: the function's value, no graph
+    forward_backward: Callable[[], object]  # the value and the gradients of every input and parameter
+
+
+@dataclass
+class Case:
+    name: str
+    description: str
+    device: str
+    dtype: torch.dtype
+    make_impls: Callable[[], list[Impl]]
+    reps: int = 20  # repetitions of the full suite; --quick uses a quarter
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _calls_per_sample(fn: Callable, device: str, target_s: float = 1e-3) -> int:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    once = time.perf_counter() - t
+    return max(1, min(1000, int(target_s / max(once, 1e-7))))
+
+
+def _sample(fn: Callable, calls: int, device: str) -> float:
+    """Mean seconds per call over `calls` back-to-back calls."""
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t) / calls
+
+
+def _spread(seconds: list[float]) -> dict:
+    ms = [s * 1e3 for s in seconds]
+    return {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
+
+
+def run_case(case: Case, impl_filter: list[str] | None, reps: int, warmup: int, progress=None) -> list[dict]:
+    impls = [i for i in case.make_impls() if not impl_filter or any(i.name.startswith(f) for f in impl_filter)]
+    fns = [(impl, kind, getattr(impl, attr)) for impl in impls
+           for kind, attr in (("fwd", "forward"), ("fwd_bwd", "forward_backward"))]
+    for _, _, fn in fns:
+        for _ in range(warmup):
+            fn()
+    calls = {(impl.name, kind): _calls_per_sample(fn, case.device) for impl, kind, fn in fns}
+    samples = {key: [] for key in calls}
+    for rep in range(reps):
+        # Rotate the order so no implementation always runs right after the same one.
+        for impl, kind, fn in fns[rep % len(fns):] + fns[:rep % len(fns)]:
+            samples[(impl.name, kind)].append(_sample(fn, calls[(impl.name, kind)], case.device))
+        if progress is not None:
+            progress.update(1)
+    records = []
+    for impl in impls:
+        fwd, fwd_bwd = _spread(samples[(impl.name, "fwd")]), _spread(samples[(impl.name, "fwd_bwd")])
+        records.append({
+            "case": case.name, "impl": impl.name, "device": case.device, "dtype": str(case.dtype).removeprefix("torch."),
+            "fwd_ms": fwd["median"], "fwd_bwd_ms": fwd_bwd["median"],
+            "grad_ratio": fwd_bwd["median"] / fwd["median"],
+            "fwd_ms_spread": fwd, "fwd_bwd_ms_spread": fwd_bwd, "reps": reps,
+            "peak_mem_bytes": None, "cold_ms": None,
+        })
+    eager = next((r for r in records if r["impl"] == "eager"), None)
+    for r in records:
+        r["fwd_bwd_speedup_vs_eager"] = eager["fwd_bwd_ms"] / r["fwd_bwd_ms"] if eager else None
+    return records
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def run_suite(cases: list[Case], impl_filter, quick: bool, out_dir: str) -> list[dict]:
+    reps = {c.name: max(3, c.reps // 4) if quick else c.reps for c in cases}
+    progress = tqdm(total=sum(reps.values()), desc="bench", unit="rep") if tqdm else None
+    records = []
+    for case in cases:
+        if progress is not None:
+            progress.set_postfix_str(case.name)
+        records += run_case(case, impl_filter, reps[case.name], warmup=2 if quick else 5, progress=progress)
+    if progress is not None:
+        progress.close()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump({"machine": machine_info(), "quick": quick, "results": records}, f, indent=1)
+    print(format_table(records))
+    print(f"\nwrote {path}")
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    head = f"{'case':<14} {'impl':<12} {'dtype':<8} {'fwd ms':>10} {'fwd+bwd ms':>11} {'grad/primal':>11} {'vs eager':>9}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        speedup = r["fwd_bwd_speedup_vs_eager"]
+        lines.append(f"{r['case']:<14} {r['impl']:<12} {r['dtype']:<8} {r['fwd_ms']:>10.4f} {r['fwd_bwd_ms']:>11.4f} "
+                     f"{r['grad_ratio']:>11.2f} {'' if speedup is None else f'{speedup:.2f}x':>9}")
+    return "\n".join(lines)
