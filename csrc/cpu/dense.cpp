@@ -19,6 +19,8 @@ namespace {
 
 // Layers with at most this many multiply-adds per call take the plain-loop path.
 constexpr int64_t kSmallLayerMacs = 16384;
+// Elements of dz per block of rows in the backward (1 MiB of float32).
+constexpr int64_t kBackwardBlockElements = 1 << 18;
 // Elements per parallel chunk of an elementwise pass.
 constexpr int64_t kElementsPerTask = 32768;
 
@@ -198,32 +200,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
 
   at::Tensor x2 = x.reshape({rows, in});
   at::Tensor g2 = grad_out.reshape({rows, out}).contiguous();
-  at::Tensor dz;
-  if (derivative_is_constant(a)) {
-    dz = g2;
+  if (derivative_is_constant(a)) {  // dz = g
+    if (output_mask[0]) dx = at::mm(g2, weight).view(x.sizes());
+    if (output_mask[1]) dw = at::mm(g2.t(), x2);
     if (need_db) db = g2.sum(0);
-  } else {
-    at::Tensor z = have_z ? preact->reshape({rows, out}).contiguous()
-                          : (has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t()));
-    const auto math = math_dtype(x.scalar_type());
-    at::Tensor gm = g2.to(math), zm = z.to(math).contiguous();
-    dz = at::empty_like(gm);
-    // One row of bias-gradient partial sums per thread, added up at the end.
-    at::Tensor partial = need_db ? at::zeros({at::get_num_threads(), out}, gm.options()) : at::Tensor();
+    return {dx, dw, db};
+  }
+  // dz goes block by block of rows through a small scratch buffer that stays in cache: each block's dz feeds
+  // its rows of dx and adds its share of dW, so the full (rows, out) dz is never allocated. Here a large
+  // fresh allocation costs more than the memory traffic it carries (page faults on first touch).
+  at::Tensor z = have_z ? preact->reshape({rows, out}).contiguous()
+                        : (has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t()));
+  const auto math = math_dtype(x.scalar_type());
+  at::Tensor gm = g2.to(math), zm = z.to(math).contiguous();
+  const int64_t block = std::max<int64_t>(1, kBackwardBlockElements / std::max<int64_t>(out, 1));
+  at::Tensor scratch = at::empty({std::min(block, rows), out}, gm.options());
+  if (output_mask[0]) dx = at::empty({rows, in}, x.options());
+  if (output_mask[1]) dw = rows == 0 ? at::zeros(weight.sizes(), weight.options()) : at::empty(weight.sizes(), weight.options());
+  // One row of bias-gradient partial sums per thread, added up at the end.
+  at::Tensor partial = need_db ? at::zeros({at::get_num_threads(), out}, gm.options()) : at::Tensor();
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t r1 = std::min(rows, r0 + block);
+    at::Tensor dz = scratch.narrow(0, 0, r1 - r0);
     AT_DISPATCH_FLOATING_TYPES(math, "dense_backward", [&] {
       scalar_t* pp = need_db ? partial.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* gp = gm.data_ptr<scalar_t>();
-      const scalar_t* zp = zm.data_ptr<scalar_t>();
+      const scalar_t* gp = gm.data_ptr<scalar_t>() + r0 * out;
+      const scalar_t* zp = zm.data_ptr<scalar_t>() + r0 * out;
       scalar_t* dzp = dz.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, grain_rows(out), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, r1 - r0, grain_rows(out), [&](int64_t begin, int64_t end) {
         backward_rows<scalar_t>(a, gp, zp, dzp, pp ? pp + at::get_thread_num() * out : nullptr, begin, end, out);
       });
     });
-    if (need_db) db = partial.sum(0).to(x.scalar_type());
-    dz = dz.to(x.scalar_type());
+    at::Tensor dz_t = dz.to(x.scalar_type());
+    if (output_mask[0]) {
+      at::Tensor dx_blk = dx.narrow(0, r0, r1 - r0);
+      at::mm_out(dx_blk, dz_t, weight);
+    }
+    if (output_mask[1]) {
+      at::Tensor x_blk = x2.narrow(0, r0, r1 - r0);
+      if (r0 == 0) {
+        at::mm_out(dw, dz_t.t(), x_blk);
+      } else {
+        dw.addmm_(dz_t.t(), x_blk);
+      }
+    }
   }
-  if (output_mask[0]) dx = at::mm(dz, weight).view(x.sizes());
-  if (output_mask[1]) dw = at::mm(dz.t(), x2);
+  if (need_db) db = partial.sum(0).to(x.scalar_type());
+  if (output_mask[0]) dx = dx.view(x.sizes());
   return {dx, dw, db};
 }
 

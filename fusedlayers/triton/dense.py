@@ -150,7 +150,8 @@ def _dense_backward_dw_kernel(g_ptr, z_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, ACT:
 
 def _check_dtype(x: Tensor) -> None:
     torch._check(x.dtype in _DTYPES,
-                 lambda: f"dense(): the Triton backend supports float16, bfloat16, float32 and float64 x, got {x.dtype}")
+                 lambda: f"dense(): the Triton backend supports float16, bfloat16, float32 and float64 x, "
+                         f"got {x.dtype}")
 
 
 def _as_rows(t: Tensor, cols: int) -> Tensor:
@@ -164,7 +165,8 @@ def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
         kernel[grid](*args, num_warps=NUM_WARPS, **meta)
 
 
-def _forward_2d(x2: Tensor, weight: Tensor, bias: Tensor | None, act: int, store_z: bool) -> tuple[Tensor, Tensor | None]:
+def _forward_2d(x2: Tensor, weight: Tensor, bias: Tensor | None, act: int,
+                store_z: bool) -> tuple[Tensor, Tensor | None]:
     """y = f(x2 @ weight.T + bias) and, when store_z, z, for contiguous x2 (rows, in) and weight."""
     rows, in_features = x2.shape
     out_features = weight.shape[0]
@@ -216,7 +218,8 @@ def dense_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | N
     if act != IDENTITY.value:
         if preact is not None and preact.numel() > 0:
             torch._check(tuple(preact.shape) == out_shape,
-                         lambda: f"dense_backward(): expected preact of shape {list(out_shape)}, got {list(preact.shape)}")
+                         lambda: f"dense_backward(): expected preact of shape {list(out_shape)}, got "
+                                 f"{list(preact.shape)}")
             z2 = _as_rows(preact, out_features)
         else:
             z2, _ = _forward_2d(x2, w, None if bias is None else bias.contiguous(), IDENTITY.value, False)
