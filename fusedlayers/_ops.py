@@ -1,6 +1,6 @@
 """The Python side of the torch.library ops: fake kernels (shapes for torch.compile and meta tensors) and the
 backend registry. The schemas, the autograd and the native kernels are C++ (csrc/)."""
-import functools
+import importlib.util
 import os
 
 import torch
@@ -11,18 +11,9 @@ BACKENDS = ("auto", "cpu", "cuda", "triton")
 
 # ---- backends ---------------------------------------------------------------------------------------------
 
-@functools.cache
-def _has_native_cuda() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fusedlayers::dense_forward", "CUDA")
-
-
-@functools.cache
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# Fixed at import (fusedlayers._C is loaded first): plain constants, so torch.compile traces no lookup.
+HAS_NATIVE_CUDA = torch._C._dispatch_has_kernel_for_dispatch_key("fusedlayers::dense_forward", "CUDA")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _triton_interpreted() -> bool:
@@ -33,9 +24,9 @@ def available_backends() -> list[str]:
     """The backends this machine can run: "cpu" always; "cuda" with a GPU and the CUDA kernels built;
     "triton" with triton and a GPU, or on CPU tensors under TRITON_INTERPRET=1."""
     found = ["cpu"]
-    if torch.cuda.is_available() and _has_native_cuda():
+    if torch.cuda.is_available() and HAS_NATIVE_CUDA:
         found.append("cuda")
-    if _has_triton() and (torch.cuda.is_available() or _triton_interpreted()):
+    if HAS_TRITON and (torch.cuda.is_available() or _triton_interpreted()):
         found.append("triton")
     return found
 
@@ -44,12 +35,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """Maps a user's backend choice for tensors on `device` to the kernel family the C++ op calls:
     "native" (the C++ CPU or CUDA kernels, picked by the dispatcher from the device) or "triton"."""
     if backend == "auto" or backend == device.type:
-        if device.type == "cuda" and not _has_native_cuda():
+        if device.type == "cuda" and not HAS_NATIVE_CUDA:
             raise RuntimeError("fusedlayers was built without its CUDA kernels; use backend='triton' or rebuild "
                                "with nvcc present (FUSEDLAYERS_CUDA=1)")
         return "native"
     if backend == "triton":
-        if not _has_triton():
+        if not HAS_TRITON:
             raise RuntimeError("backend='triton' needs the triton package")
         if device.type == "cpu" and not _triton_interpreted():
             raise RuntimeError("backend='triton' runs on CPU tensors only under TRITON_INTERPRET=1 (set before "

@@ -9,18 +9,36 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "cpu/dense_epilogue.h"
 #include "dense.h"
 
 namespace fusedlayers::cpu {
+
+enum class Isa { Default, AVX2, AVX512 };
+
+// The widest instruction set this CPU runs; FUSEDLAYERS_CPU_ISA=default|avx2 caps it (the tests run every
+// variant that way).
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    const char* cap = std::getenv("FUSEDLAYERS_CPU_ISA");
+    const std::string want = cap ? cap : "avx512";
+    TORCH_CHECK_VALUE(want == "default" || want == "avx2" || want == "avx512",
+                      "FUSEDLAYERS_CPU_ISA must be default, avx2 or avx512, got '", want, "'");
+    if (want == "avx512" && cpu_has_avx512()) return Isa::AVX512;
+    if (want != "default" && cpu_has_avx2()) return Isa::AVX2;
+    return Isa::Default;
+  }();
+  return isa;
+}
+
 namespace {
 
 // Layers with at most this many multiply-adds per call take the plain-loop path.
 constexpr int64_t kSmallLayerMacs = 16384;
-// Elements of dz per block of rows in the backward (1 MiB of float32).
-constexpr int64_t kBackwardBlockElements = 1 << 18;
 // Elements per parallel chunk of an elementwise pass.
 constexpr int64_t kElementsPerTask = 32768;
 
@@ -35,14 +53,18 @@ void check_cpu_dtype(const at::Tensor& x) {
 
 template <typename T>
 void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z) {
-  (cpu_has_avx2() ? isa_avx2::dense_forward_rows<T> : isa_default::dense_forward_rows<T>)(a, bias, z, y, begin, end,
-                                                                                            cols, store_z);
+  auto kernel = cpu_isa() == Isa::AVX512 ? isa_avx512::dense_forward_rows<T>
+                : cpu_isa() == Isa::AVX2 ? isa_avx2::dense_forward_rows<T>
+                                         : isa_default::dense_forward_rows<T>;
+  kernel(a, bias, z, y, begin, end, cols, store_z);
 }
 
 template <typename T>
 void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols) {
-  (cpu_has_avx2() ? isa_avx2::dense_backward_rows<T> : isa_default::dense_backward_rows<T>)(a, g, z, dz, db, begin,
-                                                                                            end, cols);
+  auto kernel = cpu_isa() == Isa::AVX512 ? isa_avx512::dense_backward_rows<T>
+                : cpu_isa() == Isa::AVX2 ? isa_avx2::dense_backward_rows<T>
+                                         : isa_default::dense_backward_rows<T>;
+  kernel(a, g, z, dz, db, begin, end, cols);
 }
 
 // The vectorized passes run in float or double; bfloat16 goes through float copies.
@@ -206,52 +228,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
     if (need_db) db = g2.sum(0);
     return {dx, dw, db};
   }
-  // dz goes block by block of rows through a small scratch buffer that stays in cache: each block's dz feeds
-  // its rows of dx and adds its share of dW, so the full (rows, out) dz is never allocated. Here a large
-  // fresh allocation costs more than the memory traffic it carries (page faults on first touch).
   at::Tensor z = have_z ? preact->reshape({rows, out}).contiguous()
                         : (has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t()));
   const auto math = math_dtype(x.scalar_type());
   at::Tensor gm = g2.to(math), zm = z.to(math).contiguous();
-  const int64_t block = std::max<int64_t>(1, kBackwardBlockElements / std::max<int64_t>(out, 1));
-  at::Tensor scratch = at::empty({std::min(block, rows), out}, gm.options());
-  if (output_mask[0]) dx = at::empty({rows, in}, x.options());
-  if (output_mask[1]) dw = rows == 0 ? at::zeros(weight.sizes(), weight.options()) : at::empty(weight.sizes(), weight.options());
+  at::Tensor dz = at::empty_like(gm);
   // One row of bias-gradient partial sums per thread, added up at the end.
   at::Tensor partial = need_db ? at::zeros({at::get_num_threads(), out}, gm.options()) : at::Tensor();
-  for (int64_t r0 = 0; r0 < rows; r0 += block) {
-    const int64_t r1 = std::min(rows, r0 + block);
-    at::Tensor dz = scratch.narrow(0, 0, r1 - r0);
-    AT_DISPATCH_FLOATING_TYPES(math, "dense_backward", [&] {
-      scalar_t* pp = need_db ? partial.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* gp = gm.data_ptr<scalar_t>() + r0 * out;
-      const scalar_t* zp = zm.data_ptr<scalar_t>() + r0 * out;
-      scalar_t* dzp = dz.data_ptr<scalar_t>();
-      at::parallel_for(0, r1 - r0, grain_rows(out), [&](int64_t begin, int64_t end) {
-        backward_rows<scalar_t>(a, gp, zp, dzp, pp ? pp + at::get_thread_num() * out : nullptr, begin, end, out);
-      });
+  AT_DISPATCH_FLOATING_TYPES(math, "dense_backward", [&] {
+    scalar_t* pp = need_db ? partial.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gp = gm.data_ptr<scalar_t>();
+    const scalar_t* zp = zm.data_ptr<scalar_t>();
+    scalar_t* dzp = dz.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_rows(out), [&](int64_t begin, int64_t end) {
+      backward_rows<scalar_t>(a, gp, zp, dzp, pp ? pp + at::get_thread_num() * out : nullptr, begin, end, out);
     });
-    at::Tensor dz_t = dz.to(x.scalar_type());
-    if (output_mask[0]) {
-      at::Tensor dx_blk = dx.narrow(0, r0, r1 - r0);
-      at::mm_out(dx_blk, dz_t, weight);
-    }
-    if (output_mask[1]) {
-      at::Tensor x_blk = x2.narrow(0, r0, r1 - r0);
-      if (r0 == 0) {
-        at::mm_out(dw, dz_t.t(), x_blk);
-      } else {
-        dw.addmm_(dz_t.t(), x_blk);
-      }
-    }
-  }
+  });
   if (need_db) db = partial.sum(0).to(x.scalar_type());
-  if (output_mask[0]) dx = dx.view(x.sizes());
+  dz = dz.to(x.scalar_type());
+  if (output_mask[0]) dx = at::mm(dz, weight).view(x.sizes());
+  if (output_mask[1]) dw = at::mm(dz.t(), x2);
   return {dx, dw, db};
 }
 
 }  // namespace
 }  // namespace fusedlayers::cpu
+
+TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
+  // Which instruction set the CPU kernels run with: "default", "avx2" or "avx512".
+  m.def("cpu_isa() -> str", [] {
+    using fusedlayers::cpu::Isa;
+    const Isa isa = fusedlayers::cpu::cpu_isa();
+    return std::string(isa == Isa::AVX512 ? "avx512" : isa == Isa::AVX2 ? "avx2" : "default");
+  });
+}
 
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
   m.impl("dense_forward", &fusedlayers::cpu::dense_forward);

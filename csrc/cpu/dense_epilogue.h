@@ -1,6 +1,6 @@
 // The elementwise passes of the dense op on the CPU, over a range of rows of a row-major (rows, cols) matrix.
-// They are compiled once per instruction set (dense_epilogue_default.cpp, dense_epilogue_avx2.cpp) and
-// chosen at run time, so the library runs on any x86-64 CPU and uses AVX2 where there is one.
+// They are compiled once per instruction set (dense_epilogue_{default,avx2,avx512}.cpp) and chosen at run
+// time, so the library runs on any x86-64 CPU and uses the widest vectors it has.
 #pragma once
 
 #include <cstdint>
@@ -24,9 +24,11 @@ namespace fusedlayers::cpu {
 
 FL_DECLARE_DENSE_EPILOGUE(isa_default)
 FL_DECLARE_DENSE_EPILOGUE(isa_avx2)
+FL_DECLARE_DENSE_EPILOGUE(isa_avx512)
 #undef FL_DECLARE_DENSE_EPILOGUE
 
-// True when this CPU runs the AVX2 kernels.
+// True when this CPU runs the kernels of that instruction set.
 bool cpu_has_avx2();
+bool cpu_has_avx512();
 
 }  // namespace fusedlayers::cpu
