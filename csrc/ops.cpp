@@ -118,12 +118,28 @@ TORCH_LIBRARY(fusedlayers, m) {
   FL_DEF_DENSE_KERNELS("")
   FL_DEF_DENSE_KERNELS("triton_")
 #undef FL_DEF_DENSE_KERNELS
+
+  // A whole network of dense layers: layer l computes h_{l+1} = activations[l](h_l @ weights[l].T + biases[l]),
+  // h_0 = x. biases is empty (no biases) or has one per layer.
+  m.def("mlp(Tensor x, Tensor[] weights, Tensor[] biases, str[] activations, bool save, str backend) -> Tensor");
+  // Returns (y, saved): with save, saved = [z_0, ..., z_{L-1}], the pre-activation of every layer (shape
+  // (*batch, out_l)), from which the backward gets h_l = f(z_{l-1}); without, saved is empty and the backward
+  // recomputes the forward. Backward returns (dx or undefined without input_grad, [dW_l], [db_l] or []).
+#define FL_DEF_MLP_KERNELS(prefix)                                                                              \
+  m.def(prefix "mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, str[] activations, bool save) "         \
+               "-> (Tensor, Tensor[])");                                                                      \
+  m.def(prefix "mlp_backward(Tensor grad_out, Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] saved, "     \
+               "str[] activations, bool input_grad) -> (Tensor, Tensor[], Tensor[])");
+  FL_DEF_MLP_KERNELS("")
+  FL_DEF_MLP_KERNELS("triton_")
+#undef FL_DEF_MLP_KERNELS
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   m.impl("dense", &fusedlayers::dense_autograd);
   // The kernels are not differentiable yet: backpropagating through one raises, never a silent zero.
-  for (const char* op : {"dense_forward", "dense_backward", "triton_dense_forward", "triton_dense_backward"}) {
+  for (const char* op : {"dense_forward", "dense_backward", "triton_dense_forward", "triton_dense_backward",
+                         "mlp_forward", "mlp_backward", "triton_mlp_forward", "triton_mlp_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

@@ -98,3 +98,50 @@ def _dense_backward_fake(grad_out, x, weight, bias, preact, activation, output_m
 for _prefix in ("", "triton_"):
     torch.library.register_fake(f"fusedlayers::{_prefix}dense_forward")(_dense_forward_fake)
     torch.library.register_fake(f"fusedlayers::{_prefix}dense_backward")(_dense_backward_fake)
+
+
+def check_mlp_args(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: list[str]) -> None:
+    """The checks of csrc/mlp.h, with the same messages: every layer as dense's, and the chain's shapes."""
+    torch._check(len(weights) >= 1, lambda: "mlp(): expected at least one layer, got an empty weights list")
+    torch._check(len(biases) in (0, len(weights)),
+                 lambda: f"mlp(): expected biases to be empty or one per layer ({len(weights)}), got {len(biases)}")
+    torch._check(len(activations) == len(weights),
+                 lambda: f"mlp(): expected one activation per layer ({len(weights)}), got {len(activations)}")
+    torch._check(x.dim() >= 1, lambda: "mlp(): expected x to have at least 1 dimension, got a 0-dimensional tensor")
+    width = x.shape[-1]
+    for i, w in enumerate(weights):
+        torch._check(w.dim() == 2, lambda: f"mlp(): expected weights[{i}] to be 2-D, got shape {list(w.shape)}")
+        torch._check(w.shape[1] == width,
+                     lambda: f"mlp(): expected weights[{i}].size(1) == {width} (the width of the layer's input), "
+                             f"got shape {list(w.shape)}")
+        torch._check(w.dtype == x.dtype, lambda: f"mlp(): expected weights[{i}] to have the dtype of x ({x.dtype}), "
+                                                 f"got {w.dtype}")
+        torch._check(w.device == x.device, lambda: f"mlp(): expected weights[{i}] on the device of x ({x.device}), "
+                                                   f"got {w.device}")
+        if biases:
+            b = biases[i]
+            torch._check(b.dim() == 1 and b.shape[0] == w.shape[0],
+                         lambda: f"mlp(): expected biases[{i}] of shape [{w.shape[0]}], got {list(b.shape)}")
+            torch._check(b.dtype == x.dtype, lambda: f"mlp(): expected biases[{i}] to have the dtype of x ({x.dtype}), "
+                                                     f"got {b.dtype}")
+            torch._check(b.device == x.device, lambda: f"mlp(): expected biases[{i}] on the device of x ({x.device}), "
+                                                       f"got {b.device}")
+        width = w.shape[0]
+    torch._check(x.dtype.is_floating_point, lambda: f"mlp(): expected x to be a floating-point tensor, got {x.dtype}")
+
+
+def _mlp_forward_fake(x, weights, biases, activations, save):
+    check_mlp_args(x, weights, biases, activations)
+    batch = x.shape[:-1]
+    saved = [x.new_empty((*batch, w.shape[0])) for w in weights] if save else []
+    return x.new_empty((*batch, weights[-1].shape[0])), saved
+
+
+def _mlp_backward_fake(grad_out, x, weights, biases, saved, activations, input_grad):
+    return (x.new_empty(x.shape) if input_grad else None, [w.new_empty(w.shape) for w in weights],
+            [b.new_empty(b.shape) for b in biases])
+
+
+for _prefix in ("", "triton_"):
+    torch.library.register_fake(f"fusedlayers::{_prefix}mlp_forward")(_mlp_forward_fake)
+    torch.library.register_fake(f"fusedlayers::{_prefix}mlp_backward")(_mlp_backward_fake)
