@@ -17,20 +17,8 @@ def fused_backends() -> list[str]:
     return [b for b in fusedlayers.available_backends() if b in speed]
 
 
-class _Lambda(nn.Module):
-    """An activation as a module, for the ones torch.nn has none of (cos, sin)."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, z):
-        return self.fn(z)
-
-
 def activation_module(name: str) -> nn.Module:
-    ref = REFERENCE[name]
-    return ref.module() if ref.module is not None else _Lambda(ref.f)
+    return REFERENCE[name].module()
 
 
 def module_impl(name: str, model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Impl:

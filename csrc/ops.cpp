@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "dense.h"
+#include "mlp.h"
 
 // The extension is a Python module only so that `import fusedlayers._C` loads the op registrations.
 extern "C" PyObject* PyInit__C(void) {
@@ -102,6 +103,83 @@ at::Tensor dense_autograd(const at::Tensor& x, const at::Tensor& weight, const s
   return DenseFunction::apply(x, weight, bias, activation, save_preact, backend);
 }
 
+// ---- mlp ------------------------------------------------------------------------------------------------
+
+using MlpForwardFn = MlpForwardResult(const at::Tensor&, at::TensorList, at::TensorList, std::vector<std::string>, bool);
+using MlpBackwardFn = MlpBackwardResult(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
+                                        at::TensorList, std::vector<std::string>, bool);
+
+c10::TypedOperatorHandle<MlpForwardFn> mlp_forward_op(bool triton) {
+  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_forward", "").typed<MlpForwardFn>();
+  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_mlp_forward", "").typed<MlpForwardFn>();
+  return triton ? tri : native;
+}
+
+c10::TypedOperatorHandle<MlpBackwardFn> mlp_backward_op(bool triton) {
+  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_backward", "").typed<MlpBackwardFn>();
+  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_mlp_backward", "").typed<MlpBackwardFn>();
+  return triton ? tri : native;
+}
+
+// One autograd node for the whole network.
+class MLPFunction : public torch::autograd::Function<MLPFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                            const std::vector<std::string>& activations, bool save, c10::string_view backend) {
+    const bool triton = is_triton(backend);
+    save = save && !(!triton && cpu::mlp_cpu_recomputes(x, weights));
+    auto [y, saved] = mlp_forward_op(triton).call(x, weights, biases, activations, save);
+    std::vector<at::Tensor> to_save{x};
+    to_save.insert(to_save.end(), weights.begin(), weights.end());
+    to_save.insert(to_save.end(), biases.begin(), biases.end());
+    to_save.insert(to_save.end(), saved.begin(), saved.end());
+    ctx->save_for_backward(to_save);
+    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["has_bias"] = !biases.empty();
+    ctx->saved_data["activations"] = c10::List<std::string>(activations);
+    ctx->saved_data["triton"] = triton;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto all = ctx->get_saved_variables();
+    const int64_t L = ctx->saved_data["layers"].toInt();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const auto first = all.begin() + 1;
+    const std::vector<at::Tensor> weights(first, first + L);
+    const std::vector<at::Tensor> biases(first + L, first + (has_bias ? 2 * L : L));
+    const std::vector<at::Tensor> saved(first + (has_bias ? 2 * L : L), all.end());
+    std::vector<std::string> activations;
+    for (const auto& a : ctx->saved_data["activations"].toList()) activations.push_back(a.get().toStringRef());
+    variable_list out(1 + L + (has_bias ? L : 0) + 3);
+    if (!grads[0].defined()) return out;
+    auto [dx, dweights, dbiases] = mlp_backward_op(ctx->saved_data["triton"].toBool())
+                                       .call(grads[0], all[0], weights, biases, saved, activations,
+                                             ctx->needs_input_grad(0));
+    out[0] = dx;
+    std::copy(dweights.begin(), dweights.end(), out.begin() + 1);
+    std::copy(dbiases.begin(), dbiases.end(), out.begin() + 1 + L);
+    return out;
+  }
+};
+
+at::Tensor mlp_no_autograd(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                           std::vector<std::string> activations, bool /*save*/, c10::string_view backend) {
+  return std::get<0>(mlp_forward_op(is_triton(backend)).call(x, weights, biases, activations, false));
+}
+
+at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                        std::vector<std::string> activations, bool save, c10::string_view backend) {
+  bool needs_grad = x.requires_grad();
+  for (const auto& t : weights) needs_grad = needs_grad || t.requires_grad();
+  for (const auto& t : biases) needs_grad = needs_grad || t.requires_grad();
+  if (!(at::GradMode::is_enabled() && needs_grad)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return mlp_no_autograd(x, weights, biases, activations, save, backend);
+  }
+  return MLPFunction::apply(x, weights, biases, activations, save, backend);
+}
+
 }  // namespace
 }  // namespace fusedlayers
 
@@ -137,6 +215,7 @@ TORCH_LIBRARY(fusedlayers, m) {
 
 TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   m.impl("dense", &fusedlayers::dense_autograd);
+  m.impl("mlp", &fusedlayers::mlp_autograd);
   // The kernels are not differentiable yet: backpropagating through one raises, never a silent zero.
   for (const char* op : {"dense_forward", "dense_backward", "triton_dense_forward", "triton_dense_backward",
                          "mlp_forward", "mlp_backward", "triton_mlp_forward", "triton_mlp_backward"}) {
@@ -144,4 +223,7 @@ TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   }
 }
 
-TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) { m.impl("dense", &fusedlayers::dense_no_autograd); }
+TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
+  m.impl("dense", &fusedlayers::dense_no_autograd);
+  m.impl("mlp", &fusedlayers::mlp_no_autograd);
+}

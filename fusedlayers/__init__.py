@@ -3,7 +3,7 @@ from . import _C  # noqa: F401  (registers the torch.library ops)
 from . import _ops  # noqa: F401  (fake kernels and backend registry)
 from . import functional
 from ._ops import available_backends
-from .activations import ACTIVATIONS
-from .modules import FusedDense
+from .activations import ACTIVATIONS, ActivationModule
+from .modules import FusedDense, FusedMLP
 
-__all__ = ["ACTIVATIONS", "FusedDense", "available_backends", "functional"]
+__all__ = ["ACTIVATIONS", "ActivationModule", "FusedDense", "FusedMLP", "available_backends", "functional"]

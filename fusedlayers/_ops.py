@@ -130,11 +130,24 @@ def check_mlp_args(x: Tensor, weights: list[Tensor], biases: list[Tensor], activ
     torch._check(x.dtype.is_floating_point, lambda: f"mlp(): expected x to be a floating-point tensor, got {x.dtype}")
 
 
-def _mlp_forward_fake(x, weights, biases, activations, save):
-    check_mlp_args(x, weights, biases, activations)
+def _native_mlp_saved(x, weights, activations):
+    """csrc/mlp.h's layout: the inputs of layers 1..L-1, then the pre-activation of each non-identity layer."""
     batch = x.shape[:-1]
-    saved = [x.new_empty((*batch, w.shape[0])) for w in weights] if save else []
-    return x.new_empty((*batch, weights[-1].shape[0])), saved
+    hs = [x.new_empty((*batch, w.shape[0])) for w in weights[:-1]]
+    return hs + [x.new_empty((*batch, w.shape[0])) for w, a in zip(weights, activations) if a != "identity"]
+
+
+def _triton_mlp_saved(x, weights, activations):
+    """fusedlayers/triton/mlp.py's layout: the pre-activation of every layer."""
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+
+
+def _mlp_forward_fake(saved_layout):
+    def fake(x, weights, biases, activations, save):
+        check_mlp_args(x, weights, biases, activations)
+        saved = saved_layout(x, weights, activations) if save else []
+        return x.new_empty((*x.shape[:-1], weights[-1].shape[0])), saved
+    return fake
 
 
 def _mlp_backward_fake(grad_out, x, weights, biases, saved, activations, input_grad):
@@ -142,6 +155,6 @@ def _mlp_backward_fake(grad_out, x, weights, biases, saved, activations, input_g
             [b.new_empty(b.shape) for b in biases])
 
 
-for _prefix in ("", "triton_"):
-    torch.library.register_fake(f"fusedlayers::{_prefix}mlp_forward")(_mlp_forward_fake)
+for _prefix, _layout in (("", _native_mlp_saved), ("triton_", _triton_mlp_saved)):
+    torch.library.register_fake(f"fusedlayers::{_prefix}mlp_forward")(_mlp_forward_fake(_layout))
     torch.library.register_fake(f"fusedlayers::{_prefix}mlp_backward")(_mlp_backward_fake)

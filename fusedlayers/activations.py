@@ -23,7 +23,22 @@ class Activation(NamedTuple):
     f: Callable[[Tensor], Tensor]
     df: Callable[[Tensor], Tensor]
     d2f: Callable[[Tensor], Tensor]
-    module: Callable[[], nn.Module]  # the torch.nn module that computes f
+    module: Callable[[], nn.Module]  # a module that computes f: torch.nn's, or ActivationModule
+
+
+class ActivationModule(nn.Module):
+    """An activation of the table as a module, for those torch.nn has none of (cos, sin): it lets a plain
+    nn.Sequential hold them, and FusedMLP.from_sequential and to_sequential convert them."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = check_activation(name)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return REFERENCE[self.name].f(z)
+
+    def extra_repr(self) -> str:
+        return repr(self.name)
 
 
 def _pos(z: Tensor, a: float, b: float) -> Tensor:
@@ -118,8 +133,8 @@ _TABLE = (
                lambda z: _SELU_SCALE * torch.where(z > 0, torch.zeros_like(z), _SELU_ALPHA * torch.exp(z)), nn.SELU),
     Activation("elu", F.elu, lambda z: torch.where(z > 0, torch.ones_like(z), torch.exp(z)),
                lambda z: torch.where(z > 0, torch.zeros_like(z), torch.exp(z)), nn.ELU),
-    Activation("cos", torch.cos, lambda z: -torch.sin(z), lambda z: -torch.cos(z), None),
-    Activation("sin", torch.sin, torch.cos, lambda z: -torch.sin(z), None),
+    Activation("cos", torch.cos, lambda z: -torch.sin(z), lambda z: -torch.cos(z), lambda: ActivationModule("cos")),
+    Activation("sin", torch.sin, torch.cos, lambda z: -torch.sin(z), lambda: ActivationModule("sin")),
 )
 
 ACTIVATIONS = tuple(a.name for a in _TABLE)
@@ -131,3 +146,28 @@ def check_activation(name: str) -> str:
     if name not in REFERENCE:
         raise ValueError(f"unknown activation {name!r}; expected one of: {', '.join(ACTIVATIONS)}")
     return name
+
+
+def name_of_module(module: nn.Module) -> str:
+    """The table's name for a torch.nn activation module that computes exactly that function, else ValueError:
+    a module with other parameters (a LeakyReLU slope other than 0.01, say) is never silently replaced."""
+    checks = (
+        (nn.Identity, "identity", lambda m: True),
+        (nn.ReLU, "relu", lambda m: True),
+        (nn.LeakyReLU, "leaky_relu", lambda m: m.negative_slope == 0.01),
+        (nn.GELU, "gelu", lambda m: m.approximate == "none"),
+        (nn.GELU, "gelu_tanh", lambda m: m.approximate == "tanh"),
+        (nn.SiLU, "silu", lambda m: True),
+        (nn.Sigmoid, "sigmoid", lambda m: True),
+        (nn.Tanh, "tanh", lambda m: True),
+        (nn.Softplus, "softplus", lambda m: m.beta == 1 and m.threshold == 20),
+        (nn.SELU, "selu", lambda m: True),
+        (nn.ELU, "elu", lambda m: m.alpha == 1.0),
+    )
+    if type(module) is ActivationModule:
+        return module.name
+    for cls, name, same_function in checks:
+        if type(module) is cls and same_function(module):
+            return name
+    raise ValueError(f"{module!r} has no fused equivalent: the fused activations are "
+                     f"{', '.join(ACTIVATIONS)} with torch's default parameters")

@@ -8,6 +8,7 @@ from .activations import check_activation
 SAVE_POLICIES = ("preact", "recompute")
 
 _dense = torch.ops.fusedlayers.dense.default
+_mlp = torch.ops.fusedlayers.mlp.default
 
 
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "relu", backend: str = "auto",
@@ -23,3 +24,21 @@ def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str
     if save not in SAVE_POLICIES:
         raise ValueError(f"unknown save policy {save!r}; expected one of: {', '.join(SAVE_POLICIES)}")
     return _dense(x, weight, bias, activation, save == "preact", resolve_backend(backend, x.device))
+
+
+def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activation: str | list[str],
+        output_activation: str = "identity", backend: str = "auto", save: str = "preact") -> Tensor:
+    """A whole network of dense layers as one op with one autograd node:
+    h_{l+1} = act_l(h_l @ weights[l].T + biases[l]), h_0 = x, for l = 0..L-1.
+
+    activation: one name for every hidden layer, or a list with one per hidden layer (L - 1 names);
+    output_activation: the last layer's. biases: None or one per layer. backend, save: as in dense().
+    """
+    hidden = [activation] * (len(weights) - 1) if isinstance(activation, str) else list(activation)
+    if len(hidden) != len(weights) - 1:
+        raise ValueError(f"expected one activation per hidden layer ({len(weights) - 1}), got {len(hidden)}")
+    activations = [check_activation(a) for a in hidden] + [check_activation(output_activation)]
+    if save not in SAVE_POLICIES:
+        raise ValueError(f"unknown save policy {save!r}; expected one of: {', '.join(SAVE_POLICIES)}")
+    return _mlp(x, weights, [] if biases is None else biases, activations, save == "preact",
+                resolve_backend(backend, x.device))

@@ -1,10 +1,27 @@
 """nn.Module forms of the fused layers: drop-in replacements for the torch.nn modules they fuse."""
+import types
+
 import torch
 from torch import Tensor, nn
 
 from . import functional as FL
 from ._ops import BACKENDS
-from .activations import check_activation
+from .activations import REFERENCE, check_activation, name_of_module
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
+
+
+def _check_save(save: str) -> None:
+    if save not in FL.SAVE_POLICIES:
+        raise ValueError(f"unknown save policy {save!r}; expected one of: {', '.join(FL.SAVE_POLICIES)}")
+
+
+def _linear_init(weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+    """nn.Linear's initialization, drawing the same random numbers in the same order."""
+    nn.Linear.reset_parameters(types.SimpleNamespace(weight=weight, bias=bias))
 
 
 class FusedDense(nn.Module):
@@ -17,10 +34,8 @@ class FusedDense(nn.Module):
                  device=None, dtype=None, backend: str = "auto", save: str = "preact") -> None:
         super().__init__()
         self.activation = check_activation(activation)
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
-        if save not in FL.SAVE_POLICIES:
-            raise ValueError(f"unknown save policy {save!r}; expected one of: {', '.join(FL.SAVE_POLICIES)}")
+        _check_save(save)
+        _check_backend(backend)
         self.backend = backend
         self.save = save
         self.in_features = in_features
@@ -34,7 +49,7 @@ class FusedDense(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)  # the same initialization, drawing the same random numbers
+        _linear_init(self.weight, self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activation: str = "relu", backend: str = "auto",
@@ -54,3 +69,96 @@ class FusedDense(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"activation={self.activation!r}")
+
+
+class FusedMLP(nn.Module):
+    """A whole network of dense layers as one op: sizes = [in, h1, ..., out].
+
+    Layer l computes act_l(h @ weight{l}.T + bias{l}); the hidden layers use `activation` (one name, or a list
+    with one per hidden layer), the last layer `output_activation`. Parameters are weight0, bias0, weight1, ...
+    shaped and initialized as the nn.Linear layers of the equivalent nn.Sequential.
+    """
+
+    def __init__(self, sizes: list[int], activation: str | list[str] = "relu", output_activation: str = "identity",
+                 bias: bool = True, device=None, dtype=None, backend: str = "auto", save: str = "preact") -> None:
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError(f"sizes must list at least the input and output widths, got {list(sizes)}")
+        layers = len(sizes) - 1
+        hidden = [activation] * (layers - 1) if isinstance(activation, str) else list(activation)
+        if len(hidden) != layers - 1:
+            raise ValueError(f"expected one activation per hidden layer ({layers - 1}), got {len(hidden)}")
+        self.activations = [check_activation(a) for a in hidden] + [check_activation(output_activation)]
+        _check_backend(backend)
+        _check_save(save)
+        self.sizes, self.backend, self.save = list(sizes), backend, save
+        factory = {"device": device, "dtype": dtype}
+        for i in range(layers):
+            self.register_parameter(f"weight{i}", nn.Parameter(torch.empty(sizes[i + 1], sizes[i], **factory)))
+            self.register_parameter(f"bias{i}", nn.Parameter(torch.empty(sizes[i + 1], **factory)) if bias else None)
+        self.reset_parameters()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def weights(self) -> list[Tensor]:
+        return [getattr(self, f"weight{i}") for i in range(self.num_layers)]
+
+    def biases(self) -> list[Tensor] | None:
+        return None if self.bias0 is None else [getattr(self, f"bias{i}") for i in range(self.num_layers)]
+
+    def reset_parameters(self) -> None:
+        for i in range(self.num_layers):
+            _linear_init(getattr(self, f"weight{i}"), getattr(self, f"bias{i}"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return FL._mlp(x, self.weights(), self.biases() or [], self.activations, self.save == "preact",
+                       FL.resolve_backend(self.backend, x.device))
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential, backend: str = "auto", save: str = "preact") -> "FusedMLP":
+        """The FusedMLP computing seq, sharing its Parameters. seq is Linear layers, each optionally followed by
+        one activation module with torch's default parameters (see fusedlayers.ACTIVATIONS)."""
+        modules = list(seq)
+        linears, activations = [], []
+        for i, m in enumerate(modules):
+            if isinstance(m, nn.Linear):
+                linears.append(m)
+                activations.append("identity")
+            elif linears and activations[-1] == "identity" and not isinstance(modules[i - 1], nn.Identity):
+                activations[-1] = name_of_module(m)
+            else:
+                raise ValueError(f"from_sequential(): module {i} ({m!r}) is not an nn.Linear, nor one activation "
+                                 f"module right after one")
+        if not linears:
+            raise ValueError("from_sequential(): the Sequential has no nn.Linear")
+        if len({lin.bias is None for lin in linears}) > 1:
+            raise ValueError("from_sequential(): the Linear layers must all have a bias or all have none")
+        for a, b in zip(linears, linears[1:]):
+            if a.out_features != b.in_features:
+                raise ValueError(f"from_sequential(): {a!r} is followed by {b!r}")
+        fused = cls([linears[0].in_features] + [lin.out_features for lin in linears], activations[:-1],
+                    activations[-1], bias=linears[0].bias is not None, device="meta", backend=backend, save=save)
+        for i, lin in enumerate(linears):
+            setattr(fused, f"weight{i}", lin.weight)
+            setattr(fused, f"bias{i}", lin.bias)
+        return fused
+
+    def to_sequential(self) -> nn.Sequential:
+        """The equivalent nn.Sequential of nn.Linear and activation modules, with copies of the parameters."""
+        modules = []
+        for i, act in enumerate(self.activations):
+            w, b = getattr(self, f"weight{i}"), getattr(self, f"bias{i}")
+            linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(w)
+                if b is not None:
+                    linear.bias.copy_(b)
+            modules.append(linear)
+            if act != "identity":
+                modules.append(REFERENCE[act].module())
+        return nn.Sequential(*modules)
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, activations={self.activations}, bias={self.bias0 is not None}"

@@ -35,22 +35,6 @@ Isa cpu_isa() {
   return isa;
 }
 
-namespace {
-
-// Layers with at most this many multiply-adds per call take the plain-loop path.
-constexpr int64_t kSmallLayerMacs = 16384;
-// Elements per parallel chunk of an elementwise pass.
-constexpr int64_t kElementsPerTask = 32768;
-
-bool is_small(int64_t rows, int64_t in, int64_t out) { return rows * in * out <= kSmallLayerMacs; }
-
-int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1)); }
-
-void check_cpu_dtype(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
-              "dense(): the CPU backend supports float32, float64 and bfloat16 x, got ", x.scalar_type());
-}
-
 template <typename T>
 void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z) {
   auto kernel = cpu_isa() == Isa::AVX512 ? isa_avx512::dense_forward_rows<T>
@@ -65,6 +49,28 @@ void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t b
                 : cpu_isa() == Isa::AVX2 ? isa_avx2::dense_backward_rows<T>
                                          : isa_default::dense_backward_rows<T>;
   kernel(a, g, z, dz, db, begin, end, cols);
+}
+
+template void forward_rows<float>(Activation, const float*, float*, float*, int64_t, int64_t, int64_t, bool);
+template void forward_rows<double>(Activation, const double*, double*, double*, int64_t, int64_t, int64_t, bool);
+template void backward_rows<float>(Activation, const float*, const float*, float*, float*, int64_t, int64_t, int64_t);
+template void backward_rows<double>(Activation, const double*, const double*, double*, double*, int64_t, int64_t,
+                                    int64_t);
+
+namespace {
+
+// Layers with at most this many multiply-adds per call take the plain-loop path.
+constexpr int64_t kSmallLayerMacs = 16384;
+// Elements per parallel chunk of an elementwise pass.
+constexpr int64_t kElementsPerTask = 32768;
+
+bool is_small(int64_t rows, int64_t in, int64_t out) { return rows * in * out <= kSmallLayerMacs; }
+
+int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1)); }
+
+void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
+              "dense(): the CPU backend supports float32, float64 and bfloat16 x, got ", x.scalar_type());
 }
 
 // The vectorized passes run in float or double; bfloat16 goes through float copies.

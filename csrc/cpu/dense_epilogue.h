@@ -27,6 +27,13 @@ FL_DECLARE_DENSE_EPILOGUE(isa_avx2)
 FL_DECLARE_DENSE_EPILOGUE(isa_avx512)
 #undef FL_DECLARE_DENSE_EPILOGUE
 
+// The kernels of the widest instruction set this CPU runs (capped by FUSEDLAYERS_CPU_ISA), for float and
+// double; defined in dense.cpp.
+template <typename T>
+void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z);
+template <typename T>
+void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols);
+
 // True when this CPU runs the kernels of that instruction set.
 bool cpu_has_avx2();
 bool cpu_has_avx512();

@@ -1,0 +1,74 @@
+// The mlp op family: argument checks, the layout of what the native forward saves, and the layer-by-layer
+// chain through the dense kernels (mlp_chain.cpp) that CUDA uses always and the CPU for large layers.
+//
+// Native saved layout (what mlp_forward returns with save, and the fake kernel in _ops.py mirrors):
+//   [h_1, ..., h_{L-1}]  the inputs of layers 1..L-1 (layer 0's is x), then
+//   [z_l for every layer l whose activation is not identity]  the pre-activations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "dense.h"
+
+namespace fusedlayers {
+
+inline std::vector<Activation> parse_activations(const std::vector<std::string>& names) {
+  std::vector<Activation> acts;
+  acts.reserve(names.size());
+  for (const auto& n : names) acts.push_back(parse_activation(n));
+  return acts;
+}
+
+// The checks of every mlp kernel, with the same messages as check_mlp_args in _ops.py.
+inline void check_mlp_args(const at::Tensor& x, at::TensorList weights, at::TensorList biases, size_t num_activations) {
+  const size_t L = weights.size();
+  TORCH_CHECK(L >= 1, "mlp(): expected at least one layer, got an empty weights list");
+  TORCH_CHECK(biases.empty() || biases.size() == L, "mlp(): expected biases to be empty or one per layer (", L,
+              "), got ", biases.size());
+  TORCH_CHECK(num_activations == L, "mlp(): expected one activation per layer (", L, "), got ", num_activations);
+  TORCH_CHECK(x.dim() >= 1, "mlp(): expected x to have at least 1 dimension, got a 0-dimensional tensor");
+  int64_t width = x.size(-1);
+  for (size_t i = 0; i < L; ++i) {
+    const auto& w = weights[i];
+    TORCH_CHECK(w.dim() == 2, "mlp(): expected weights[", i, "] to be 2-D, got shape ", w.sizes());
+    TORCH_CHECK(w.size(1) == width, "mlp(): expected weights[", i, "].size(1) == ", width,
+                " (the width of the layer's input), got shape ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == x.scalar_type(), "mlp(): expected weights[", i, "] to have the dtype of x (",
+                x.scalar_type(), "), got ", w.scalar_type());
+    TORCH_CHECK(w.device() == x.device(), "mlp(): expected weights[", i, "] on the device of x (", x.device(),
+                "), got ", w.device());
+    if (!biases.empty()) {
+      const auto& b = biases[i];
+      TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), "mlp(): expected biases[", i, "] of shape [", w.size(0),
+                  "], got ", b.sizes());
+      TORCH_CHECK(b.scalar_type() == x.scalar_type(), "mlp(): expected biases[", i, "] to have the dtype of x (",
+                  x.scalar_type(), "), got ", b.scalar_type());
+      TORCH_CHECK(b.device() == x.device(), "mlp(): expected biases[", i, "] on the device of x (", x.device(),
+                  "), got ", b.device());
+    }
+    width = w.size(0);
+  }
+  TORCH_CHECK(x.is_floating_point(), "mlp(): expected x to be a floating-point tensor, got ", x.scalar_type());
+}
+
+using MlpForwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>>;
+using MlpBackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+// Layer by layer through the dense_forward / dense_backward ops (of any device).
+MlpForwardResult mlp_chain_forward(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                                   std::vector<std::string> activations, bool save);
+MlpBackwardResult mlp_chain_backward(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                                     at::TensorList biases, at::TensorList saved,
+                                     std::vector<std::string> activations, bool input_grad);
+
+namespace cpu {
+// True where the CPU's fused path runs x through these weights: its backward recomputes the forward, so the
+// autograd does not ask the forward to save anything.
+bool mlp_cpu_recomputes(const at::Tensor& x, at::TensorList weights);
+}  // namespace cpu
+
+}  // namespace fusedlayers

@@ -1,0 +1,229 @@
+"""The mlp op family (functional.mlp, FusedMLP, the torch.library ops) on every runnable backend, against the
+equivalent nn.Sequential in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusedlayers import ActivationModule, FusedMLP
+from fusedlayers.activations import ACTIVATIONS, REFERENCE
+from fusedlayers.functional import mlp
+
+from conftest import assert_rel_close, device_of
+
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+# (sizes, activations of every layer): the seeds' narrow nets, mixed activations, and a net wider than the
+# fused CPU and Triton paths take (so it goes layer by layer).
+NETS = {
+    "seed003": ([3, 10, 10, 10, 2], ["selu", "selu", "selu", "identity"]),
+    "seed000": ([12] * 7, ["cos"] * 6),
+    "mixed": ([5, 16, 9, 7, 4], ["tanh", "sigmoid", "cos", "softplus"]),
+    "wide": ([6, 150, 3], ["gelu", "identity"]),
+}
+BATCHES = [(), (1,), (37,), (2, 5)]
+
+
+def reference(x, weights, biases, activations):
+    h = x
+    for i, (w, a) in enumerate(zip(weights, activations)):
+        h = REFERENCE[a].f(F.linear(h, w, None if biases is None else biases[i]))
+    return h
+
+
+def make(sizes, batch, dtype, device, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, sizes[0], dtype=torch.float64, generator=gen)
+    ws = [torch.randn(n, m, dtype=torch.float64, generator=gen) / m**0.5 for m, n in zip(sizes, sizes[1:])]
+    bs = [torch.randn(n, dtype=torch.float64, generator=gen) for n in sizes[1:]] if bias else None
+    g = torch.randn(*batch, sizes[-1], dtype=torch.float64, generator=gen)
+    cast = lambda t: t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    fused = (cast(x), [cast(w) for w in ws], None if bs is None else [cast(b) for b in bs], g.to(device, dtype))
+    return (x, ws, bs, g), fused
+
+
+def grads_of(y, x, ws, bs, g):
+    inputs = [x, *ws, *(bs or [])]
+    return torch.autograd.grad(y, inputs, g)
+
+
+@pytest.mark.parametrize("save", ["preact", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: "x".join(map(str, b)) or "vector")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("net", NETS)
+def test_matches_sequential(backend, net, bias, batch, dtype, save):
+    sizes, acts = NETS[net]
+    ref_in, (x, ws, bs, g) = make(sizes, batch, dtype, device_of(backend), bias)
+    ref_args = [t.clone().requires_grad_() for t in ref_in[0:1]], [t.clone().requires_grad_() for t in ref_in[1]], \
+        None if ref_in[2] is None else [t.clone().requires_grad_() for t in ref_in[2]]
+    y_ref = reference(ref_args[0][0], ref_args[1], ref_args[2], acts)
+    grads_ref = grads_of(y_ref, ref_args[0][0], ref_args[1], ref_args[2], ref_in[3])
+    y = mlp(x, ws, bs, acts[:-1], acts[-1], backend=backend, save=save)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert_rel_close(y.cpu(), y_ref.detach(), RTOL[dtype], "y")
+    for i, (got, want) in enumerate(zip(grads_of(y, x, ws, bs, g), grads_ref)):
+        assert_rel_close(got.cpu(), want, RTOL[dtype], f"grad {i}")
+
+
+@pytest.mark.parametrize("net", ["seed003", "mixed", "wide"])
+def test_gradcheck(backend, net):
+    sizes, acts = NETS[net]
+    _, (x, ws, bs, _) = make(sizes, (3,), torch.float64, device_of(backend), True)
+    fn = lambda x, *p: mlp(x, list(p[:len(ws)]), list(p[len(ws):]), acts[:-1], acts[-1], backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, *ws, *bs))
+
+
+def test_every_activation(backend):
+    for a in ACTIVATIONS:
+        (x, ws, bs, g), (xf, wf, bf, gf) = make([4, 6, 3], (5,), torch.float64, device_of(backend), True)
+        y = mlp(xf, wf, bf, a, a, backend=backend)
+        assert_rel_close(y.cpu(), reference(x, ws, bs, [a, a]), 1e-10, a)
+
+
+def test_input_without_grad_gets_none(backend):
+    _, (x, ws, bs, g) = make([3, 8, 2], (4,), torch.float64, device_of(backend), True)
+    x = x.detach()
+    y = mlp(x, ws, bs, "tanh", backend=backend)
+    grads = torch.autograd.grad(y, [*ws, *bs], g)
+    assert all(t is not None for t in grads)
+
+
+@pytest.mark.parametrize("batch", [(0,), (3, 0)])
+def test_empty_batch(backend, batch):
+    _, (x, ws, bs, _) = make([3, 8, 2], batch, torch.float32, device_of(backend), True)
+    y = mlp(x, ws, bs, "silu", backend=backend)
+    assert y.shape == (*batch, 2)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in (*ws, *bs))
+
+
+def test_non_contiguous(backend):
+    device = device_of(backend)
+    new = lambda *shape: torch.randn(*shape, dtype=torch.float64, device=device)  # noqa: E731
+    x, ws, bs = new(7, 5).t(), [new(7, 9).t(), new(9, 6).t()], [new(18)[::2], new(12)[::2]]
+    assert not any(t.is_contiguous() for t in (x, *ws, *bs))
+    args = [t.requires_grad_() for t in (x, *ws, *bs)]
+    ref = [t.detach().contiguous().requires_grad_() for t in args]
+    y = mlp(args[0], args[1:3], args[3:], "elu", backend=backend)
+    y_ref = reference(ref[0], ref[1:3], ref[3:], ["elu", "identity"])
+    assert_rel_close(y, y_ref, 1e-12)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, args, g), torch.autograd.grad(y_ref, ref, g)):
+        assert_rel_close(got, want, 1e-12)
+
+
+# ---- the module ----------------------------------------------------------------------------------------------
+
+def _sequential(sizes, acts, bias=True):
+    mods = []
+    for (m, n), a in zip(zip(sizes, sizes[1:]), acts):
+        mods.append(nn.Linear(m, n, bias=bias))
+        if a != "identity":
+            mods.append(REFERENCE[a].module())
+    return nn.Sequential(*mods)
+
+
+def test_same_init_and_state_dict_values_as_sequential():
+    torch.manual_seed(5)
+    seq = _sequential([4, 8, 8, 2], ["relu", "relu", "identity"])
+    torch.manual_seed(5)
+    fused = FusedMLP([4, 8, 8, 2], "relu")
+    assert [n for n, _ in fused.named_parameters()] == ["weight0", "bias0", "weight1", "bias1", "weight2", "bias2"]
+    for p, q in zip(fused.parameters(), seq.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_from_and_to_sequential(activation):
+    seq = _sequential([5, 7, 3], [activation, "identity"]).double()
+    fused = FusedMLP.from_sequential(seq)
+    assert fused.activations == [activation, "identity"]
+    x = torch.randn(4, 5, dtype=torch.float64)
+    assert_rel_close(fused(x), seq(x), 1e-12)
+    back = fused.to_sequential()
+    assert_rel_close(back(x), seq(x), 1e-12)
+    assert [type(m) for m in back] == [type(m) for m in seq]
+
+
+def test_from_sequential_rejects_what_it_cannot_fuse():
+    with pytest.raises(ValueError, match="LeakyReLU.*no fused equivalent"):
+        FusedMLP.from_sequential(nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.2), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match="ELU.*no fused equivalent"):
+        FusedMLP.from_sequential(nn.Sequential(nn.Linear(3, 4), nn.ELU(alpha=0.5)))
+    with pytest.raises(ValueError, match="Softplus.*no fused equivalent"):
+        FusedMLP.from_sequential(nn.Sequential(nn.Linear(3, 4), nn.Softplus(beta=2)))
+    with pytest.raises(ValueError, match="Dropout.*no fused equivalent"):
+        FusedMLP.from_sequential(nn.Sequential(nn.Linear(3, 4), nn.Dropout()))
+    with pytest.raises(ValueError, match="module 0 .*not an nn.Linear"):
+        FusedMLP.from_sequential(nn.Sequential(nn.ReLU(), nn.Linear(3, 4)))
+    with pytest.raises(ValueError, match="all have a bias or all have none"):
+        FusedMLP.from_sequential(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2, bias=False)))
+    with pytest.raises(ValueError, match="is followed by"):
+        FusedMLP.from_sequential(nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)))
+
+
+def test_cos_module_round_trip():
+    seq = nn.Sequential(nn.Linear(3, 4, bias=False), ActivationModule("cos"), nn.Linear(4, 2, bias=False),
+                        ActivationModule("cos")).double()
+    fused = FusedMLP.from_sequential(seq)
+    assert fused.activations == ["cos", "cos"] and fused.bias0 is None
+    x = torch.randn(3, dtype=torch.float64)
+    assert_rel_close(fused(x), seq(x), 1e-12)
+
+
+def test_bad_input():
+    fused = FusedMLP([4, 8, 2])
+    with pytest.raises(RuntimeError, match=r"expected weights\[0\].size\(1\) == 5"):
+        fused(torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match=r"weights\[0\] to have the dtype of x"):
+        fused(torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="floating-point"):
+        mlp(torch.ones(3, 4, dtype=torch.long), [torch.ones(2, 4, dtype=torch.long)], None, "relu")
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        FusedMLP([4, 8, 2], activation="swish")
+    with pytest.raises(ValueError, match="one activation per hidden layer"):
+        FusedMLP([4, 8, 2], activation=["relu", "relu"])
+    with pytest.raises(ValueError, match="at least the input and output"):
+        FusedMLP([4])
+    with pytest.raises(RuntimeError, match=r"biases\[1\] of shape \[2\]"):
+        mlp(torch.randn(3, 4), [torch.randn(8, 4), torch.randn(2, 8)], [torch.randn(8), torch.randn(3)], "relu")
+    with pytest.raises(RuntimeError, match=r"weights\[1\] on the device of x"):
+        mlp(torch.randn(3, 4), [torch.randn(8, 4), torch.randn(2, 8, device="meta")], None, "relu")
+
+
+# ---- torch.library and torch.compile -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_opcheck(backend, bias):
+    sizes, acts = NETS["mixed"]
+    _, (x, ws, bs, g) = make(sizes, (3,), torch.float64, device_of(backend), bias)
+    native = "triton" if backend == "triton" else "native"
+    prefix = "triton_" if backend == "triton" else ""
+    ops = torch.ops.fusedlayers
+    torch.library.opcheck(ops.mlp.default, (x, ws, bs or [], acts, True, native))
+    # The kernel ops are not differentiable (backpropagating through one raises): check them without grad.
+    x, ws, bs = x.detach(), [w.detach() for w in ws], [b.detach() for b in bs or []]
+    for save in (True, False):
+        torch.library.opcheck(getattr(ops, prefix + "mlp_forward").default, (x, ws, bs, acts, save))
+        _, saved = getattr(ops, prefix + "mlp_forward")(x, ws, bs, acts, save)
+        for input_grad in (True, False):
+            torch.library.opcheck(getattr(ops, prefix + "mlp_backward").default,
+                                  (g, x, ws, bs, saved, acts, input_grad))
+
+
+@pytest.mark.parametrize("net", ["seed003", "wide"])
+def test_compile_fullgraph(backend, net):
+    torch._dynamo.reset()
+    device = device_of(backend)
+    sizes, acts = NETS[net]
+    torch.manual_seed(0)
+    model = FusedMLP(sizes, acts[:-1], acts[-1], backend=backend, device=device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    x = torch.randn(5, sizes[0], device=device, requires_grad=True)
+    y, y_ref = compiled(x), model(x)
+    assert_rel_close(y, y_ref, 1e-6)
+    params = [x, *model.parameters()]
+    for got, want in zip(torch.autograd.grad(y.square().sum(), params), torch.autograd.grad(y_ref.square().sum(), params)):
+        assert_rel_close(got, want, 1e-5)
