@@ -1,6 +1,7 @@
 """The benchmark cases: each builds its implementations (what a user writes in plain PyTorch, its
 torch.compile, and fusedlayers on every backend that runs at speed here) on the same inputs and parameters."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fusedlayers
@@ -17,52 +18,95 @@ def fused_backends() -> list[str]:
     return [b for b in fusedlayers.available_backends() if b in speed]
 
 
-def activation_module(name: str) -> nn.Module:
-    return REFERENCE[name].module()
+def sequential(sizes, activation, output_activation="identity", bias=True, dtype=torch.float32) -> nn.Sequential:
+    """The nn.Sequential a user writes: Linear layers, each but the last followed by `activation`."""
+    mods = []
+    for i, (m, n) in enumerate(zip(sizes, sizes[1:])):
+        mods.append(nn.Linear(m, n, bias=bias, device=DEVICE, dtype=dtype))
+        act = activation if i < len(sizes) - 2 else output_activation
+        if act != "identity":
+            mods.append(REFERENCE[act].module())
+    return nn.Sequential(*mods)
 
 
-def module_impl(name: str, model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Impl:
-    """Times model(x) and the gradients of <model(x), grad_out> w.r.t. x and every parameter."""
-    wrt = [x, *model.parameters()]
+def model_impl(name, model, x, grad_out=None, loss=None, wrt_input=True) -> Impl:
+    """Times model(x) (the primal, no graph) and the gradients of <model(x), grad_out>, or of loss(model(x)),
+    w.r.t. every parameter, and x too when wrt_input."""
+    wrt = ([x] if wrt_input else []) + list(model.parameters())
 
     def forward():
         with torch.no_grad():
-            return model(x)
+            y = model(x)
+            return y if loss is None else loss(y)
 
     def forward_backward():
-        return torch.autograd.grad(model(x), wrt, grad_out)
+        y = model(x)
+        return torch.autograd.grad(y if loss is None else loss(y), wrt, grad_out)
 
     return Impl(name, forward, forward_backward)
 
 
-def model_impls(eager: nn.Module, fused_for_backend, x: torch.Tensor, grad_out: torch.Tensor) -> list[Impl]:
+def model_impls(eager, fused_for_backend, x, **kw) -> list[Impl]:
     """eager, compile (torch.compile of eager) and fused-<backend> for each backend, all on one set of
     parameters: fused_for_backend(backend) builds a fused model sharing eager's parameters."""
-    impls = [module_impl("eager", eager, x, grad_out), module_impl("compile", torch.compile(eager), x, grad_out)]
-    impls += [module_impl(f"fused-{b}", fused_for_backend(b), x, grad_out) for b in fused_backends()]
+    impls = [model_impl("eager", eager, x, **kw), model_impl("compile", torch.compile(eager), x, **kw)]
+    impls += [model_impl(f"fused-{b}", fused_for_backend(b), x, **kw) for b in fused_backends()]
     return impls
 
 
 def _dense_case(name, description, batch, n_in, n_out, activation, dtype, reps, gemm_floor=False) -> Case:
     def make():
         torch.manual_seed(0)
-        linear = nn.Linear(n_in, n_out, device=DEVICE, dtype=dtype)
+        eager = sequential([n_in, n_out], None, activation, dtype=dtype)
+        linear = eager[0]
         x = torch.randn(*batch, n_in, device=DEVICE, dtype=dtype, requires_grad=True)
         g = torch.randn(*batch, n_out, device=DEVICE, dtype=dtype)
-        eager = nn.Sequential(linear, activation_module(activation))
-        impls = model_impls(eager, lambda b: fusedlayers.FusedDense.from_linear(linear, activation, backend=b), x, g)
+        impls = model_impls(eager, lambda b: fusedlayers.FusedDense.from_linear(linear, activation, backend=b), x,
+                            grad_out=g)
         if gemm_floor:
             # The three bare GEMMs a dense layer's forward and backward cannot do without.
             xd, w = x.detach(), linear.weight.detach()
-            floor_fwd = lambda: xd @ w.T  # noqa: E731
-            impls.append(Impl("gemm-floor", floor_fwd, lambda: (xd @ w.T, g @ w, g.T @ xd)))
+            impls.append(Impl("gemm-floor", lambda: xd @ w.T, lambda: (xd @ w.T, g @ w, g.T @ xd)))
         return impls
 
     return Case(name, description, DEVICE, dtype, make, reps)
 
 
+def _mlp_case(name, description, sizes, activation, output_activation, batch, dtype, reps, bias=True,
+              loss=None, target=None, wrt_input=True) -> Case:
+    def make():
+        torch.manual_seed(0)
+        eager = sequential(sizes, activation, output_activation, bias=bias, dtype=dtype)
+        x = torch.randn(*batch, sizes[0], device=DEVICE, dtype=dtype, requires_grad=wrt_input)
+        kw = {"wrt_input": wrt_input}
+        if loss is None:
+            kw["grad_out"] = torch.randn(*batch, sizes[-1], device=DEVICE, dtype=dtype)
+        else:
+            y = target(batch, sizes[-1]) if target else None
+            kw["loss"] = lambda out: loss(out, y)
+        return model_impls(eager, lambda b: fusedlayers.FusedMLP.from_sequential(eager, backend=b), x, **kw)
+
+    return Case(name, description, DEVICE, dtype, make, reps)
+
+
+def _classes(batch, n):
+    return torch.randint(0, n, batch, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+
+
 def all_cases() -> list[Case]:
     return [
+        _mlp_case("seed000", "6 x 12x12 cos chain, no bias, one vector, float64: gradient w.r.t. input and "
+                  "parameters (seed 000)", [12] * 7, "cos", "cos", (), torch.float64, reps=40, bias=False),
+        _mlp_case("seed002", "784-300-100-10 relu + cross-entropy, batch 256, float32: parameter gradients "
+                  "(seed 002; the loss is F.cross_entropy in every implementation until the fused one lands)",
+                  [784, 300, 100, 10], "relu", "identity", (256,), torch.float32, reps=20,
+                  loss=F.cross_entropy, target=_classes, wrt_input=False),
+        _mlp_case("seed003_field", "the neural-ODE vector field 3-10-10-10-2 selu, 100 trajectories, float32: "
+                  "the field and its VJP w.r.t. state and parameters (seed 003)",
+                  [3, 10, 10, 10, 2], "selu", "identity", (100,), torch.float32, reps=40),
+        _mlp_case("seed004", "1-1000-20-1 identity, batch 10,000, float64, loss sum of squares: parameter "
+                  "gradients (seed 004)", [1, 1000, 20, 1], "identity", "identity", (10_000,), torch.float64,
+                  reps=12, loss=lambda out, _: out.square().sum(), wrt_input=False),
         _dense_case("dense_large", "4096 x 1024 -> 1024, gelu, float32: the GEMM-bound regime",
                     (4096,), 1024, 1024, "gelu", torch.float32, reps=12, gemm_floor=True),
         _dense_case("dense_tiny", "one vector, 12 -> 12, cos, float64: the per-call-overhead regime",

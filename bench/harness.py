@@ -122,8 +122,42 @@ def run_suite(cases: list[Case], impl_filter, quick: bool, out_dir: str) -> list
     with open(path, "w") as f:
         json.dump({"machine": machine_info(), "quick": quick, "results": records}, f, indent=1)
     print(format_table(records))
-    print(f"\nwrote {path}")
+    plots = plot_speedups(records, out_dir)
+    print(f"\nwrote {path}" + "".join(f", {p}" for p in plots))
     return records
+
+
+def plot_speedups(records: list[dict], out_dir: str) -> list[str]:
+    """speedup.png: forward+backward speedup over eager, per case and implementation (log scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    impls = [i for i in dict.fromkeys(r["impl"] for r in records) if i != "eager"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(cases) + 2, 4))
+    width = 0.8 / max(len(impls), 1)
+    for k, impl in enumerate(impls):
+        xs, ys = [], []
+        for c, case in enumerate(cases):
+            r = next((r for r in records if r["case"] == case and r["impl"] == impl), None)
+            if r and r["fwd_bwd_speedup_vs_eager"]:
+                xs.append(c + k * width)
+                ys.append(r["fwd_bwd_speedup_vs_eager"])
+        ax.bar(xs, ys, width, label=impl)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks([c + width * (len(impls) - 1) / 2 for c in range(len(cases))], cases, rotation=20)
+    ax.set_ylabel("forward+backward speedup over eager")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "speedup.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def format_table(records: list[dict]) -> str:

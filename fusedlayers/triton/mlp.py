@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._ops import check_mlp_args
-from .activations import act_df, act_f, activation_code
+from .activations import IDENTITY, act_df, act_f, activation_code
 from .dense import _DTYPES, _as_rows, _compute, _forward_2d, _launch, dense_backward
 
 # Networks whose widths (input included) are all <= FUSED_MAX_WIDTH run fused.
@@ -36,6 +36,8 @@ FUSED_NUM_WARPS = 4
 # The fused backward runs at most this many programs, each looping over row tiles, which bounds the dW/db
 # partial sums to BACKWARD_MAX_PROGRAMS copies of the parameters.
 BACKWARD_MAX_PROGRAMS = 128
+# Columns of dW per step of the fused backward's dW update: a (width, DW_CHUNK) tile, not (width, width).
+DW_CHUNK = 16
 # Elements per program of the activation kernel (the layer-by-layer backward's h_l = f(z_{l-1})).
 ACTIVATION_BLOCK = 1024
 
@@ -105,21 +107,28 @@ def _fused_mlp_forward_kernel(x_ptr, w_ptrs, b_ptrs, y_ptr, z_ptrs, M,
 
 
 @triton.jit
-def _mlp_add_to_partial(ptr, value, ROWS: tl.constexpr, COLS: tl.constexpr,
-                        PAD_ROWS: tl.constexpr, PAD_COLS: tl.constexpr):
-    """ptr[:ROWS, :COLS] += value[:ROWS, :COLS], a (ROWS, COLS) matrix in the compute dtype."""
-    r = tl.arange(0, PAD_ROWS)
-    c = tl.arange(0, PAD_COLS)
-    offsets = r[:, None] * COLS + c[None, :]
-    mask = (r[:, None] < ROWS) & (c[None, :] < COLS)
-    tl.store(ptr + offsets, tl.load(ptr + offsets, mask=mask, other=0.0) + value, mask=mask)
+def _mlp_add_dw(dw_ptr, dz, src_ptr, offs_m, M, ACT: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr,
+                PAD_OUT: tl.constexpr, CHUNK: tl.constexpr):
+    """dw_ptr[:OUT, :IN] += dz.T @ h, h = f(src) the layer's input ((M, IN) src: x with identity, or the
+    z of the layer below), in slices of CHUNK columns of h, so that no (PAD_OUT, PAD_IN) tile is live."""
+    offs_out = tl.arange(0, PAD_OUT)
+    dz_t = tl.trans(dz)
+    for k0 in range(0, IN, CHUNK):
+        cols = k0 + tl.arange(0, CHUNK)
+        h = _compute(tl.load(src_ptr + offs_m.to(tl.int64)[:, None] * IN + cols[None, :],
+                             mask=(offs_m < M)[:, None] & (cols < IN)[None, :], other=0.0))
+        h = tl.where((cols < IN)[None, :], act_f(h, ACT), 0.0)
+        offsets = offs_out[:, None] * IN + cols[None, :]
+        mask = (offs_out < OUT)[:, None] & (cols < IN)[None, :]
+        dw = tl.load(dw_ptr + offsets, mask=mask, other=0.0) + tl.dot(dz_t, h, input_precision="ieee")
+        tl.store(dw_ptr + offsets, dw, mask=mask)
 
 
 @triton.jit
 def _fused_mlp_backward_kernel(g_ptr, x_ptr, w_ptrs, b_ptrs, z_ptrs, dx_ptr, dw_ptrs, db_ptrs, M,
                                WIDTHS: tl.constexpr, PADS: tl.constexpr, ACTS: tl.constexpr,
                                NUM_LAYERS: tl.constexpr, HAS_BIAS: tl.constexpr, RECOMPUTE: tl.constexpr,
-                               STORE_DX: tl.constexpr, BLOCK_M: tl.constexpr):
+                               STORE_DX: tl.constexpr, BLOCK_M: tl.constexpr, DW_CHUNK: tl.constexpr):
     """Backpropagates g[M, WIDTHS[-1]] through the network: dx into dx_ptr when STORE_DX, and this program's
     share of dW_l and db_l added to dw_ptrs[l][pid] and db_ptrs[l][pid] (zero-filled by the host).
 
@@ -129,9 +138,8 @@ def _fused_mlp_backward_kernel(g_ptr, x_ptr, w_ptrs, b_ptrs, z_ptrs, dx_ptr, dw_
     pid = tl.program_id(0)
     for tile in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        x = _mlp_load_tile(x_ptr, offs_m, M, WIDTHS[0], PADS[0])
         if RECOMPUTE:
-            h = x
+            h = _mlp_load_tile(x_ptr, offs_m, M, WIDTHS[0], PADS[0])
             for l in tl.static_range(NUM_LAYERS):
                 z = _mlp_layer_preact(h, w_ptrs, b_ptrs, l, WIDTHS[l], WIDTHS[l + 1], PADS[l], PADS[l + 1],
                                       HAS_BIAS)
@@ -143,19 +151,17 @@ def _fused_mlp_backward_kernel(g_ptr, x_ptr, w_ptrs, b_ptrs, z_ptrs, dx_ptr, dw_
         g = _mlp_load_tile(g_ptr, offs_m, M, WIDTHS[NUM_LAYERS], PADS[NUM_LAYERS])
         z = _mlp_load_tile(z_ptrs[NUM_LAYERS - 1], offs_m, M, WIDTHS[NUM_LAYERS], PADS[NUM_LAYERS])
         for l in tl.static_range(NUM_LAYERS - 1, -1, -1):
-            if l > 0:
-                z_below = _mlp_load_tile(z_ptrs[l - 1], offs_m, M, WIDTHS[l], PADS[l])
-                h = _mlp_activate(z_below, ACTS[l - 1], WIDTHS[l], PADS[l])
-            else:
-                h = x
             offs_in = tl.arange(0, PADS[l])
             offs_out = tl.arange(0, PADS[l + 1])
             in_out = offs_out < WIDTHS[l + 1]
             # rows past M and padded columns are 0 in g, but f'(z) need not be finite there
             dz = tl.where((offs_m < M)[:, None] & in_out[None, :], g * act_df(z, ACTS[l]), 0.0)
-            _mlp_add_to_partial(dw_ptrs[l] + pid * (WIDTHS[l + 1] * WIDTHS[l]),
-                                tl.dot(tl.trans(dz), h, input_precision="ieee"),
-                                WIDTHS[l + 1], WIDTHS[l], PADS[l + 1], PADS[l])
+            dw_ptr = dw_ptrs[l] + pid * (WIDTHS[l + 1] * WIDTHS[l])
+            if l > 0:
+                _mlp_add_dw(dw_ptr, dz, z_ptrs[l - 1], offs_m, M, ACTS[l - 1], WIDTHS[l], WIDTHS[l + 1],
+                            PADS[l + 1], DW_CHUNK)
+            else:
+                _mlp_add_dw(dw_ptr, dz, x_ptr, offs_m, M, IDENTITY, WIDTHS[0], WIDTHS[1], PADS[1], DW_CHUNK)
             if HAS_BIAS:
                 db_ptr = db_ptrs[l] + pid * WIDTHS[l + 1] + offs_out
                 tl.store(db_ptr, tl.load(db_ptr, mask=in_out, other=0.0) + tl.sum(dz, axis=0), mask=in_out)
@@ -164,7 +170,7 @@ def _fused_mlp_backward_kernel(g_ptr, x_ptr, w_ptrs, b_ptrs, z_ptrs, dx_ptr, dw_
                             mask=in_out[:, None] & (offs_in < WIDTHS[l])[None, :], other=0.0)
                 g = tl.dot(dz, _compute(w), input_precision="ieee")
             if l > 0:
-                z = z_below
+                z = _mlp_load_tile(z_ptrs[l - 1], offs_m, M, WIDTHS[l], PADS[l])
         if STORE_DX:
             _mlp_store_tile(dx_ptr, g, offs_m, M, WIDTHS[0], PADS[0])
         # the next tile reads this one's partial sums back, maybe in other threads
@@ -274,7 +280,8 @@ def mlp_backward(grad_out: Tensor, x: Tensor, weights: list[Tensor], biases: lis
         db_parts = [b.new_zeros((programs, *b.shape), dtype=compute) for b in bs]
         _launch(_fused_mlp_backward_kernel, (programs,),
                 g2, x2, tuple(ws), tuple(bs) if bs else None, tuple(zs), dx, tuple(dw_parts),
-                tuple(db_parts) if bs else None, rows, RECOMPUTE=recompute, STORE_DX=input_grad, **meta)
+                tuple(db_parts) if bs else None, rows, RECOMPUTE=recompute, STORE_DX=input_grad,
+                DW_CHUNK=DW_CHUNK, **meta)
         dws = [part.sum(0).to(w.dtype) for part, w in zip(dw_parts, ws)]
         dbs = [part.sum(0).to(b.dtype) for part, b in zip(db_parts, bs)]
     else:
@@ -282,12 +289,10 @@ def mlp_backward(grad_out: Tensor, x: Tensor, weights: list[Tensor], biases: lis
         if zs:
             hs += [_activate(z, act) for z, act in zip(zs[:-1], codes)]
         else:
-            for l, (w, act) in enumerate(zip(ws[:-1], codes)):
+            for l, (w, act) in enumerate(zip(ws, codes)):
                 h, z = _forward_2d(hs[-1], w, bs[l] if bs else None, act, True)
                 hs.append(h)
                 zs.append(z)
-            # the last layer's output is not needed, only its z
-            zs.append(_forward_2d(hs[-1], ws[-1], bs[-1] if bs else None, codes[-1], True)[1])
         dws, dbs = [None] * len(ws), [None] * len(bs)
         g = g2
         for l in reversed(range(len(ws))):
