@@ -132,9 +132,16 @@ void small_backward(const T* g, const T* x, const T* w, const T* b, const T* z, 
   if (db) std::copy(db_acc.begin(), db_acc.end(), db);
 }
 
-template <typename T>
-const T* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+// A buffer shaped like t for a temporary that never leaves the op (the backward's dz), reused across calls
+// on this thread: a fresh allocation of tens of MB is returned to the OS when freed, and touching it again
+// costs page faults that here exceed the elementwise pass itself. Kept until the thread ends; never shared
+// between threads; dz is dead before the op returns, so calls cannot see each other's.
+at::Tensor reusable_scratch(const at::Tensor& t) {
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < t.numel() || buffer.scalar_type() != t.scalar_type()) {
+    buffer = at::empty({t.numel()}, t.options());
+  }
+  return buffer.narrow(0, 0, t.numel()).view(t.sizes());
 }
 
 // ---- the ops ----------------------------------------------------------------------------------------------
@@ -238,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
                         : (has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t()));
   const auto math = math_dtype(x.scalar_type());
   at::Tensor gm = g2.to(math), zm = z.to(math).contiguous();
-  at::Tensor dz = at::empty_like(gm);
+  at::Tensor dz = reusable_scratch(gm);
   // One row of bias-gradient partial sums per thread, added up at the end.
   at::Tensor partial = need_db ? at::zeros({at::get_num_threads(), out}, gm.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(math, "dense_backward", [&] {

@@ -29,10 +29,11 @@ from .dense import _DTYPES, _as_rows, _compute, _forward_2d, _launch, dense_back
 
 # Networks whose widths (input included) are all <= FUSED_MAX_WIDTH run fused.
 FUSED_MAX_WIDTH = 128
-# Rows per fused program, per compute dtype; fixed, so that the kernels can be compiled ahead of time.
-# Each program holds a (BLOCK_M, width) activation tile and a (width, width) weight tile per layer.
-FUSED_BLOCK_M = {torch.float32: 32, torch.float64: 16}
-FUSED_NUM_WARPS = 4
+# Rows per fused program, by compute dtype and widest padded layer; fixed, so that the kernels can be compiled
+# ahead of time. The live state per program is a few (BLOCK_M, width) activation tiles and a weight tile;
+# fewer rows for the wider networks keep the backward within the registers (measured on sm_80 builds).
+# The kernels launch with dense.NUM_WARPS warps.
+FUSED_BLOCK_M = {torch.float32: {16: 32, 32: 32, 64: 16, 128: 16}, torch.float64: {16: 16, 32: 16, 64: 16, 128: 16}}
 # The fused backward runs at most this many programs, each looping over row tiles, which bounds the dW/db
 # partial sums to BACKWARD_MAX_PROGRAMS copies of the parameters.
 BACKWARD_MAX_PROGRAMS = 128
@@ -200,8 +201,9 @@ def _is_fused(widths: tuple[int, ...]) -> bool:
 
 
 def _fused_meta(widths: tuple[int, ...], codes: tuple[int, ...], has_bias: bool, dtype: torch.dtype) -> dict:
-    return dict(WIDTHS=widths, PADS=tuple(_padded(w) for w in widths), ACTS=codes, NUM_LAYERS=len(codes),
-                HAS_BIAS=has_bias, BLOCK_M=FUSED_BLOCK_M[_compute_dtype(dtype)])
+    pads = tuple(_padded(w) for w in widths)
+    return dict(WIDTHS=widths, PADS=pads, ACTS=codes, NUM_LAYERS=len(codes), HAS_BIAS=has_bias,
+                BLOCK_M=FUSED_BLOCK_M[_compute_dtype(dtype)][max(pads)])
 
 
 def _activate(z2: Tensor, act: int) -> Tensor:
