@@ -16,8 +16,6 @@ Dtypes as dense's: float16/bfloat16 computed in float32 and stored in their own 
 scratch and the dW/db partial sums stay float32), float32 dots IEEE, float64 throughout. Importing this module
 registers the kernels for the CPU (TRITON_INTERPRET=1) and CUDA keys.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
