@@ -46,20 +46,19 @@ MlpBackwardResult mlp_chain_backward(const at::Tensor& grad_out, const at::Tenso
       c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::dense_backward", "").typed<DenseBackwardFn>();
   check_mlp_args(x, weights, biases, activations.size());
   const size_t L = weights.size();
-  std::vector<at::Tensor> inputs{x}, preacts(L);
-  if (saved.empty()) {  // recompute: the forward again, keeping what the backward needs
-    auto [y, again] = mlp_chain_forward(x, weights, biases, activations, true);
+  size_t layout = L - 1;  // saved = [h_1..h_{L-1}, z of each non-identity layer]
+  for (const auto& a : activations) layout += parse_activation(a) != Activation::Identity;
+  if (saved.empty() && layout > 0) {  // recompute: the forward again, keeping what the backward needs
+    auto again = std::get<1>(mlp_chain_forward(x, weights, biases, activations, true));
     return mlp_chain_backward(grad_out, x, weights, biases, again, activations, input_grad);
   }
-  size_t next = L - 1;  // saved = [h_1..h_{L-1}, z of each non-identity layer]
+  TORCH_CHECK(saved.size() == layout, "mlp_backward(): saved has ", saved.size(), " tensors, the layout needs ", layout);
+  std::vector<at::Tensor> inputs{x}, preacts(L);
   inputs.insert(inputs.end(), saved.begin(), saved.begin() + (L - 1));
+  size_t next = L - 1;
   for (size_t l = 0; l < L; ++l) {
-    if (parse_activation(activations[l]) != Activation::Identity) {
-      TORCH_CHECK(next < saved.size(), "mlp_backward(): saved has fewer tensors than the layout needs");
-      preacts[l] = saved[next++];
-    }
+    if (parse_activation(activations[l]) != Activation::Identity) preacts[l] = saved[next++];
   }
-  TORCH_CHECK(next == saved.size(), "mlp_backward(): saved has ", saved.size(), " tensors, the layout needs ", next);
   std::vector<at::Tensor> dweights(L), dbiases(biases.empty() ? 0 : L);
   at::Tensor g = grad_out;
   for (size_t l = L; l-- > 0;) {

@@ -35,8 +35,18 @@ using DenseBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
 
 bool is_triton(c10::string_view backend) {
   if (backend == "triton") return true;
-  TORCH_CHECK_VALUE(backend == "native", "dense(): unknown backend '", backend, "'; expected 'native' or 'triton'");
+  TORCH_CHECK_VALUE(backend == "native", "unknown kernel family '", backend, "'; expected 'native' or 'triton'");
   return false;
+}
+
+// Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no formula here yet: without this check
+// the tangent would silently come out zero.
+void check_no_forward_grad(std::initializer_list<const at::Tensor*> tensors, at::TensorList lists = {}) {
+  bool dual = false;
+  for (const auto* t : tensors) dual = dual || (t->defined() && t->_fw_grad(/*level=*/0).defined());
+  for (const auto& t : lists) dual = dual || t._fw_grad(/*level=*/0).defined();
+  TORCH_CHECK(!dual, "fusedlayers ops do not support forward-mode AD (torch.func.jvp, jacfwd, "
+              "torch.autograd.forward_ad) yet: use reverse mode (torch.autograd.grad, torch.func.vjp, jacrev)");
 }
 
 // Handles are looked up once; the Triton ones resolve to kernels that Python registers later.
@@ -94,6 +104,8 @@ at::Tensor dense_no_autograd(const at::Tensor& x, const at::Tensor& weight, cons
 
 at::Tensor dense_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           c10::string_view activation, bool save_preact, c10::string_view backend) {
+  const at::Tensor no_bias;
+  check_no_forward_grad({&x, &weight, bias.has_value() ? &*bias : &no_bias});
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (x.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
   if (!needs_grad) {
@@ -170,6 +182,9 @@ at::Tensor mlp_no_autograd(const at::Tensor& x, at::TensorList weights, at::Tens
 
 at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                         std::vector<std::string> activations, bool save, c10::string_view backend) {
+  check_mlp_args(x, weights, biases, activations.size());  // before anything reads the shapes
+  check_no_forward_grad({&x}, weights);
+  check_no_forward_grad({}, biases);
   bool needs_grad = x.requires_grad();
   for (const auto& t : weights) needs_grad = needs_grad || t.requires_grad();
   for (const auto& t : biases) needs_grad = needs_grad || t.requires_grad();

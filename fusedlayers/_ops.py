@@ -34,6 +34,8 @@ def available_backends() -> list[str]:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Maps a user's backend choice for tensors on `device` to the kernel family the C++ op calls:
     "native" (the C++ CPU or CUDA kernels, picked by the dispatcher from the device) or "triton"."""
+    if backend == "auto" and device.type == "cuda" and not HAS_NATIVE_CUDA and HAS_TRITON:
+        backend = "triton"  # a build without the CUDA kernels still runs GPU tensors through Triton
     if backend == "auto" or backend == device.type:
         if device.type == "cuda" and not HAS_NATIVE_CUDA:
             raise RuntimeError("fusedlayers was built without its CUDA kernels; use backend='triton' or rebuild "

@@ -124,14 +124,18 @@ class FusedMLP(nn.Module):
     def from_sequential(cls, seq: nn.Sequential, backend: str = "auto", save: str = "preact") -> "FusedMLP":
         """The FusedMLP computing seq, sharing its Parameters. seq is Linear layers, each optionally followed by
         one activation module with torch's default parameters (see fusedlayers.ACTIVATIONS)."""
-        modules = list(seq)
         linears, activations = [], []
-        for i, m in enumerate(modules):
+        open_slot = False  # a Linear's activation not yet given (an nn.Identity keeps it open)
+        for i, m in enumerate(seq):
             if isinstance(m, nn.Linear):
                 linears.append(m)
                 activations.append("identity")
-            elif linears and activations[-1] == "identity" and not isinstance(modules[i - 1], nn.Identity):
+                open_slot = True
+            elif open_slot and isinstance(m, nn.Identity):
+                continue
+            elif open_slot:
                 activations[-1] = name_of_module(m)
+                open_slot = False
             else:
                 raise ValueError(f"from_sequential(): module {i} ({m!r}) is not an nn.Linear, nor one activation "
                                  f"module right after one")

@@ -1,4 +1,4 @@
-"""The CPU epilogues are compiled for three instruction sets and chosen at run time: run the CPU parity tests
+"""The CPU kernels are compiled for three instruction sets and chosen at run time: run the CPU parity tests
 once more under each narrower one (FUSEDLAYERS_CPU_ISA caps the choice at process start)."""
 import os
 import subprocess
@@ -27,7 +27,8 @@ def test_cpu_kernels_under_a_narrower_isa(isa):
         pytest.skip("this CPU has no AVX2")
     assert check.stdout.strip() == isa
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          os.path.join(TESTS, "test_dense.py"), "-k", "cpu and (matches or gradcheck or nan or recompute)"],
+                          os.path.join(TESTS, "test_dense.py"), os.path.join(TESTS, "test_mlp.py"),
+                          "-k", "cpu and (matches or gradcheck or nan or recompute or threads)"],
                          env=env, capture_output=True, text=True, cwd=os.path.dirname(TESTS))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout

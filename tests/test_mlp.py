@@ -20,6 +20,8 @@ NETS = {
     "seed000": ([12] * 7, ["cos"] * 6),
     "mixed": ([5, 16, 9, 7, 4], ["tanh", "sigmoid", "cos", "softplus"]),
     "wide": ([6, 150, 3], ["gelu", "identity"]),
+    "linear": ([6, 4], ["identity"]),  # one layer, nothing saved: the backward must not try to recompute
+    "wide_linear": ([100, 80], ["identity"]),
 }
 BATCHES = [(), (1,), (37,), (2, 5)]
 
@@ -79,6 +81,35 @@ def test_every_activation(backend):
         (x, ws, bs, g), (xf, wf, bf, gf) = make([4, 6, 3], (5,), torch.float64, device_of(backend), True)
         y = mlp(xf, wf, bf, a, a, backend=backend)
         assert_rel_close(y.cpu(), reference(x, ws, bs, [a, a]), 1e-10, a)
+
+
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent():
+    x, w = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="do not support forward-mode AD"):
+        torch.func.jvp(lambda x: mlp(x, [w], None, [], "tanh"), (x,), (torch.ones_like(x),))
+
+
+def test_many_threads_many_tiles():
+    """Enough rows that the CPU's fused path splits the tiles across threads and adds up their gradients."""
+    sizes, acts = NETS["seed003"]
+    (x, ws, bs, g), (xf, wf, bf, gf) = make(sizes, (6000,), torch.float64, "cpu", True)
+    y = mlp(xf, wf, bf, acts[:-1], acts[-1])
+    assert_rel_close(y, reference(x, ws, bs, acts), 1e-10)
+    ref = [t.clone().requires_grad_() for t in (x, *ws, *bs)]
+    want = grads_of(reference(ref[0], ref[1:5], ref[5:], acts), ref[0], ref[1:5], ref[5:], g)
+    for got, w in zip(grads_of(y, xf, wf, bf, gf), want):
+        assert_rel_close(got, w, 1e-10)
+
+
+def test_bfloat16_close_to_float64():
+    sizes, acts = NETS["mixed"]
+    (x, ws, bs, g), (xf, wf, bf, gf) = make(sizes, (37,), torch.bfloat16, "cpu", True)
+    y = mlp(xf, wf, bf, acts[:-1], acts[-1])
+    assert y.dtype == torch.bfloat16
+    eager = reference(xf.detach().float(), [w.detach().float() for w in wf], [b.detach().float() for b in bf], acts)
+    ref = reference(x, ws, bs, acts)
+    # No worse than twice PyTorch's own error when computing from the same bfloat16 parameters in float32.
+    assert (y.double() - ref).abs().max() <= 2 * (eager.bfloat16().double() - ref).abs().max()
 
 
 def test_input_without_grad_gets_none(backend):

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/dense_epilogue.h"
+#include "cpu/kernels.h"
 #include "dense.h"
 
 namespace fusedlayers::cpu {
@@ -51,6 +51,35 @@ void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t b
   kernel(a, g, z, dz, db, begin, end, cols);
 }
 
+template <typename M>
+void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y) {
+  auto kernel = cpu_isa() == Isa::AVX512 ? isa_avx512::mlp_tile_forward<M>
+                : cpu_isa() == Isa::AVX2 ? isa_avx2::mlp_tile_forward<M>
+                                         : isa_default::mlp_tile_forward<M>;
+  kernel(net, R, workspace, x, y);
+}
+
+template <typename M>
+void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, const M* g, M* dx, M* dw, M* db) {
+  auto kernel = cpu_isa() == Isa::AVX512 ? isa_avx512::mlp_tile_backward<M>
+                : cpu_isa() == Isa::AVX2 ? isa_avx2::mlp_tile_backward<M>
+                                         : isa_default::mlp_tile_backward<M>;
+  kernel(net, R, workspace, x, g, dx, dw, db);
+}
+
+int64_t mlp_tile_workspace(int64_t layers, const int64_t* widths) {
+  int64_t sum = 0, max_width = 0;
+  for (int64_t l = 0; l <= layers; ++l) max_width = std::max(max_width, widths[l]);
+  for (int64_t l = 1; l <= layers; ++l) sum += widths[l];
+  return (2 * sum + 2 * max_width) * kMlpTileRows;  // every h and z of the tile, the gradient and dz
+}
+
+template void mlp_tile_forward<float>(const MlpNet<float>&, int64_t, float*, const float*, float*);
+template void mlp_tile_forward<double>(const MlpNet<double>&, int64_t, double*, const double*, double*);
+template void mlp_tile_backward<float>(const MlpNet<float>&, int64_t, float*, const float*, const float*, float*,
+                                       float*, float*);
+template void mlp_tile_backward<double>(const MlpNet<double>&, int64_t, double*, const double*, const double*,
+                                        double*, double*, double*);
 template void forward_rows<float>(Activation, const float*, float*, float*, int64_t, int64_t, int64_t, bool);
 template void forward_rows<double>(Activation, const double*, double*, double*, int64_t, int64_t, int64_t, bool);
 template void backward_rows<float>(Activation, const float*, const float*, float*, float*, int64_t, int64_t, int64_t);
@@ -134,14 +163,16 @@ void small_backward(const T* g, const T* x, const T* w, const T* b, const T* z, 
 
 // A buffer shaped like t for a temporary that never leaves the op (the backward's dz), reused across calls
 // on this thread: a fresh allocation of tens of MB is returned to the OS when freed, and touching it again
-// costs page faults that here exceed the elementwise pass itself. Kept until the thread ends; never shared
-// between threads; dz is dead before the op returns, so calls cannot see each other's.
+// costs page faults that here exceed the elementwise pass itself. Up to kMaxReusedScratchBytes is kept until
+// the thread ends; never shared between threads; dz is dead before the op returns, so calls cannot see
+// each other's.
 at::Tensor reusable_scratch(const at::Tensor& t) {
-  thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.numel() < t.numel() || buffer.scalar_type() != t.scalar_type()) {
-    buffer = at::empty({t.numel()}, t.options());
-  }
-  return buffer.narrow(0, 0, t.numel()).view(t.sizes());
+  constexpr int64_t kMaxReusedScratchBytes = int64_t(256) << 20;
+  thread_local at::Tensor bytes;
+  const int64_t needed = t.numel() * t.element_size();
+  if (needed > kMaxReusedScratchBytes) return at::empty_like(t);
+  if (!bytes.defined() || bytes.numel() < needed) bytes = at::empty({needed}, t.options().dtype(at::kByte));
+  return bytes.narrow(0, 0, needed).view(t.scalar_type()).view(t.sizes());
 }
 
 // ---- the ops ----------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 // The mlp op family on the CPU.
 //
-// Narrow networks (every width <= kMaxFusedWidth) run the whole chain in one call as plain loops: a row at a
-// time through every layer, its activations in a small per-thread workspace that stays in L1, no ATen call
-// but the output allocations, rows split across threads with per-thread weight-gradient accumulators added
-// up at the end. Their backward recomputes each row's forward rather than saving it: for such layers the
-// recompute costs less than allocating and reading back the saved activations.
+// Narrow networks (every width <= kMaxFusedWidth) run the whole chain in one call: a tile of kMlpTileRows rows
+// at a time through every layer (the kernels in kernels_impl.h), its activations in a small per-thread
+// workspace that stays in L1, no ATen call but the output allocations, tiles split across threads with
+// per-thread weight-gradient accumulators added up at the end. Their backward recomputes each tile's forward
+// rather than saving it: for such layers the recompute costs less than allocating and reading back the saved
+// activations.
 // Wider networks go layer by layer through the dense kernels (mlp_chain.cpp), saving what eager PyTorch saves.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -14,7 +15,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/dense_epilogue.h"
+#include "cpu/kernels.h"
 #include "mlp.h"
 
 namespace fusedlayers::cpu {
@@ -48,139 +49,111 @@ bool takes_fused_path(const Shape& s) { return s.max_width <= kMaxFusedWidth; }
 
 // The parameters as the loops read them: W_l (n x in) as given for the backward, and W_l transposed
 // (in x n) in the math type for the forward, whose inner loop runs over a layer's outputs.
+// The network in the math type M: float and double parameters are read in place, bfloat16 ones converted.
 template <typename T>
-struct Params {
+struct Net {
   using M = at::opmath_type<T>;
-  std::vector<const T*> w;
-  std::vector<std::vector<M>> wt, b;  // b empty without biases
+  std::vector<at::Tensor> keep;  // owns what the pointers point into
+  std::vector<int64_t> widths;
+  std::vector<Activation> acts;
+  std::vector<const M*> w, b;
+  MlpNet<M> view() const {
+    return {static_cast<int64_t>(acts.size()), widths.data(), acts.data(), w.data(), b.empty() ? nullptr : b.data()};
+  }
 };
 
 template <typename T>
-Params<T> params_of(at::TensorList weights, at::TensorList biases, std::vector<at::Tensor>& keep) {
+Net<T> net_of(const Shape& s, at::TensorList weights, at::TensorList biases, const std::vector<Activation>& acts) {
   using M = at::opmath_type<T>;
-  Params<T> p;
-  for (const auto& w : weights) {
-    const T* wp = keep.emplace_back(w.contiguous()).data_ptr<T>();
-    const int64_t n = w.size(0), in = w.size(1);
-    std::vector<M> wt(n * in);
-    for (int64_t o = 0; o < n; ++o)
-      for (int64_t k = 0; k < in; ++k) wt[k * n + o] = M(wp[o * in + k]);
-    p.w.push_back(wp);
-    p.wt.push_back(std::move(wt));
-  }
-  for (const auto& b : biases) {
-    const T* bp = keep.emplace_back(b.contiguous()).data_ptr<T>();
-    p.b.emplace_back(bp, bp + b.numel());
-  }
-  return p;
+  Net<T> net;
+  net.widths = s.widths;
+  net.acts = acts;
+  const auto math = c10::CppTypeToScalarType<M>::value;
+  for (const auto& w : weights) net.w.push_back(net.keep.emplace_back(w.to(math).contiguous()).template data_ptr<M>());
+  for (const auto& b : biases) net.b.push_back(net.keep.emplace_back(b.to(math).contiguous()).template data_ptr<M>());
+  return net;
 }
 
-// One row through layer l: z = W h + b, out = f(z); both loops vectorized over the layer's outputs.
+int64_t tasks_grain(const Shape& s, int64_t passes) {
+  return std::max<int64_t>(1, kMacsPerTask / std::max<int64_t>(passes * s.macs_per_row * kMlpTileRows, 1));
+}
+
+// Rows per tile: kMlpTileRows, or all of them when fewer (a single vector computes one lane, not 32).
+int64_t tile_rows(const Shape& s) { return std::max<int64_t>(1, std::min(kMlpTileRows, s.rows)); }
+
+// Rows [r0, r0 + count) of a row-major (rows, width) matrix into a feature-major (width x R) tile, zero-padded.
 template <typename M, typename T>
-void layer_forward(const Params<T>& p, size_t l, Activation a, const M* h, M* z, M* out, int64_t in, int64_t n) {
-  if (p.b.empty()) {
-    std::fill(z, z + n, M(0));
-  } else {
-    std::copy(p.b[l].begin(), p.b[l].end(), z);
-  }
-  const M* wt = p.wt[l].data();
-  for (int64_t k = 0; k < in; ++k) {
-    const M hk = h[k];
-    const M* wk = wt + k * n;
-#pragma omp simd
-    for (int64_t o = 0; o < n; ++o) z[o] += hk * wk[o];
-  }
-  forward_rows<M>(a, nullptr, z, out, 0, 1, n, false);
+void load_tile(const T* src, int64_t r0, int64_t count, int64_t width, int64_t R, M* tile) {
+  std::fill(tile, tile + width * R, M(0));
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t k = 0; k < width; ++k) tile[k * R + r] = M(src[(r0 + r) * width + k]);
+}
+
+template <typename M, typename T>
+void store_tile(const M* tile, int64_t r0, int64_t count, int64_t width, int64_t R, T* dst) {
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t k = 0; k < width; ++k) dst[(r0 + r) * width + k] = T(tile[k * R + r]);
 }
 
 template <typename T>
-void fused_forward(const Shape& s, const Params<T>& p, const std::vector<Activation>& acts, const T* x, T* y) {
+void fused_forward(const Shape& s, const Net<T>& net, const T* x, T* y) {
   using M = at::opmath_type<T>;
-  const size_t L = acts.size();
-  const int64_t grain = std::max<int64_t>(1, kMacsPerTask / std::max<int64_t>(s.macs_per_row, 1));
-  at::parallel_for(0, s.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<M> cur(s.max_width), next(s.max_width), z(s.max_width);
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t k = 0; k < s.widths[0]; ++k) cur[k] = M(x[r * s.widths[0] + k]);
-      for (size_t l = 0; l < L; ++l) {
-        layer_forward<M>(p, l, acts[l], cur.data(), z.data(), next.data(), s.widths[l], s.widths[l + 1]);
-        std::swap(cur, next);
-      }
-      for (int64_t o = 0; o < s.widths[L]; ++o) y[r * s.widths[L] + o] = T(cur[o]);
+  const auto view = net.view();
+  const int64_t R = tile_rows(s), tiles = (s.rows + R - 1) / R, in = s.widths.front(), out = s.widths.back();
+  at::parallel_for(0, tiles, tasks_grain(s, 1), [&](int64_t begin, int64_t end) {
+    std::vector<M> ws(mlp_tile_workspace(view.layers, view.widths)), xt(in * R), yt(out * R);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * R, count = std::min(R, s.rows - r0);
+      load_tile(x, r0, count, in, R, xt.data());
+      mlp_tile_forward<M>(view, R, ws.data(), xt.data(), yt.data());
+      store_tile(yt.data(), r0, count, out, R, y);
     }
   });
 }
 
 // Gradients of every layer's weights and biases, and of x when dx is not null.
 template <typename T>
-void fused_backward(const Shape& s, const Params<T>& p, const std::vector<Activation>& acts, const T* x,
-                    const T* grad_out, T* dx, std::vector<T*>& dw, std::vector<T*>& db) {
+void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad_out, T* dx, std::vector<T*>& dw,
+                    std::vector<T*>& db) {
   using M = at::opmath_type<T>;
-  const size_t L = acts.size();
-  // Offsets of each layer's weights and biases in one flat accumulator per thread.
-  std::vector<int64_t> w_off(L + 1, 0), b_off(L + 1, 0), h_off(L + 1, 0), z_off(L + 1, 0);
-  for (size_t l = 0; l < L; ++l) {
-    w_off[l + 1] = w_off[l] + s.widths[l] * s.widths[l + 1];
-    b_off[l + 1] = b_off[l] + s.widths[l + 1];
-    h_off[l + 1] = h_off[l] + s.widths[l];
-    z_off[l + 1] = z_off[l] + s.widths[l + 1];
+  const auto view = net.view();
+  const int64_t L = view.layers, in = s.widths.front(), out = s.widths.back();
+  int64_t w_size = 0, b_size = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    w_size += s.widths[l] * s.widths[l + 1];
+    b_size += s.widths[l + 1];
   }
-  const int64_t acc_size = w_off[L] + b_off[L];
-  const int64_t threads = at::get_num_threads();
+  // One accumulator of all weight and bias gradients per thread, added up at the end.
+  const int64_t acc_size = w_size + b_size, threads = at::get_num_threads();
   std::vector<M> acc(threads * acc_size, M(0));
-  const int64_t grain = std::max<int64_t>(1, kMacsPerTask / std::max<int64_t>(3 * s.macs_per_row, 1));
-  at::parallel_for(0, s.rows, grain, [&](int64_t begin, int64_t end) {
+  const int64_t R = tile_rows(s), tiles = (s.rows + R - 1) / R;
+  at::parallel_for(0, tiles, tasks_grain(s, 3), [&](int64_t begin, int64_t end) {
     M* dw_acc = acc.data() + at::get_thread_num() * acc_size;
-    M* db_acc = dw_acc + w_off[L];
-    std::vector<M> hs(h_off[L]), zs(z_off[L]), g(s.max_width), dz(s.max_width), last(s.widths[L]);
-    for (int64_t r = begin; r < end; ++r) {
-      // The row's forward, keeping each layer's input h_l and pre-activation z_l.
-      for (int64_t k = 0; k < s.widths[0]; ++k) hs[k] = M(x[r * s.widths[0] + k]);
-      for (size_t l = 0; l < L; ++l) {
-        M* out = l + 1 < L ? hs.data() + h_off[l + 1] : last.data();
-        layer_forward<M>(p, l, acts[l], hs.data() + h_off[l], zs.data() + z_off[l], out, s.widths[l], s.widths[l + 1]);
-      }
-      for (int64_t o = 0; o < s.widths[L]; ++o) g[o] = M(grad_out[r * s.widths[L] + o]);
-      for (size_t l = L; l-- > 0;) {
-        const int64_t in = s.widths[l], n = s.widths[l + 1];
-        const M* z = zs.data() + z_off[l];
-        const M* h = hs.data() + h_off[l];
-        backward_rows<M>(acts[l], g.data(), z, dz.data(), nullptr, 0, 1, n);
-        M* dwl = dw_acc + w_off[l];
-        M* dbl = db_acc + b_off[l];
-        for (int64_t o = 0; o < n; ++o) {
-          dbl[o] += dz[o];
-          M* dwo = dwl + o * in;
-#pragma omp simd
-          for (int64_t k = 0; k < in; ++k) dwo[k] += dz[o] * h[k];
-        }
-        if (l > 0 || dx) {
-          std::fill(g.begin(), g.begin() + in, M(0));
-          for (int64_t o = 0; o < n; ++o) {
-            const T* wo = p.w[l] + o * in;
-#pragma omp simd
-            for (int64_t k = 0; k < in; ++k) g[k] += dz[o] * M(wo[k]);
-          }
-        }
-      }
-      if (dx) {
-        for (int64_t k = 0; k < s.widths[0]; ++k) dx[r * s.widths[0] + k] = T(g[k]);
-      }
+    std::vector<M> ws(mlp_tile_workspace(L, view.widths)), xt(in * R), gt(out * R), dxt(dx ? in * R : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * R, count = std::min(R, s.rows - r0);
+      load_tile(x, r0, count, in, R, xt.data());
+      load_tile(grad_out, r0, count, out, R, gt.data());  // zero rows past count: they add nothing
+      mlp_tile_backward<M>(view, R, ws.data(), xt.data(), gt.data(), dx ? dxt.data() : nullptr, dw_acc,
+                           db.empty() ? nullptr : dw_acc + w_size);
+      if (dx) store_tile(dxt.data(), r0, count, in, R, dx);
     }
   });
-  for (size_t l = 0; l < L; ++l) {
-    for (int64_t i = 0; i < w_off[l + 1] - w_off[l]; ++i) {
+  int64_t w_off = 0, b_off = w_size;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t nw = s.widths[l] * s.widths[l + 1], nb = s.widths[l + 1];
+    for (int64_t i = 0; i < nw; ++i) {
       M sum = 0;
-      for (int64_t t = 0; t < threads; ++t) sum += acc[t * acc_size + w_off[l] + i];
+      for (int64_t t = 0; t < threads; ++t) sum += acc[t * acc_size + w_off + i];
       dw[l][i] = T(sum);
     }
-    if (!db.empty()) {
-      for (int64_t i = 0; i < b_off[l + 1] - b_off[l]; ++i) {
-        M sum = 0;
-        for (int64_t t = 0; t < threads; ++t) sum += acc[t * acc_size + w_off[L] + b_off[l] + i];
-        db[l][i] = T(sum);
-      }
+    for (int64_t i = 0; !db.empty() && i < nb; ++i) {
+      M sum = 0;
+      for (int64_t t = 0; t < threads; ++t) sum += acc[t * acc_size + b_off + i];
+      db[l][i] = T(sum);
     }
+    w_off += nw;
+    b_off += nb;
   }
 }
 
@@ -200,9 +173,8 @@ MlpForwardResult mlp_forward(const at::Tensor& x, at::TensorList weights, at::Te
   out_shape.back() = s.widths.back();
   at::Tensor y = at::empty(out_shape, x.options());
   at::Tensor xc = x.contiguous();
-  std::vector<at::Tensor> keep;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mlp_forward", [&] {
-    fused_forward<scalar_t>(s, params_of<scalar_t>(weights, biases, keep), acts, xc.data_ptr<scalar_t>(),
+    fused_forward<scalar_t>(s, net_of<scalar_t>(s, weights, biases, acts), xc.data_ptr<scalar_t>(),
                             y.data_ptr<scalar_t>());
   });
   return {y, {}};
@@ -229,12 +201,11 @@ MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, 
   for (const auto& w : weights) dweights.push_back(at::empty(w.sizes(), w.options()));
   for (const auto& b : biases) dbiases.push_back(at::empty(b.sizes(), b.options()));
   at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
-  std::vector<at::Tensor> keep;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mlp_backward", [&] {
     std::vector<scalar_t*> dw, db;
     for (auto& t : dweights) dw.push_back(t.data_ptr<scalar_t>());
     for (auto& t : dbiases) db.push_back(t.data_ptr<scalar_t>());
-    fused_backward<scalar_t>(s, params_of<scalar_t>(weights, biases, keep), acts, xc.data_ptr<scalar_t>(),
+    fused_backward<scalar_t>(s, net_of<scalar_t>(s, weights, biases, acts), xc.data_ptr<scalar_t>(),
                              gc.data_ptr<scalar_t>(), input_grad ? dx.data_ptr<scalar_t>() : nullptr, dw, db);
   });
   return {dx, dweights, dbiases};

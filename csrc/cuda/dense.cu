@@ -285,7 +285,6 @@ void check_cuda_dtype(const at::Tensor& x) {
 }
 
 // Product of all but the last dimension (not numel / in, which is wrong when in == 0).
-int64_t leading_rows(const at::Tensor& x) { return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1); }
 
 std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::Tensor& weight,
                                                  const std::optional<at::Tensor>& bias, c10::string_view activation,
@@ -295,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::
   const Activation a = parse_activation(activation);
   const bool store_z = save_preact && !derivative_is_constant(a);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t in = weight.size(1), out = weight.size(0), rows = leading_rows(x);
+  const int64_t in = weight.size(1), out = weight.size(0), rows = dense_rows(x);
   const auto out_shape = dense_output_shape(x, weight);
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
 
@@ -317,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
   check_dense_args(x, weight, bias);
   check_cuda_dtype(x);
   const Activation a = parse_activation(activation);
-  const int64_t in = weight.size(1), out = weight.size(0), rows = leading_rows(x);
+  const int64_t in = weight.size(1), out = weight.size(0), rows = dense_rows(x);
   TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(dense_output_shape(x, weight)),
               "dense_backward(): expected grad_out of shape ", c10::IntArrayRef(dense_output_shape(x, weight)),
               ", got ", grad_out.sizes());
@@ -348,11 +347,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
 
   // dz = g * f'(z), (rows, out) contiguous.
   at::Tensor dz;
-  if (a == Activation::Identity) {
+  if (const_df) {  // identity: dz = g
     dz = g2;
-  } else if (const_df) {  // f' constant: any z will do
-    dz = at::empty_like(g2);
-    launch_backward_act(a, g2, g2, dz);
   } else if (have_z) {
     const at::Tensor z = preact->reshape({rows, out}).contiguous();
     dz = at::empty_like(g2);

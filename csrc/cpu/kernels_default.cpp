@@ -1,3 +1,3 @@
 // The dense epilogues for any CPU: ATen's portable Vectorized (CPU_CAPABILITY=DEFAULT from setup.py).
 #define FL_ISA isa_default
-#include "cpu/dense_epilogue_impl.h"
+#include "cpu/kernels_impl.h"

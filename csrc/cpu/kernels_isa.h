@@ -50,7 +50,7 @@
 #define __AVX512VL__ 1
 #define __AVX512DQ__ 1
 #endif
-#include "cpu/dense_epilogue_impl.h"
+#include "cpu/kernels_impl.h"
 #pragma GCC pop_options
 #define FL_X86 1
 #else
@@ -60,6 +60,6 @@
 #else
 #define FL_ISA isa_avx2
 #endif
-#include "cpu/dense_epilogue_impl.h"
+#include "cpu/kernels_impl.h"
 #define FL_X86 0
 #endif

@@ -1,6 +1,6 @@
 // The dense epilogues for AVX2+FMA CPUs.
 #define FL_TARGET_AVX2
-#include "cpu/dense_epilogue_isa.h"
+#include "cpu/kernels_isa.h"
 
 bool fusedlayers::cpu::cpu_has_avx2() {
 #if FL_X86

@@ -1,6 +1,6 @@
 // The dense epilogues for AVX-512 CPUs (F, BW, VL, DQ: what ATen's AVX512 Vectorized needs).
 #define FL_TARGET_AVX512
-#include "cpu/dense_epilogue_isa.h"
+#include "cpu/kernels_isa.h"
 
 bool fusedlayers::cpu::cpu_has_avx512() {
 #if FL_X86

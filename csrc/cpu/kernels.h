@@ -1,0 +1,70 @@
+// The hot loops of the CPU backend, compiled once per instruction set (kernels_{default,avx2,avx512}.cpp)
+// and chosen at run time, so the library runs on any x86-64 CPU and uses the widest vectors it has:
+//   - the elementwise passes of the dense op over a range of rows of a row-major (rows, cols) matrix;
+//   - the fused mlp: a tile of kMlpTileRows rows through a whole narrow network, feature-major (row index
+//     innermost), so every loop runs across the tile's rows in vector lanes.
+#pragma once
+
+#include <cstdint>
+
+#include "activations.h"
+
+namespace fusedlayers::cpu {
+
+constexpr int64_t kMlpTileRows = 32;
+
+// A narrow network in the math type M (float or double): layer l maps widths[l] -> widths[l + 1] with the
+// row-major weights w[l] (widths[l + 1] x widths[l]), biases b[l] (b null without biases), activation acts[l].
+template <typename M>
+struct MlpNet {
+  int64_t layers;
+  const int64_t* widths;
+  const Activation* acts;
+  const M* const* w;
+  const M* const* b;
+};
+
+// Elements of workspace the tile kernels need for net.
+int64_t mlp_tile_workspace(int64_t layers, const int64_t* widths);
+
+#define FL_DECLARE_CPU_KERNELS(ISA)                                                                              \
+  namespace ISA {                                                                                                \
+  /* y = f(z + bias); z + bias is written back into z when store_z (z and y may alias when not). */             \
+  template <typename T>                                                                                          \
+  void dense_forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols,   \
+                          bool store_z);                                                                         \
+  /* dz = g * f'(z); db[c] += sum over the rows of dz[., c] when db is not null. */                            \
+  template <typename T>                                                                                          \
+  void dense_backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end,      \
+                           int64_t cols);                                                                        \
+  /* Tiles are feature-major: x (widths[0] x R), y (widths[L] x R), R <= kMlpTileRows rows. */                 \
+  template <typename M>                                                                                          \
+  void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y);                       \
+  /* Adds the tile's weight and bias gradients into dw (all layers' dW flat, layer after layer) and db (null   \
+     without biases); writes dx (widths[0] x R) unless null. Rows of g that are zero contribute nothing. */     \
+  template <typename M>                                                                                          \
+  void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, const M* g, M* dx, M* dw,   \
+                         M* db);                                                                                 \
+  }
+
+FL_DECLARE_CPU_KERNELS(isa_default)
+FL_DECLARE_CPU_KERNELS(isa_avx2)
+FL_DECLARE_CPU_KERNELS(isa_avx512)
+#undef FL_DECLARE_CPU_KERNELS
+
+// The kernels of the widest instruction set this CPU runs (capped by FUSEDLAYERS_CPU_ISA), for float and
+// double; defined in dense.cpp.
+template <typename T>
+void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z);
+template <typename T>
+void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols);
+template <typename M>
+void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y);
+template <typename M>
+void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, const M* g, M* dx, M* dw, M* db);
+
+// True when this CPU runs the kernels of that instruction set.
+bool cpu_has_avx2();
+bool cpu_has_avx512();
+
+}  // namespace fusedlayers::cpu
