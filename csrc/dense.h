@@ -58,4 +58,20 @@ inline std::vector<int64_t> dense_output_shape(const at::Tensor& x, const at::Te
   return shape;
 }
 
+// The backward's own arguments: grad_out and (when given and needed) preact match y in shape, dtype, device.
+inline void check_dense_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& preact, bool uses_preact) {
+  const auto shape = dense_output_shape(x, weight);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out},
+                                {"preact", uses_preact ? &*preact : nullptr}}) {
+    if (!t) continue;
+    TORCH_CHECK(t->sizes() == c10::IntArrayRef(shape), "dense_backward(): expected ", name, " of shape ",
+                c10::IntArrayRef(shape), ", got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "dense_backward(): expected ", name, " of dtype ",
+                x.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), "dense_backward(): expected ", name, " on the device of x (", x.device(),
+                "), got ", t->device());
+  }
+}
+
 }  // namespace fusedlayers

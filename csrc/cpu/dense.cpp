@@ -233,18 +233,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
   check_cpu_dtype(x);
   const Activation a = parse_activation(activation);
   const int64_t in = weight.size(1), out = weight.size(0), rows = dense_rows(x);
-  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(dense_output_shape(x, weight)),
-              "dense_backward(): expected grad_out of shape ", c10::IntArrayRef(dense_output_shape(x, weight)),
-              ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "dense_backward(): expected grad_out of dtype ",
-              x.scalar_type(), ", got ", grad_out.scalar_type());
   const bool has_bias = bias.has_value() && bias->defined();
   const bool need_db = output_mask[2] && has_bias;
   const bool have_z = preact.has_value() && preact->defined() && !derivative_is_constant(a);
-  if (have_z) {
-    TORCH_CHECK(preact->sizes() == grad_out.sizes(), "dense_backward(): expected preact of shape ", grad_out.sizes(),
-                ", got ", preact->sizes());
-  }
+  check_dense_backward_args(grad_out, x, weight, preact, have_z);
   at::Tensor dx, dw, db;
 
   if (is_small(rows, in, out)) {

@@ -317,25 +317,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
   check_cuda_dtype(x);
   const Activation a = parse_activation(activation);
   const int64_t in = weight.size(1), out = weight.size(0), rows = dense_rows(x);
-  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(dense_output_shape(x, weight)),
-              "dense_backward(): expected grad_out of shape ", c10::IntArrayRef(dense_output_shape(x, weight)),
-              ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "dense_backward(): expected grad_out of dtype ",
-              x.scalar_type(), ", got ", grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == x.device(), "dense_backward(): expected grad_out on the device of x (", x.device(),
-              "), got ", grad_out.device());
   const bool has_bias = bias.has_value() && bias->defined();
   const bool need_dx = output_mask[0], need_dw = output_mask[1], need_db = output_mask[2] && has_bias;
   const bool const_df = derivative_is_constant(a);
   const bool have_z = preact.has_value() && preact->defined() && !const_df;
-  if (have_z) {
-    TORCH_CHECK(preact->sizes() == grad_out.sizes(), "dense_backward(): expected preact of shape ", grad_out.sizes(),
-                ", got ", preact->sizes());
-    TORCH_CHECK(preact->scalar_type() == x.scalar_type(), "dense_backward(): expected preact of dtype ",
-                x.scalar_type(), ", got ", preact->scalar_type());
-    TORCH_CHECK(preact->device() == x.device(), "dense_backward(): expected preact on the device of x (", x.device(),
-                "), got ", preact->device());
-  }
+  check_dense_backward_args(grad_out, x, weight, preact, have_z);
   at::Tensor dx, dw, db;
   if (!need_dx && !need_dw && !need_db) return {dx, dw, db};
   const c10::cuda::CUDAGuard guard(x.device());
