@@ -8,7 +8,11 @@ reported times are the median, min and max of the samples.
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -98,6 +102,22 @@ def run_case(case: Case, impl_filter: list[str] | None, reps: int, warmup: int, 
     return records
 
 
+def measure_cold(case: str, impl: str, warm_cache: bool) -> dict:
+    """cold_ms and peak_mem_bytes of one implementation, from a fresh process (bench/cold.py). Unless
+    warm_cache, torch.compile starts from an empty inductor cache."""
+    env = dict(os.environ)
+    cache = None if warm_cache else tempfile.mkdtemp(prefix="inductor-cache-")
+    if cache:
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        out = subprocess.run([sys.executable, "-m", "bench.cold", case, impl], env=env, capture_output=True,
+                             text=True, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
+
+
 def machine_info() -> dict:
     return {
         "platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
@@ -107,7 +127,7 @@ def machine_info() -> dict:
     }
 
 
-def run_suite(cases: list[Case], impl_filter, quick: bool, out_dir: str) -> list[dict]:
+def run_suite(cases: list[Case], impl_filter, quick: bool, out_dir: str, warm_cache: bool = False) -> list[dict]:
     reps = {c.name: max(3, c.reps // 4) if quick else c.reps for c in cases}
     progress = tqdm(total=sum(reps.values()), desc="bench", unit="rep") if tqdm else None
     records = []
@@ -115,6 +135,22 @@ def run_suite(cases: list[Case], impl_filter, quick: bool, out_dir: str) -> list
         if progress is not None:
             progress.set_postfix_str(case.name)
         records += run_case(case, impl_filter, reps[case.name], warmup=2 if quick else 5, progress=progress)
+    # Cold start and peak memory, one fresh process per record; --quick measures each implementation once,
+    # on the first case that has it.
+    first_of_impl = {}
+    for r in records:
+        first_of_impl.setdefault(r["impl"], r)
+    cold = list(first_of_impl.values()) if quick else records
+    if progress is not None:
+        progress.reset(total=len(cold))
+        progress.set_description("cold start")
+    for r in cold:
+        if progress is not None:
+            progress.set_postfix_str(f"{r['case']} {r['impl']}")
+        if r["impl"] != "gemm-floor":
+            r.update(measure_cold(r["case"], r["impl"], warm_cache))
+        if progress is not None:
+            progress.update(1)
     if progress is not None:
         progress.close()
     os.makedirs(out_dir, exist_ok=True)
@@ -161,10 +197,13 @@ def plot_speedups(records: list[dict], out_dir: str) -> list[str]:
 
 
 def format_table(records: list[dict]) -> str:
-    head = f"{'case':<14} {'impl':<12} {'dtype':<8} {'fwd ms':>10} {'fwd+bwd ms':>11} {'grad/primal':>11} {'vs eager':>9}"
+    head = (f"{'case':<14} {'impl':<12} {'dtype':<8} {'fwd ms':>10} {'fwd+bwd ms':>11} {'grad/primal':>11} "
+            f"{'vs eager':>9} {'cold ms':>9} {'peak MB':>8}")
     lines = [head, "-" * len(head)]
     for r in records:
         speedup = r["fwd_bwd_speedup_vs_eager"]
+        cold = "" if r["cold_ms"] is None else f"{r['cold_ms']:.0f}"
+        peak = "" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
         lines.append(f"{r['case']:<14} {r['impl']:<12} {r['dtype']:<8} {r['fwd_ms']:>10.4f} {r['fwd_bwd_ms']:>11.4f} "
-                     f"{r['grad_ratio']:>11.2f} {'' if speedup is None else f'{speedup:.2f}x':>9}")
+                     f"{r['grad_ratio']:>11.2f} {'' if speedup is None else f'{speedup:.2f}x':>9} {cold:>9} {peak:>8}")
     return "\n".join(lines)
