@@ -14,9 +14,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results", help="folder for results.json (default: bench/results)")
     parser.add_argument("--warm-cache", action="store_true", help="let cold starts reuse the inductor cache")
     args = parser.parse_args(argv)
-    cases = [c for c in all_cases() if not args.case or any(c.name.startswith(p) for p in args.case)]
+    cases = [c for c in all_cases(args.quick) if not args.case or any(c.name.startswith(p) for p in args.case)]
     if not cases:
-        names = ", ".join(c.name for c in all_cases())
+        names = ", ".join(c.name for c in all_cases(args.quick))
         parser.error(f"no case matches {args.case}; the cases are: {names}")
     run_suite(cases, args.impl, args.quick, args.out, args.warm_cache)
     return 0

@@ -93,7 +93,27 @@ def _classes(batch, n):
     return torch.randint(0, n, batch, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
 
 
-def all_cases() -> list[Case]:
+SWEEP_BATCHES = (1, 10, 100, 1_000, 10_000)
+SWEEP_WIDTHS = (8, 16, 32, 64, 128, 256)
+
+
+def sweep_cases(quick: bool) -> list[Case]:
+    """Where fusion wins and where it stops: a 3-layer tanh MLP over batch sizes (width 16) and over widths
+    (batch 256), float32, gradients w.r.t. input and parameters. Named sweep_batch_<n> and sweep_width_<n>."""
+    batches = SWEEP_BATCHES[::2] if quick else SWEEP_BATCHES
+    widths = SWEEP_WIDTHS[::2] if quick else SWEEP_WIDTHS
+    cases = [_mlp_case(f"sweep_batch_{b}", f"[16]*4 tanh, batch {b}", [16] * 4, "tanh", "identity", (b,),
+                       torch.float32, reps=10) for b in batches]
+    cases += [_mlp_case(f"sweep_width_{w}", f"[{w}]*4 tanh, batch 256", [w] * 4, "tanh", "identity", (256,),
+                        torch.float32, reps=10) for w in widths]
+    return cases
+
+
+def all_cases(quick: bool = False) -> list[Case]:
+    return _seed_and_layer_cases() + sweep_cases(quick)
+
+
+def _seed_and_layer_cases() -> list[Case]:
     return [
         _mlp_case("seed000", "6 x 12x12 cos chain, no bias, one vector, float64: gradient w.r.t. input and "
                   "parameters (seed 000)", [12] * 7, "cos", "cos", (), torch.float64, reps=40, bias=False),

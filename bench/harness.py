@@ -158,19 +158,54 @@ def run_suite(cases: list[Case], impl_filter, quick: bool, out_dir: str, warm_ca
     with open(path, "w") as f:
         json.dump({"machine": machine_info(), "quick": quick, "results": records}, f, indent=1)
     print(format_table(records))
-    plots = plot_speedups(records, out_dir)
+    plots = plot_speedups([r for r in records if not r["case"].startswith("sweep_")], out_dir)
+    plots += plot_sweeps(records, out_dir)
     print(f"\nwrote {path}" + "".join(f", {p}" for p in plots))
     return records
 
 
-def plot_speedups(records: list[dict], out_dir: str) -> list[str]:
-    """speedup.png: forward+backward speedup over eager, per case and implementation (log scale)."""
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_sweeps(records: list[dict], out_dir: str) -> list[str]:
+    """sweep_batch.png, sweep_width.png: forward+backward time of each implementation along a sweep
+    (log-log), where the curves cross is where fusion stops winning."""
+    plt = _pyplot()
+    paths = []
+    for sweep, label in (("batch", "batch size"), ("width", "layer width")):
+        points = [r for r in records if r["case"].startswith(f"sweep_{sweep}_")]
+        if plt is None or not points:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for impl in dict.fromkeys(r["impl"] for r in points):
+            mine = sorted((int(r["case"].rsplit("_", 1)[1]), r["fwd_bwd_ms"]) for r in points if r["impl"] == impl)
+            ax.plot([x for x, _ in mine], [t for _, t in mine], marker="o", label=impl)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("forward+backward ms")
+        ax.set_title(points[0]["dtype"] + ", " + ("[16]*4 tanh" if sweep == "batch" else "[w]*4 tanh, batch 256"))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"sweep_{sweep}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_speedups(records: list[dict], out_dir: str) -> list[str]:
+    """speedup.png: forward+backward speedup over eager, per case and implementation (log scale)."""
+    plt = _pyplot()
+    if plt is None or not records:
         return []
     cases = list(dict.fromkeys(r["case"] for r in records))
     impls = [i for i in dict.fromkeys(r["impl"] for r in records) if i != "eager"]

@@ -89,10 +89,12 @@ def test_forward_mode_ad_raises_instead_of_a_zero_tangent():
         torch.func.jvp(lambda x: mlp(x, [w], None, [], "tanh"), (x,), (torch.ones_like(x),))
 
 
-def test_many_threads_many_tiles():
-    """Enough rows that the CPU's fused path splits the tiles across threads and adds up their gradients."""
+@pytest.mark.parametrize("rows", [500, 6000], ids=["fused-tiles", "layer-by-layer"])
+def test_many_rows(rows):
+    """Many tiles of the CPU's fused path (16, the last one partial), and a batch large enough to take the
+    layer-by-layer path instead."""
     sizes, acts = NETS["seed003"]
-    (x, ws, bs, g), (xf, wf, bf, gf) = make(sizes, (6000,), torch.float64, "cpu", True)
+    (x, ws, bs, g), (xf, wf, bf, gf) = make(sizes, (rows,), torch.float64, "cpu", True)
     y = mlp(xf, wf, bf, acts[:-1], acts[-1])
     assert_rel_close(y, reference(x, ws, bs, acts), 1e-10)
     ref = [t.clone().requires_grad_() for t in (x, *ws, *bs)]

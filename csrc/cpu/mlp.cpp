@@ -1,15 +1,13 @@
 // The mlp op family on the CPU.
 //
-// Narrow networks (every width <= kMaxFusedWidth) run the whole chain in one call: a tile of kMlpTileRows rows
-// at a time through every layer (the kernels in kernels_impl.h), its activations in a small per-thread
-// workspace that stays in L1, no ATen call but the output allocations, tiles split across threads with
-// per-thread weight-gradient accumulators added up at the end. Their backward recomputes each tile's forward
-// rather than saving it: for such layers the recompute costs less than allocating and reading back the saved
-// activations.
+// Narrow, small networks (takes_fused_path) run the whole chain in one call: a tile of kMlpTileRows rows at a
+// time through every layer (the kernels in kernels_impl.h), its activations in a small workspace that stays
+// in L1, no ATen call but the output allocations. Their backward recomputes each tile's forward rather than
+// saving it: for such layers the recompute costs less than allocating and reading back the saved
+// activations. One thread: the path is chosen only for work too small to split (see the rule below).
 // Wider networks go layer by layer through the dense kernels (mlp_chain.cpp), saving what eager PyTorch saves.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,12 +20,10 @@ namespace fusedlayers::cpu {
 namespace {
 
 // Measured here (3 tanh layers of equal width, batch 1/100/1000, float32 and float64, fused vs a chain of
-// FusedDense): the tiles win at width 16 (0.87-0.94x the chain's time but at batch 1000) and lose from
-// width 32 on (1.1-1.8x), where the dense path's BLAS GEMMs do better.
+// FusedDense): the tiles win at width 16 up to batch 100 (0.87-0.94x the chain's time), lose at batch 1000
+// (1.2-1.3x) and from width 32 on (1.1-1.8x), where BLAS GEMMs and ATen's faster tanh do better.
 constexpr int64_t kMaxFusedWidth = 16;
-// Multiply-adds per parallel task: a task must outweigh waking a thread, which on this project's VMs costs
-// milliseconds once the OpenMP workers have gone to sleep (after ~0.2 ms idle; measured, see bench/README.md).
-constexpr int64_t kMacsPerTask = 1 << 21;
+constexpr int64_t kMaxFusedMacs = 1 << 17;  // rows * multiply-adds per row
 
 struct Shape {
   int64_t rows = 0;
@@ -48,7 +44,9 @@ Shape shape_of(const at::Tensor& x, at::TensorList weights) {
   return s;
 }
 
-bool takes_fused_path(const Shape& s) { return s.max_width <= kMaxFusedWidth; }
+bool takes_fused_path(const Shape& s) {
+  return s.max_width <= kMaxFusedWidth && s.rows * s.macs_per_row <= kMaxFusedMacs;
+}
 
 // The parameters as the loops read them: W_l (n x in) as given for the backward, and W_l transposed
 // (in x n) in the math type for the forward, whose inner loop runs over a layer's outputs.
@@ -77,10 +75,6 @@ Net<T> net_of(const Shape& s, at::TensorList weights, at::TensorList biases, con
   return net;
 }
 
-int64_t tasks_grain(const Shape& s, int64_t passes) {
-  return std::max<int64_t>(1, kMacsPerTask / std::max<int64_t>(passes * s.macs_per_row * kMlpTileRows, 1));
-}
-
 // Rows per tile: kMlpTileRows, or all of them when fewer (a single vector computes one lane, not 32).
 int64_t tile_rows(const Shape& s) { return std::max<int64_t>(1, std::min(kMlpTileRows, s.rows)); }
 
@@ -102,16 +96,14 @@ template <typename T>
 void fused_forward(const Shape& s, const Net<T>& net, const T* x, T* y) {
   using M = at::opmath_type<T>;
   const auto view = net.view();
-  const int64_t R = tile_rows(s), tiles = (s.rows + R - 1) / R, in = s.widths.front(), out = s.widths.back();
-  at::parallel_for(0, tiles, tasks_grain(s, 1), [&](int64_t begin, int64_t end) {
-    std::vector<M> ws(mlp_tile_workspace(view.layers, view.widths)), xt(in * R), yt(out * R);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t * R, count = std::min(R, s.rows - r0);
-      load_tile(x, r0, count, in, R, xt.data());
-      mlp_tile_forward<M>(view, R, ws.data(), xt.data(), yt.data());
-      store_tile(yt.data(), r0, count, out, R, y);
-    }
-  });
+  const int64_t R = tile_rows(s), in = s.widths.front(), out = s.widths.back();
+  std::vector<M> ws(mlp_tile_workspace(view.layers, view.widths)), xt(in * R), yt(out * R);
+  for (int64_t r0 = 0; r0 < s.rows; r0 += R) {
+    const int64_t count = std::min(R, s.rows - r0);
+    load_tile(x, r0, count, in, R, xt.data());
+    mlp_tile_forward<M>(view, R, ws.data(), xt.data(), yt.data());
+    store_tile(yt.data(), r0, count, out, R, y);
+  }
 }
 
 // Gradients of every layer's weights and biases, and of x when dx is not null.
@@ -126,35 +118,22 @@ void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad
     w_size += s.widths[l] * s.widths[l + 1];
     b_size += s.widths[l + 1];
   }
-  // One accumulator of all weight and bias gradients per thread, added up at the end.
-  const int64_t acc_size = w_size + b_size, threads = at::get_num_threads();
-  std::vector<M> acc(threads * acc_size, M(0));
-  const int64_t R = tile_rows(s), tiles = (s.rows + R - 1) / R;
-  at::parallel_for(0, tiles, tasks_grain(s, 3), [&](int64_t begin, int64_t end) {
-    M* dw_acc = acc.data() + at::get_thread_num() * acc_size;
-    std::vector<M> ws(mlp_tile_workspace(L, view.widths)), xt(in * R), gt(out * R), dxt(dx ? in * R : 0);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t * R, count = std::min(R, s.rows - r0);
-      load_tile(x, r0, count, in, R, xt.data());
-      load_tile(grad_out, r0, count, out, R, gt.data());  // zero rows past count: they add nothing
-      mlp_tile_backward<M>(view, R, ws.data(), xt.data(), gt.data(), dx ? dxt.data() : nullptr, dw_acc,
-                           db.empty() ? nullptr : dw_acc + w_size);
-      if (dx) store_tile(dxt.data(), r0, count, in, R, dx);
-    }
-  });
+  std::vector<M> acc(w_size + b_size, M(0));  // every layer's dW, then every layer's db
+  const int64_t R = tile_rows(s);
+  std::vector<M> ws(mlp_tile_workspace(L, view.widths)), xt(in * R), gt(out * R), dxt(dx ? in * R : 0);
+  for (int64_t r0 = 0; r0 < s.rows; r0 += R) {
+    const int64_t count = std::min(R, s.rows - r0);
+    load_tile(x, r0, count, in, R, xt.data());
+    load_tile(grad_out, r0, count, out, R, gt.data());  // zero rows past count: they add nothing
+    mlp_tile_backward<M>(view, R, ws.data(), xt.data(), gt.data(), dx ? dxt.data() : nullptr, acc.data(),
+                         db.empty() ? nullptr : acc.data() + w_size);
+    if (dx) store_tile(dxt.data(), r0, count, in, R, dx);
+  }
   int64_t w_off = 0, b_off = w_size;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t nw = s.widths[l] * s.widths[l + 1], nb = s.widths[l + 1];
-    for (int64_t i = 0; i < nw; ++i) {
-      M sum = 0;
-      for (int64_t t = 0; t < threads; ++t) sum += acc[t * acc_size + w_off + i];
-      dw[l][i] = T(sum);
-    }
-    for (int64_t i = 0; !db.empty() && i < nb; ++i) {
-      M sum = 0;
-      for (int64_t t = 0; t < threads; ++t) sum += acc[t * acc_size + b_off + i];
-      db[l][i] = T(sum);
-    }
+    std::copy(acc.begin() + w_off, acc.begin() + w_off + nw, dw[l]);
+    if (!db.empty()) std::copy(acc.begin() + b_off, acc.begin() + b_off + nb, db[l]);
     w_off += nw;
     b_off += nb;
   }

@@ -1,0 +1,419 @@
+"""GPU resource report of every fusedlayers kernel, made without a GPU: `python -m bench.gpu_report [--json FILE]`.
+
+Triton kernels are compiled ahead of time for sm_80 and sm_90 at their benchmark configuration (the cases of
+bench/cases.py) and their PTX is assembled by Triton's bundled ptxas -v for registers and spills. The CUDA
+kernels' usage is read from the built extension with cuobjdump -res-usage. Each kernel also gets the bytes it
+must move and the FLOPs it must do at its benchmark shape, and the roofline time these give on an H100 SXM.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature
+
+import fusedlayers
+from fusedlayers._ops import HAS_NATIVE_CUDA
+
+ARCHS = {"sm_80": 80, "sm_90": 90}
+DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_report.json")
+TRITON_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+# H100 SXM peak rates. The float32 dots of the Triton kernels are IEEE (no TF32), so float32 work runs on the
+# FP32 pipes; Triton's float64 tl.dot becomes DMMA (mma.sync ... f64) and is rated at the FP64 tensor-core rate,
+# other float64 work (no mma in the PTX) at the vector rate. The reduced-precision tensor-core rates are listed
+# for reference only: no kernel here runs on them.
+ASSUMPTIONS = {
+    "gpu": "H100 SXM",
+    "hbm_bytes_per_s": 3.35e12,
+    "flops_per_s": {"fp32": 67e12, "fp64_tensor": 67e12, "fp64_vector": 34e12},
+    "unused_tensor_core_flops_per_s": {"tf32": 495e12, "fp16": 989e12, "bf16": 989e12},
+    # f(z) or f'(z) counts as this many FLOPs per element whatever the activation (identity: 0); exp, erf and
+    # sin are SFU or polynomial sequences, not single FLOPs. Every kernel here is far from being bound by it.
+    "activation_flops_per_element": 10,
+    "roofline_us": "max(bytes / hbm_bytes_per_s, flops / flops_per_s[compute_rate]) * 1e6: a lower bound that "
+                   "ignores launch latency (a few us), which dominates the tiny cases",
+    "flops": "useful work: the padding of narrow mlp layers to 16 columns for tl.dot and the dense dW "
+             "kernel's recomputation of g * f'(z) for every column block are not counted",
+}
+ACT_FLOPS = ASSUMPTIONS["activation_flops_per_element"]
+
+FORMULAS = {
+    "dense forward (M rows, N out, K in)": "FLOPs = 2MNK + MN (bias) + a MN; bytes = (MK + NK + N + MN (y) + MN "
+                                           "(z, saved for the backward)) * itemsize",
+    "dense backward dx": "FLOPs = 2MNK + (a + 1) MN (dz = g f'(z)); bytes = (MN (g) + MN (z) + NK + MK) * itemsize",
+    "dense backward dW, db": "FLOPs = 2MNK + (a + 1) MN + MN (db); bytes = (MN (g) + MN (z) + MK + NK + N) * itemsize",
+    "mlp fused forward (M rows, widths w_0..w_L)": "FLOPs = sum_l 2M w_l w_l+1 + M w_l+1 (bias) + a_l M w_l+1; "
+                                                   "bytes = (M w_0 + sum_l (w_l w_l+1 + w_l+1 (bias) + M w_l+1 (z)) + "
+                                                   "M w_L) * itemsize",
+    "mlp fused backward (saved z, P programs)": "FLOPs = sum_l (a_l + 1) M w_l+1 (dz) + 2M w_l w_l+1 (dW) + "
+                                                "M w_l+1 (db) + 2M w_l w_l+1 (dx or dh) + a_l-1 M w_l (f(z_l-1) "
+                                                "for dW, l > 0); bytes = (M w_L (g) + sum_l M w_l+1 (z) + "
+                                                "sum_l w_l w_l+1 (W) + 2 M w_0 (x, dx)) * itemsize + P * "
+                                                "sum_l (w_l w_l+1 + w_l+1) * compute itemsize (partial dW, db)",
+    "elementwise f(z) (n elements)": "FLOPs = a n; bytes = 2 n itemsize",
+    "elementwise g f'(z)": "FLOPs = (a + 1) n; bytes = 3 n itemsize",
+}
+
+# The benchmark configurations of bench/cases.py whose kernels these are. rows: the flattened batch.
+DENSE_CASES = {
+    "dense_large": dict(rows=4096, n_in=1024, n_out=1024, activation="gelu", dtype=torch.float32),
+    "dense_tiny": dict(rows=1, n_in=12, n_out=12, activation="cos", dtype=torch.float64),
+}
+MLP_CASES = {
+    "seed003_field": dict(rows=100, widths=(3, 10, 10, 10, 2), activations=("selu",) * 3 + ("identity",),
+                          dtype=torch.float32, bias=True),
+    "seed000": dict(rows=1, widths=(12,) * 7, activations=("cos",) * 6, dtype=torch.float64, bias=False),
+}
+# The activation kernel runs only in the layer-by-layer backward of networks too wide to fuse: seed002's
+# (784-300-100-10 relu, batch 256), at its widest hidden layer.
+ACTIVATION_CASE = ("seed002", dict(n=256 * 300, activation="relu", dtype=torch.float32))
+# The CUDA elementwise kernels are timed by dense_large; every instantiation is rated at its output size.
+CUDA_REFERENCE_ELEMENTS = 4096 * 1024
+
+
+def cuda_home() -> str | None:
+    """CUDA_HOME as set, else /usr/local/cuda, else the toolkit holding the nvcc on PATH (as setup.py finds it)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+def find_tool(name: str) -> str:
+    """Triton's bundled copy of a CUDA binary tool (no toolkit needed), else the toolkit's, else PATH's."""
+    home = cuda_home()
+    for path in (os.path.join(TRITON_BIN, name), home and os.path.join(home, "bin", name), shutil.which(name)):
+        if path and os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"{name} not found in {TRITON_BIN}, CUDA_HOME/bin ({home}) or PATH")
+
+
+def roofline(flops: float, nbytes: float, rate: str) -> dict:
+    memory_s = nbytes / ASSUMPTIONS["hbm_bytes_per_s"]
+    compute_s = flops / ASSUMPTIONS["flops_per_s"][rate]
+    return {"flops": flops, "bytes": nbytes, "compute_rate": rate, "roofline_us": max(memory_s, compute_s) * 1e6,
+            "bound": "memory" if memory_s >= compute_s else "compute"}
+
+
+def _act_flops(activation: str) -> int:
+    return 0 if activation == "identity" else ACT_FLOPS
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+# ---- Triton -----------------------------------------------------------------------------------------------
+# fusedlayers.triton is imported inside the functions: this module is also imported by the tests, which run with
+# TRITON_INTERPRET=1, and kernels imported under it are interpreted functions that cannot be compiled.
+
+def _dense_launches(case: str, rows: int, n_in: int, n_out: int, activation: str, dtype: torch.dtype) -> list[dict]:
+    """The three dense kernels as fusedlayers/triton/dense.py launches them in a training step of the case."""
+    from fusedlayers.triton import dense
+    from fusedlayers.triton.activations import activation_code
+
+    M, N, K, a, i = rows, n_out, n_in, _act_flops(activation), _itemsize(dtype)
+    T = lambda: MockTensor(dtype)  # noqa: E731
+    act = activation_code(activation)
+    common = dict(case=case, family="dense", dtype=dtype, activations=[activation], shape={"M": M, "N": N, "K": K})
+
+    def blocks(table):
+        return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), dense._blocks(table, dtype)))
+
+    return [
+        dict(common, fn=dense._dense_forward_kernel, args=(T(), T(), T(), T(), T(), M, N, K),
+             meta=dict(HAS_BIAS=True, STORE_Z=True, ACT=act, **blocks(dense.FORWARD_BLOCKS)),
+             flops=2 * M * N * K + M * N + a * M * N, bytes=(M * K + N * K + N + 2 * M * N) * i),
+        dict(common, fn=dense._dense_backward_dx_kernel, args=(T(), T(), T(), T(), M, N, K),
+             meta=dict(ACT=act, **blocks(dense.DX_BLOCKS)),
+             flops=2 * M * N * K + (a + 1) * M * N, bytes=(2 * M * N + N * K + M * K) * i),
+        dict(common, fn=dense._dense_backward_dw_kernel, args=(T(), T(), T(), T(), T(), M, N, K),
+             meta=dict(ACT=act, STORE_DW=True, STORE_DB=True, **blocks(dense.DW_BLOCKS)),
+             flops=2 * M * N * K + (a + 2) * M * N, bytes=(2 * M * N + M * K + N * K + N) * i),
+    ]
+
+
+def _mlp_launches(case: str, rows: int, widths: tuple, activations: tuple, dtype: torch.dtype,
+                  bias: bool) -> list[dict]:
+    """The fused mlp kernels as fusedlayers/triton/mlp.py launches them in a training step of the case (z saved)."""
+    from fusedlayers.triton import mlp
+    from fusedlayers.triton.activations import activation_code
+
+    compute = mlp._compute_dtype(dtype)
+    meta = mlp._fused_meta(widths, tuple(activation_code(a) for a in activations), bias, dtype)
+    programs = min(triton.cdiv(rows, meta["BLOCK_M"]), mlp.BACKWARD_MAX_PROGRAMS)
+    layers = range(len(activations))
+    T = lambda: MockTensor(dtype)  # noqa: E731
+    per_layer = lambda: tuple(T() for _ in layers)  # noqa: E731
+    parts = lambda: tuple(MockTensor(compute) for _ in layers)  # noqa: E731
+    M, w, a, i = rows, widths, [_act_flops(act) for act in activations], _itemsize(dtype)
+    params = sum(w[l] * w[l + 1] + bias * w[l + 1] for l in layers)
+    common = dict(case=case, family="mlp", dtype=dtype, activations=list(activations),
+                  shape={"M": M, "widths": list(widths)})
+
+    forward_flops = sum(2 * M * w[l] * w[l + 1] + (bias + a[l]) * M * w[l + 1] for l in layers)
+    forward_bytes = (M * w[0] + params + sum(M * w[l + 1] for l in layers) + M * w[-1]) * i
+    backward_flops = sum((a[l] + 1 + bias) * M * w[l + 1] + 4 * M * w[l] * w[l + 1] + (a[l - 1] * M * w[l] if l else 0)
+                         for l in layers)
+    backward_bytes = ((M * w[-1] + sum(M * w[l + 1] for l in layers) + sum(w[l] * w[l + 1] for l in layers)
+                       + 2 * M * w[0]) * i + programs * params * _itemsize(compute))
+    return [
+        dict(common, fn=mlp._fused_mlp_forward_kernel,
+             args=(T(), per_layer(), per_layer() if bias else None, T(), per_layer(), M),
+             meta=dict(STORE_Z=True, **meta), flops=forward_flops, bytes=forward_bytes),
+        dict(common, fn=mlp._fused_mlp_backward_kernel,
+             args=(T(), T(), per_layer(), per_layer() if bias else None, per_layer(), T(), parts(),
+                   parts() if bias else None, M),
+             meta=dict(RECOMPUTE=False, STORE_DX=True, DW_CHUNK=mlp.DW_CHUNK, **meta),
+             flops=backward_flops, bytes=backward_bytes),
+    ]
+
+
+def _activation_launch(case: str, n: int, activation: str, dtype: torch.dtype) -> dict:
+    from fusedlayers.triton import mlp
+    from fusedlayers.triton.activations import activation_code
+
+    return dict(case=case, family="mlp", dtype=dtype, activations=[activation], shape={"n": n},
+                fn=mlp._mlp_activation_kernel, args=(MockTensor(dtype), MockTensor(dtype), n),
+                meta=dict(ACT=activation_code(activation), BLOCK=mlp.ACTIVATION_BLOCK),
+                flops=_act_flops(activation) * n, bytes=2 * n * _itemsize(dtype))
+
+
+def triton_launches() -> list[dict]:
+    """Every Triton kernel of the project at its benchmark configuration, each named family/kernel[case]."""
+    from fusedlayers.triton import dense
+
+    # Imported under TRITON_INTERPRET=1, @triton.jit makes interpreted functions, which cannot be compiled.
+    if not isinstance(dense._dense_forward_kernel, JITFunction):
+        raise RuntimeError("fusedlayers' Triton kernels were imported with TRITON_INTERPRET set; run "
+                           "`python -m bench.gpu_report` in a process without it")
+    launches = [launch for case, cfg in DENSE_CASES.items() for launch in _dense_launches(case, **cfg)]
+    launches += [launch for case, cfg in MLP_CASES.items() for launch in _mlp_launches(case, **cfg)]
+    launches.append(_activation_launch(ACTIVATION_CASE[0], **ACTIVATION_CASE[1]))
+    for launch in launches:
+        launch["name"] = f"{launch['family']}/{launch['fn'].__name__}[{launch['case']}]"
+        launch["num_warps"] = dense.NUM_WARPS  # every launch of dense.py and mlp.py
+    return launches
+
+
+def _specialize(fn: JITFunction, backend, args: tuple, meta: dict) -> tuple:
+    """(options, signature, constexprs, attrs) as the JIT computes them when it launches fn(*args, **meta).
+
+    Through the JIT's own binder, not a hand-written signature: at a launch it also specializes pointers to
+    16-byte alignment, integers divisible by 16 and integers equal to 1 (a constexpr then), and the report must
+    describe the kernel the benchmark actually runs.
+    """
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **meta)
+    return fn._pack_args(backend, meta, bound, specialization, options)
+
+
+def ptxas_usage(ptx: str, arch: str, enable_fp_fusion: bool = True) -> dict:
+    """Registers, spill and stack bytes of a kernel's PTX from ptxas -v, run with the flags Triton assembles
+    the PTX with (sm_90 as sm_90a, --regAllocOptLevel=2), so that they describe Triton's own binary."""
+    gpu = arch + ("a" if arch == "sm_90" else "")
+    flags = ["-lineinfo", "--regAllocOptLevel=2"] + ([] if enable_fp_fusion else ["--fmad=false"])
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([find_tool("ptxas"), "-v", *flags, f"--gpu-name={gpu}", src,
+                              "-o", os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+
+    def number(pattern):
+        m = re.search(pattern, log)
+        return int(m.group(1)) if m else 0
+
+    stores, loads = number(r"(\d+) bytes spill stores"), number(r"(\d+) bytes spill loads")
+    return {"registers": number(r"Used (\d+) registers"), "spill_bytes": stores + loads, "spill_stores": stores,
+            "spill_loads": loads, "stack_bytes": number(r"(\d+) bytes stack frame"),
+            "static_smem_bytes": number(r"(\d+) bytes smem")}
+
+
+def triton_report(launch: dict, arch: str) -> dict:
+    """Compiles one launch for arch and returns its report entry."""
+    target = GPUTarget("cuda", ARCHS[arch], 32)
+    backend = make_backend(target)
+    options, signature, constexprs, attrs = _specialize(launch["fn"], backend, launch["args"],
+                                                       dict(launch["meta"], num_warps=launch["num_warps"]))
+    kernel = triton.compile(ASTSource(launch["fn"], signature, constexprs, attrs), target=target,
+                            options=options.__dict__)
+    ptx = kernel.asm["ptx"]
+    usage = ptxas_usage(ptx, arch, options.enable_fp_fusion)
+    # Set only once a GPU has loaded the binary.
+    if getattr(kernel, "n_regs", None) is not None:
+        usage["registers"] = kernel.n_regs
+    if launch["dtype"] != torch.float64:
+        rate = "fp32"
+    else:
+        rate = "fp64_tensor" if re.search(r"mma\.sync\.\S*\.f64", ptx) else "fp64_vector"
+    return {
+        "name": launch["name"], "family": launch["family"], "backend": "triton", "arch": arch, "case": launch["case"],
+        "dtype": str(launch["dtype"]).removeprefix("torch."), "activations": launch["activations"],
+        "config": dict(launch["meta"], num_warps=options.num_warps),
+        "registers": usage["registers"], "spill_bytes": usage["spill_bytes"], "spill_stores": usage["spill_stores"],
+        "spill_loads": usage["spill_loads"], "stack_bytes": usage["stack_bytes"],
+        # Triton's shared memory is dynamic, which ptxas does not see: its own allocation is the figure.
+        "shared_bytes": kernel.metadata.shared,
+        "shape": launch["shape"], **roofline(launch["flops"], launch["bytes"], rate),
+    }
+
+
+# ---- CUDA -------------------------------------------------------------------------------------------------
+
+CUDA_DTYPES = {"float": torch.float32, "double": torch.float64, "Half": torch.float16, "BFloat16": torch.bfloat16}
+
+
+def extension_path() -> str:
+    (so,) = glob.glob(os.path.join(os.path.dirname(fusedlayers.__file__), "_C*.so"))
+    return so
+
+
+def parse_res_usage(report: str) -> list[dict]:
+    """(arch, source file, mangled name, usage) of every function in a `cuobjdump -res-usage` report."""
+    functions, arch, source = [], None, None
+    lines = report.splitlines()
+    for line, following in zip(lines, lines[1:] + [""]):
+        if m := re.match(r"arch = (sm_\d+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"identifier = (\S+)", line):
+            source = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            usage = {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", following)}
+            functions.append({"arch": arch, "source": source, "mangled": m.group(1), "usage": usage})
+    return functions
+
+
+def demangle(names: list[str]) -> list[str]:
+    """The names demangled by c++filt in one call, or as they are without it."""
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return names
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def readable(demangled: str) -> tuple[str, str | None, str | None]:
+    """(kernel<Activation, dtype>, activation, dtype) of a demangled kernel without namespaces, return type and
+    parameters; the name unchanged, with no activation or dtype, if it is not such a template."""
+    m = re.search(r"(\w+)<(.*)>\(", demangled)
+    if not m:
+        return demangled, None, None
+    template_args = [re.sub(r"\w+::|\(anonymous namespace\)::", "", arg).strip() for arg in m.group(2).split(",")]
+    activation, dtype = (template_args + [None, None])[:2]
+    return f"{m.group(1)}<{', '.join(template_args)}>", activation, dtype
+
+
+def cuda_reports(so: str) -> list[dict]:
+    """Report entries of every CUDA kernel in the extension so (none when it was built without them)."""
+    run = subprocess.run([find_tool("cuobjdump"), "-res-usage", so], capture_output=True, text=True)
+    if run.returncode != 0 and "does not contain device code" not in run.stderr:
+        raise RuntimeError(f"cuobjdump -res-usage {so} failed: {run.stderr.strip()}")
+    functions = parse_res_usage(run.stdout)
+    entries = []
+    for function, demangled in zip(functions, demangle([f["mangled"] for f in functions])):
+        name, activation, dtype_name = readable(demangled)
+        family = os.path.splitext(os.path.basename(function["source"] or "cuda"))[0]
+        dtype = CUDA_DTYPES.get(dtype_name)
+        usage = function["usage"]
+        entry = {
+            "name": f"{family}/{name}", "family": family, "backend": "cuda", "arch": function["arch"],
+            "mangled": function["mangled"], "dtype": dtype_name, "activations": [activation],
+            "registers": usage.get("REG"),
+            # cuobjdump does not report spills; STACK > 0 means spills, except in sin/cos, whose CUDA math keeps
+            # a small array on the stack for the reduction of huge arguments.
+            "spill_bytes": None, "stack_bytes": usage.get("STACK"), "shared_bytes": usage.get("SHARED"),
+            "local_bytes": usage.get("LOCAL"),
+        }
+        if dtype is not None and name.startswith(("forward_act_kernel", "backward_act_kernel")):
+            n, i, forward = CUDA_REFERENCE_ELEMENTS, _itemsize(dtype), name.startswith("forward")
+            flops = (ACT_FLOPS + (0 if forward else 1)) * n
+            # half and bfloat16 compute in float32 (at::opmath_type); float64 has no mma here
+            rate = "fp64_vector" if dtype == torch.float64 else "fp32"
+            entry.update(shape={"n": n}, **roofline(flops, (2 if forward else 3) * n * i, rate))
+        entries.append(entry)
+    return entries
+
+
+# ---- report -----------------------------------------------------------------------------------------------
+
+def print_table(kernels: list[dict]) -> None:
+    def show(value, fmt="{}"):
+        return "-" if value is None else fmt.format(value)
+
+    width = max([len(k["name"]) for k in kernels] + [6])
+    header = f"{'kernel':<{width}}  {'backend':<7} {'arch':<5} {'regs':>4} {'spills':>6} {'stack':>5} " \
+             f"{'smem':>6} {'GFLOP':>9} {'MB':>9} {'roofline us':>11}  bound"
+    print(header)
+    print("-" * len(header))
+    for k in kernels:
+        gflop = None if k.get("flops") is None else k["flops"] / 1e9
+        mb = None if k.get("bytes") is None else k["bytes"] / 1e6
+        print(f"{k['name']:<{width}}  {k['backend']:<7} {k['arch']:<5} {show(k['registers']):>4} "
+              f"{show(k['spill_bytes']):>6} {show(k['stack_bytes']):>5} {show(k['shared_bytes']):>6} "
+              f"{show(gflop, '{:.4g}'):>9} {show(mb, '{:.4g}'):>9} {show(k.get('roofline_us'), '{:.3g}'):>11}  "
+              f"{k.get('bound', '-')}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "TRITON_INTERPRET" in os.environ:
+        # The interpreter must be off before fusedlayers' kernels are imported: rerun in a process without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, "-m", "bench.gpu_report", *argv], env=env).returncode
+
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_report", description="Registers, spills, shared "
+                                     "memory and roofline time of every fusedlayers kernel on sm_80/sm_90, "
+                                     "without a GPU.")
+    parser.add_argument("--json", default=DEFAULT_JSON, help=f"output file (default: {DEFAULT_JSON})")
+    parser.add_argument("--only", action="append", help="only kernels whose name contains this (repeatable)")
+    parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="only this arch (repeatable)")
+    parser.add_argument("--so", help="the extension whose CUDA kernels to read (default: fusedlayers' own)")
+    args = parser.parse_args(argv)
+    archs = args.arch or sorted(ARCHS)
+    wanted = lambda name: not args.only or any(part in name for part in args.only)  # noqa: E731
+
+    start = time.perf_counter()
+    kernels = [triton_report(launch, arch) for launch in triton_launches() if wanted(launch["name"])
+               for arch in archs]
+    so = args.so or extension_path()
+    # by name, so that a kernel's two archs are adjacent, as the Triton rows
+    cuda = sorted((k for k in cuda_reports(so) if wanted(k["name"]) and k["arch"] in archs),
+                  key=lambda k: (k["name"], k["arch"]))
+    kernels += cuda
+    notes = []
+    if cuda:
+        notes.append("spill_bytes of CUDA kernels is null: cuobjdump does not report spills. STACK > 0 indicates "
+                     "spills, except in the Sin/Cos kernels, whose CUDA math keeps a small array on the stack.")
+    elif not args.only:
+        notes.append(f"{so} holds no CUDA kernels (built without nvcc or with FUSEDLAYERS_CUDA=0; "
+                     f"HAS_NATIVE_CUDA={HAS_NATIVE_CUDA})")
+    report = {"kernels": kernels, "assumptions": ASSUMPTIONS, "formulas": FORMULAS, "extension": so,
+              "triton": triton.__version__, "notes": notes}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+
+    print_table(kernels)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"{len(kernels)} kernel entries in {time.perf_counter() - start:.0f} s; written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
