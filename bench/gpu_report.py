@@ -112,10 +112,6 @@ def _act_flops(activation: str) -> int:
     return 0 if activation == "identity" else ACT_FLOPS
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 # ---- Triton -----------------------------------------------------------------------------------------------
 # fusedlayers.triton is imported inside the functions: this module is also imported by the tests, which run with
 # TRITON_INTERPRET=1, and kernels imported under it are interpreted functions that cannot be compiled.
@@ -125,7 +121,7 @@ def _dense_launches(case: str, rows: int, n_in: int, n_out: int, activation: str
     from fusedlayers.triton import dense
     from fusedlayers.triton.activations import activation_code
 
-    M, N, K, a, i = rows, n_out, n_in, _act_flops(activation), _itemsize(dtype)
+    M, N, K, a, i = rows, n_out, n_in, _act_flops(activation), dtype.itemsize
     T = lambda: MockTensor(dtype)  # noqa: E731
     act = activation_code(activation)
     common = dict(case=case, family="dense", dtype=dtype, activations=[activation], shape={"M": M, "N": N, "K": K})
@@ -159,7 +155,7 @@ def _mlp_launches(case: str, rows: int, widths: tuple, activations: tuple, dtype
     T = lambda: MockTensor(dtype)  # noqa: E731
     per_layer = lambda: tuple(T() for _ in layers)  # noqa: E731
     parts = lambda: tuple(MockTensor(compute) for _ in layers)  # noqa: E731
-    M, w, a, i = rows, widths, [_act_flops(act) for act in activations], _itemsize(dtype)
+    M, w, a, i = rows, widths, [_act_flops(act) for act in activations], dtype.itemsize
     params = sum(w[l] * w[l + 1] + bias * w[l + 1] for l in layers)
     common = dict(case=case, family="mlp", dtype=dtype, activations=list(activations),
                   shape={"M": M, "widths": list(widths)})
@@ -169,7 +165,7 @@ def _mlp_launches(case: str, rows: int, widths: tuple, activations: tuple, dtype
     backward_flops = sum((a[l] + 1 + bias) * M * w[l + 1] + 4 * M * w[l] * w[l + 1] + (a[l - 1] * M * w[l] if l else 0)
                          for l in layers)
     backward_bytes = ((M * w[-1] + sum(M * w[l + 1] for l in layers) + sum(w[l] * w[l + 1] for l in layers)
-                       + 2 * M * w[0]) * i + programs * params * _itemsize(compute))
+                       + 2 * M * w[0]) * i + programs * params * compute.itemsize)
     return [
         dict(common, fn=mlp._fused_mlp_forward_kernel,
              args=(T(), per_layer(), per_layer() if bias else None, T(), per_layer(), M),
@@ -189,7 +185,7 @@ def _activation_launch(case: str, n: int, activation: str, dtype: torch.dtype) -
     return dict(case=case, family="mlp", dtype=dtype, activations=[activation], shape={"n": n},
                 fn=mlp._mlp_activation_kernel, args=(MockTensor(dtype), MockTensor(dtype), n),
                 meta=dict(ACT=activation_code(activation), BLOCK=mlp.ACTIVATION_BLOCK),
-                flops=_act_flops(activation) * n, bytes=2 * n * _itemsize(dtype))
+                flops=_act_flops(activation) * n, bytes=2 * n * dtype.itemsize)
 
 
 def triton_launches() -> list[dict]:
@@ -223,7 +219,8 @@ def _specialize(fn: JITFunction, backend, args: tuple, meta: dict) -> tuple:
 
 def ptxas_usage(ptx: str, arch: str, enable_fp_fusion: bool = True) -> dict:
     """Registers, spill and stack bytes of a kernel's PTX from ptxas -v, run with the flags Triton assembles
-    the PTX with (sm_90 as sm_90a, --regAllocOptLevel=2), so that they describe Triton's own binary."""
+    the PTX with (sm_90 as sm_90a, --regAllocOptLevel=2), so that they describe Triton's own binary. (Its
+    "bytes smem" is 0: Triton's shared memory is dynamic.)"""
     gpu = arch + ("a" if arch == "sm_90" else "")
     flags = ["-lineinfo", "--regAllocOptLevel=2"] + ([] if enable_fp_fusion else ["--fmad=false"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,8 +237,7 @@ def ptxas_usage(ptx: str, arch: str, enable_fp_fusion: bool = True) -> dict:
 
     stores, loads = number(r"(\d+) bytes spill stores"), number(r"(\d+) bytes spill loads")
     return {"registers": number(r"Used (\d+) registers"), "spill_bytes": stores + loads, "spill_stores": stores,
-            "spill_loads": loads, "stack_bytes": number(r"(\d+) bytes stack frame"),
-            "static_smem_bytes": number(r"(\d+) bytes smem")}
+            "spill_loads": loads, "stack_bytes": number(r"(\d+) bytes stack frame")}
 
 
 def triton_report(launch: dict, arch: str) -> dict:
@@ -252,11 +248,9 @@ def triton_report(launch: dict, arch: str) -> dict:
                                                        dict(launch["meta"], num_warps=launch["num_warps"]))
     kernel = triton.compile(ASTSource(launch["fn"], signature, constexprs, attrs), target=target,
                             options=options.__dict__)
+    # kernel.n_regs and n_spills are set only once a GPU loads the binary; ptxas gives the same registers.
     ptx = kernel.asm["ptx"]
     usage = ptxas_usage(ptx, arch, options.enable_fp_fusion)
-    # Set only once a GPU has loaded the binary.
-    if getattr(kernel, "n_regs", None) is not None:
-        usage["registers"] = kernel.n_regs
     if launch["dtype"] != torch.float64:
         rate = "fp32"
     else:
@@ -267,7 +261,7 @@ def triton_report(launch: dict, arch: str) -> dict:
         "config": dict(launch["meta"], num_warps=options.num_warps),
         "registers": usage["registers"], "spill_bytes": usage["spill_bytes"], "spill_stores": usage["spill_stores"],
         "spill_loads": usage["spill_loads"], "stack_bytes": usage["stack_bytes"],
-        # Triton's shared memory is dynamic, which ptxas does not see: its own allocation is the figure.
+        # dynamic shared memory, which ptxas does not see: Triton's own allocation
         "shared_bytes": kernel.metadata.shared,
         "shape": launch["shape"], **roofline(launch["flops"], launch["bytes"], rate),
     }
@@ -284,7 +278,7 @@ def extension_path() -> str:
 
 
 def parse_res_usage(report: str) -> list[dict]:
-    """(arch, source file, mangled name, usage) of every function in a `cuobjdump -res-usage` report."""
+    """Every function of a `cuobjdump -res-usage` report: its arch, source file, mangled name and usage."""
     functions, arch, source = [], None, None
     lines = report.splitlines()
     for line, following in zip(lines, lines[1:] + [""]):
@@ -340,7 +334,7 @@ def cuda_reports(so: str) -> list[dict]:
             "local_bytes": usage.get("LOCAL"),
         }
         if dtype is not None and name.startswith(("forward_act_kernel", "backward_act_kernel")):
-            n, i, forward = CUDA_REFERENCE_ELEMENTS, _itemsize(dtype), name.startswith("forward")
+            n, i, forward = CUDA_REFERENCE_ELEMENTS, dtype.itemsize, name.startswith("forward")
             flops = (ACT_FLOPS + (0 if forward else 1)) * n
             # half and bfloat16 compute in float32 (at::opmath_type); float64 has no mma here
             rate = "fp64_vector" if dtype == torch.float64 else "fp32"
