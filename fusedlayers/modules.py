@@ -117,6 +117,8 @@ class FusedMLP(nn.Module):
             _linear_init(getattr(self, f"weight{i}"), getattr(self, f"bias{i}"))
 
     def forward(self, x: Tensor) -> Tensor:
+        # The op directly: the names were checked when the module was built, and for tiny networks the
+        # per-call Python work is a visible part of the time.
         return FL._mlp(x, self.weights(), self.biases() or [], self.activations, self.save == "preact",
                        FL.resolve_backend(self.backend, x.device))
 
