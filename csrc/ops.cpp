@@ -63,7 +63,8 @@ c10::TypedOperatorHandle<DenseBackwardFn> dense_backward_op(bool triton) {
 }
 
 // One autograd node per dense layer. It saves x, weight, bias and (unless recomputing) the pre-activation;
-// the backward is the dense_backward op, differentiable in turn wherever that op has an autograd formula.
+// the backward is the dense_backward op, so a double backward reaches that op's autograd kernel: for now
+// autogradNotImplementedFallback, which raises (never a silent zero) until the op gets a formula.
 class DenseFunction : public torch::autograd::Function<DenseFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
