@@ -140,6 +140,23 @@ void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x
     const M* h = l == 0 ? x : hs + act_off - in * R;
     dense_backward_rows<M>(net.acts[l], g, z, dz, nullptr, 0, 1, n * R);
     M* dwl = dw + w_off;
+    if (R == 1) {  // one row (a single vector): outer products, vectorized over the inputs instead
+      for (int64_t o = 0; o < n; ++o) {
+        if (db) db[b_off + o] += dz[o];
+        M* __restrict__ dwo = dwl + o * in;
+#pragma omp simd
+        for (int64_t k = 0; k < in; ++k) dwo[k] += dz[o] * h[k];
+      }
+      if (l == 0 && !dx) break;
+      M* __restrict__ gin = l == 0 ? dx : g;
+      for (int64_t k = 0; k < in; ++k) gin[k] = M(0);
+      for (int64_t o = 0; o < n; ++o) {
+        const M* __restrict__ wo = net.w[l] + o * in;
+#pragma omp simd
+        for (int64_t k = 0; k < in; ++k) gin[k] += wo[k] * dz[o];
+      }
+      continue;
+    }
     for (int64_t o = 0; o < n; ++o) {
       const M* dzo = dz + o * R;
       if (db) {

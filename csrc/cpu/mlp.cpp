@@ -70,8 +70,14 @@ Net<T> net_of(const Shape& s, at::TensorList weights, at::TensorList biases, con
   net.widths = s.widths;
   net.acts = acts;
   const auto math = c10::CppTypeToScalarType<M>::value;
-  for (const auto& w : weights) net.w.push_back(net.keep.emplace_back(w.to(math).contiguous()).template data_ptr<M>());
-  for (const auto& b : biases) net.b.push_back(net.keep.emplace_back(b.to(math).contiguous()).template data_ptr<M>());
+  // Parameters already in the math type and contiguous (the usual case) are read in place without an ATen
+  // call: for a tiny network each call costs about as much as a layer's arithmetic.
+  auto in_math = [&](const at::Tensor& t) -> const M* {
+    if (t.scalar_type() == math && t.is_contiguous()) return t.template const_data_ptr<M>();
+    return net.keep.emplace_back(t.to(math).contiguous()).template const_data_ptr<M>();
+  };
+  for (const auto& w : weights) net.w.push_back(in_math(w));
+  for (const auto& b : biases) net.b.push_back(in_math(b));
   return net;
 }
 
