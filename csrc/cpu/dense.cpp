@@ -9,82 +9,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "cpu/kernels.h"
 #include "dense.h"
 
 namespace fusedlayers::cpu {
-
-enum class Isa { Default, AVX2, AVX512 };
-
-// The widest instruction set this CPU runs; FUSEDLAYERS_CPU_ISA=default|avx2 caps it (the tests run every
-// variant that way).
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    const char* cap = std::getenv("FUSEDLAYERS_CPU_ISA");
-    const std::string want = cap ? cap : "avx512";
-    TORCH_CHECK_VALUE(want == "default" || want == "avx2" || want == "avx512",
-                      "FUSEDLAYERS_CPU_ISA must be default, avx2 or avx512, got '", want, "'");
-    if (want == "avx512" && cpu_has_avx512()) return Isa::AVX512;
-    if (want != "default" && cpu_has_avx2()) return Isa::AVX2;
-    return Isa::Default;
-  }();
-  return isa;
-}
-
-template <typename T>
-void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z) {
-  auto kernel = cpu_isa() == Isa::AVX512 ? isa_avx512::dense_forward_rows<T>
-                : cpu_isa() == Isa::AVX2 ? isa_avx2::dense_forward_rows<T>
-                                         : isa_default::dense_forward_rows<T>;
-  kernel(a, bias, z, y, begin, end, cols, store_z);
-}
-
-template <typename T>
-void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols) {
-  auto kernel = cpu_isa() == Isa::AVX512 ? isa_avx512::dense_backward_rows<T>
-                : cpu_isa() == Isa::AVX2 ? isa_avx2::dense_backward_rows<T>
-                                         : isa_default::dense_backward_rows<T>;
-  kernel(a, g, z, dz, db, begin, end, cols);
-}
-
-template <typename M>
-void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y) {
-  auto kernel = cpu_isa() == Isa::AVX512 ? isa_avx512::mlp_tile_forward<M>
-                : cpu_isa() == Isa::AVX2 ? isa_avx2::mlp_tile_forward<M>
-                                         : isa_default::mlp_tile_forward<M>;
-  kernel(net, R, workspace, x, y);
-}
-
-template <typename M>
-void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, const M* g, M* dx, M* dw, M* db) {
-  auto kernel = cpu_isa() == Isa::AVX512 ? isa_avx512::mlp_tile_backward<M>
-                : cpu_isa() == Isa::AVX2 ? isa_avx2::mlp_tile_backward<M>
-                                         : isa_default::mlp_tile_backward<M>;
-  kernel(net, R, workspace, x, g, dx, dw, db);
-}
-
-int64_t mlp_tile_workspace(int64_t layers, const int64_t* widths) {
-  int64_t sum = 0, max_width = 0;
-  for (int64_t l = 0; l <= layers; ++l) max_width = std::max(max_width, widths[l]);
-  for (int64_t l = 1; l <= layers; ++l) sum += widths[l];
-  return (2 * sum + 2 * max_width) * kMlpTileRows;  // every h and z of the tile, the gradient and dz
-}
-
-template void mlp_tile_forward<float>(const MlpNet<float>&, int64_t, float*, const float*, float*);
-template void mlp_tile_forward<double>(const MlpNet<double>&, int64_t, double*, const double*, double*);
-template void mlp_tile_backward<float>(const MlpNet<float>&, int64_t, float*, const float*, const float*, float*,
-                                       float*, float*);
-template void mlp_tile_backward<double>(const MlpNet<double>&, int64_t, double*, const double*, const double*,
-                                        double*, double*, double*);
-template void forward_rows<float>(Activation, const float*, float*, float*, int64_t, int64_t, int64_t, bool);
-template void forward_rows<double>(Activation, const double*, double*, double*, int64_t, int64_t, int64_t, bool);
-template void backward_rows<float>(Activation, const float*, const float*, float*, float*, int64_t, int64_t, int64_t);
-template void backward_rows<double>(Activation, const double*, const double*, double*, double*, int64_t, int64_t,
-                                    int64_t);
 
 namespace {
 
@@ -289,15 +219,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
 
 }  // namespace
 }  // namespace fusedlayers::cpu
-
-TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
-  // Which instruction set the CPU kernels run with: "default", "avx2" or "avx512".
-  m.def("cpu_isa() -> str", [] {
-    using fusedlayers::cpu::Isa;
-    const Isa isa = fusedlayers::cpu::cpu_isa();
-    return std::string(isa == Isa::AVX512 ? "avx512" : isa == Isa::AVX2 ? "avx2" : "default");
-  });
-}
 
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
   m.impl("dense_forward", &fusedlayers::cpu::dense_forward);

@@ -13,6 +13,14 @@ namespace fusedlayers::cpu {
 
 constexpr int64_t kMlpTileRows = 32;
 
+// What the tile kernels' workspace is made of: every layer's output h and pre-activation z (outputs =
+// widths[1] + ... + widths[L] rows of the tile each), then the gradient flowing back and dz (max_width rows
+// each), so 2 * (outputs + max_width) * R elements for a tile of R rows.
+struct MlpNetSizes {
+  int64_t outputs;
+  int64_t max_width;
+};
+
 // A narrow network in the math type M (float or double): layer l maps widths[l] -> widths[l + 1] with the
 // row-major weights w[l] (widths[l + 1] x widths[l]), biases b[l] (b null without biases), activation acts[l].
 template <typename M>
@@ -22,10 +30,8 @@ struct MlpNet {
   const Activation* acts;
   const M* const* w;
   const M* const* b;
+  MlpNetSizes sizes;
 };
-
-// Elements of workspace the tile kernels need for net.
-int64_t mlp_tile_workspace(int64_t layers, const int64_t* widths);
 
 #define FL_DECLARE_CPU_KERNELS(ISA)                                                                              \
   namespace ISA {                                                                                                \
@@ -53,7 +59,7 @@ FL_DECLARE_CPU_KERNELS(isa_avx512)
 #undef FL_DECLARE_CPU_KERNELS
 
 // The kernels of the widest instruction set this CPU runs (capped by FUSEDLAYERS_CPU_ISA), for float and
-// double; defined in dense.cpp.
+// double; defined in kernels.cpp.
 template <typename T>
 void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z);
 template <typename T>

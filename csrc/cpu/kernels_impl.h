@@ -106,23 +106,18 @@ const M* tile_forward_keep(const MlpNet<M>& net, M* hs, M* zs, const M* x, int64
 
 template <typename M>
 void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y) {
-  int64_t sum = 0;
-  for (int64_t l = 1; l <= net.layers; ++l) sum += net.widths[l];
-  const M* h = tile_forward_keep(net, workspace, workspace + sum * R, x, R);
+  const M* h = tile_forward_keep(net, workspace, workspace + net.sizes.outputs * R, x, R);
   std::copy(h, h + net.widths[net.layers] * R, y);
 }
 
 template <typename M>
 void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, const M* g_out, M* dx, M* dw,
                        M* db) {
-  const int64_t L = net.layers;
-  int64_t sum = 0, max_width = 0;
-  for (int64_t l = 0; l <= L; ++l) max_width = std::max(max_width, net.widths[l]);
-  for (int64_t l = 1; l <= L; ++l) sum += net.widths[l];
-  M* hs = workspace;            // h_1..h_L, each (n_l x R)
-  M* zs = hs + sum * R;         // z_0..z_{L-1}
-  M* g = zs + sum * R;          // the gradient flowing back, (max_width x R)
-  M* dz = g + max_width * R;
+  const int64_t L = net.layers, sum = net.sizes.outputs;
+  M* hs = workspace;                   // h_1..h_L, each (n_l x R)
+  M* zs = hs + sum * R;                // z_0..z_{L-1}
+  M* g = zs + sum * R;                 // the gradient flowing back, (max_width x R)
+  M* dz = g + net.sizes.max_width * R;
   tile_forward_keep(net, hs, zs, x, R);
   std::copy(g_out, g_out + net.widths[L] * R, g);
   // Offsets of layer l's h input, z, dW and db.

@@ -29,7 +29,7 @@ struct Shape {
   int64_t rows = 0;
   std::vector<int64_t> widths;  // n_0 (in), n_1, ..., n_L (out)
   int64_t macs_per_row = 0;
-  int64_t max_width = 0;
+  MlpNetSizes sizes{0, 0};  // sum of the layers' output widths, widest layer
 };
 
 Shape shape_of(const at::Tensor& x, at::TensorList weights) {
@@ -38,18 +38,17 @@ Shape shape_of(const at::Tensor& x, at::TensorList weights) {
   s.widths.push_back(x.size(-1));
   for (const auto& w : weights) {
     s.macs_per_row += w.size(0) * w.size(1);
+    s.sizes.outputs += w.size(0);
     s.widths.push_back(w.size(0));
   }
-  s.max_width = *std::max_element(s.widths.begin(), s.widths.end());
+  s.sizes.max_width = *std::max_element(s.widths.begin(), s.widths.end());
   return s;
 }
 
 bool takes_fused_path(const Shape& s) {
-  return s.max_width <= kMaxFusedWidth && s.rows * s.macs_per_row <= kMaxFusedMacs;
+  return s.sizes.max_width <= kMaxFusedWidth && s.rows * s.macs_per_row <= kMaxFusedMacs;
 }
 
-// The parameters as the loops read them: W_l (n x in) as given for the backward, and W_l transposed
-// (in x n) in the math type for the forward, whose inner loop runs over a layer's outputs.
 // The network in the math type M: float and double parameters are read in place, bfloat16 ones converted.
 template <typename T>
 struct Net {
@@ -58,9 +57,13 @@ struct Net {
   std::vector<int64_t> widths;
   std::vector<Activation> acts;
   std::vector<const M*> w, b;
+  MlpNetSizes sizes;
   MlpNet<M> view() const {
-    return {static_cast<int64_t>(acts.size()), widths.data(), acts.data(), w.data(), b.empty() ? nullptr : b.data()};
+    return {static_cast<int64_t>(acts.size()), widths.data(), acts.data(), w.data(), b.empty() ? nullptr : b.data(),
+            sizes};
   }
+  // Elements of the tile kernels' workspace for tiles of R rows (see MlpNetSizes).
+  int64_t workspace(int64_t R) const { return 2 * (sizes.outputs + sizes.max_width) * R; }
 };
 
 template <typename T>
@@ -69,6 +72,7 @@ Net<T> net_of(const Shape& s, at::TensorList weights, at::TensorList biases, con
   Net<T> net;
   net.widths = s.widths;
   net.acts = acts;
+  net.sizes = s.sizes;
   const auto math = c10::CppTypeToScalarType<M>::value;
   // Parameters already in the math type and contiguous (the usual case) are read in place without an ATen
   // call: for a tiny network each call costs about as much as a layer's arithmetic.
@@ -103,7 +107,7 @@ void fused_forward(const Shape& s, const Net<T>& net, const T* x, T* y) {
   using M = at::opmath_type<T>;
   const auto view = net.view();
   const int64_t R = tile_rows(s), in = s.widths.front(), out = s.widths.back();
-  std::vector<M> ws(mlp_tile_workspace(view.layers, view.widths)), xt(in * R), yt(out * R);
+  std::vector<M> ws(net.workspace(R)), xt(in * R), yt(out * R);
   for (int64_t r0 = 0; r0 < s.rows; r0 += R) {
     const int64_t count = std::min(R, s.rows - r0);
     load_tile(x, r0, count, in, R, xt.data());
@@ -126,7 +130,7 @@ void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad
   }
   std::vector<M> acc(w_size + b_size, M(0));  // every layer's dW, then every layer's db
   const int64_t R = tile_rows(s);
-  std::vector<M> ws(mlp_tile_workspace(L, view.widths)), xt(in * R), gt(out * R), dxt(dx ? in * R : 0);
+  std::vector<M> ws(net.workspace(R)), xt(in * R), gt(out * R), dxt(dx ? in * R : 0);
   for (int64_t r0 = 0; r0 < s.rows; r0 += R) {
     const int64_t count = std::min(R, s.rows - r0);
     load_tile(x, r0, count, in, R, xt.data());

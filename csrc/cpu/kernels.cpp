@@ -1,0 +1,75 @@
+// Which instruction set's kernels (kernels.h) run: the widest this CPU has, chosen once at first use.
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "cpu/kernels.h"
+
+namespace fusedlayers::cpu {
+
+enum class Isa { Default, AVX2, AVX512 };
+
+// FUSEDLAYERS_CPU_ISA=default|avx2 caps the choice (the tests run every variant that way).
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    const char* cap = std::getenv("FUSEDLAYERS_CPU_ISA");
+    const std::string want = cap ? cap : "avx512";
+    TORCH_CHECK_VALUE(want == "default" || want == "avx2" || want == "avx512",
+                      "FUSEDLAYERS_CPU_ISA must be default, avx2 or avx512, got '", want, "'");
+    if (want == "avx512" && cpu_has_avx512()) return Isa::AVX512;
+    if (want != "default" && cpu_has_avx2()) return Isa::AVX2;
+    return Isa::Default;
+  }();
+  return isa;
+}
+
+// The kernel `name` instantiated for T, in the chosen instruction set's namespace.
+#define FL_CHOSEN_KERNEL(name, T)                                                                  \
+  (cpu_isa() == Isa::AVX512 ? isa_avx512::name<T> : cpu_isa() == Isa::AVX2 ? isa_avx2::name<T> \
+                                                                           : isa_default::name<T>)
+
+template <typename T>
+void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z) {
+  FL_CHOSEN_KERNEL(dense_forward_rows, T)(a, bias, z, y, begin, end, cols, store_z);
+}
+
+template <typename T>
+void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols) {
+  FL_CHOSEN_KERNEL(dense_backward_rows, T)(a, g, z, dz, db, begin, end, cols);
+}
+
+template <typename M>
+void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y) {
+  FL_CHOSEN_KERNEL(mlp_tile_forward, M)(net, R, workspace, x, y);
+}
+
+template <typename M>
+void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, const M* g, M* dx, M* dw, M* db) {
+  FL_CHOSEN_KERNEL(mlp_tile_backward, M)(net, R, workspace, x, g, dx, dw, db);
+}
+
+#undef FL_CHOSEN_KERNEL
+
+template void forward_rows<float>(Activation, const float*, float*, float*, int64_t, int64_t, int64_t, bool);
+template void forward_rows<double>(Activation, const double*, double*, double*, int64_t, int64_t, int64_t, bool);
+template void backward_rows<float>(Activation, const float*, const float*, float*, float*, int64_t, int64_t, int64_t);
+template void backward_rows<double>(Activation, const double*, const double*, double*, double*, int64_t, int64_t,
+                                    int64_t);
+template void mlp_tile_forward<float>(const MlpNet<float>&, int64_t, float*, const float*, float*);
+template void mlp_tile_forward<double>(const MlpNet<double>&, int64_t, double*, const double*, double*);
+template void mlp_tile_backward<float>(const MlpNet<float>&, int64_t, float*, const float*, const float*, float*,
+                                       float*, float*);
+template void mlp_tile_backward<double>(const MlpNet<double>&, int64_t, double*, const double*, const double*,
+                                        double*, double*, double*);
+
+}  // namespace fusedlayers::cpu
+
+TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
+  // Which instruction set the CPU kernels run with: "default", "avx2" or "avx512".
+  m.def("cpu_isa() -> str", [] {
+    using fusedlayers::cpu::Isa;
+    const Isa isa = fusedlayers::cpu::cpu_isa();
+    return std::string(isa == Isa::AVX512 ? "avx512" : isa == Isa::AVX2 ? "avx2" : "default");
+  });
+}
