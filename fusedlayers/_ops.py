@@ -31,6 +31,12 @@ def available_backends() -> list[str]:
     return found
 
 
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Maps a user's backend choice for tensors on `device` to the kernel family the C++ op calls:
     "native" (the C++ CPU or CUDA kernels, picked by the dispatcher from the device) or "triton"."""
@@ -49,9 +55,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                                "importing fusedlayers); move the tensors to a GPU otherwise")
         from .triton import dense, mlp  # noqa: F401  (registers the triton_* kernels)
         return "triton"
-    if backend in BACKENDS:
-        raise ValueError(f"backend={backend!r} cannot run tensors on device {device.type!r}")
-    raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
+    check_backend(backend)
+    raise ValueError(f"backend={backend!r} cannot run tensors on device {device.type!r}")
 
 
 # ---- argument checks and fake kernels -------------------------------------------------------------------

@@ -7,6 +7,22 @@ from .activations import check_activation
 
 SAVE_POLICIES = ("preact", "recompute")
 
+def saves_preact(save: str) -> bool:
+    """The save policy as the ops take it (True: keep the pre-activations); ValueError if unknown."""
+    if save not in SAVE_POLICIES:
+        raise ValueError(f"unknown save policy {save!r}; expected one of: {', '.join(SAVE_POLICIES)}")
+    return save == "preact"
+
+
+def mlp_activations(layers: int, activation: str | list[str], output_activation: str) -> list[str]:
+    """One checked activation name per layer: `activation` (one name, or one per hidden layer) for the
+    hidden layers, `output_activation` for the last."""
+    hidden = [activation] * (layers - 1) if isinstance(activation, str) else list(activation)
+    if len(hidden) != layers - 1:
+        raise ValueError(f"expected one activation per hidden layer ({layers - 1}), got {len(hidden)}")
+    return [check_activation(a) for a in hidden] + [check_activation(output_activation)]
+
+
 _dense = torch.ops.fusedlayers.dense.default
 _mlp = torch.ops.fusedlayers.mlp.default
 
@@ -21,9 +37,7 @@ def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str
     recomputes z in the backward (one more GEMM, less memory).
     """
     check_activation(activation)
-    if save not in SAVE_POLICIES:
-        raise ValueError(f"unknown save policy {save!r}; expected one of: {', '.join(SAVE_POLICIES)}")
-    return _dense(x, weight, bias, activation, save == "preact", resolve_backend(backend, x.device))
+    return _dense(x, weight, bias, activation, saves_preact(save), resolve_backend(backend, x.device))
 
 
 def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activation: str | list[str],
@@ -34,11 +48,6 @@ def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activatio
     activation: one name for every hidden layer, or a list with one per hidden layer (L - 1 names);
     output_activation: the last layer's. biases: None or one per layer. backend, save: as in dense().
     """
-    hidden = [activation] * (len(weights) - 1) if isinstance(activation, str) else list(activation)
-    if len(hidden) != len(weights) - 1:
-        raise ValueError(f"expected one activation per hidden layer ({len(weights) - 1}), got {len(hidden)}")
-    activations = [check_activation(a) for a in hidden] + [check_activation(output_activation)]
-    if save not in SAVE_POLICIES:
-        raise ValueError(f"unknown save policy {save!r}; expected one of: {', '.join(SAVE_POLICIES)}")
-    return _mlp(x, weights, [] if biases is None else biases, activations, save == "preact",
+    activations = mlp_activations(len(weights), activation, output_activation)
+    return _mlp(x, weights, [] if biases is None else biases, activations, saves_preact(save),
                 resolve_backend(backend, x.device))

@@ -5,18 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as FL
-from ._ops import BACKENDS
+from ._ops import check_backend
 from .activations import REFERENCE, check_activation, name_of_module
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
-
-
-def _check_save(save: str) -> None:
-    if save not in FL.SAVE_POLICIES:
-        raise ValueError(f"unknown save policy {save!r}; expected one of: {', '.join(FL.SAVE_POLICIES)}")
 
 
 def _linear_init(weight: nn.Parameter, bias: nn.Parameter | None) -> None:
@@ -34,9 +24,8 @@ class FusedDense(nn.Module):
                  device=None, dtype=None, backend: str = "auto", save: str = "preact") -> None:
         super().__init__()
         self.activation = check_activation(activation)
-        _check_save(save)
-        _check_backend(backend)
-        self.backend = backend
+        FL.saves_preact(save)
+        self.backend = check_backend(backend)
         self.save = save
         self.in_features = in_features
         self.out_features = out_features
@@ -85,13 +74,9 @@ class FusedMLP(nn.Module):
         if len(sizes) < 2:
             raise ValueError(f"sizes must list at least the input and output widths, got {list(sizes)}")
         layers = len(sizes) - 1
-        hidden = [activation] * (layers - 1) if isinstance(activation, str) else list(activation)
-        if len(hidden) != layers - 1:
-            raise ValueError(f"expected one activation per hidden layer ({layers - 1}), got {len(hidden)}")
-        self.activations = [check_activation(a) for a in hidden] + [check_activation(output_activation)]
-        _check_backend(backend)
-        _check_save(save)
-        self.sizes, self.backend, self.save = list(sizes), backend, save
+        self.activations = FL.mlp_activations(layers, activation, output_activation)
+        self.sizes, self.backend, self.save = list(sizes), check_backend(backend), save
+        FL.saves_preact(save)
         self._weight_names = [f"weight{i}" for i in range(layers)]
         self._bias_names = [f"bias{i}" for i in range(layers)]
         factory = {"device": device, "dtype": dtype}
@@ -119,7 +104,7 @@ class FusedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The op directly: the names were checked when the module was built, and for tiny networks the
         # per-call Python work is a visible part of the time.
-        return FL._mlp(x, self.weights(), self.biases() or [], self.activations, self.save == "preact",
+        return FL._mlp(x, self.weights(), self.biases() or [], self.activations, FL.saves_preact(self.save),
                        FL.resolve_backend(self.backend, x.device))
 
     @classmethod
