@@ -227,6 +227,29 @@ TORCH_LIBRARY(fusedlayers, m) {
   FL_DEF_MLP_KERNELS("")
   FL_DEF_MLP_KERNELS("triton_")
 #undef FL_DEF_MLP_KERNELS
+
+  // Softmax cross-entropy, one row per sample: logits (N, C) contiguous, target (N,) int64, weight (C,) or
+  // None, one device. Math in float32 (float64 for float64 logits). With z = softcap * tanh(logits / softcap)
+  // (z = logits when softcap is None), w = weight (ones when None), W = sum(w), eps = label_smoothing,
+  // t = target[i], kept = t != ignore_index (a kept t outside [0, C) is an error: raised on CPU, a
+  // device-side assert on CUDA, never a host synchronization):
+  //   lse[i]  = logsumexp(z[i])
+  //   loss[i] = kept * (w[t] * ((1 - eps) * (lse[i] - z[i, t]) + z_loss * lse[i]^2)
+  //                     + eps / C * sum_c w[c] * (lse[i] - z[i, c]))
+  // loss and lse are (N,) in the math dtype. The backward returns d(sum_i grad_loss[i] * loss[i] +
+  // grad_lse[i] * lse[i]) / d logits, (N, C) in the logits' dtype, with p = softmax(z[i]):
+  //   kept * grad_loss[i] * (w[t] * ((1 - eps) * (p - onehot(t)) + 2 * z_loss * lse[i] * p)
+  //                          + eps / C * (W * p - w)) + grad_lse[i] * p,
+  // times 1 - tanh(logits / softcap)^2 with a softcap. grad_lse None means zero.
+#define FL_DEF_CE_KERNELS(prefix)                                                                               \
+  m.def(prefix "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "          \
+               "float label_smoothing, float z_loss, float? softcap) -> (Tensor, Tensor)");                     \
+  m.def(prefix "cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, "       \
+               "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "             \
+               "float? softcap) -> Tensor");
+  FL_DEF_CE_KERNELS("")
+  FL_DEF_CE_KERNELS("triton_")
+#undef FL_DEF_CE_KERNELS
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
