@@ -71,6 +71,9 @@ class DenseFunction : public torch::autograd::Function<DenseFunction> {
                             const std::optional<at::Tensor>& bias, c10::string_view activation, bool save_preact,
                             c10::string_view backend) {
     const bool triton = is_triton(backend);
+    // Straight to the backend kernel: through the kernel op's Autograd key (the boxed not-implemented
+    // fallback) the call would cost more than a small layer's arithmetic.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, preact] = dense_forward_op(triton).call(x, weight, bias, activation, save_preact);
     const bool has_preact = save_preact && !derivative_is_constant(parse_activation(activation));
     ctx->save_for_backward({x, weight, bias.value_or(at::Tensor()), has_preact ? preact : at::Tensor()});
@@ -86,6 +89,9 @@ class DenseFunction : public torch::autograd::Function<DenseFunction> {
     std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                 bias.defined() && ctx->needs_input_grad(2)};
     at::Tensor dx, dw, db;
+    // Without create_graph nothing records the kernel's outputs: skip its Autograd key (see forward).
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
     if (grads[0].defined() && (mask[0] || mask[1] || mask[2])) {
       std::tie(dx, dw, db) = dense_backward_op(ctx->saved_data["triton"].toBool())
                                  .call(grads[0], saved[0], saved[1],
@@ -141,6 +147,7 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
                             const std::vector<std::string>& activations, bool save, c10::string_view backend) {
     const bool triton = is_triton(backend);
     save = save && !(!triton && cpu::mlp_cpu_recomputes(x, weights));
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseFunction::forward
     auto [y, saved] = mlp_forward_op(triton).call(x, weights, biases, activations, save);
     std::vector<at::Tensor> to_save{x};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
@@ -166,6 +173,8 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
     for (const auto& a : ctx->saved_data["activations"].toList()) activations.push_back(a.get().toStringRef());
     variable_list out(1 + L + (has_bias ? L : 0) + 3);
     if (!grads[0].defined()) return out;
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;  // as in DenseFunction::backward
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
     auto [dx, dweights, dbiases] = mlp_backward_op(ctx->saved_data["triton"].toBool())
                                        .call(grads[0], all[0], weights, biases, saved, activations,
                                              ctx->needs_input_grad(0));

@@ -72,6 +72,16 @@ namespace {
 template <typename M>
 void tile_linear(const M* w, const M* b, const M* __restrict__ h, M* __restrict__ z, int64_t in, int64_t n,
                  int64_t R) {
+  if (R == 1) {  // one row (a single vector): dot products, vectorized over the inputs instead
+    for (int64_t o = 0; o < n; ++o) {
+      const M* __restrict__ wo = w + o * in;
+      M s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < in; ++k) s += wo[k] * h[k];
+      z[o] = s + (b ? b[o] : M(0));
+    }
+    return;
+  }
   for (int64_t o = 0; o < n; ++o) {
     M* __restrict__ zo = z + o * R;
     const M bias = b ? b[o] : M(0);

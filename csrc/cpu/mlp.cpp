@@ -85,6 +85,15 @@ Net<T> net_of(const Shape& s, at::TensorList weights, at::TensorList biases, con
   return net;
 }
 
+// A per-thread buffer of at least n elements, kept between calls: a tiny network's whole call costs about as
+// much as one heap allocation. The fused path's sizes are bounded (takes_fused_path), and so is this.
+template <typename M>
+M* scratch(int64_t n) {
+  thread_local std::vector<M> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // Rows per tile: kMlpTileRows, or all of them when fewer (a single vector computes one lane, not 32).
 int64_t tile_rows(const Shape& s) { return std::max<int64_t>(1, std::min(kMlpTileRows, s.rows)); }
 
@@ -107,12 +116,14 @@ void fused_forward(const Shape& s, const Net<T>& net, const T* x, T* y) {
   using M = at::opmath_type<T>;
   const auto view = net.view();
   const int64_t R = tile_rows(s), in = s.widths.front(), out = s.widths.back();
-  std::vector<M> ws(net.workspace(R)), xt(in * R), yt(out * R);
+  M* ws = scratch<M>(net.workspace(R) + (in + out) * R);
+  M* xt = ws + net.workspace(R);
+  M* yt = xt + in * R;
   for (int64_t r0 = 0; r0 < s.rows; r0 += R) {
     const int64_t count = std::min(R, s.rows - r0);
-    load_tile(x, r0, count, in, R, xt.data());
-    mlp_tile_forward<M>(view, R, ws.data(), xt.data(), yt.data());
-    store_tile(yt.data(), r0, count, out, R, y);
+    load_tile(x, r0, count, in, R, xt);
+    mlp_tile_forward<M>(view, R, ws, xt, yt);
+    store_tile(yt, r0, count, out, R, y);
   }
 }
 
@@ -128,22 +139,25 @@ void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad
     w_size += s.widths[l] * s.widths[l + 1];
     b_size += s.widths[l + 1];
   }
-  std::vector<M> acc(w_size + b_size, M(0));  // every layer's dW, then every layer's db
   const int64_t R = tile_rows(s);
-  std::vector<M> ws(net.workspace(R)), xt(in * R), gt(out * R), dxt(dx ? in * R : 0);
+  M* acc = scratch<M>(w_size + b_size + net.workspace(R) + (2 * in + out) * R);
+  std::fill(acc, acc + w_size + b_size, M(0));  // every layer's dW, then every layer's db
+  M* ws = acc + w_size + b_size;
+  M* xt = ws + net.workspace(R);
+  M* gt = xt + in * R;
+  M* dxt = gt + out * R;
   for (int64_t r0 = 0; r0 < s.rows; r0 += R) {
     const int64_t count = std::min(R, s.rows - r0);
-    load_tile(x, r0, count, in, R, xt.data());
-    load_tile(grad_out, r0, count, out, R, gt.data());  // zero rows past count: they add nothing
-    mlp_tile_backward<M>(view, R, ws.data(), xt.data(), gt.data(), dx ? dxt.data() : nullptr, acc.data(),
-                         db.empty() ? nullptr : acc.data() + w_size);
-    if (dx) store_tile(dxt.data(), r0, count, in, R, dx);
+    load_tile(x, r0, count, in, R, xt);
+    load_tile(grad_out, r0, count, out, R, gt);  // zero rows past count: they add nothing
+    mlp_tile_backward<M>(view, R, ws, xt, gt, dx ? dxt : nullptr, acc, db.empty() ? nullptr : acc + w_size);
+    if (dx) store_tile(dxt, r0, count, in, R, dx);
   }
   int64_t w_off = 0, b_off = w_size;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t nw = s.widths[l] * s.widths[l + 1], nb = s.widths[l + 1];
-    std::copy(acc.begin() + w_off, acc.begin() + w_off + nw, dw[l]);
-    if (!db.empty()) std::copy(acc.begin() + b_off, acc.begin() + b_off + nb, db[l]);
+    std::copy(acc + w_off, acc + w_off + nw, dw[l]);
+    if (!db.empty()) std::copy(acc + b_off, acc + b_off + nb, db[l]);
     w_off += nw;
     b_off += nb;
   }
