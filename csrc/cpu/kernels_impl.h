@@ -68,6 +68,41 @@ void dense_backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int
 
 namespace {
 
+// out (rows x R) = A (rows x inner) @ h (inner x R) + bias, with A[i, j] = a[i * sa_i + j * sa_j], so that one
+// loop serves W (the forward) and W^T (the gradient of a layer's input). A full tile keeps its rows of out
+// in vector registers across the whole reduction.
+template <typename M>
+void tile_matmul(const M* a, int64_t sa_i, int64_t sa_j, const M* bias, const M* __restrict__ h,
+                 M* __restrict__ out, int64_t rows, int64_t inner, int64_t R) {
+  using V = at::vec::Vectorized<M>;
+  constexpr int64_t kVectors = kMlpTileRows / V::size();
+  static_assert(kMlpTileRows % V::size() == 0, "a full tile is a whole number of vectors");
+  if (R == kMlpTileRows) {
+    for (int64_t i = 0; i < rows; ++i) {
+      V acc[kVectors];
+      for (auto& v : acc) v = V(bias ? bias[i] : M(0));
+      for (int64_t j = 0; j < inner; ++j) {
+        const V aij(a[i * sa_i + j * sa_j]);
+        const M* hj = h + j * R;
+        for (int64_t v = 0; v < kVectors; ++v) acc[v] = at::vec::fmadd(aij, V::loadu(hj + v * V::size()), acc[v]);
+      }
+      for (int64_t v = 0; v < kVectors; ++v) acc[v].store(out + i * R + v * V::size());
+    }
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    M* __restrict__ oi = out + i * R;
+    const M b = bias ? bias[i] : M(0);
+    for (int64_t r = 0; r < R; ++r) oi[r] = b;
+    for (int64_t j = 0; j < inner; ++j) {
+      const M aij = a[i * sa_i + j * sa_j];
+      const M* __restrict__ hj = h + j * R;
+#pragma omp simd
+      for (int64_t r = 0; r < R; ++r) oi[r] += aij * hj[r];
+    }
+  }
+}
+
 // z (n x R) = W (n x in) h (in x R) + b
 template <typename M>
 void tile_linear(const M* w, const M* b, const M* __restrict__ h, M* __restrict__ z, int64_t in, int64_t n,
@@ -82,17 +117,7 @@ void tile_linear(const M* w, const M* b, const M* __restrict__ h, M* __restrict_
     }
     return;
   }
-  for (int64_t o = 0; o < n; ++o) {
-    M* __restrict__ zo = z + o * R;
-    const M bias = b ? b[o] : M(0);
-    for (int64_t r = 0; r < R; ++r) zo[r] = bias;
-    for (int64_t k = 0; k < in; ++k) {
-      const M wk = w[o * in + k];
-      const M* __restrict__ hk = h + k * R;
-#pragma omp simd
-      for (int64_t r = 0; r < R; ++r) zo[r] += wk * hk[r];
-    }
-  }
+  tile_matmul(w, in, 1, b, h, z, n, in, R);
 }
 
 // The tile's forward keeping every layer's input h_l (in hs) and pre-activation z_l (in zs); returns h_L.
@@ -179,17 +204,8 @@ void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x
       }
     }
     if (l == 0 && !dx) break;
-    M* gin = l == 0 ? dx : g;  // g is free again: dz holds what layer l needs
-    for (int64_t i = 0; i < in * R; ++i) gin[i] = M(0);
-    for (int64_t o = 0; o < n; ++o) {
-      const M* dzo = dz + o * R;
-      for (int64_t k = 0; k < in; ++k) {
-        const M wk = net.w[l][o * in + k];
-        M* __restrict__ gk = gin + k * R;
-#pragma omp simd
-        for (int64_t r = 0; r < R; ++r) gk[r] += wk * dzo[r];
-      }
-    }
+    // g is free again (dz holds what layer l needs): g (in x R) = W^T dz
+    tile_matmul(net.w[l], 1, in, static_cast<const M*>(nullptr), dz, l == 0 ? dx : g, in, n, R);
   }
 }
 
