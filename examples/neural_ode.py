@@ -132,8 +132,7 @@ def main(argv=None) -> None:
             if step:  # the first step warms up
                 run["ms"].append(elapsed * 1e3)
                 run["nfe_fwd"].append(nfe_fwd)
-                # Backprop through odeint calls no field: autograd replays each call's backward once.
-                run["nfe_bwd"].append(field.nfe - nfe_fwd if sens == "adjoint" else nfe_fwd)
+                run["nfe_bwd"].append(field.nfe - nfe_fwd)
 
     print(f"\n{'field':<6} {'gradient':<8} {'loss first -> last':>22} {'NFE fwd':>8} {'NFE bwd':>8} "
           f"{'ms/step':>9} {'speedup':>8}")
@@ -143,9 +142,10 @@ def main(argv=None) -> None:
         print(f"{kind:<6} {sens:<8} {run['loss'][0]:>10.5f} -> {run['loss'][-1]:<9.5f} "
               f"{statistics.mean(run['nfe_fwd']):>8.0f} {statistics.mean(run['nfe_bwd']):>8.0f} {ms:>9.1f} "
               f"{eager_ms / ms:>7.2f}x")
-    print("\nNFE bwd: with odeint, the field backward passes autograd replays; with the adjoint, the field "
-          "evaluations (each with its vector-Jacobian product) of the backward solve. Times are medians over "
-          "the steps; the whole step is solve + loss + backward + Adam.")
+    print("\nNFE: field evaluations of the forward solve and of the backward pass. Backprop through odeint "
+          "evaluates no field in the backward (autograd runs the vector-Jacobian product of each forward "
+          "evaluation); the adjoint solves an ODE backwards, each evaluation with its vector-Jacobian product. "
+          "Times are medians over the steps; a step is solve + loss + backward + Adam.")
 
 
 if __name__ == "__main__":
