@@ -115,40 +115,57 @@ def field_impls(device, backends) -> list[Impl]:
     return impls
 
 
-def _split(field: ControlledField, data, adjoint: bool, runs: int):
-    """The record's extra fields: the step split into the field's calls and VJPs and the rest, from `runs`
-    instrumented steps (medians) run after the timed ones. Field and rest come from the same steps, so that the
-    machine's load, which changes between the timed and the instrumented runs, cancels out of the share."""
-    y0, _, t, target = data
+class _Split:
+    """The records' extra fields for a training-step case: the step split into the field's calls and VJPs and
+    the rest, from instrumented steps (medians) run after the timed ones, the implementations taking turns
+    round by round as in the timing. Field and rest come from the same steps, so that the machine's load,
+    which changes between the timed and the instrumented runs, cancels out of the share."""
 
-    def split(record: dict) -> dict:
-        clock = FieldClock(field)
-        params = list(field.net.parameters())
-        samples = []
-        for _ in range(runs):
-            clock.reset()
-            start = time.perf_counter()
-            loss = loss_fn(solve(clock, y0, t, adjoint), target)
-            nfe_fwd = clock.calls
-            torch.autograd.grad(loss, params)
-            step = time.perf_counter() - start
-            # Backprop through odeint calls no field in the backward: autograd runs each call's VJP once.
-            samples.append((nfe_fwd, clock.calls - nfe_fwd if adjoint else clock.vjps, clock.seconds * 1e3,
-                            step * 1e3))
-        field_ms = statistics.median(s[2] for s in samples)
-        step_ms = statistics.median(s[3] for s in samples)
-        return {"nfe_fwd": samples[-1][0], "nfe_bwd": samples[-1][1], "field_ms": field_ms,
-                "solver_ms": step_ms - field_ms, "instrumented_step_ms": step_ms, "field_share": field_ms / step_ms}
-    return split
+    def __init__(self, fields: dict[str, ControlledField], data, adjoint: bool, rounds: int) -> None:
+        self.fields, self.data, self.adjoint, self.rounds = fields, data, adjoint, rounds
+        self.results = None
+
+    def _measure(self) -> dict[str, dict]:
+        y0, _, t, target = self.data
+        samples = {name: [] for name in self.fields}
+        for _ in range(self.rounds):
+            for name, field in self.fields.items():
+                clock = FieldClock(field)
+                params = list(field.net.parameters())
+                start = time.perf_counter()
+                loss = loss_fn(solve(clock, y0, t, self.adjoint), target)
+                nfe_fwd = clock.calls
+                torch.autograd.grad(loss, params)
+                step = time.perf_counter() - start
+                # Backprop through odeint calls no field in the backward: autograd runs each call's VJP once.
+                nfe_bwd = clock.calls - nfe_fwd if self.adjoint else clock.vjps
+                samples[name].append((nfe_fwd, nfe_bwd, clock.seconds * 1e3, step * 1e3))
+        results = {}
+        for name, runs in samples.items():
+            field_ms = statistics.median(r[2] for r in runs)
+            step_ms = statistics.median(r[3] for r in runs)
+            results[name] = {"nfe_fwd": runs[-1][0], "nfe_bwd": runs[-1][1], "field_ms": field_ms,
+                             "solver_ms": step_ms - field_ms, "instrumented_step_ms": step_ms,
+                             "field_share": field_ms / step_ms}
+        return results
+
+    def extra(self, name: str):
+        def fields_of(record: dict) -> dict:
+            if self.results is None:
+                self.results = self._measure()
+            return self.results[name]
+        return fields_of
 
 
 def step_impls(device, backends, adjoint: bool, quick: bool) -> list[Impl]:
     data, nets = _problem(device, backends)
     y0, control, t, target = data
+    fields = {name: ControlledField(net, control) for name, net in nets.items()}
+    # A step by the adjoint takes seconds here, by odeint a tenth of one.
+    split = _Split(fields, data, adjoint, rounds=(1 if quick else 3) if adjoint else (5 if quick else 9))
     impls = []
-    for name, net in nets.items():
-        field = ControlledField(net, control)
-        params = list(net.parameters())
+    for name, field in fields.items():
+        params = list(field.net.parameters())
 
         def forward(field=field):
             with torch.no_grad():
@@ -158,7 +175,7 @@ def step_impls(device, backends, adjoint: bool, quick: bool) -> list[Impl]:
             loss = loss_fn(solve(field, y0, t, adjoint), target)
             return loss, torch.autograd.grad(loss, params)
 
-        impls.append(Impl(name, forward, forward_backward, extra=_split(field, data, adjoint, 1 if quick else 3)))
+        impls.append(Impl(name, forward, forward_backward, extra=split.extra(name)))
     return impls
 
 
