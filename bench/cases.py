@@ -7,6 +7,7 @@ from torch import nn
 import fusedlayers
 from fusedlayers.activations import REFERENCE
 
+from . import neural_ode
 from .harness import Case, Impl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,10 +111,10 @@ def sweep_cases(quick: bool) -> list[Case]:
 
 
 def all_cases(quick: bool = False) -> list[Case]:
-    return _seed_and_layer_cases() + sweep_cases(quick)
+    return _seed_and_layer_cases(quick) + sweep_cases(quick)
 
 
-def _seed_and_layer_cases() -> list[Case]:
+def _seed_and_layer_cases(quick: bool) -> list[Case]:
     return [
         _mlp_case("seed000", "6 x 12x12 cos chain, no bias, one vector, float64: gradient w.r.t. input and "
                   "parameters (seed 000)", [12] * 7, "cos", "cos", (), torch.float64, reps=40, bias=False),
@@ -121,9 +122,7 @@ def _seed_and_layer_cases() -> list[Case]:
                   "(seed 002; the loss is F.cross_entropy in every implementation until the fused one lands)",
                   [784, 300, 100, 10], "relu", "identity", (256,), torch.float32, reps=20,
                   loss=F.cross_entropy, target=_classes, wrt_input=False),
-        _mlp_case("seed003_field", "the neural-ODE vector field 3-10-10-10-2 selu, 100 trajectories, float32: "
-                  "the field and its VJP w.r.t. state and parameters (seed 003)",
-                  [3, 10, 10, 10, 2], "selu", "identity", (100,), torch.float32, reps=40),
+        *neural_ode.cases(DEVICE, fused_backends(), quick),
         _mlp_case("seed004", "1-1000-20-1 identity, batch 10,000, float64, loss sum of squares: parameter "
                   "gradients (seed 004)", [1, 1000, 20, 1], "identity", "identity", (10_000,), torch.float64,
                   reps=12, loss=lambda out, _: out.square().sum(), wrt_input=False),

@@ -30,6 +30,7 @@ class Impl:
     name: str
     forward: Callable[[], object]           # the primal: the function's value, no graph
     forward_backward: Callable[[], object]  # the value and the gradients of every input and parameter
+    extra: Callable[[dict], dict] | None = None  # more fields for the record, given it once timed (seed003)
 
 
 @dataclass
@@ -96,6 +97,9 @@ def run_case(case: Case, impl_filter: list[str] | None, reps: int, warmup: int, 
             "fwd_ms_spread": fwd, "fwd_bwd_ms_spread": fwd_bwd, "reps": reps,
             "peak_mem_bytes": None, "cold_ms": None,
         })
+    for impl, r in zip(impls, records):
+        if impl.extra is not None:
+            r.update(impl.extra(r))
     eager = next((r for r in records if r["impl"] == "eager"), None)
     for r in records:
         r["fwd_bwd_speedup_vs_eager"] = eager["fwd_bwd_ms"] / r["fwd_bwd_ms"] if eager else None
@@ -241,4 +245,13 @@ def format_table(records: list[dict]) -> str:
         peak = "" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
         lines.append(f"{r['case']:<14} {r['impl']:<12} {r['dtype']:<8} {r['fwd_ms']:>10.4f} {r['fwd_bwd_ms']:>11.4f} "
                      f"{r['grad_ratio']:>11.2f} {'' if speedup is None else f'{speedup:.2f}x':>9} {cold:>9} {peak:>8}")
+    split = [r for r in records if "field_ms" in r]
+    if split:
+        head = (f"{'case':<16} {'impl':<12} {'NFE fwd':>8} {'NFE bwd':>8} {'step ms':>9} {'field ms':>9} "
+                f"{'solver ms':>10} {'field share':>12}")
+        lines += ["", "Training step split (instrumented steps): the vector field's calls and VJPs vs the rest "
+                  "(solver, loss, autograd)", head, "-" * len(head)]
+        lines += [f"{r['case']:<16} {r['impl']:<12} {r['nfe_fwd']:>8} {r['nfe_bwd']:>8} "
+                  f"{r['instrumented_step_ms']:>9.1f} {r['field_ms']:>9.1f} {r['solver_ms']:>10.1f} "
+                  f"{r['field_share']:>11.0%}" for r in split]
     return "\n".join(lines)

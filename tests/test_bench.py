@@ -5,6 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from bench.neural_ode import FieldClock
+from examples.neural_ode import ControlledField, eager_net, loss_fn, make_problem, solve
+from fusedlayers import FusedMLP
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RECORD_FIELDS = {"case", "impl", "device", "dtype", "fwd_ms", "fwd_bwd_ms", "grad_ratio", "peak_mem_bytes",
@@ -19,7 +26,8 @@ def test_quick_run_writes_results_and_plots(tmp_path):
     assert data["machine"]["torch"].startswith("2.14")
     records = data["results"]
     cases = {r["case"] for r in records}
-    assert {"seed000", "seed002", "seed003_field", "seed004", "dense_large", "dense_tiny"} <= cases
+    assert {"seed000", "seed002", "seed003_field", "seed003_odeint", "seed003_adjoint", "seed004", "dense_large",
+            "dense_tiny"} <= cases
     assert any(c.startswith("sweep_batch_") for c in cases) and any(c.startswith("sweep_width_") for c in cases)
     for case in cases:
         assert {r["impl"] for r in records if r["case"] == case} >= {"eager", "compile", "fused-cpu"}
@@ -27,8 +35,35 @@ def test_quick_run_writes_results_and_plots(tmp_path):
         assert RECORD_FIELDS <= r.keys()
         assert 0 < r["fwd_ms_spread"]["min"] <= r["fwd_ms"] <= r["fwd_ms_spread"]["max"]
         assert r["grad_ratio"] == r["fwd_bwd_ms"] / r["fwd_ms"]
+        if r["case"] in ("seed003_odeint", "seed003_adjoint"):  # the training step's split
+            assert r["nfe_fwd"] > 0 and r["nfe_bwd"] > 0 and r["field_ms"] > 0
+            assert r["field_ms"] + r["solver_ms"] == pytest.approx(r["instrumented_step_ms"])
+            assert r["field_share"] == pytest.approx(r["field_ms"] / r["instrumented_step_ms"])
     for impl in ("eager", "compile", "fused-cpu"):  # --quick: one cold start per implementation
         assert any(r["impl"] == impl and r["cold_ms"] is not None and r["peak_mem_bytes"] is not None
                    for r in records)
     for plot in ("speedup.png", "sweep_batch.png", "sweep_width.png"):
         assert (tmp_path / plot).stat().st_size > 0
+
+
+def test_field_clock_leaves_gradients_unchanged():
+    """bench/neural_ode.py's FieldClock (which splits a training step into field and solver time) counts the
+    field's calls and VJPs and changes no gradient, with backprop through odeint and with the adjoint."""
+    y0, control, t, target = make_problem(trajectories=3, save_points=3, t_end=0.5, dtype=torch.float64)
+    eager = eager_net([3, 5, 2], dtype=torch.float64)
+    for net in (eager, FusedMLP.from_sequential(eager)):
+        params = list(net.parameters())
+        for adjoint in (False, True):
+            field = ControlledField(net, control)
+            want = torch.autograd.grad(loss_fn(solve(field, y0, t, adjoint), target), params)
+            clock = FieldClock(ControlledField(net, control))
+            loss = loss_fn(solve(clock, y0, t, adjoint), target)
+            calls = clock.calls
+            got = torch.autograd.grad(loss, params)
+            for g, w in zip(got, want):
+                assert torch.equal(g, w)
+            assert calls > 0 and clock.seconds > 0
+            if adjoint:  # the backward solve calls the field, each call with one VJP
+                assert clock.calls > calls and clock.vjps == clock.calls - calls
+            else:  # autograd runs the VJP of every differentiable call of the forward solve
+                assert clock.calls == calls and 0 < clock.vjps <= calls

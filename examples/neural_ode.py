@@ -1,0 +1,154 @@
+"""Seed 003: training a controlled neural ODE through torchdiffeq with a fused vector field.
+
+The user's setup: a 3-10-10-10-2 selu network is the vector field of a 2-d state; each of 100 trajectories has
+its own control, fed to the network as a third input next to the state; the loss compares 100 saved points
+per trajectory with data. The user solved one trajectory at a time (and threads broke AD); here the 100
+trajectories are one batched state of shape (100, 2), so each evaluation of the field is one call of the
+network on a (100, 3) batch, and FusedMLP makes that call (and its vector-Jacobian product) one op.
+
+The data come from a known system, a damped pendulum pushed by its control:
+    angle' = velocity,  velocity' = -sin(angle) - 0.3 velocity + control.
+The seed's controls are interpolated random signals; here each trajectory's control is a constant, which
+keeps the network's input as wide (3) without kinks for the adaptive solver to resolve.
+
+Run from the repository root:
+    python examples/neural_ode.py [--steps N]
+It trains the same initial network four ways, interleaved step by step so the timings share the machine's
+conditions: {eager nn.Sequential, FusedMLP} x {backprop through odeint, odeint_adjoint}, and prints the loss,
+the function evaluations (NFE) and the median time of a training step (solve + loss + backward + Adam).
+"""
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+from torchdiffeq import odeint, odeint_adjoint
+
+from fusedlayers import FusedMLP
+
+SIZES = [3, 10, 10, 10, 2]
+TRAJECTORIES = 100
+SAVE_POINTS = 100
+T_END = 10.0
+# DifferentialEquations.jl's default tolerances, which the seed's Tsit5 solve ran with.
+RTOL, ATOL = 1e-3, 1e-6
+
+
+class ControlledField(nn.Module):
+    """dy/dt = net([y, control]): each trajectory's control is one more input of the network, next to its
+    state. Counts its calls in `nfe`."""
+
+    def __init__(self, net: nn.Module, control: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("control", control)
+        self.nfe = 0
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.net(torch.cat([y, self.control], dim=-1))
+
+
+def pendulum(control: torch.Tensor):
+    """The ground-truth vector field: a damped pendulum driven by a per-trajectory constant control."""
+    def field(t, y):
+        angle, velocity = y.unbind(-1)
+        return torch.stack([velocity, -torch.sin(angle) - 0.3 * velocity + control[:, 0]], dim=-1)
+    return field
+
+
+def make_problem(trajectories=TRAJECTORIES, save_points=SAVE_POINTS, t_end=T_END, dtype=torch.float32, seed=0):
+    """Initial states (N, 2), controls (N, 1), save times (T,) and the ground truth at those times (T, N, 2),
+    all deterministic in `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    y0 = (torch.rand(trajectories, 2, generator=gen, dtype=torch.float64) * 2 - 1)
+    control = torch.rand(trajectories, 1, generator=gen, dtype=torch.float64) - 0.5
+    t = torch.linspace(0, t_end, save_points, dtype=torch.float64)
+    with torch.no_grad():
+        target = odeint(pendulum(control), y0, t, method="dopri5", rtol=1e-9, atol=1e-11)
+    return y0.to(dtype), control.to(dtype), t.to(dtype), target.to(dtype)
+
+
+def eager_net(sizes=SIZES, activation=nn.SELU, dtype=torch.float32, seed=0) -> nn.Sequential:
+    """The network a user writes: Linear layers with `activation` between them, nn.Linear's initialization."""
+    torch.manual_seed(seed)
+    layers = []
+    for i, (m, n) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(m, n, dtype=dtype))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def solve(field: ControlledField, y0, t, adjoint: bool, method="dopri5", rtol=RTOL, atol=ATOL, **kwargs):
+    """The trajectories at the save times, (T, N, 2). With adjoint, the gradient comes from solving the adjoint
+    ODE backwards (memory independent of the number of steps); without, autograd replays the solver's steps.
+    kwargs go to odeint or odeint_adjoint (options, adjoint_rtol, ...)."""
+    if adjoint:
+        return odeint_adjoint(field, y0, t, rtol=rtol, atol=atol, method=method,
+                              adjoint_params=tuple(field.net.parameters()), **kwargs)
+    return odeint(field, y0, t, rtol=rtol, atol=atol, method=method, **kwargs)
+
+
+def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target).square().mean()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=6, help="Adam steps per configuration, the first untimed "
+                        "(default 6)")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is not timed)")
+
+    y0, control, t, target = make_problem()
+    base = eager_net()
+    runs = {}
+    for kind in ("eager", "fused"):
+        for sens in ("odeint", "adjoint"):
+            net = copy.deepcopy(base)
+            if kind == "fused":
+                net = FusedMLP.from_sequential(net)  # shares the copy's Parameters
+            field = ControlledField(net, control)
+            runs[(kind, sens)] = {"field": field, "opt": torch.optim.Adam(net.parameters(), lr=args.lr),
+                                  "loss": [], "ms": [], "nfe_fwd": [], "nfe_bwd": []}
+
+    print(f"seed 003: {TRAJECTORIES} trajectories x {SAVE_POINTS} save points, field {SIZES} selu, dopri5 "
+          f"rtol={RTOL} atol={ATOL}, float32, {args.steps} Adam steps per configuration (the first one untimed)")
+    for step in range(args.steps):
+        for (kind, sens), run in runs.items():
+            field, opt = run["field"], run["opt"]
+            start = time.perf_counter()
+            field.nfe = 0
+            loss = loss_fn(solve(field, y0, t, adjoint=sens == "adjoint"), target)
+            nfe_fwd = field.nfe
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            elapsed = time.perf_counter() - start
+            run["loss"].append(loss.item())
+            if step:  # the first step warms up
+                run["ms"].append(elapsed * 1e3)
+                run["nfe_fwd"].append(nfe_fwd)
+                run["nfe_bwd"].append(field.nfe - nfe_fwd)
+
+    print(f"\n{'field':<6} {'gradient':<8} {'loss first -> last':>22} {'NFE fwd':>8} {'NFE bwd':>8} "
+          f"{'ms/step':>9} {'speedup':>8}")
+    for (kind, sens), run in runs.items():
+        ms = statistics.median(run["ms"])
+        eager_ms = statistics.median(runs[("eager", sens)]["ms"])
+        print(f"{kind:<6} {sens:<8} {run['loss'][0]:>10.5f} -> {run['loss'][-1]:<9.5f} "
+              f"{statistics.mean(run['nfe_fwd']):>8.0f} {statistics.mean(run['nfe_bwd']):>8.0f} {ms:>9.1f} "
+              f"{eager_ms / ms:>7.2f}x")
+    print("\nNFE: field evaluations of the forward solve and of the backward pass. Backprop through odeint "
+          "evaluates no field in the backward (autograd runs the vector-Jacobian product of each forward "
+          "evaluation); the adjoint solves an ODE backwards, each evaluation with its vector-Jacobian product. "
+          "Times are medians over the steps; a step is solve + loss + backward + Adam.")
+
+
+if __name__ == "__main__":
+    main()
