@@ -7,6 +7,7 @@
 // torch.compile sees it and it can get an autograd formula of its own.
 #include <Python.h>
 
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -196,6 +197,126 @@ at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorL
   return MLPFunction::apply(x, weights, biases, activations, save, backend);
 }
 
+// ---- cross_entropy --------------------------------------------------------------------------------------
+
+using CeForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                       const std::optional<at::Tensor>&, int64_t, double, double,
+                                                       std::optional<double>);
+using CeBackwardFn = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double,
+                                double, std::optional<double>);
+
+c10::TypedOperatorHandle<CeForwardFn> ce_forward_op(bool triton) {
+  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::cross_entropy_forward", "").typed<CeForwardFn>();
+  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_cross_entropy_forward", "").typed<CeForwardFn>();
+  return triton ? tri : native;
+}
+
+c10::TypedOperatorHandle<CeBackwardFn> ce_backward_op(bool triton) {
+  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::cross_entropy_backward", "").typed<CeBackwardFn>();
+  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_cross_entropy_backward", "").typed<CeBackwardFn>();
+  return triton ? tri : native;
+}
+
+std::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
+
+// The backward formula of csrc's contract written with differentiable ATen ops, for a backward that is
+// itself differentiated (create_graph): exact at every order, in logits, grad_loss and grad_lse.
+at::Tensor cross_entropy_backward_composite(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
+                                            const at::Tensor& logits, const at::Tensor& target,
+                                            const at::Tensor& weight, int64_t ignore_index, double eps, double z_loss,
+                                            std::optional<double> softcap) {
+  const int64_t C = logits.size(1);
+  const auto math = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor x = logits.to(math);
+  const at::Tensor z = softcap ? x.div(*softcap).tanh().mul(*softcap) : x;
+  const at::Tensor lse = z.logsumexp({1});
+  const at::Tensor p = (z - lse.unsqueeze(1)).exp();
+  const at::Tensor kept = target != ignore_index;
+  const at::Tensor safe_t = at::where(kept, target, 0);
+  const at::Tensor w = weight.defined() ? weight.to(math) : at::Tensor();
+  const at::Tensor wt = w.defined() ? at::where(kept, w.gather(0, safe_t), 0) : kept.to(math);
+  // where, not a product: an all-ignored mean's grad_loss is inf on every (ignored) row.
+  const at::Tensor gl = at::where(kept, grad_loss.to(math), 0);
+  const at::Tensor W = w.defined() ? w.sum() : at::scalar_tensor(static_cast<double>(C), x.options());
+  at::Tensor a = gl * (wt * ((1.0 - eps) + 2.0 * z_loss * lse) + eps / C * W);
+  if (grad_lse.defined()) a = a + grad_lse.to(math);
+  at::Tensor grad = a.unsqueeze(1) * p - (gl * wt * (1.0 - eps)).unsqueeze(1) * at::one_hot(safe_t, C).to(math);
+  if (eps != 0.0) grad = grad - (gl * (eps / C)).unsqueeze(1) * (w.defined() ? w.unsqueeze(0) : at::ones({1, 1}, x.options()));
+  if (softcap) grad = grad * (1 - x.div(*softcap).tanh().square());
+  return grad.to(logits.scalar_type());
+}
+
+void check_weight_not_differentiable(const std::optional<at::Tensor>& weight, const char* op) {
+  TORCH_CHECK(!(weight.has_value() && weight->requires_grad() && at::GradMode::is_enabled()), op,
+              "(): the gradient with respect to the class weight is not implemented (neither is it in "
+              "F.cross_entropy); pass weight.detach()");
+}
+
+// One autograd node: saves logits, target, weight and lse; the backward is the cross_entropy_backward
+// kernel, or the composite formula when the backward is differentiated.
+class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+                               double z_loss, std::optional<double> softcap, c10::string_view backend) {
+    const bool triton = is_triton(backend);
+    auto [loss, lse] = ce_forward_op(triton).call(logits, target, weight, ignore_index, label_smoothing, z_loss,
+                                                  softcap);
+    ctx->save_for_backward({logits, target, weight.value_or(at::Tensor()), lse});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["z_loss"] = z_loss;
+    ctx->saved_data["softcap"] = softcap ? c10::IValue(*softcap) : c10::IValue();
+    ctx->saved_data["triton"] = triton;
+    return {loss, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(8);
+    if (!grads[0].defined() && !grads[1].defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &logits = saved[0], &target = saved[1], &weight = saved[2], &lse = saved[3];
+    const at::Tensor grad_loss = grads[0].defined() ? grads[0] : at::zeros_like(lse);
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const double eps = ctx->saved_data["label_smoothing"].toDouble();
+    const double z_loss = ctx->saved_data["z_loss"].toDouble();
+    const auto& cap = ctx->saved_data["softcap"];
+    const std::optional<double> softcap = cap.isNone() ? std::nullopt : std::optional<double>(cap.toDouble());
+    if (at::GradMode::is_enabled()) {
+      out[0] = cross_entropy_backward_composite(grad_loss, grads[1], logits, target, weight, ignore_index, eps, z_loss,
+                                                softcap);
+    } else {
+      out[0] = ce_backward_op(ctx->saved_data["triton"].toBool())
+                   .call(grad_loss, opt(grads[1]), logits, target, opt(weight), lse, ignore_index, eps, z_loss, softcap);
+    }
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_no_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             int64_t ignore_index, double label_smoothing,
+                                                             double z_loss, std::optional<double> softcap,
+                                                             c10::string_view backend) {
+  return ce_forward_op(is_triton(backend)).call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          int64_t ignore_index, double label_smoothing, double z_loss,
+                                                          std::optional<double> softcap, c10::string_view backend) {
+  check_no_forward_grad({&logits});
+  check_weight_not_differentiable(weight, "cross_entropy");
+  if (!(at::GradMode::is_enabled() && logits.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return cross_entropy_no_autograd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend);
+  }
+  auto out = CrossEntropyFunction::apply(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                         backend);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 }  // namespace fusedlayers
 
@@ -247,6 +368,9 @@ TORCH_LIBRARY(fusedlayers, m) {
   m.def(prefix "cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, "       \
                "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "             \
                "float? softcap) -> Tensor");
+  // The differentiable op: per-row (loss, lse) of the kernels below; reductions are composite (functional.py).
+  m.def("cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
+        "float z_loss, float? softcap, str backend) -> (Tensor, Tensor)");
   FL_DEF_CE_KERNELS("")
   FL_DEF_CE_KERNELS("triton_")
 #undef FL_DEF_CE_KERNELS
@@ -255,9 +379,12 @@ TORCH_LIBRARY(fusedlayers, m) {
 TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   m.impl("dense", &fusedlayers::dense_autograd);
   m.impl("mlp", &fusedlayers::mlp_autograd);
+  m.impl("cross_entropy", &fusedlayers::cross_entropy_autograd);
   // The kernels are not differentiable yet: backpropagating through one raises, never a silent zero.
   for (const char* op : {"dense_forward", "dense_backward", "triton_dense_forward", "triton_dense_backward",
-                         "mlp_forward", "mlp_backward", "triton_mlp_forward", "triton_mlp_backward"}) {
+                         "mlp_forward", "mlp_backward", "triton_mlp_forward", "triton_mlp_backward",
+                         "cross_entropy_forward", "cross_entropy_backward", "triton_cross_entropy_forward",
+                         "triton_cross_entropy_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }
@@ -265,4 +392,5 @@ TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
   m.impl("dense", &fusedlayers::dense_no_autograd);
   m.impl("mlp", &fusedlayers::mlp_no_autograd);
+  m.impl("cross_entropy", &fusedlayers::cross_entropy_no_autograd);
 }

@@ -3,6 +3,7 @@ import types
 
 import torch
 from torch import Tensor, nn
+from torch.nn import _reduction
 
 from . import functional as FL
 from ._ops import check_backend
@@ -157,3 +158,27 @@ class FusedMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, activations={self.activations}, bias={self.bias0 is not None}"
+
+
+class FusedCrossEntropyLoss(nn.Module):
+    """nn.CrossEntropyLoss (class-index targets) as one fused op, plus z_loss and softcap (see
+    fusedlayers.functional.cross_entropy). `weight` is a buffer, as in nn.CrossEntropyLoss."""
+
+    def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: float | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = _reduction.legacy_get_string(size_average, reduce)
+        self.reduction = FL.check_reduction(reduction)
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.label_smoothing, self.z_loss, self.softcap = ignore_index, label_smoothing, z_loss, softcap
+        self.backend = check_backend(backend)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return FL.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+                                self.z_loss, self.softcap, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")
