@@ -13,6 +13,8 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "backend.h"
+#include "cross_entropy_ops.h"
 #include "dense.h"
 #include "mlp.h"
 
@@ -33,12 +35,6 @@ using DenseForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, con
 using DenseBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, c10::string_view, std::array<bool, 3>);
-
-bool is_triton(c10::string_view backend) {
-  if (backend == "triton") return true;
-  TORCH_CHECK_VALUE(backend == "native", "unknown kernel family '", backend, "'; expected 'native' or 'triton'");
-  return false;
-}
 
 // Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no formula here yet: without this check
 // the tangent would silently come out zero.
@@ -199,27 +195,6 @@ at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorL
 
 // ---- cross_entropy --------------------------------------------------------------------------------------
 
-using CeForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                       const std::optional<at::Tensor>&, int64_t, double, double,
-                                                       std::optional<double>);
-using CeBackwardFn = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                                const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double,
-                                double, std::optional<double>);
-
-c10::TypedOperatorHandle<CeForwardFn> ce_forward_op(bool triton) {
-  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::cross_entropy_forward", "").typed<CeForwardFn>();
-  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_cross_entropy_forward", "").typed<CeForwardFn>();
-  return triton ? tri : native;
-}
-
-c10::TypedOperatorHandle<CeBackwardFn> ce_backward_op(bool triton) {
-  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::cross_entropy_backward", "").typed<CeBackwardFn>();
-  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_cross_entropy_backward", "").typed<CeBackwardFn>();
-  return triton ? tri : native;
-}
-
-std::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
-
 // The backward formula of csrc's contract written with differentiable ATen ops, for a backward that is
 // itself differentiated (create_graph): exact at every order, in logits, grad_loss and grad_lse.
 at::Tensor cross_entropy_backward_composite(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
@@ -317,6 +292,121 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& logi
   return {out[0], out[1]};
 }
 
+// ---- linear_cross_entropy -------------------------------------------------------------------------------
+
+using LinearCeForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+    const std::optional<at::Tensor>&, int64_t, double, double, std::optional<double>, c10::string_view, int64_t,
+    std::array<bool, 3>, c10::string_view);
+using LinearCeBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t,
+    double, double, std::optional<double>, int64_t, std::array<bool, 3>, c10::string_view);
+
+c10::TypedOperatorHandle<LinearCeForwardFn> linear_ce_forward_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::linear_cross_entropy_forward", "").typed<LinearCeForwardFn>();
+  return op;
+}
+
+c10::TypedOperatorHandle<LinearCeBackwardFn> linear_ce_backward_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::linear_cross_entropy_backward", "").typed<LinearCeBackwardFn>();
+  return op;
+}
+
+// One autograd node. For "mean"/"sum" the forward also computes the gradients of the loss (the logits are
+// computed once) and the backward scales them by the upstream scalar; per-row upstream gradients ("none",
+// or one reaching lse) go through the backward op, which recomputes each chunk's logits.
+class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                               const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
+                               double label_smoothing, double z_loss, std::optional<double> softcap,
+                               c10::string_view reduction, int64_t chunk_size, c10::string_view backend) {
+    const bool precompute = reduction != "none";
+    const std::array<bool, 3> mask = {precompute && hidden.requires_grad(), precompute && weight.requires_grad(),
+                                      precompute && bias.has_value() && bias->requires_grad()};
+    auto [loss, lse, dh, dw, db] = linear_ce_forward_op().call(hidden, weight, bias, target, class_weight,
+                                                               ignore_index, label_smoothing, z_loss, softcap,
+                                                               reduction, chunk_size, mask, backend);
+    ctx->save_for_backward({hidden, weight, bias.value_or(at::Tensor()), target, class_weight.value_or(at::Tensor()),
+                            lse, dh, dw, db});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["z_loss"] = z_loss;
+    ctx->saved_data["softcap"] = softcap ? c10::IValue(*softcap) : c10::IValue();
+    ctx->saved_data["precompute"] = precompute;
+    ctx->saved_data["chunk_size"] = chunk_size;
+    ctx->saved_data["backend"] = std::string(backend);
+    return {loss, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), "linear_cross_entropy(): double backward (create_graph=True) is not "
+                "supported; compute the loss as cross_entropy(hidden @ weight.T + bias, target) for higher-order "
+                "gradients");
+    variable_list out(12);
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &hidden = saved[0], &weight = saved[1], &bias = saved[2], &target = saved[3];
+    const at::Tensor &class_weight = saved[4], &lse = saved[5];
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      bias.defined() && ctx->needs_input_grad(2)};
+    const bool precompute = ctx->saved_data["precompute"].toBool();
+    at::Tensor dh, dw, db;
+    if (precompute && grads[0].defined()) {
+      if (mask[0]) dh = saved[6] * grads[0];
+      if (mask[1]) dw = saved[7] * grads[0];
+      if (mask[2]) db = saved[8] * grads[0];
+    }
+    if (grads[1].defined() || (!precompute && grads[0].defined())) {
+      const auto& cap = ctx->saved_data["softcap"];
+      auto [rh, rw, rb] = linear_ce_backward_op().call(
+          precompute ? std::nullopt : opt(grads[0]), opt(grads[1]), hidden, weight, opt(bias), target,
+          opt(class_weight), lse, ctx->saved_data["ignore_index"].toInt(),
+          ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
+          cap.isNone() ? std::nullopt : std::optional<double>(cap.toDouble()), ctx->saved_data["chunk_size"].toInt(),
+          mask, ctx->saved_data["backend"].toStringRef());
+      dh = dh.defined() ? dh + rh : rh;
+      dw = dw.defined() ? dw + rw : rw;
+      db = db.defined() ? db + rb : rb;
+    }
+    out[0] = dh.defined() ? dh.to(hidden.scalar_type()) : dh;
+    out[1] = dw.defined() ? dw.to(weight.scalar_type()) : dw;
+    out[2] = db.defined() ? db.to(bias.scalar_type()) : db;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_no_autograd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
+    double label_smoothing, double z_loss, std::optional<double> softcap, c10::string_view reduction,
+    int64_t chunk_size, c10::string_view backend) {
+  auto out = linear_ce_forward_op().call(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                                         z_loss, softcap, reduction, chunk_size, {false, false, false}, backend);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_autograd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
+    double label_smoothing, double z_loss, std::optional<double> softcap, c10::string_view reduction,
+    int64_t chunk_size, c10::string_view backend) {
+  const at::Tensor no_bias;
+  check_no_forward_grad({&hidden, &weight, bias.has_value() ? &*bias : &no_bias});
+  check_weight_not_differentiable(class_weight, "linear_cross_entropy");
+  const bool needs_grad = at::GradMode::is_enabled() &&
+                          (hidden.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return linear_cross_entropy_no_autograd(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                                            z_loss, softcap, reduction, chunk_size, backend);
+  }
+  auto out = LinearCrossEntropyFunction::apply(hidden, weight, bias, target, class_weight, ignore_index,
+                                               label_smoothing, z_loss, softcap, reduction, chunk_size, backend);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 }  // namespace fusedlayers
 
@@ -374,17 +464,37 @@ TORCH_LIBRARY(fusedlayers, m) {
   FL_DEF_CE_KERNELS("")
   FL_DEF_CE_KERNELS("triton_")
 #undef FL_DEF_CE_KERNELS
+
+  // Cross-entropy of logits = hidden @ weight.T + bias (hidden (N, H), weight (V, H), bias (V,)) over chunks of
+  // chunk_size rows, never the whole (N, V) logits; class_weight, ignore_index, ... as above. Returns (loss, lse):
+  // loss (N,) for reduction "none", else the reduced 0-d loss ("mean": divided by the summed class weights of
+  // the kept rows); lse (N,). Loss and lse in the math dtype.
+  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
+        "int ignore_index, float label_smoothing, float z_loss, float? softcap, str reduction, int chunk_size, "
+        "str backend) -> (Tensor, Tensor)");
+  // Device-generic (ATen GEMMs + the backend's cross_entropy kernels). The forward returns (loss, lse, dh, dw,
+  // db): with output_mask (only for "mean"/"sum") the gradients of the loss w.r.t. hidden, weight and bias,
+  // else undefined; the backward returns (dh, dw, db) of sum(grad_loss * loss + grad_lse * lse) over the rows
+  // (grad_loss None: zero), recomputing each chunk's logits. dw and db are in the math dtype.
+  m.def("linear_cross_entropy_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+        "Tensor? class_weight, int ignore_index, float label_smoothing, float z_loss, float? softcap, str reduction, "
+        "int chunk_size, bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy_backward(Tensor? grad_loss, Tensor? grad_lse, Tensor hidden, Tensor weight, "
+        "Tensor? bias, Tensor target, Tensor? class_weight, Tensor lse, int ignore_index, float label_smoothing, "
+        "float z_loss, float? softcap, int chunk_size, bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   m.impl("dense", &fusedlayers::dense_autograd);
   m.impl("mlp", &fusedlayers::mlp_autograd);
   m.impl("cross_entropy", &fusedlayers::cross_entropy_autograd);
+  m.impl("linear_cross_entropy", &fusedlayers::linear_cross_entropy_autograd);
   // The kernels are not differentiable yet: backpropagating through one raises, never a silent zero.
   for (const char* op : {"dense_forward", "dense_backward", "triton_dense_forward", "triton_dense_backward",
                          "mlp_forward", "mlp_backward", "triton_mlp_forward", "triton_mlp_backward",
                          "cross_entropy_forward", "cross_entropy_backward", "triton_cross_entropy_forward",
-                         "triton_cross_entropy_backward"}) {
+                         "triton_cross_entropy_backward", "linear_cross_entropy_forward",
+                         "linear_cross_entropy_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }
@@ -393,4 +503,5 @@ TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
   m.impl("dense", &fusedlayers::dense_no_autograd);
   m.impl("mlp", &fusedlayers::mlp_no_autograd);
   m.impl("cross_entropy", &fusedlayers::cross_entropy_no_autograd);
+  m.impl("linear_cross_entropy", &fusedlayers::linear_cross_entropy_no_autograd);
 }

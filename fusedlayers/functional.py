@@ -26,6 +26,7 @@ def mlp_activations(layers: int, activation: str | list[str], output_activation:
 _dense = torch.ops.fusedlayers.dense.default
 _mlp = torch.ops.fusedlayers.mlp.default
 _cross_entropy = torch.ops.fusedlayers.cross_entropy.default
+_linear_cross_entropy = torch.ops.fusedlayers.linear_cross_entropy.default
 
 
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "relu", backend: str = "auto",
@@ -114,3 +115,47 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     loss = _reduce(loss, rows_target, weight, ignore_index, reduction)
     loss = (loss.reshape(shape) if reduction == "none" else loss).to(input.dtype)
     return (loss, lse.reshape(shape).to(input.dtype)) if return_lse else loss
+
+
+# linear_cross_entropy's default chunk: rows whose logits hold about this many elements (16 MiB in float32):
+# small next to the (N, V) logits, large enough for efficient GEMMs, and below glibc's mmap threshold, so the
+# chunk buffers are reused from the heap instead of page-faulted in afresh.
+CHUNK_LOGITS = 1 << 22
+
+
+def default_chunk_size(num_classes: int) -> int:
+    return max(1, CHUNK_LOGITS // max(num_classes, 1))
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
+                         class_weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+                         return_lse: bool = False, chunk_size: int | None = None, backend: str = "auto"):
+    """cross_entropy(hidden @ weight.T + bias, target, ...) without ever materializing the (N, V) logits.
+
+    hidden: (H,) or (..., H); weight: (V, H), as nn.Linear's; bias: (V,); target: class indices shaped as
+    hidden without its last dim. class_weight is F.cross_entropy's `weight` (renamed: `weight` is the linear
+    layer's); the other options are cross_entropy()'s. The rows go through in chunks of chunk_size rows
+    (default: about 2**22 logits per chunk, default_chunk_size(V)): each chunk's logits, loss and gradients
+    are computed and freed. For "mean"/"sum" the gradients are computed in the forward (the logits once, three
+    GEMMs in all); for "none" (or a gradient reaching lse) the backward recomputes each chunk's logits (one more
+    GEMM). Differentiable once: a double backward raises.
+    """
+    check_reduction(reduction)
+    if hidden.dim() == 0:
+        raise ValueError("linear_cross_entropy(): expected hidden of shape (H,) or (..., H), got a 0-d tensor")
+    if target.dtype.is_floating_point:
+        raise TypeError(f"linear_cross_entropy(): expected target of class indices (dtype int64), got "
+                        f"{target.dtype}; class-probability targets are not supported")
+    shape = tuple(hidden.shape[:-1])
+    if tuple(target.shape) != shape:
+        raise ValueError(f"linear_cross_entropy(): expected target of shape {list(shape)} for hidden of shape "
+                         f"{list(hidden.shape)}, got {list(target.shape)}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0]) if weight.dim() == 2 else 1
+    loss, lse = _linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1),
+                                      class_weight, ignore_index, float(label_smoothing), float(z_loss),
+                                      None if softcap is None else float(softcap), reduction, int(chunk_size),
+                                      resolve_backend(backend, hidden.device))
+    loss = (loss.reshape(shape) if reduction == "none" else loss).to(hidden.dtype)
+    return (loss, lse.reshape(shape).to(hidden.dtype)) if return_lse else loss

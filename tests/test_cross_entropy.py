@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedlayers
-from fusedlayers import FusedCrossEntropyLoss
-from fusedlayers.functional import cross_entropy
+from fusedlayers import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss
+from fusedlayers.functional import cross_entropy, linear_cross_entropy
 
 from conftest import assert_rel_close, device_of
 
@@ -33,12 +33,12 @@ def upstream(loss, seed=1):
     return torch.randn(loss.shape, dtype=torch.float64, generator=gen) if loss.dim() else torch.tensor(0.7, dtype=torch.float64)
 
 
-def reference(x, t, w, reduction, grad=None, z_loss=0.0, softcap=None, **kw):
-    """F.cross_entropy in float64 of the (capped) logits, plus z_loss * lse**2 per kept sample, weighted and
-    reduced as the loss. Returns the loss and d<loss, grad>/dx."""
-    x = x.detach().clone().requires_grad_()
+def reference_loss(z, t, w, reduction, z_loss=0.0, softcap=None, **kw):
+    """F.cross_entropy in float64 of the (capped) logits z, plus z_loss * lse**2 per kept sample, weighted and
+    reduced as the loss."""
     ignore_index = kw.get("ignore_index", -100)
-    z = x if softcap is None else softcap * torch.tanh(x / softcap)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     loss = F.cross_entropy(z, t, w, reduction=reduction, **kw)
     if z_loss:
         zl = z.movedim(1, -1) if z.dim() > 1 else z
@@ -46,6 +46,13 @@ def reference(x, t, w, reduction, grad=None, z_loss=0.0, softcap=None, **kw):
         wt = (w[torch.where(kept, t, 0)] if w is not None else torch.ones_like(zl[..., 0])) * kept
         per = z_loss * wt * torch.logsumexp(zl, -1) ** 2
         loss = loss + {"none": per, "sum": per.sum(), "mean": per.sum() / wt.sum()}[reduction]
+    return loss
+
+
+def reference(x, t, w, reduction, grad=None, **kw):
+    """reference_loss of x and d<loss, grad>/dx (grad: upstream(loss) unless given)."""
+    x = x.detach().clone().requires_grad_()
+    loss = reference_loss(x, t, w, reduction, **kw)
     g = upstream(loss) if grad is None else grad
     (dx,) = torch.autograd.grad(loss, x, g)
     return loss.detach(), dx, g
@@ -330,3 +337,178 @@ def test_module_matches_nn_cross_entropy_loss(backend):
     assert "label_smoothing=0.1" in repr(fused)
     with pytest.raises(ValueError, match="reduction"):
         FusedCrossEntropyLoss(reduction="avg")
+
+
+# ---- linear_cross_entropy ----------------------------------------------------------------------------------------
+
+def make_linear_case(N, H, V, dtype, device, bias=True, class_weight=False, ignored=0, seed=0, shape=None):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (N,) if shape is None else shape
+    h = torch.randn(*shape, H, dtype=torch.float64, generator=gen)
+    w = torch.randn(V, H, dtype=torch.float64, generator=gen)
+    b = torch.randn(V, dtype=torch.float64, generator=gen) if bias else None
+    t = torch.randint(0, V, shape, generator=gen)
+    t.view(-1)[torch.randperm(t.numel(), generator=gen)[:ignored]] = -100
+    cw = torch.rand(V, dtype=torch.float64, generator=gen) + 0.5 if class_weight else None
+    cast = lambda v: None if v is None else v.to(device=device, dtype=dtype)  # noqa: E731
+    grad = lambda v: None if v is None else cast(v).requires_grad_()  # noqa: E731
+    return (h, w, b, t, cw), (grad(h), grad(w), grad(b), t.to(device), cast(cw))
+
+
+def check_linear(backend, reduction, dtype=torch.float64, N=10, H=6, V=13, bias=True, class_weight=False, ignored=2,
+                 chunk_size=None, shape=None, **kw):
+    (h, w, b, t, cw), (hf, wf, bf, tf, cwf) = make_linear_case(N, H, V, dtype, device_of(backend), bias, class_weight,
+                                                               ignored, shape=shape)
+    params = [v.clone().requires_grad_() for v in (h, w, b) if v is not None]
+    loss_ref = reference_loss(F.linear(*params).movedim(-1, 1) if h.dim() > 2 else F.linear(*params), t, cw,
+                              reduction, **kw)
+    g = upstream(loss_ref)
+    grads_ref = torch.autograd.grad(loss_ref, params, g)
+    loss = linear_cross_entropy(hf, wf, tf, bf, cwf, reduction=reduction, chunk_size=chunk_size, backend=backend, **kw)
+    assert loss.dtype == dtype and loss.shape == loss_ref.shape
+    assert_rel_close(loss.detach().cpu(), loss_ref.detach(), RTOL[dtype], "loss")
+    grads = torch.autograd.grad(loss, [v for v in (hf, wf, bf) if v is not None], g.to(hf.device, dtype))
+    for name, got, want in zip(("d hidden", "d weight", "d bias"), grads, grads_ref):
+        assert got.dtype == dtype
+        assert_rel_close(got.cpu(), want, RTOL[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_matches_f_cross_entropy_of_linear(backend, reduction, chunk_size, dtype):
+    check_linear(backend, reduction, dtype, chunk_size=chunk_size)
+
+
+LINEAR_OPTIONS = [{"bias": False}, {"class_weight": True, "label_smoothing": 0.1},
+                  {"class_weight": True, "label_smoothing": 0.1, "z_loss": 0.05, "softcap": 3.0}]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("options", LINEAR_OPTIONS, ids=["nobias", "weight_smooth", "all"])
+def test_linear_options(backend, options, reduction):
+    check_linear(backend, reduction, chunk_size=3, **options)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_shapes(backend, reduction):
+    check_linear(backend, reduction, shape=(3, 4), chunk_size=5, class_weight=True)
+    check_linear(backend, reduction, shape=(), ignored=0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_all_ignored(backend, reduction):
+    (h, w, b, t, _), (hf, wf, bf, tf, _) = make_linear_case(5, 4, 7, torch.float64, device_of(backend), ignored=5)
+    loss = linear_cross_entropy(hf, wf, tf, bf, reduction=reduction, label_smoothing=0.1, chunk_size=2,
+                                backend=backend)
+    ref = F.cross_entropy(F.linear(h, w, b), t, reduction=reduction, label_smoothing=0.1)
+    assert torch.equal(loss.isnan(), ref.isnan()) and (reduction == "mean") == bool(loss.isnan().all())
+    for got in torch.autograd.grad(loss, (hf, wf, bf), torch.ones_like(loss)):
+        assert torch.equal(got, torch.zeros_like(got))  # PyTorch's gradient here: exactly zero
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_linear_return_lse(backend, reduction):
+    """A gradient reaching lse as well as the loss: for "mean" the precomputed loss gradient and the
+    recomputed lse gradient add up."""
+    (h, w, b, t, _), (hf, wf, bf, tf, _) = make_linear_case(7, 5, 9, torch.float64, device_of(backend))
+    loss, lse = linear_cross_entropy(hf, wf, tf, bf, reduction=reduction, z_loss=0.1, chunk_size=3, return_lse=True,
+                                     backend=backend)
+    params = [v.clone().requires_grad_() for v in (h, w, b)]
+    logits = F.linear(*params)
+    loss_ref, lse_ref = reference_loss(logits, t, None, reduction, z_loss=0.1), torch.logsumexp(logits, 1)
+    assert_rel_close(lse.detach().cpu(), lse_ref.detach(), 1e-10, "lse")
+    gl, glse = upstream(loss_ref, 2), upstream(lse_ref, 3)
+    grads_ref = torch.autograd.grad((loss_ref * gl).sum() + (lse_ref * glse).sum(), params)
+    grads = torch.autograd.grad((loss * gl.to(loss.device)).sum() + (lse * glse.to(lse.device)).sum(), (hf, wf, bf))
+    for name, got, want in zip(("d hidden", "d weight", "d bias"), grads, grads_ref):
+        assert_rel_close(got.cpu(), want, 1e-10, name)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_linear_gradcheck_and_no_double_backward(backend, reduction):
+    _, (h, w, b, t, cw) = make_linear_case(5, 3, 4, torch.float64, device_of(backend), class_weight=True, ignored=1)
+    fn = lambda h, w, b: linear_cross_entropy(h, w, t, b, cw, reduction=reduction, label_smoothing=0.1,  # noqa: E731
+                                              chunk_size=2, backend=backend)
+    assert torch.autograd.gradcheck(fn, (h, w, b))
+    loss = fn(h, w, b)
+    (dh,) = torch.autograd.grad(loss, h, torch.ones_like(loss), create_graph=False)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(fn(h, w, b), h, torch.ones_like(loss), create_graph=True)
+
+
+def test_linear_opcheck(backend):
+    fl = torch.ops.fusedlayers
+    kind = fusedlayers._ops.resolve_backend(backend, torch.device(device_of(backend)))
+    _, (h, w, b, t, cw) = make_linear_case(5, 3, 4, torch.float64, device_of(backend), class_weight=True, ignored=1)
+    for reduction in REDUCTIONS:
+        args = (-100, 0.1, 0.05, 2.0, reduction, 2, kind)
+        torch.library.opcheck(fl.linear_cross_entropy.default, (h, w, b, t, cw, *args))
+        hd, wd, bd = h.detach(), w.detach(), b.detach()
+        mask = [False] * 3 if reduction == "none" else [True] * 3
+        torch.library.opcheck(fl.linear_cross_entropy_forward.default, (hd, wd, bd, t, cw, *args[:5], 2, mask, kind))
+    _, lse, *_ = fl.linear_cross_entropy_forward(hd, wd, bd, t, cw, -100, 0.1, 0.05, 2.0, "none", 2, [False] * 3, kind)
+    for gl, glse in ((torch.randn(5, dtype=torch.float64), None), (None, torch.randn(5, dtype=torch.float64))):
+        torch.library.opcheck(fl.linear_cross_entropy_backward.default,
+                              (gl, glse, hd, wd, bd, t, cw, lse, -100, 0.1, 0.05, 2.0, 2, [True, True, True], kind))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_compile_fullgraph_dynamic(backend, reduction):
+    torch._dynamo.reset()
+    fn = torch.compile(lambda h, w, t, b: linear_cross_entropy(h, w, t, b, reduction=reduction, label_smoothing=0.1,
+                                                               chunk_size=3, backend=backend),
+                       fullgraph=True, dynamic=True)
+    for N in (7, 10):
+        (h, w, b, t, _), (hf, wf, bf, tf, _) = make_linear_case(N, 5, 9, torch.float64, device_of(backend), seed=N)
+        params = [v.clone().requires_grad_() for v in (h, w, b)]
+        loss_ref = F.cross_entropy(F.linear(*params), t, reduction=reduction, label_smoothing=0.1)
+        g = upstream(loss_ref)
+        loss = fn(hf, wf, tf, bf)
+        assert_rel_close(loss.detach().cpu(), loss_ref.detach(), 1e-10, "loss")
+        for got, want in zip(torch.autograd.grad(loss, (hf, wf, bf), g.to(hf.device)),
+                             torch.autograd.grad(loss_ref, params, g)):
+            assert_rel_close(got.cpu(), want, 1e-10, "grad")
+
+
+def test_linear_bad_input(backend):
+    dev = device_of(backend)
+    h, w, t = torch.randn(4, 5, device=dev), torch.randn(7, 5, device=dev), torch.tensor([0, 1, 2, 3], device=dev)
+    with pytest.raises(RuntimeError, match=r"expected weight of shape \(V, 5\)"):
+        linear_cross_entropy(h, torch.randn(7, 4, device=dev), t, backend=backend)
+    with pytest.raises(RuntimeError, match=r"expected bias of shape \(7,\)"):
+        linear_cross_entropy(h, w, t, torch.randn(6, device=dev), backend=backend)
+    with pytest.raises(RuntimeError, match="expected weight to have the dtype of hidden"):
+        linear_cross_entropy(h, w.double(), t, backend=backend)
+    with pytest.raises(ValueError, match=r"expected target of shape \[4\]"):
+        linear_cross_entropy(h, w, t[:3], backend=backend)
+    with pytest.raises(RuntimeError, match=r"target of dtype int64 \(long\)"):
+        linear_cross_entropy(h, w, t.int(), backend=backend)
+    with pytest.raises(ValueError, match="chunk_size must be positive"):
+        linear_cross_entropy(h, w, t, chunk_size=0, backend=backend)
+    with pytest.raises(IndexError, match="target 7 is out of bounds"):
+        linear_cross_entropy(h, w, torch.tensor([0, 7, 2, 3], device=dev), backend=backend)
+    with pytest.raises(RuntimeError, match="expected weight on the device of hidden"):
+        torch.ops.fusedlayers.linear_cross_entropy_forward(h.to("meta"), w, None, t.to("meta"), None, -100, 0.0, 0.0,
+                                                           None, "mean", 2, [False] * 3, "native")
+
+
+def test_linear_module(backend):
+    dev = device_of(backend)
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 11, dtype=torch.float64, device=dev)
+    torch.manual_seed(0)
+    fused = FusedLinearCrossEntropyLoss(6, 11, bias=True, dtype=torch.float64, device=dev, label_smoothing=0.1,
+                                        chunk_size=3, backend=backend)
+    assert torch.equal(fused.weight, linear.weight) and torch.equal(fused.bias, linear.bias)  # nn.Linear's init
+    assert set(fused.state_dict()) == {"weight", "bias"}
+    shared = FusedLinearCrossEntropyLoss.from_linear(linear, reduction="sum", label_smoothing=0.1, backend=backend)
+    assert shared.weight is linear.weight
+    h = torch.randn(2, 5, 6, dtype=torch.float64, device=dev)
+    t = torch.randint(0, 11, (2, 5), device=dev)
+    for module, reduction in ((fused, "mean"), (shared, "sum")):
+        loss = module(h, t)
+        ref = F.cross_entropy(linear(h).flatten(0, 1), t.flatten(), reduction=reduction, label_smoothing=0.1)
+        assert_rel_close(loss.detach().cpu(), ref.detach().cpu(), 1e-10, "loss")
+        got = torch.autograd.grad(loss, module.weight)[0]
+        assert_rel_close(got.cpu(), torch.autograd.grad(ref, linear.weight)[0].cpu(), 1e-10, "d weight")
