@@ -239,6 +239,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     auto [loss, lse] = ce_forward_op(triton).call(logits, target, weight, ignore_index, label_smoothing, z_loss,
                                                   softcap);
     ctx->save_for_backward({logits, target, weight.value_or(at::Tensor()), lse});
+    ctx->set_materialize_grads(false);  // the kernel takes grad_lse None as zero, without reading it
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["z_loss"] = z_loss;
@@ -336,6 +337,7 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     ctx->saved_data["z_loss"] = z_loss;
     ctx->saved_data["softcap"] = softcap ? c10::IValue(*softcap) : c10::IValue();
     ctx->saved_data["precompute"] = precompute;
+    ctx->set_materialize_grads(false);  // an output with no gradient must not cost a recompute pass
     ctx->saved_data["chunk_size"] = chunk_size;
     ctx->saved_data["backend"] = std::string(backend);
     return {loss, lse};
