@@ -195,8 +195,9 @@ at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorL
 
 // ---- cross_entropy --------------------------------------------------------------------------------------
 
-// The backward formula of csrc's contract written with differentiable ATen ops, for a backward that is
-// itself differentiated (create_graph): exact at every order, in logits, grad_loss and grad_lse.
+// The backward formula of the contract (at the cross_entropy_forward schema) in differentiable ATen ops, for
+// a backward that is itself differentiated (create_graph): exact at every order, in logits, grad_loss and
+// grad_lse.
 at::Tensor cross_entropy_backward_composite(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
                                             const at::Tensor& logits, const at::Tensor& target,
                                             const at::Tensor& weight, int64_t ignore_index, double eps, double z_loss,
