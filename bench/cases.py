@@ -110,8 +110,66 @@ def sweep_cases(quick: bool) -> list[Case]:
     return cases
 
 
+def _ce_case(quick: bool) -> Case:
+    """Softmax cross-entropy of (N, C) float32 logits, mean over the rows: loss and gradient w.r.t. the logits.
+    --quick shrinks N (the full case is 2 x 524 MB per eager call)."""
+    N, C = (1024 if quick else 4096), 32000
+
+    def make():
+        gen = torch.Generator(DEVICE).manual_seed(0)
+        x = torch.randn(N, C, device=DEVICE, generator=gen, requires_grad=True)
+        y = torch.randint(0, C, (N,), device=DEVICE, generator=gen)
+
+        def impl(name, loss):
+            def forward():
+                with torch.no_grad():
+                    return loss(x, y)
+            return Impl(name, forward, lambda: torch.autograd.grad(loss(x, y), x))
+
+        impls = [impl("eager", F.cross_entropy), impl("compile", torch.compile(F.cross_entropy))]
+        impls += [impl(f"fused-{b}", lambda x, y, b=b: fusedlayers.functional.cross_entropy(x, y, backend=b))
+                  for b in fused_backends()]
+        return impls
+
+    return Case("ce", f"softmax cross-entropy, N={N}, C={C}, float32, mean: gradient w.r.t. the logits", DEVICE,
+                torch.float32, make, reps=5, warmup=1)
+
+
+def _linear_ce_case(quick: bool) -> Case:
+    """The output layer and loss of a language model: cross-entropy of hidden @ W.T, gradients w.r.t. hidden
+    and W. Also PyTorch's own F.linear_cross_entropy, on its reference path (options=None) and chunked
+    (LinearCrossEntropyOptions() defaults). --quick shrinks N and H (the full case is ~0.8 TFLOP a call)."""
+    N, H, V = (512, 256, 32000) if quick else (4096, 1024, 32000)
+
+    def make():
+        gen = torch.Generator(DEVICE).manual_seed(0)
+        h = torch.randn(N, H, device=DEVICE, generator=gen, requires_grad=True)
+        w = (torch.randn(V, H, device=DEVICE, generator=gen) / H**0.5).requires_grad_()
+        y = torch.randint(0, V, (N,), device=DEVICE, generator=gen)
+
+        def impl(name, loss):
+            def forward():
+                with torch.no_grad():
+                    return loss(h, w, y)
+            return Impl(name, forward, lambda: torch.autograd.grad(loss(h, w, y), (h, w)))
+
+        def eager(h, w, y):
+            return F.cross_entropy(h @ w.T, y)
+
+        chunked = nn.LinearCrossEntropyOptions()
+        impls = [impl("eager", eager), impl("compile", torch.compile(eager))]
+        impls += [impl(f"fused-{b}", lambda h, w, y, b=b: fusedlayers.functional.linear_cross_entropy(h, w, y, backend=b))
+                  for b in fused_backends()]
+        impls += [impl("torch-lce", lambda h, w, y: F.linear_cross_entropy(h, w, y)),
+                  impl("torch-lce-chunked", lambda h, w, y: F.linear_cross_entropy(h, w, y, options=chunked))]
+        return impls
+
+    return Case("linear_ce", f"linear + cross-entropy, N={N}, H={H}, V={V}, float32, mean: gradients w.r.t. hidden "
+                "and weight", DEVICE, torch.float32, make, reps=3, warmup=1)
+
+
 def all_cases(quick: bool = False) -> list[Case]:
-    return _seed_and_layer_cases(quick) + sweep_cases(quick)
+    return _seed_and_layer_cases(quick) + [_ce_case(quick), _linear_ce_case(quick)] + sweep_cases(quick)
 
 
 def _seed_and_layer_cases(quick: bool) -> list[Case]:

@@ -1,5 +1,5 @@
 """First-call latency and peak memory of one implementation, in a fresh process: `python -m bench.cold CASE
-IMPL` prints {"cold_ms": ..., "peak_mem_bytes": ...} as JSON.
+IMPL [--quick]` (the case as --quick sizes it) prints {"cold_ms": ..., "peak_mem_bytes": ...} as JSON.
 
 cold_ms is the first forward+backward call after the case is built (inputs and parameters exist), compilation
 included. peak_mem_bytes is how far that call and a few more raised the process's peak memory over what it
@@ -26,8 +26,8 @@ def _reset_peak_rss() -> None:
         f.write("5")  # resets VmHWM to the current resident set
 
 
-def measure(case_name: str, impl_name: str) -> dict:
-    case = next(c for c in all_cases() + all_cases(quick=True) if c.name == case_name)
+def measure(case_name: str, impl_name: str, quick: bool = False) -> dict:
+    case = next(c for c in all_cases(quick) if c.name == case_name)
     impl = next(i for i in case.make_impls() if i.name == impl_name)
     cuda = case.device == "cuda"
     if cuda:
@@ -52,4 +52,4 @@ def measure(case_name: str, impl_name: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], sys.argv[2])))
+    print(json.dumps(measure(sys.argv[1], sys.argv[2], quick="--quick" in sys.argv[3:])))

@@ -41,6 +41,7 @@ class Case:
     dtype: torch.dtype
     make_impls: Callable[[], list[Impl]]
     reps: int = 20  # repetitions of the full suite; --quick uses a quarter
+    warmup: int | None = None  # calls before timing; None: the suite's (fewer for cases of seconds a call)
 
 
 def _sync(device: str) -> None:
@@ -106,7 +107,7 @@ def run_case(case: Case, impl_filter: list[str] | None, reps: int, warmup: int, 
     return records
 
 
-def measure_cold(case: str, impl: str, warm_cache: bool) -> dict:
+def measure_cold(case: str, impl: str, warm_cache: bool, quick: bool = False) -> dict:
     """cold_ms and peak_mem_bytes of one implementation, from a fresh process (bench/cold.py). Unless
     warm_cache, torch.compile starts from an empty inductor cache."""
     env = dict(os.environ)
@@ -114,7 +115,7 @@ def measure_cold(case: str, impl: str, warm_cache: bool) -> dict:
     if cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache
     try:
-        out = subprocess.run([sys.executable, "-m", "bench.cold", case, impl], env=env, capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "bench.cold", case, impl] + (["--quick"] if quick else []), env=env, capture_output=True,
                              text=True, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
@@ -138,7 +139,8 @@ def run_suite(cases: list[Case], impl_filter, quick: bool, out_dir: str, warm_ca
     for case in cases:
         if progress is not None:
             progress.set_postfix_str(case.name)
-        records += run_case(case, impl_filter, reps[case.name], warmup=2 if quick else 5, progress=progress)
+        warmup = case.warmup if case.warmup is not None else 2 if quick else 5
+        records += run_case(case, impl_filter, reps[case.name], warmup, progress=progress)
     # Cold start and peak memory, one fresh process per record; --quick measures each implementation once,
     # on the first case that has it.
     first_of_impl = {}
@@ -152,7 +154,7 @@ def run_suite(cases: list[Case], impl_filter, quick: bool, out_dir: str, warm_ca
         if progress is not None:
             progress.set_postfix_str(f"{r['case']} {r['impl']}")
         if r["impl"] != "gemm-floor":
-            r.update(measure_cold(r["case"], r["impl"], warm_cache))
+            r.update(measure_cold(r["case"], r["impl"], warm_cache, quick))
         if progress is not None:
             progress.update(1)
     if progress is not None:

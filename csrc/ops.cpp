@@ -7,11 +7,14 @@
 // torch.compile sees it and it can get an autograd formula of its own.
 #include <Python.h>
 
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "backend.h"
+#include "cross_entropy_ops.h"
 #include "dense.h"
 #include "mlp.h"
 
@@ -32,12 +35,6 @@ using DenseForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, con
 using DenseBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, c10::string_view, std::array<bool, 3>);
-
-bool is_triton(c10::string_view backend) {
-  if (backend == "triton") return true;
-  TORCH_CHECK_VALUE(backend == "native", "unknown kernel family '", backend, "'; expected 'native' or 'triton'");
-  return false;
-}
 
 // Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no formula here yet: without this check
 // the tangent would silently come out zero.
@@ -205,6 +202,223 @@ at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorL
   return MLPFunction::apply(x, weights, biases, activations, save, backend);
 }
 
+// ---- cross_entropy --------------------------------------------------------------------------------------
+
+// The backward formula of the contract (at the cross_entropy_forward schema) in differentiable ATen ops, for
+// a backward that is itself differentiated (create_graph): exact at every order, in logits, grad_loss and
+// grad_lse.
+at::Tensor cross_entropy_backward_composite(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
+                                            const at::Tensor& logits, const at::Tensor& target,
+                                            const at::Tensor& weight, int64_t ignore_index, double eps, double z_loss,
+                                            std::optional<double> softcap) {
+  const int64_t C = logits.size(1);
+  const auto math = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor x = logits.to(math);
+  const at::Tensor z = softcap ? x.div(*softcap).tanh().mul(*softcap) : x;
+  const at::Tensor lse = z.logsumexp({1});
+  const at::Tensor p = (z - lse.unsqueeze(1)).exp();
+  const at::Tensor kept = target != ignore_index;
+  const at::Tensor safe_t = at::where(kept, target, 0);
+  const at::Tensor w = weight.defined() ? weight.to(math) : at::Tensor();
+  const at::Tensor wt = w.defined() ? at::where(kept, w.gather(0, safe_t), 0) : kept.to(math);
+  // where, not a product: an all-ignored mean's grad_loss is inf on every (ignored) row.
+  const at::Tensor gl = at::where(kept, grad_loss.to(math), 0);
+  const at::Tensor W = w.defined() ? w.sum() : at::scalar_tensor(static_cast<double>(C), x.options());
+  at::Tensor a = gl * (wt * ((1.0 - eps) + 2.0 * z_loss * lse) + eps / C * W);
+  if (grad_lse.defined()) a = a + grad_lse.to(math);
+  at::Tensor grad = a.unsqueeze(1) * p - (gl * wt * (1.0 - eps)).unsqueeze(1) * at::one_hot(safe_t, C).to(math);
+  if (eps != 0.0) grad = grad - (gl * (eps / C)).unsqueeze(1) * (w.defined() ? w.unsqueeze(0) : at::ones({1, 1}, x.options()));
+  if (softcap) grad = grad * (1 - x.div(*softcap).tanh().square());
+  return grad.to(logits.scalar_type());
+}
+
+void check_weight_not_differentiable(const std::optional<at::Tensor>& weight, const char* op) {
+  TORCH_CHECK(!(weight.has_value() && weight->requires_grad() && at::GradMode::is_enabled()), op,
+              "(): the gradient with respect to the class weight is not implemented (neither is it in "
+              "F.cross_entropy); pass weight.detach()");
+}
+
+// One autograd node: saves logits, target, weight and lse; the backward is the cross_entropy_backward
+// kernel, or the composite formula when the backward is differentiated.
+class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+                               double z_loss, std::optional<double> softcap, c10::string_view backend) {
+    const bool triton = is_triton(backend);
+    auto [loss, lse] = ce_forward_op(triton).call(logits, target, weight, ignore_index, label_smoothing, z_loss,
+                                                  softcap);
+    ctx->save_for_backward({logits, target, weight.value_or(at::Tensor()), lse});
+    ctx->set_materialize_grads(false);  // the kernel takes grad_lse None as zero, without reading it
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["z_loss"] = z_loss;
+    ctx->saved_data["softcap"] = softcap ? c10::IValue(*softcap) : c10::IValue();
+    ctx->saved_data["triton"] = triton;
+    return {loss, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(8);
+    if (!grads[0].defined() && !grads[1].defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &logits = saved[0], &target = saved[1], &weight = saved[2], &lse = saved[3];
+    const at::Tensor grad_loss = grads[0].defined() ? grads[0] : at::zeros_like(lse);
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const double eps = ctx->saved_data["label_smoothing"].toDouble();
+    const double z_loss = ctx->saved_data["z_loss"].toDouble();
+    const auto& cap = ctx->saved_data["softcap"];
+    const std::optional<double> softcap = cap.isNone() ? std::nullopt : std::optional<double>(cap.toDouble());
+    if (at::GradMode::is_enabled()) {
+      out[0] = cross_entropy_backward_composite(grad_loss, grads[1], logits, target, weight, ignore_index, eps, z_loss,
+                                                softcap);
+    } else {
+      out[0] = ce_backward_op(ctx->saved_data["triton"].toBool())
+                   .call(grad_loss, opt(grads[1]), logits, target, opt(weight), lse, ignore_index, eps, z_loss, softcap);
+    }
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_no_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             int64_t ignore_index, double label_smoothing,
+                                                             double z_loss, std::optional<double> softcap,
+                                                             c10::string_view backend) {
+  return ce_forward_op(is_triton(backend)).call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          int64_t ignore_index, double label_smoothing, double z_loss,
+                                                          std::optional<double> softcap, c10::string_view backend) {
+  check_no_forward_grad({&logits});
+  check_weight_not_differentiable(weight, "cross_entropy");
+  if (!(at::GradMode::is_enabled() && logits.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return cross_entropy_no_autograd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend);
+  }
+  auto out = CrossEntropyFunction::apply(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                         backend);
+  return {out[0], out[1]};
+}
+
+// ---- linear_cross_entropy -------------------------------------------------------------------------------
+
+using LinearCeForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+    const std::optional<at::Tensor>&, int64_t, double, double, std::optional<double>, c10::string_view, int64_t,
+    std::array<bool, 3>, c10::string_view);
+using LinearCeBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t,
+    double, double, std::optional<double>, int64_t, std::array<bool, 3>, c10::string_view);
+
+c10::TypedOperatorHandle<LinearCeForwardFn> linear_ce_forward_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::linear_cross_entropy_forward", "").typed<LinearCeForwardFn>();
+  return op;
+}
+
+c10::TypedOperatorHandle<LinearCeBackwardFn> linear_ce_backward_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::linear_cross_entropy_backward", "").typed<LinearCeBackwardFn>();
+  return op;
+}
+
+// One autograd node. For "mean"/"sum" the forward also computes the gradients of the loss (the logits are
+// computed once) and the backward scales them by the upstream scalar; per-row upstream gradients ("none",
+// or one reaching lse) go through the backward op, which recomputes each chunk's logits.
+class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                               const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
+                               double label_smoothing, double z_loss, std::optional<double> softcap,
+                               c10::string_view reduction, int64_t chunk_size, c10::string_view backend) {
+    const bool precompute = reduction != "none";
+    const std::array<bool, 3> mask = {precompute && hidden.requires_grad(), precompute && weight.requires_grad(),
+                                      precompute && bias.has_value() && bias->requires_grad()};
+    auto [loss, lse, dh, dw, db] = linear_ce_forward_op().call(hidden, weight, bias, target, class_weight,
+                                                               ignore_index, label_smoothing, z_loss, softcap,
+                                                               reduction, chunk_size, mask, backend);
+    ctx->save_for_backward({hidden, weight, bias.value_or(at::Tensor()), target, class_weight.value_or(at::Tensor()),
+                            lse, dh, dw, db});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["z_loss"] = z_loss;
+    ctx->saved_data["softcap"] = softcap ? c10::IValue(*softcap) : c10::IValue();
+    ctx->saved_data["precompute"] = precompute;
+    ctx->set_materialize_grads(false);  // an output with no gradient must not cost a recompute pass
+    ctx->saved_data["chunk_size"] = chunk_size;
+    ctx->saved_data["backend"] = std::string(backend);
+    return {loss, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), "linear_cross_entropy(): double backward (create_graph=True) is not "
+                "supported; compute the loss as cross_entropy(hidden @ weight.T + bias, target) for higher-order "
+                "gradients");
+    variable_list out(12);
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &hidden = saved[0], &weight = saved[1], &bias = saved[2], &target = saved[3];
+    const at::Tensor &class_weight = saved[4], &lse = saved[5];
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      bias.defined() && ctx->needs_input_grad(2)};
+    const bool precompute = ctx->saved_data["precompute"].toBool();
+    at::Tensor dh, dw, db;
+    if (precompute && grads[0].defined()) {
+      if (mask[0]) dh = saved[6] * grads[0];
+      if (mask[1]) dw = saved[7] * grads[0];
+      if (mask[2]) db = saved[8] * grads[0];
+    }
+    if (grads[1].defined() || (!precompute && grads[0].defined())) {
+      const auto& cap = ctx->saved_data["softcap"];
+      auto [rh, rw, rb] = linear_ce_backward_op().call(
+          precompute ? std::nullopt : opt(grads[0]), opt(grads[1]), hidden, weight, opt(bias), target,
+          opt(class_weight), lse, ctx->saved_data["ignore_index"].toInt(),
+          ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
+          cap.isNone() ? std::nullopt : std::optional<double>(cap.toDouble()), ctx->saved_data["chunk_size"].toInt(),
+          mask, ctx->saved_data["backend"].toStringRef());
+      dh = dh.defined() ? dh + rh : rh;
+      dw = dw.defined() ? dw + rw : rw;
+      db = db.defined() ? db + rb : rb;
+    }
+    out[0] = dh.defined() ? dh.to(hidden.scalar_type()) : dh;
+    out[1] = dw.defined() ? dw.to(weight.scalar_type()) : dw;
+    out[2] = db.defined() ? db.to(bias.scalar_type()) : db;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_no_autograd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
+    double label_smoothing, double z_loss, std::optional<double> softcap, c10::string_view reduction,
+    int64_t chunk_size, c10::string_view backend) {
+  auto out = linear_ce_forward_op().call(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                                         z_loss, softcap, reduction, chunk_size, {false, false, false}, backend);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_autograd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
+    double label_smoothing, double z_loss, std::optional<double> softcap, c10::string_view reduction,
+    int64_t chunk_size, c10::string_view backend) {
+  const at::Tensor no_bias;
+  check_no_forward_grad({&hidden, &weight, bias.has_value() ? &*bias : &no_bias});
+  check_weight_not_differentiable(class_weight, "linear_cross_entropy");
+  const bool needs_grad = at::GradMode::is_enabled() &&
+                          (hidden.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return linear_cross_entropy_no_autograd(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                                            z_loss, softcap, reduction, chunk_size, backend);
+  }
+  auto out = LinearCrossEntropyFunction::apply(hidden, weight, bias, target, class_weight, ignore_index,
+                                               label_smoothing, z_loss, softcap, reduction, chunk_size, backend);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 }  // namespace fusedlayers
 
@@ -256,17 +470,43 @@ TORCH_LIBRARY(fusedlayers, m) {
   m.def(prefix "cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, "       \
                "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "             \
                "float? softcap) -> Tensor");
+  // The differentiable op: per-row (loss, lse) of the kernels below; reductions are composite (functional.py).
+  m.def("cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
+        "float z_loss, float? softcap, str backend) -> (Tensor, Tensor)");
   FL_DEF_CE_KERNELS("")
   FL_DEF_CE_KERNELS("triton_")
 #undef FL_DEF_CE_KERNELS
+
+  // Cross-entropy of logits = hidden @ weight.T + bias (hidden (N, H), weight (V, H), bias (V,)) over chunks of
+  // chunk_size rows, never the whole (N, V) logits; class_weight, ignore_index, ... as above. Returns (loss, lse):
+  // loss (N,) for reduction "none", else the reduced 0-d loss ("mean": divided by the summed class weights of
+  // the kept rows); lse (N,). Loss and lse in the math dtype.
+  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
+        "int ignore_index, float label_smoothing, float z_loss, float? softcap, str reduction, int chunk_size, "
+        "str backend) -> (Tensor, Tensor)");
+  // Device-generic (ATen GEMMs + the backend's cross_entropy kernels). The forward returns (loss, lse, dh, dw,
+  // db): with output_mask (only for "mean"/"sum") the gradients of the loss w.r.t. hidden, weight and bias,
+  // else undefined; the backward returns (dh, dw, db) of sum(grad_loss * loss + grad_lse * lse) over the rows
+  // (grad_loss None: zero), recomputing each chunk's logits. dw and db are in the math dtype.
+  m.def("linear_cross_entropy_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+        "Tensor? class_weight, int ignore_index, float label_smoothing, float z_loss, float? softcap, str reduction, "
+        "int chunk_size, bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy_backward(Tensor? grad_loss, Tensor? grad_lse, Tensor hidden, Tensor weight, "
+        "Tensor? bias, Tensor target, Tensor? class_weight, Tensor lse, int ignore_index, float label_smoothing, "
+        "float z_loss, float? softcap, int chunk_size, bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   m.impl("dense", &fusedlayers::dense_autograd);
   m.impl("mlp", &fusedlayers::mlp_autograd);
+  m.impl("cross_entropy", &fusedlayers::cross_entropy_autograd);
+  m.impl("linear_cross_entropy", &fusedlayers::linear_cross_entropy_autograd);
   // The kernels are not differentiable yet: backpropagating through one raises, never a silent zero.
   for (const char* op : {"dense_forward", "dense_backward", "triton_dense_forward", "triton_dense_backward",
-                         "mlp_forward", "mlp_backward", "triton_mlp_forward", "triton_mlp_backward"}) {
+                         "mlp_forward", "mlp_backward", "triton_mlp_forward", "triton_mlp_backward",
+                         "cross_entropy_forward", "cross_entropy_backward", "triton_cross_entropy_forward",
+                         "triton_cross_entropy_backward", "linear_cross_entropy_forward",
+                         "linear_cross_entropy_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }
@@ -274,4 +514,6 @@ TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
   m.impl("dense", &fusedlayers::dense_no_autograd);
   m.impl("mlp", &fusedlayers::mlp_no_autograd);
+  m.impl("cross_entropy", &fusedlayers::cross_entropy_no_autograd);
+  m.impl("linear_cross_entropy", &fusedlayers::linear_cross_entropy_no_autograd);
 }

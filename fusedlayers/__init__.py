@@ -6,6 +6,7 @@ from . import _ops  # noqa: F401  (fake kernels and backend registry)
 from . import functional
 from ._ops import available_backends
 from .activations import ACTIVATIONS, ActivationModule
-from .modules import FusedDense, FusedMLP
+from .modules import FusedCrossEntropyLoss, FusedDense, FusedLinearCrossEntropyLoss, FusedMLP
 
-__all__ = ["ACTIVATIONS", "ActivationModule", "FusedDense", "FusedMLP", "available_backends", "functional"]
+__all__ = ["ACTIVATIONS", "ActivationModule", "FusedCrossEntropyLoss", "FusedDense", "FusedLinearCrossEntropyLoss",
+           "FusedMLP", "available_backends", "functional"]

@@ -53,7 +53,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cpu" and not _triton_interpreted():
             raise RuntimeError("backend='triton' runs on CPU tensors only under TRITON_INTERPRET=1 (set before "
                                "importing fusedlayers); move the tensors to a GPU otherwise")
-        from .triton import dense, mlp  # noqa: F401  (registers the triton_* kernels)
+        from .triton import cross_entropy, dense, mlp  # noqa: F401  (registers the triton_* kernels)
         return "triton"
     check_backend(backend)
     raise ValueError(f"backend={backend!r} cannot run tensors on device {device.type!r}")
@@ -165,3 +165,115 @@ def _mlp_backward_fake(grad_out, x, weights, biases, saved, activations, input_g
 for _prefix, _layout in (("", _native_mlp_saved), ("triton_", _triton_mlp_saved)):
     torch.library.register_fake(f"fusedlayers::{_prefix}mlp_forward")(_mlp_forward_fake(_layout))
     torch.library.register_fake(f"fusedlayers::{_prefix}mlp_backward")(_mlp_backward_fake)
+
+
+def check_cross_entropy_args(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
+                             softcap: float | None) -> None:
+    """The checks of csrc/cpu/cross_entropy.cpp, with the same messages, for the fake and Triton kernels."""
+    torch._check(logits.dim() == 2, lambda: f"cross_entropy(): expected logits of shape (N, C), got shape "
+                                            f"{list(logits.shape)}")
+    torch._check(logits.dtype.is_floating_point,
+                 lambda: f"cross_entropy(): expected floating-point logits, got {logits.dtype}")
+    torch._check(target.dtype == torch.int64,
+                 lambda: f"cross_entropy(): expected target of dtype int64 (long), got {target.dtype}")
+    torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0],
+                 lambda: f"cross_entropy(): expected target of shape ({logits.shape[0]},) for logits of shape "
+                         f"{list(logits.shape)}, got shape {list(target.shape)}")
+    torch._check(target.device == logits.device,
+                 lambda: f"cross_entropy(): expected target on the device of logits ({logits.device}), got "
+                         f"{target.device}")
+    if weight is not None:
+        torch._check(weight.dim() == 1 and weight.shape[0] == logits.shape[1],
+                     lambda: f"cross_entropy(): expected weight of shape ({logits.shape[1]},) (one per class), got "
+                             f"shape {list(weight.shape)}")
+        torch._check(weight.dtype == logits.dtype,
+                     lambda: f"cross_entropy(): expected weight to have the dtype of logits ({logits.dtype}), got "
+                             f"{weight.dtype}")
+        torch._check(weight.device == logits.device,
+                     lambda: f"cross_entropy(): expected weight on the device of logits ({logits.device}), got "
+                             f"{weight.device}")
+    torch._check_value(0.0 <= label_smoothing <= 1.0,
+                       lambda: f"cross_entropy(): label_smoothing must be in [0, 1], got {label_smoothing}")
+    torch._check_value(softcap is None or softcap > 0.0,
+                       lambda: f"cross_entropy(): softcap must be positive, got {softcap}")
+
+
+def ce_math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the cross-entropy kernels compute and return loss and lse in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cross_entropy_forward_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+    check_cross_entropy_args(logits, target, weight, label_smoothing, softcap)
+    math = ce_math_dtype(logits.dtype)
+    return logits.new_empty(logits.shape[0], dtype=math), logits.new_empty(logits.shape[0], dtype=math)
+
+
+def _cross_entropy_backward_fake(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing,
+                                 z_loss, softcap):
+    check_cross_entropy_args(logits, target, weight, label_smoothing, softcap)
+    return logits.new_empty(logits.shape)
+
+
+for _prefix in ("", "triton_"):
+    torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_forward")(_cross_entropy_forward_fake)
+    torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_backward")(_cross_entropy_backward_fake)
+
+
+def check_linear_cross_entropy_args(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                                    chunk_size: int) -> None:
+    """The checks of csrc/linear_cross_entropy.cpp, with the same messages."""
+    torch._check(hidden.dim() == 2, lambda: f"linear_cross_entropy(): expected hidden of shape (N, H), got shape "
+                                            f"{list(hidden.shape)}")
+    torch._check(hidden.dtype.is_floating_point,
+                 lambda: f"linear_cross_entropy(): expected floating-point hidden, got {hidden.dtype}")
+    torch._check(weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
+                 lambda: f"linear_cross_entropy(): expected weight of shape (V, {hidden.shape[1]}) for hidden of shape "
+                         f"{list(hidden.shape)}, got shape {list(weight.shape)}")
+    torch._check(weight.dtype == hidden.dtype,
+                 lambda: f"linear_cross_entropy(): expected weight to have the dtype of hidden ({hidden.dtype}), got "
+                         f"{weight.dtype}")
+    torch._check(weight.device == hidden.device,
+                 lambda: f"linear_cross_entropy(): expected weight on the device of hidden ({hidden.device}), got "
+                         f"{weight.device}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+                     lambda: f"linear_cross_entropy(): expected bias of shape ({weight.shape[0]},), got shape "
+                             f"{list(bias.shape)}")
+        torch._check(bias.dtype == hidden.dtype,
+                     lambda: f"linear_cross_entropy(): expected bias to have the dtype of hidden ({hidden.dtype}), "
+                             f"got {bias.dtype}")
+        torch._check(bias.device == hidden.device,
+                     lambda: f"linear_cross_entropy(): expected bias on the device of hidden ({hidden.device}), got "
+                             f"{bias.device}")
+    torch._check(target.dim() == 1 and target.shape[0] == hidden.shape[0],
+                 lambda: f"linear_cross_entropy(): expected target of shape ({hidden.shape[0]},), got shape "
+                         f"{list(target.shape)}")
+    torch._check_value(chunk_size >= 1, lambda: f"linear_cross_entropy(): chunk_size must be positive, got {chunk_size}")
+
+
+def _linear_ce_grads_fake(hidden, weight, bias, output_mask):
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return (hidden.new_empty(hidden.shape) if output_mask[0] else None,
+            weight.new_empty(weight.shape, dtype=acc) if output_mask[1] else None,
+            weight.new_empty(weight.shape[0], dtype=acc) if output_mask[2] and bias is not None else None)
+
+
+@torch.library.register_fake("fusedlayers::linear_cross_entropy_forward")
+def _linear_cross_entropy_forward_fake(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                                       z_loss, softcap, reduction, chunk_size, output_mask, backend):
+    check_linear_cross_entropy_args(hidden, weight, bias, target, chunk_size)
+    check_cross_entropy_args(hidden.new_empty(hidden.shape[0], weight.shape[0]), target, class_weight,
+                             label_smoothing, softcap)
+    math = ce_math_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    loss = hidden.new_empty(n, dtype=math) if reduction == "none" else hidden.new_empty((), dtype=math)
+    return (loss, hidden.new_empty(n, dtype=math), *_linear_ce_grads_fake(hidden, weight, bias, output_mask))
+
+
+@torch.library.register_fake("fusedlayers::linear_cross_entropy_backward")
+def _linear_cross_entropy_backward_fake(grad_loss, grad_lse, hidden, weight, bias, target, class_weight, lse,
+                                        ignore_index, label_smoothing, z_loss, softcap, chunk_size, output_mask,
+                                        backend):
+    check_linear_cross_entropy_args(hidden, weight, bias, target, chunk_size)
+    return _linear_ce_grads_fake(hidden, weight, bias, output_mask)

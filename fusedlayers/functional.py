@@ -25,6 +25,8 @@ def mlp_activations(layers: int, activation: str | list[str], output_activation:
 
 _dense = torch.ops.fusedlayers.dense.default
 _mlp = torch.ops.fusedlayers.mlp.default
+_cross_entropy = torch.ops.fusedlayers.cross_entropy.default
+_linear_cross_entropy = torch.ops.fusedlayers.linear_cross_entropy.default
 
 
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "relu", backend: str = "auto",
@@ -51,3 +53,110 @@ def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activatio
     activations = mlp_activations(len(weights), activation, output_activation)
     return _mlp(x, weights, [] if biases is None else biases, activations, saves_preact(save),
                 resolve_backend(backend, x.device))
+
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction!r} is not a valid value for reduction; expected one of: {', '.join(REDUCTIONS)}")
+    return reduction
+
+
+def _rows(input: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tuple]:
+    """(logits (M, C), target (M,), the shape of a per-sample result) from PyTorch's layouts: (C,) with a 0-d
+    target, (N, C) with (N,), (N, C, d1, ...) with (N, d1, ...) (the class dim is moved last)."""
+    if input.dim() == 0:
+        raise ValueError(f"{what}(): expected input of shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
+    if target.dtype.is_floating_point:
+        raise TypeError(f"{what}(): expected target of class indices (dtype int64), got {target.dtype}; "
+                        f"class-probability targets are not supported")
+    expected = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{what}(): expected target of shape {list(expected)} for input of shape "
+                         f"{list(input.shape)}, got {list(target.shape)}")
+    if input.dim() == 1:
+        return input.unsqueeze(0), target.reshape(1), ()
+    if input.dim() == 2:
+        return input, target, expected
+    return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), expected
+
+
+def _reduce(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str) -> Tensor:
+    """PyTorch's reductions of per-row losses, as composite ops (no host synchronization): "mean" divides by
+    the summed class weights of the kept rows (their count without weights), nan when every row is ignored."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    kept = target != ignore_index
+    if weight is None:
+        return loss.sum() / kept.sum()
+    safe = torch.where(kept, target, 0).clamp(0, weight.shape[0] - 1)  # the op has rejected kept strays
+    return loss.sum() / torch.where(kept, weight.to(loss.dtype).gather(0, safe), 0).sum()
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  softcap: float | None = None, return_lse: bool = False, backend: str = "auto"):
+    """F.cross_entropy with class-index targets as one fused op with a hand-written gradient.
+
+    input: (C,), (N, C) or (N, C, d1, ...); target: class indices, int64, of shape (), (N,) or (N, d1, ...).
+    weight, ignore_index, reduction, label_smoothing: as in F.cross_entropy. Beyond it: z_loss adds
+    z_loss * lse**2 per kept sample (weighted and reduced like the loss), with lse the logsumexp of the
+    sample's logits; softcap replaces the logits z by softcap * tanh(z / softcap) first. return_lse=True
+    returns (loss, lse), lse per sample (shape of reduction="none"). A kept target outside [0, C) raises.
+    """
+    check_reduction(reduction)
+    logits, rows_target, shape = _rows(input, target, "cross_entropy")
+    loss, lse = _cross_entropy(logits, rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
+                               None if softcap is None else float(softcap), resolve_backend(backend, input.device))
+    loss = _reduce(loss, rows_target, weight, ignore_index, reduction)
+    loss = (loss.reshape(shape) if reduction == "none" else loss).to(input.dtype)
+    return (loss, lse.reshape(shape).to(input.dtype)) if return_lse else loss
+
+
+# linear_cross_entropy's default chunk: rows whose logits hold about this many elements (64 MiB in float32):
+# small next to the (N, V) logits, and enough rows that the GEMMs run efficiently and the weight gradient,
+# accumulated once per chunk, is not re-read too often (measured on CPU at N=4096, H=1024, V=32000: 512-row
+# chunks beat 131-row ones).
+CHUNK_LOGITS = 1 << 24
+
+
+def default_chunk_size(num_classes: int) -> int:
+    return max(1, CHUNK_LOGITS // max(num_classes, 1))
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
+                         class_weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+                         return_lse: bool = False, chunk_size: int | None = None, backend: str = "auto"):
+    """cross_entropy(hidden @ weight.T + bias, target, ...) without ever materializing the (N, V) logits.
+
+    hidden: (H,) or (..., H); weight: (V, H), as nn.Linear's; bias: (V,); target: class indices shaped as
+    hidden without its last dim. class_weight is F.cross_entropy's `weight` (renamed: `weight` is the linear
+    layer's); the other options are cross_entropy()'s. The rows go through in chunks of chunk_size rows
+    (default: about 2**24 logits per chunk, default_chunk_size(V)): each chunk's logits, loss and gradients
+    are computed and freed. For "mean"/"sum" the gradients are computed in the forward (the logits once, three
+    GEMMs in all); for "none" (or a gradient reaching lse) the backward recomputes each chunk's logits (one more
+    GEMM). Differentiable once: a double backward raises.
+    """
+    check_reduction(reduction)
+    if hidden.dim() == 0:
+        raise ValueError("linear_cross_entropy(): expected hidden of shape (H,) or (..., H), got a 0-d tensor")
+    if target.dtype.is_floating_point:
+        raise TypeError(f"linear_cross_entropy(): expected target of class indices (dtype int64), got "
+                        f"{target.dtype}; class-probability targets are not supported")
+    shape = tuple(hidden.shape[:-1])
+    if tuple(target.shape) != shape:
+        raise ValueError(f"linear_cross_entropy(): expected target of shape {list(shape)} for hidden of shape "
+                         f"{list(hidden.shape)}, got {list(target.shape)}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0]) if weight.dim() == 2 else 1
+    loss, lse = _linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1),
+                                      class_weight, ignore_index, float(label_smoothing), float(z_loss),
+                                      None if softcap is None else float(softcap), reduction, int(chunk_size),
+                                      resolve_backend(backend, hidden.device))
+    loss = (loss.reshape(shape) if reduction == "none" else loss).to(hidden.dtype)
+    return (loss, lse.reshape(shape).to(hidden.dtype)) if return_lse else loss

@@ -3,6 +3,7 @@ import types
 
 import torch
 from torch import Tensor, nn
+from torch.nn import _reduction
 
 from . import functional as FL
 from ._ops import check_backend
@@ -157,3 +158,82 @@ class FusedMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, activations={self.activations}, bias={self.bias0 is not None}"
+
+
+class FusedCrossEntropyLoss(nn.Module):
+    """nn.CrossEntropyLoss (class-index targets) as one fused op, plus z_loss and softcap (see
+    fusedlayers.functional.cross_entropy). `weight` is a buffer, as in nn.CrossEntropyLoss."""
+
+    def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: float | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = _reduction.legacy_get_string(size_average, reduce)
+        self.reduction = FL.check_reduction(reduction)
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.label_smoothing, self.z_loss, self.softcap = ignore_index, label_smoothing, z_loss, softcap
+        self.backend = check_backend(backend)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return FL.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+                                self.z_loss, self.softcap, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")
+
+
+class FusedLinearCrossEntropyLoss(nn.Module):
+    """The output layer and the loss of a classifier (a language model's head) as one op: the cross-entropy of
+    hidden @ weight.T + bias against class-index targets, computed in chunks of rows so that the (N, V) logits
+    never exist at once (see fusedlayers.functional.linear_cross_entropy).
+
+    The module owns the linear layer: `weight` (num_classes, in_features) and optional `bias` are Parameters
+    shaped, initialized and named as nn.Linear's (from_linear() shares an existing layer's). The class weights
+    of nn.CrossEntropyLoss are the `class_weight` buffer. forward(hidden, target) returns the loss.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = False, class_weight: Tensor | None = None,
+                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, softcap: float | None = None, chunk_size: int | None = None, device=None,
+                 dtype=None, backend: str = "auto") -> None:
+        super().__init__()
+        self.in_features, self.num_classes = in_features, num_classes
+        self.reduction = FL.check_reduction(reduction)
+        self.ignore_index, self.label_smoothing, self.z_loss, self.softcap = ignore_index, label_smoothing, z_loss, softcap
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.backend = check_backend(backend)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(num_classes, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("class_weight", class_weight)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _linear_init(self.weight, self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "FusedLinearCrossEntropyLoss":
+        """The loss of linear(hidden), sharing linear's Parameters; kwargs are the constructor's loss options."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear() expected an nn.Linear, got {type(linear).__name__}")
+        fused = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **kwargs)
+        fused.weight = linear.weight
+        fused.bias = linear.bias
+        return fused
+
+    def forward(self, hidden: Tensor, target: Tensor) -> Tensor:
+        return FL.linear_cross_entropy(hidden, self.weight, target, self.bias, self.class_weight, self.ignore_index,
+                                       self.reduction, self.label_smoothing, self.z_loss, self.softcap,
+                                       chunk_size=self.chunk_size, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")

@@ -49,6 +49,16 @@ void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x
   FL_CHOSEN_KERNEL(mlp_tile_backward, M)(net, R, workspace, x, g, dx, dw, db);
 }
 
+template <typename M>
+M ce_forward_row(const CeRow<M>& row, M* lse) {
+  return FL_CHOSEN_KERNEL(ce_forward_row, M)(row, lse);
+}
+
+template <typename M>
+void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* grad) {
+  FL_CHOSEN_KERNEL(ce_backward_row, M)(row, lse, grad_loss, grad_lse, grad);
+}
+
 #undef FL_CHOSEN_KERNEL
 
 template void forward_rows<float>(Activation, const float*, float*, float*, int64_t, int64_t, int64_t, bool);
@@ -62,6 +72,10 @@ template void mlp_tile_backward<float>(const MlpNet<float>&, int64_t, float*, co
                                        float*, float*);
 template void mlp_tile_backward<double>(const MlpNet<double>&, int64_t, double*, const double*, const double*,
                                         double*, double*, double*);
+template float ce_forward_row<float>(const CeRow<float>&, float*);
+template double ce_forward_row<double>(const CeRow<double>&, double*);
+template void ce_backward_row<float>(const CeRow<float>&, float, float, float, float*);
+template void ce_backward_row<double>(const CeRow<double>&, double, double, double, double*);
 
 }  // namespace fusedlayers::cpu
 

@@ -2,7 +2,8 @@
 // and chosen at run time, so the library runs on any x86-64 CPU and uses the widest vectors it has:
 //   - the elementwise passes of the dense op over a range of rows of a row-major (rows, cols) matrix;
 //   - the fused mlp: a tile of kMlpTileRows rows through a whole narrow network, feature-major (row index
-//     innermost), so every loop runs across the tile's rows in vector lanes.
+//     innermost), so every loop runs across the tile's rows in vector lanes;
+//   - softmax cross-entropy, one row of logits at a time.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +34,21 @@ struct MlpNet {
   MlpNetSizes sizes;
 };
 
+// One row of softmax cross-entropy in the math type M (the formulas of csrc/ops.cpp): x holds the row's C
+// logits; weight is null (every class weighs 1) or holds C class weights summing to weight_sum; softcap 0
+// means none; target is the row's class, or -1 when the row is ignored.
+template <typename M>
+struct CeRow {
+  const M* x;
+  int64_t C;
+  const M* weight;
+  M weight_sum;
+  int64_t target;
+  M label_smoothing;
+  M z_loss;
+  M softcap;
+};
+
 #define FL_DECLARE_CPU_KERNELS(ISA)                                                                              \
   namespace ISA {                                                                                                \
   /* y = f(z + bias); z + bias is written back into z when store_z (z and y may alias when not). */             \
@@ -51,6 +67,12 @@ struct MlpNet {
   template <typename M>                                                                                          \
   void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, const M* g, M* dx, M* dw,   \
                          M* db);                                                                                 \
+  /* Returns the row's loss and stores its logsumexp in *lse: one pass, online max. */                        \
+  template <typename M>                                                                                          \
+  M ce_forward_row(const CeRow<M>& row, M* lse);                                                                 \
+  /* grad (C values) = d(grad_loss * loss + grad_lse * lse) / dx, one pass. */                                 \
+  template <typename M>                                                                                          \
+  void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* grad);                           \
   }
 
 FL_DECLARE_CPU_KERNELS(isa_default)
@@ -68,6 +90,11 @@ template <typename M>
 void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y);
 template <typename M>
 void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, const M* g, M* dx, M* dw, M* db);
+
+template <typename M>
+M ce_forward_row(const CeRow<M>& row, M* lse);
+template <typename M>
+void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* grad);
 
 // True when this CPU runs the kernels of that instruction set.
 bool cpu_has_avx2();

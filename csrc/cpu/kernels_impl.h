@@ -8,6 +8,8 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "cpu/kernels.h"
 #include "cpu/vec_math.h"
@@ -208,6 +210,122 @@ void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x
     tile_matmul(net.w[l], 1, in, static_cast<const M*>(nullptr), dz, l == 0 ? dx : g, in, n, R);
   }
 }
+
+// ---- softmax cross-entropy, one row at a time ------------------------------------------------------------
+
+namespace {
+
+template <typename M>
+at::vec::Vectorized<M> ce_logits(const CeRow<M>& row, int64_t c, int n) {
+  using V = at::vec::Vectorized<M>;
+  const V x = V::loadu(row.x + c, n);  // lanes past n are zero
+  if (row.softcap == M(0)) return x;
+  return V(row.softcap) * (x * V(M(1) / row.softcap)).tanh();
+}
+
+template <typename M>
+M ce_scalar_logit(const CeRow<M>& row, int64_t c) {
+  return row.softcap == M(0) ? row.x[c] : row.softcap * std::tanh(row.x[c] / row.softcap);
+}
+
+}  // namespace
+
+// Online logsumexp per lane over blocks of four vectors: the running sum is rescaled once per block, so a
+// logit costs about one exp. The running max starts at the lowest finite value, not -inf, so that lanes
+// with nothing yet (or masked-off tail lanes, set to -inf) never compute -inf - -inf.
+template <typename M>
+M ce_forward_row(const CeRow<M>& row, M* lse_out) {
+  using V = at::vec::Vectorized<M>;
+  constexpr int64_t L = V::size();
+  const int64_t C = row.C;
+  const bool smooth = row.label_smoothing != M(0);
+  V vmax(std::numeric_limits<M>::lowest()), vsum(M(0)), vzw(M(0));
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) {
+    const V z0 = ce_logits(row, c, L), z1 = ce_logits(row, c + L, L), z2 = ce_logits(row, c + 2 * L, L),
+            z3 = ce_logits(row, c + 3 * L, L);
+    const V m = at::vec::maximum(vmax, at::vec::maximum(at::vec::maximum(z0, z1), at::vec::maximum(z2, z3)));
+    vsum = vsum * (vmax - m).exp_u20() + (z0 - m).exp_u20() + (z1 - m).exp_u20() + (z2 - m).exp_u20() +
+           (z3 - m).exp_u20();
+    vmax = m;
+    if (smooth && row.weight) {
+      const M* w = row.weight + c;
+      vzw = vzw + z0 * V::loadu(w) + z1 * V::loadu(w + L) + z2 * V::loadu(w + 2 * L) + z3 * V::loadu(w + 3 * L);
+    } else if (smooth) {
+      vzw = vzw + ((z0 + z1) + (z2 + z3));
+    }
+  }
+  for (; c < C; c += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, C - c));
+    const V z = ce_logits(row, c, n);
+    if (smooth) vzw = vzw + (row.weight ? z * V::loadu(row.weight + c, n) : z);
+    const V zm = n == L ? z : V::set(V(-std::numeric_limits<M>::infinity()), z, n);
+    const V m = at::vec::maximum(vmax, zm);
+    vsum = vsum * (vmax - m).exp_u20() + (zm - m).exp_u20();
+    vmax = m;
+  }
+  M lane_max[L], lane_sum[L], lane_zw[L];
+  vmax.store(lane_max);
+  vsum.store(lane_sum);
+  vzw.store(lane_zw);
+  M mx = lane_max[0];
+  for (int64_t l = 1; l < L; ++l) mx = std::max(mx, lane_max[l]);
+  M sum = 0, zw = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    sum += lane_sum[l] * std::exp(lane_max[l] - mx);
+    zw += lane_zw[l];
+  }
+  const M lse = mx + std::log(sum);
+  *lse_out = lse;
+  if (row.target < 0) return M(0);
+  const M eps = row.label_smoothing;
+  const M wt = row.weight ? row.weight[row.target] : M(1);
+  const M W = row.weight ? row.weight_sum : M(C);
+  M loss = wt * ((M(1) - eps) * (lse - ce_scalar_logit(row, row.target)) + row.z_loss * lse * lse);
+  if (smooth) loss += eps / M(C) * (W * lse - zw);
+  return loss;
+}
+
+// grad = a * p - b * w (w = 1 without weights), minus bt at the target, times dz/dx with a softcap.
+template <typename M>
+void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* grad) {
+  using V = at::vec::Vectorized<M>;
+  constexpr int64_t L = V::size();
+  const int64_t C = row.C;
+  const bool kept = row.target >= 0;
+  const M eps = row.label_smoothing;
+  const M gl = kept ? grad_loss : M(0);
+  const M wt = !kept ? M(0) : row.weight ? row.weight[row.target] : M(1);
+  const M W = row.weight ? row.weight_sum : M(C);
+  const M a = gl * (wt * ((M(1) - eps) + M(2) * row.z_loss * lse) + eps / M(C) * W) + grad_lse;
+  const M b = gl * eps / M(C);
+  const bool cap = row.softcap != M(0);
+  const V va(a), vb(b), vlse(lse), one(M(1)), vs(row.softcap), inv_s(cap ? M(1) / row.softcap : M(0));
+  for (int64_t c = 0; c < C; c += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, C - c));
+    const V x = V::loadu(row.x + c, n);
+    V th, z = x;
+    if (cap) {
+      th = (x * inv_s).tanh();
+      z = vs * th;
+    }
+    V g = va * (z - vlse).exp_u20();
+    if (b != M(0)) g = g - (row.weight ? vb * V::loadu(row.weight + c, n) : vb);
+    if (cap) g = g * (one - th * th);
+    g.store(grad + c, n);
+  }
+  if (kept) {
+    const M t = row.x[row.target];
+    const M dz = cap ? M(1) - std::tanh(t / row.softcap) * std::tanh(t / row.softcap) : M(1);
+    grad[row.target] -= gl * wt * (M(1) - eps) * dz;
+  }
+}
+
+template float ce_forward_row<float>(const CeRow<float>&, float*);
+template double ce_forward_row<double>(const CeRow<double>&, double*);
+template void ce_backward_row<float>(const CeRow<float>&, float, float, float, float*);
+template void ce_backward_row<double>(const CeRow<double>&, double, double, double, double*);
+
 
 template void mlp_tile_forward<float>(const MlpNet<float>&, int64_t, float*, const float*, float*);
 template void mlp_tile_forward<double>(const MlpNet<double>&, int64_t, double*, const double*, double*);

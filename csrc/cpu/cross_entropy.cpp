@@ -1,0 +1,170 @@
+// Softmax cross-entropy on the CPU: the kernels of `cross_entropy_forward` and `cross_entropy_backward`
+// (formulas in csrc/ops.cpp), parallel over rows, one vectorized pass per row (cpu/kernels_impl.h).
+//
+// float32 and float64 logits are read and the gradient written in place; float16 and bfloat16 rows go
+// through a float32 copy of one row at a time (the dispatch lambdas are not templates, so both branches
+// compile for every dtype: hence plain `if` and casts that only run when the types are the same).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace fusedlayers::cpu {
+namespace {
+
+// Rows per parallel task: about this many logits.
+constexpr int64_t kLogitsPerTask = 32768;
+
+void check_ce_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                   double label_smoothing, std::optional<double> softcap) {
+  TORCH_CHECK(logits.dim() == 2, "cross_entropy(): expected logits of shape (N, C), got shape ", logits.sizes());
+  TORCH_CHECK(logits.is_floating_point(), "cross_entropy(): expected floating-point logits, got ",
+              logits.scalar_type());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy(): expected target of dtype int64 (long), got ",
+              target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "cross_entropy(): expected target of shape (",
+              logits.size(0), ",) for logits of shape ", logits.sizes(), ", got shape ", target.sizes());
+  TORCH_CHECK(target.device() == logits.device(), "cross_entropy(): expected target on the device of logits (",
+              logits.device(), "), got ", target.device());
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), "cross_entropy(): expected weight of shape (",
+                logits.size(1), ",) (one per class), got shape ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == logits.scalar_type(), "cross_entropy(): expected weight to have the dtype "
+                "of logits (", logits.scalar_type(), "), got ", weight->scalar_type());
+    TORCH_CHECK(weight->device() == logits.device(), "cross_entropy(): expected weight on the device of logits (",
+                logits.device(), "), got ", weight->device());
+  }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "cross_entropy(): label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0.0, "cross_entropy(): softcap must be positive, got ",
+                    softcap.value_or(0.0));
+}
+
+// The row's class, or -1 when the row is ignored; a kept class outside [0, C) is an IndexError.
+int64_t kept_target(int64_t t, int64_t ignore_index, int64_t C) {
+  if (t == ignore_index) return -1;
+  TORCH_CHECK_INDEX(t >= 0 && t < C, "cross_entropy(): target ", t, " is out of bounds: expected a class in [0, ",
+                    C, ") or ignore_index (", ignore_index, ")");
+  return t;
+}
+
+template <typename M>
+CeRow<M> make_row(int64_t C, const at::Tensor& weight, M weight_sum, double label_smoothing, double z_loss,
+                  std::optional<double> softcap) {
+  return CeRow<M>{nullptr, C, weight.defined() ? weight.const_data_ptr<M>() : nullptr, weight_sum, -1,
+                  static_cast<M>(label_smoothing), static_cast<M>(z_loss), static_cast<M>(softcap.value_or(0.0))};
+}
+
+int64_t grain(int64_t C) { return std::max<int64_t>(1, kLogitsPerTask / std::max<int64_t>(C, 1)); }
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                         double label_smoothing, double z_loss,
+                                                         std::optional<double> softcap) {
+  check_ce_args(logits, target, weight, label_smoothing, softcap);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const auto math = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::empty({N}, logits.options().dtype(math));
+  at::Tensor lse = at::empty({N}, logits.options().dtype(math));
+  if (N == 0) return {loss, lse};
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor t = target.contiguous();
+  const at::Tensor w = weight.has_value() ? weight->to(math).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_forward", [&] {
+    using M = at::opmath_type<scalar_t>;
+    const M wsum = w.defined() ? w.sum().item<M>() : M(C);
+    const CeRow<M> proto = make_row<M>(C, w, wsum, label_smoothing, z_loss, softcap);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t* tp = t.const_data_ptr<int64_t>();
+    M* lossp = loss.mutable_data_ptr<M>();
+    M* lsep = lse.mutable_data_ptr<M>();
+    at::parallel_for(0, N, grain(C), [&](int64_t begin, int64_t end) {
+      std::vector<M> buf(std::is_same_v<scalar_t, M> ? 0 : C);
+      CeRow<M> row = proto;
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* xr = xp + r * C;
+        if (std::is_same_v<scalar_t, M>) {
+          row.x = reinterpret_cast<const M*>(xr);
+        } else {
+          for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<M>(xr[c]);
+          row.x = buf.data();
+        }
+        row.target = kept_target(tp[r], ignore_index, C);
+        lossp[r] = ce_forward_row(row, &lsep[r]);
+      }
+    });
+  });
+  return {loss, lse};
+}
+
+at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                  const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                                  double label_smoothing, double z_loss, std::optional<double> softcap) {
+  check_ce_args(logits, target, weight, label_smoothing, softcap);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  for (const at::Tensor* v : {&grad_loss, &lse}) {
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == N, "cross_entropy_backward(): expected grad_loss and lse of shape (",
+                N, ",), got shape ", v->sizes());
+  }
+  TORCH_CHECK(!grad_lse.has_value() || (grad_lse->dim() == 1 && grad_lse->size(0) == N),
+              "cross_entropy_backward(): expected grad_lse of shape (", N, ",), got shape ", grad_lse->sizes());
+  at::Tensor grad = at::empty({N, C}, logits.options());
+  if (N == 0 || C == 0) return grad;
+  const auto math = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor t = target.contiguous();
+  const at::Tensor w = weight.has_value() ? weight->to(math).contiguous() : at::Tensor();
+  const at::Tensor gl = grad_loss.to(math).contiguous();
+  const at::Tensor glse = grad_lse.has_value() ? grad_lse->to(math).contiguous() : at::Tensor();
+  const at::Tensor l = lse.to(math).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_backward", [&] {
+    using M = at::opmath_type<scalar_t>;
+    const M wsum = w.defined() ? w.sum().item<M>() : M(C);
+    const CeRow<M> proto = make_row<M>(C, w, wsum, label_smoothing, z_loss, softcap);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t* tp = t.const_data_ptr<int64_t>();
+    const M* glp = gl.const_data_ptr<M>();
+    const M* glsep = glse.defined() ? glse.const_data_ptr<M>() : nullptr;
+    const M* lsep = l.const_data_ptr<M>();
+    scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain(C), [&](int64_t begin, int64_t end) {
+      constexpr bool same = std::is_same_v<scalar_t, M>;
+      std::vector<M> in(same ? 0 : C), out(same ? 0 : C);
+      CeRow<M> row = proto;
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* xr = xp + r * C;
+        scalar_t* gr = gp + r * C;
+        if (same) {
+          row.x = reinterpret_cast<const M*>(xr);
+        } else {
+          for (int64_t c = 0; c < C; ++c) in[c] = static_cast<M>(xr[c]);
+          row.x = in.data();
+        }
+        row.target = kept_target(tp[r], ignore_index, C);
+        const M g_lse = glsep ? glsep[r] : M(0);
+        if (same) {
+          ce_backward_row(row, lsep[r], glp[r], g_lse, reinterpret_cast<M*>(gr));
+        } else {
+          ce_backward_row(row, lsep[r], glp[r], g_lse, out.data());
+          for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(out[c]);
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace fusedlayers::cpu
+
+TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
+  m.impl("cross_entropy_forward", &fusedlayers::cpu::cross_entropy_forward);
+  m.impl("cross_entropy_backward", &fusedlayers::cpu::cross_entropy_backward);
+}

@@ -1,0 +1,48 @@
+// Dispatcher handles of the cross-entropy kernels (schemas in ops.cpp), shared by the autograd of
+// cross_entropy (ops.cpp) and the chunked linear cross-entropy (linear_cross_entropy.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fusedlayers {
+
+using CeForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                       const std::optional<at::Tensor>&, int64_t, double, double,
+                                                       std::optional<double>);
+using CeBackwardFn = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double,
+                                double, std::optional<double>);
+
+// Looked up once; the Triton ones resolve to kernels that Python registers later.
+inline c10::TypedOperatorHandle<CeForwardFn> ce_forward_op(bool triton) {
+  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::cross_entropy_forward", "").typed<CeForwardFn>();
+  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_cross_entropy_forward", "").typed<CeForwardFn>();
+  return triton ? tri : native;
+}
+
+inline c10::TypedOperatorHandle<CeBackwardFn> ce_backward_op(bool triton) {
+  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::cross_entropy_backward", "").typed<CeBackwardFn>();
+  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_cross_entropy_backward", "").typed<CeBackwardFn>();
+  return triton ? tri : native;
+}
+
+inline std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The class weight of each row's target, 0 for ignored rows (1 for kept rows without weights), in `dtype`:
+// the summands of a "mean" reduction's denominator.
+inline at::Tensor kept_weights(const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                               at::ScalarType dtype) {
+  const at::Tensor kept = target != ignore_index;
+  if (!weight.has_value()) return kept.to(dtype);
+  // Kept targets outside [0, C) are rejected by the kernels; the clamp only keeps this gather in bounds.
+  const at::Tensor safe = at::where(kept, target, 0).clamp(0, weight->size(0) - 1);
+  return at::where(kept, weight->to(dtype).gather(0, safe), 0);
+}
+
+}  // namespace fusedlayers
