@@ -102,14 +102,16 @@ def _cross_entropy_forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, 
     z_t = tl.load(row_ptr + t, mask=valid, other=0.0).to(MATH)
     if HAS_SOFTCAP:
         z_t = cap * _tanh(z_t / cap)
+    # lse - z[c] as log_s - (z[c] - ref): no cancellation of lse against z[c] when the logits are large
+    nll = log_s - (z_t - ref)
     if HAS_SMOOTHING:
         eps = tl.full((), label_smoothing, MATH)
         if not HAS_WEIGHT:
             w_sum = tl.full((), C, MATH)
-        # eps / C * sum_c w[c] * (lse - z[c]), with lse - z[c] = log_s - (z[c] - ref): terms of one sign
-        loss = w_t * (1.0 - eps) * (lse - z_t) + eps / C * (w_sum * log_s - wz)
+        # eps / C * sum_c w[c] * (lse - z[c]) = eps / C * (W * log_s - wz), terms of one sign
+        loss = w_t * (1.0 - eps) * nll + eps / C * (w_sum * log_s - wz)
     else:
-        loss = w_t * (lse - z_t)
+        loss = w_t * nll
     if HAS_Z_LOSS:
         loss += w_t * tl.full((), z_loss, MATH) * lse * lse
     tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
