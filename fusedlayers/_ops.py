@@ -53,7 +53,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cpu" and not _triton_interpreted():
             raise RuntimeError("backend='triton' runs on CPU tensors only under TRITON_INTERPRET=1 (set before "
                                "importing fusedlayers); move the tensors to a GPU otherwise")
-        from .triton import dense, mlp  # noqa: F401  (registers the triton_* kernels)
+        from .triton import cross_entropy, dense, mlp  # noqa: F401  (registers the triton_* kernels)
         return "triton"
     check_backend(backend)
     raise ValueError(f"backend={backend!r} cannot run tensors on device {device.type!r}")
