@@ -198,10 +198,10 @@ def test_out_of_range_target_raises(backend, bad, ignore_index):
     forward, backward = ops(backend)
     logits, target, _, grad_loss, _ = make_inputs(4, 7, torch.float32, "cpu")
     target[2] = bad
-    with pytest.raises(IndexError, match=rf"target {bad}\b.*out of bounds"):
+    with pytest.raises(IndexError, match=rf"target {bad} is out of bounds.*\[0, 7\)"):
         forward(logits, target, None, ignore_index, 0.0, 0.0, None)
     lse = torch.logsumexp(logits, 1)
-    with pytest.raises(IndexError, match=rf"target {bad}\b.*out of bounds"):
+    with pytest.raises(IndexError, match=rf"target {bad} is out of bounds.*\[0, 7\)"):
         backward(grad_loss.float(), None, logits, target, None, lse, ignore_index, 0.0, 0.0, None)
 
 
@@ -210,20 +210,20 @@ def test_bad_arguments(backend):
     logits, target, w, _, _ = make_inputs(4, 7, torch.float32, device_of(backend), weight=True)
     cases = [
         ((logits[0], target, None), r"logits of shape \(N, C\)"),
-        ((logits, target.int(), None), "target of dtype torch.int64"),
-        ((logits, target[:3], None), r"target of shape \[4\]"),
-        ((logits, target, w[:6]), r"weight of shape \[7\]"),
+        ((logits, target.int(), None), r"target of dtype int64 \(long\)"),
+        ((logits, target[:3], None), r"target of shape \(4,\)"),
+        ((logits, target, w[:6]), r"weight of shape \(7,\)"),
         ((logits, target, w.double()), "weight to have the dtype of logits"),
     ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             forward(*args, IGNORE, 0.0, 0.0, None)
-    with pytest.raises(RuntimeError, match="softcap > 0"):
+    with pytest.raises(ValueError, match="softcap must be positive"):
         forward(logits, target, None, IGNORE, 0.0, 0.0, 0.0)
-    with pytest.raises(RuntimeError, match=r"label_smoothing in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\]"):
         forward(logits, target, None, IGNORE, 1.5, 0.0, None)
     loss, lse = forward(logits, target, None, IGNORE, 0.0, 0.0, None)
-    with pytest.raises(RuntimeError, match=r"grad_loss of shape \[4\]"):
+    with pytest.raises(RuntimeError, match=r"grad_loss .*shape \(4,\)"):
         backward(loss[:2], None, logits, target, None, lse, IGNORE, 0.0, 0.0, None)
-    with pytest.raises(RuntimeError, match=r"lse of shape \[4\]"):
+    with pytest.raises(RuntimeError, match=r"lse .*shape \(4,\)"):
         backward(loss, None, logits, target, None, lse[:3], IGNORE, 0.0, 0.0, None)

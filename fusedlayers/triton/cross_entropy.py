@@ -174,51 +174,61 @@ def _cross_entropy_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, targ
         tl.store(grad_row + cs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_args(fn: str, logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
+def _check_args(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
                 softcap: float | None) -> None:
-    torch._check(logits.dim() == 2,
-                 lambda: f"{fn}(): expected logits of shape (N, C), got shape {list(logits.shape)}")
+    """The checks of the CPU kernels (csrc/cpu/cross_entropy.cpp), with the same messages, and the dtypes Triton
+    supports."""
+    torch._check(logits.dim() == 2, lambda: f"cross_entropy(): expected logits of shape (N, C), got shape "
+                                            f"{list(logits.shape)}")
+    torch._check(logits.dtype.is_floating_point,
+                 lambda: f"cross_entropy(): expected floating-point logits, got {logits.dtype}")
     torch._check(logits.dtype in _DTYPES,
-                 lambda: f"{fn}(): the Triton backend supports float16, bfloat16, float32 and float64 logits, got "
-                         f"{logits.dtype}")
+                 lambda: f"cross_entropy(): the Triton backend supports float16, bfloat16, float32 and float64 "
+                         f"logits, got {logits.dtype}")
     torch._check(target.dtype == torch.int64,
-                 lambda: f"{fn}(): expected target of dtype torch.int64 (class indices), got {target.dtype}")
+                 lambda: f"cross_entropy(): expected target of dtype int64 (long), got {target.dtype}")
     torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0],
-                 lambda: f"{fn}(): expected target of shape [{logits.shape[0]}] (N), got shape {list(target.shape)}")
+                 lambda: f"cross_entropy(): expected target of shape ({logits.shape[0]},) for logits of shape "
+                         f"{list(logits.shape)}, got shape {list(target.shape)}")
     torch._check(target.device == logits.device,
-                 lambda: f"{fn}(): expected target on the device of logits ({logits.device}), got {target.device}")
+                 lambda: f"cross_entropy(): expected target on the device of logits ({logits.device}), got "
+                         f"{target.device}")
     if weight is not None:
         torch._check(weight.dim() == 1 and weight.shape[0] == logits.shape[1],
-                     lambda: f"{fn}(): expected weight of shape [{logits.shape[1]}] (C), got shape "
-                             f"{list(weight.shape)}")
+                     lambda: f"cross_entropy(): expected weight of shape ({logits.shape[1]},) (one per class), got "
+                             f"shape {list(weight.shape)}")
         torch._check(weight.dtype == logits.dtype,
-                     lambda: f"{fn}(): expected weight to have the dtype of logits ({logits.dtype}), got "
+                     lambda: f"cross_entropy(): expected weight to have the dtype of logits ({logits.dtype}), got "
                              f"{weight.dtype}")
         torch._check(weight.device == logits.device,
-                     lambda: f"{fn}(): expected weight on the device of logits ({logits.device}), got "
+                     lambda: f"cross_entropy(): expected weight on the device of logits ({logits.device}), got "
                              f"{weight.device}")
-    torch._check(0.0 <= label_smoothing <= 1.0,
-                 lambda: f"{fn}(): expected label_smoothing in [0, 1], got {label_smoothing}")
-    torch._check(softcap is None or softcap > 0.0, lambda: f"{fn}(): expected softcap > 0, got {softcap}")
+    torch._check_value(0.0 <= label_smoothing <= 1.0,
+                       lambda: f"cross_entropy(): label_smoothing must be in [0, 1], got {label_smoothing}")
+    torch._check_value(softcap is None or softcap > 0.0,
+                       lambda: f"cross_entropy(): softcap must be positive, got {softcap}")
 
 
-def _check_row_tensor(fn: str, name: str, t: Tensor, logits: Tensor) -> None:
+def _check_row_tensor(name: str, t: Tensor, logits: Tensor) -> None:
     """A per-row input of the backward (grad_loss, grad_lse, lse): floating, (N,), on the logits' device."""
     torch._check(t.dim() == 1 and t.shape[0] == logits.shape[0],
-                 lambda: f"{fn}(): expected {name} of shape [{logits.shape[0]}] (N), got shape {list(t.shape)}")
-    torch._check(t.dtype.is_floating_point, lambda: f"{fn}(): expected {name} to be floating-point, got {t.dtype}")
+                 lambda: f"cross_entropy_backward(): expected {name} of shape ({logits.shape[0]},), got shape "
+                         f"{list(t.shape)}")
+    torch._check(t.dtype.is_floating_point,
+                 lambda: f"cross_entropy_backward(): expected {name} to be floating-point, got {t.dtype}")
     torch._check(t.device == logits.device,
-                 lambda: f"{fn}(): expected {name} on the device of logits ({logits.device}), got {t.device}")
+                 lambda: f"cross_entropy_backward(): expected {name} on the device of logits ({logits.device}), got "
+                         f"{t.device}")
 
 
-def _check_targets_in_range(fn: str, target: Tensor, num_classes: int, ignore_index: int) -> None:
+def _check_targets_in_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
     """Host check of the kept targets, for CPU tensors only (the interpreter ignores tl.device_assert); on a GPU
     the kernels assert on the device, since reading the targets here would synchronize."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bad.any():
-        row = int(bad.nonzero()[0, 0])
-        raise IndexError(f"{fn}(): target {int(target[row])} of row {row} is out of bounds: expected a class "
-                         f"index in [0, {num_classes}) or ignore_index ({ignore_index})")
+        t = int(target[bad][0])
+        raise IndexError(f"cross_entropy(): target {t} is out of bounds: expected a class in [0, {num_classes}) or "
+                         f"ignore_index ({ignore_index})")
 
 
 def _launch(kernel, logits: Tensor, *args, **meta) -> None:
@@ -233,11 +243,10 @@ def _launch(kernel, logits: Tensor, *args, **meta) -> None:
 def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                           label_smoothing: float, z_loss: float, softcap: float | None) -> tuple[Tensor, Tensor]:
     """The kernel of fusedlayers::triton_cross_entropy_forward: (loss, lse), each (N,) in the math dtype."""
-    fn = "cross_entropy_forward"
-    _check_args(fn, logits, target, weight, label_smoothing, softcap)
+    _check_args(logits, target, weight, label_smoothing, softcap)
     rows, num_classes = logits.shape
     if not logits.is_cuda:
-        _check_targets_in_range(fn, target, num_classes, ignore_index)
+        _check_targets_in_range(target, num_classes, ignore_index)
     math_dtype = _math_dtype(logits.dtype)
     loss = logits.new_empty(rows, dtype=math_dtype)
     lse = logits.new_empty(rows, dtype=math_dtype)
@@ -253,16 +262,15 @@ def cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, logits: T
                            weight: Tensor | None, lse: Tensor, ignore_index: int, label_smoothing: float,
                            z_loss: float, softcap: float | None) -> Tensor:
     """The kernel of fusedlayers::triton_cross_entropy_backward: the gradient (N, C) in the logits' dtype."""
-    fn = "cross_entropy_backward"
-    _check_args(fn, logits, target, weight, label_smoothing, softcap)
+    _check_args(logits, target, weight, label_smoothing, softcap)
     for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
         if t is not None:
-            _check_row_tensor(fn, name, t, logits)
+            _check_row_tensor(name, t, logits)
     math_dtype = _math_dtype(logits.dtype)
-    torch._check(lse.dtype == math_dtype, lambda: f"{fn}(): expected lse of dtype {math_dtype}, got {lse.dtype}")
+    torch._check(lse.dtype == math_dtype, lambda: f"cross_entropy_backward(): expected lse of dtype {math_dtype}, got {lse.dtype}")
     rows, num_classes = logits.shape
     if not logits.is_cuda:
-        _check_targets_in_range(fn, target, num_classes, ignore_index)
+        _check_targets_in_range(target, num_classes, ignore_index)
     grad = torch.empty(rows, num_classes, dtype=logits.dtype, device=logits.device)
     if grad.numel() == 0:
         return grad
