@@ -234,7 +234,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     cross_entropy_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_loss,
                                   const at::opmath_type<scalar_t>* __restrict__ grad_lse,
                                   const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
-                                  const scalar_t* __restrict__ weight, const at::opmath_type<scalar_t>* __restrict__ w_sum,
+                                  const scalar_t* __restrict__ weight,
+                                  const at::opmath_type<scalar_t>* __restrict__ w_sum,
                                   const at::opmath_type<scalar_t>* __restrict__ lse, scalar_t* __restrict__ grad,
                                   const CeParams<at::opmath_type<scalar_t>> p, bool vectorize) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -319,6 +320,13 @@ const T* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
+// t contiguous, and of `dtype` when one is given; nullopt stays nullopt.
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t,
+                                     std::optional<at::ScalarType> dtype = std::nullopt) {
+  if (!t.has_value()) return std::nullopt;
+  return (dtype.has_value() ? t->to(*dtype) : *t).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
                                                          const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                          double label_smoothing, double z_loss,
@@ -330,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
   at::Tensor lse = at::empty({N}, logits.options().dtype(math_type(logits)));
   if (N == 0) return {loss, lse};
   const at::Tensor x = logits.contiguous(), t = target.contiguous();
-  const std::optional<at::Tensor> w = weight.has_value() ? std::optional<at::Tensor>(weight->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> w = contiguous(weight);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -366,14 +374,13 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
   const auto math = math_type(logits);
   const at::Tensor x = logits.contiguous(), t = target.contiguous();
   const at::Tensor gl = grad_loss.to(math).contiguous(), l = lse.to(math).contiguous();
-  const std::optional<at::Tensor> glse =
-      grad_lse.has_value() ? std::optional<at::Tensor>(grad_lse->to(math).contiguous()) : std::nullopt;
-  const std::optional<at::Tensor> w = weight.has_value() ? std::optional<at::Tensor>(weight->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> glse = contiguous(grad_lse, math), w = contiguous(weight);
   // sum(weight) on the device: the one pass over a row needs it before it starts
   const std::optional<at::Tensor> w_sum =
       w.has_value() && label_smoothing != 0.0 ? std::optional<at::Tensor>(w->sum(math)) : std::nullopt;
   // x and grad rows share their offset from a 16-byte boundary when their bases do
-  const bool vectorize = (reinterpret_cast<uintptr_t>(x.const_data_ptr()) - reinterpret_cast<uintptr_t>(grad.const_data_ptr())) % 16 == 0;
+  const auto address = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()); };
+  const bool vectorize = (address(x) - address(grad)) % 16 == 0;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -267,7 +267,8 @@ def cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, logits: T
         if t is not None:
             _check_row_tensor(name, t, logits)
     math_dtype = _math_dtype(logits.dtype)
-    torch._check(lse.dtype == math_dtype, lambda: f"cross_entropy_backward(): expected lse of dtype {math_dtype}, got {lse.dtype}")
+    torch._check(lse.dtype == math_dtype,
+                 lambda: f"cross_entropy_backward(): expected lse of dtype {math_dtype}, got {lse.dtype}")
     rows, num_classes = logits.shape
     if not logits.is_cuda:
         _check_targets_in_range(target, num_classes, ignore_index)
