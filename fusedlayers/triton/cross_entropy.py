@@ -30,6 +30,10 @@ MAX_BLOCK = {torch.float32: 4096, torch.float64: 2048}
 # 8 warps at the largest blocks keep both kernels within ~80 registers (float32) and ~130 (float64) on sm_80/90.
 ELEMENTS_PER_THREAD = {torch.float32: 16, torch.float64: 8}
 
+# Compile options of every launch: on a GPU, debug=True compiles the target's tl.device_assert in and
+# sanitize_overflow=False keeps debug from also asserting on every int32 operation; the interpreter ignores both.
+GPU_OPTIONS = dict(debug=True, sanitize_overflow=False)
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -234,10 +238,7 @@ def _check_targets_in_range(target: Tensor, num_classes: int, ignore_index: int)
 def _launch(kernel, logits: Tensor, *args, **meta) -> None:
     rows, num_classes = logits.shape
     block, num_warps = launch_config(num_classes, logits.dtype)
-    # On a GPU, debug=True compiles the target's tl.device_assert in; sanitize_overflow=False keeps debug from
-    # also asserting on every int32 operation.
-    debug = dict(debug=True, sanitize_overflow=False) if logits.is_cuda else {}
-    kernel[(rows,)](*args, BLOCK=block, num_warps=num_warps, **debug, **meta)
+    kernel[(rows,)](*args, BLOCK=block, num_warps=num_warps, **GPU_OPTIONS, **meta)
 
 
 def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
