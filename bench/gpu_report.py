@@ -228,7 +228,7 @@ def _cross_entropy_launches(case: str, dtype: torch.dtype, weight: bool, label_s
     target, w = MockTensor(torch.int64), T() if weight else None
     options = (-100, label_smoothing, z_loss, 1.0 if softcap is None else softcap)
     flags = dict(HAS_WEIGHT=weight, HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z_LOSS=z_loss != 0.0,
-                 HAS_SOFTCAP=softcap is not None, BLOCK=block, **ce.GPU_OPTIONS)
+                 HAS_SOFTCAP=softcap is not None, BLOCK=block, **ce.COMPILE_OPTIONS)
     cost = cross_entropy_cost(N, C, dtype, weight, label_smoothing != 0.0, softcap is not None, grad_lse)
     common = dict(case=case, family="cross_entropy", dtype=dtype, activations=[], shape=dict(CE_SHAPE),
                   num_warps=num_warps)

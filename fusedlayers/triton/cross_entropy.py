@@ -32,7 +32,7 @@ ELEMENTS_PER_THREAD = {torch.float32: 16, torch.float64: 8}
 
 # Compile options of every launch: on a GPU, debug=True compiles the target's tl.device_assert in and
 # sanitize_overflow=False keeps debug from also asserting on every int32 operation; the interpreter ignores both.
-GPU_OPTIONS = dict(debug=True, sanitize_overflow=False)
+COMPILE_OPTIONS = dict(debug=True, sanitize_overflow=False)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -238,7 +238,7 @@ def _check_targets_in_range(target: Tensor, num_classes: int, ignore_index: int)
 def _launch(kernel, logits: Tensor, *args, **meta) -> None:
     rows, num_classes = logits.shape
     block, num_warps = launch_config(num_classes, logits.dtype)
-    kernel[(rows,)](*args, BLOCK=block, num_warps=num_warps, **GPU_OPTIONS, **meta)
+    kernel[(rows,)](*args, BLOCK=block, num_warps=num_warps, **COMPILE_OPTIONS, **meta)
 
 
 def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
