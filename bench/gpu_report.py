@@ -63,6 +63,14 @@ FORMULAS = {
                                                 "sum_l (w_l w_l+1 + w_l+1) * compute itemsize (partial dW, db)",
     "elementwise f(z) (n elements)": "FLOPs = a n; bytes = 2 n itemsize",
     "elementwise g f'(z)": "FLOPs = (a + 1) n; bytes = 3 n itemsize",
+    "cross_entropy forward (N rows, C classes)": "FLOPs = (3 + a) NC (max, subtract, exp, add) + with label "
+                                                 "smoothing 3 NC + with a softcap (2 + a) NC; bytes = NC itemsize "
+                                                 "(logits) + 8N (target) + 2N math itemsize (loss, lse) + C itemsize "
+                                                 "(weight, with one)",
+    "cross_entropy backward": "FLOPs = (3 + a) NC (subtract lse, exp, scale, onehot) + with label smoothing 2 NC + "
+                              "with a softcap (5 + a) NC; bytes = 2 NC itemsize (logits, gradient) + 8N (target) + "
+                              "2N math itemsize (grad_loss, lse) + N math itemsize (grad_lse, with one) + C itemsize "
+                              "(weight, with one)",
 }
 
 # The benchmark configurations of bench/cases.py whose kernels these are. rows: the flattened batch.
@@ -80,6 +88,15 @@ MLP_CASES = {
 ACTIVATION_CASE = ("seed002", dict(n=256 * 300, activation="relu", dtype=torch.float32))
 # The CUDA elementwise kernels are timed by dense_large; every instantiation is rated at its output size.
 CUDA_REFERENCE_ELEMENTS = 4096 * 1024
+# The benchmark shape of the cross-entropy kernels (bench case `ce`): the defaults of F.cross_entropy, and every
+# option at once (the most registers); exp and tanh count as activations (a FLOPs each). The CUDA kernels take
+# their options at run time: one binary per dtype, rated at the defaults.
+CE_SHAPE = dict(N=4096, C=32000)
+CE_CASES = {
+    "ce": dict(dtype=torch.float32, weight=False, label_smoothing=0.0, z_loss=0.0, softcap=None, grad_lse=False),
+    "ce_all_options": dict(dtype=torch.float32, weight=True, label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
+                           grad_lse=True),
+}
 
 
 def cuda_home() -> str | None:
@@ -188,6 +205,43 @@ def _activation_launch(case: str, n: int, activation: str, dtype: torch.dtype) -
                 flops=_act_flops(activation) * n, bytes=2 * n * dtype.itemsize)
 
 
+def cross_entropy_cost(N: int, C: int, dtype: torch.dtype, weight: bool, smoothing: bool, softcap: bool,
+                       grad_lse: bool) -> dict:
+    """FLOPs and bytes of the forward and backward cross-entropy kernels (FORMULAS), shared by Triton and CUDA."""
+    i, mi = dtype.itemsize, (8 if dtype == torch.float64 else 4)
+    w_bytes = C * i if weight else 0
+    forward_flops = (3 + ACT_FLOPS + 3 * smoothing + (2 + ACT_FLOPS) * softcap) * N * C
+    backward_flops = (3 + ACT_FLOPS + 2 * smoothing + (5 + ACT_FLOPS) * softcap) * N * C
+    return {"forward": (forward_flops, N * C * i + 8 * N + 2 * N * mi + w_bytes),
+            "backward": (backward_flops, 2 * N * C * i + 8 * N + (2 + grad_lse) * N * mi + w_bytes)}
+
+
+def _cross_entropy_launches(case: str, dtype: torch.dtype, weight: bool, label_smoothing: float, z_loss: float,
+                            softcap: float | None, grad_lse: bool) -> list[dict]:
+    """Both cross-entropy kernels as fusedlayers/triton/cross_entropy.py launches them on a GPU."""
+    from fusedlayers.triton import cross_entropy as ce
+
+    N, C = CE_SHAPE["N"], CE_SHAPE["C"]
+    block, num_warps = ce.launch_config(C, dtype)
+    math = ce._math_dtype(dtype)
+    T = lambda dt=dtype: MockTensor(dt)  # noqa: E731
+    target, w = MockTensor(torch.int64), T() if weight else None
+    options = (-100, label_smoothing, z_loss, 1.0 if softcap is None else softcap)
+    flags = dict(HAS_WEIGHT=weight, HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z_LOSS=z_loss != 0.0,
+                 HAS_SOFTCAP=softcap is not None, BLOCK=block, **ce.COMPILE_OPTIONS)
+    cost = cross_entropy_cost(N, C, dtype, weight, label_smoothing != 0.0, softcap is not None, grad_lse)
+    common = dict(case=case, family="cross_entropy", dtype=dtype, activations=[], shape=dict(CE_SHAPE),
+                  num_warps=num_warps)
+    w_sum = T(math) if weight and label_smoothing != 0.0 else None
+    return [
+        dict(common, fn=ce._cross_entropy_forward_kernel, args=(T(), target, w, T(math), T(math), C, *options),
+             meta=flags, flops=cost["forward"][0], bytes=cost["forward"][1]),
+        dict(common, fn=ce._cross_entropy_backward_kernel,
+             args=(T(math), T(math) if grad_lse else None, T(), target, w, w_sum, T(math), T(), C, *options),
+             meta=dict(flags, HAS_GRAD_LSE=grad_lse), flops=cost["backward"][0], bytes=cost["backward"][1]),
+    ]
+
+
 def triton_launches() -> list[dict]:
     """Every Triton kernel of the project at its benchmark configuration, each named family/kernel[case]."""
     from fusedlayers.triton import dense
@@ -200,8 +254,10 @@ def triton_launches() -> list[dict]:
     launches += [launch for case, cfg in MLP_CASES.items() for launch in _mlp_launches(case, **cfg)]
     launches.append(_activation_launch(ACTIVATION_CASE[0], **ACTIVATION_CASE[1]))
     for launch in launches:
-        launch["name"] = f"{launch['family']}/{launch['fn'].__name__}[{launch['case']}]"
         launch["num_warps"] = dense.NUM_WARPS  # every launch of dense.py and mlp.py
+    launches += [launch for case, cfg in CE_CASES.items() for launch in _cross_entropy_launches(case, **cfg)]
+    for launch in launches:
+        launch["name"] = f"{launch['family']}/{launch['fn'].__name__}[{launch['case']}]"
     return launches
 
 
@@ -302,13 +358,14 @@ def demangle(names: list[str]) -> list[str]:
 
 
 def readable(demangled: str) -> tuple[str, str | None, str | None]:
-    """(kernel<Activation, dtype>, activation, dtype) of a demangled kernel without namespaces, return type and
-    parameters; the name unchanged, with no activation or dtype, if it is not such a template."""
-    m = re.search(r"(\w+)<(.*)>\(", demangled)
+    """(kernel<Activation, dtype>, activation, dtype) or (kernel<dtype>, None, dtype) of a demangled kernel without
+    namespaces, return type and parameters; the name unchanged, with no activation or dtype, if it is not such a
+    template."""
+    m = re.search(r"(\w+)<(.*?)>\(", demangled)
     if not m:
         return demangled, None, None
     template_args = [re.sub(r"\w+::|\(anonymous namespace\)::", "", arg).strip() for arg in m.group(2).split(",")]
-    activation, dtype = (template_args + [None, None])[:2]
+    activation, dtype = [None] + template_args if len(template_args) == 1 else (template_args + [None, None])[:2]
     return f"{m.group(1)}<{', '.join(template_args)}>", activation, dtype
 
 
@@ -333,12 +390,17 @@ def cuda_reports(so: str) -> list[dict]:
             "spill_bytes": None, "stack_bytes": usage.get("STACK"), "shared_bytes": usage.get("SHARED"),
             "local_bytes": usage.get("LOCAL"),
         }
+        # half and bfloat16 compute in float32 (at::opmath_type); float64 has no mma here
+        rate = "fp64_vector" if dtype == torch.float64 else "fp32"
         if dtype is not None and name.startswith(("forward_act_kernel", "backward_act_kernel")):
             n, i, forward = CUDA_REFERENCE_ELEMENTS, dtype.itemsize, name.startswith("forward")
             flops = (ACT_FLOPS + (0 if forward else 1)) * n
-            # half and bfloat16 compute in float32 (at::opmath_type); float64 has no mma here
-            rate = "fp64_vector" if dtype == torch.float64 else "fp32"
             entry.update(shape={"n": n}, **roofline(flops, (2 if forward else 3) * n * i, rate))
+        elif dtype is not None and name.startswith(("cross_entropy_forward_kernel", "cross_entropy_backward_kernel")):
+            cost = cross_entropy_cost(**CE_SHAPE, dtype=dtype, weight=False, smoothing=False, softcap=False,
+                                      grad_lse=False)
+            flops, nbytes = cost["forward" if "forward" in name else "backward"]
+            entry.update(shape=dict(CE_SHAPE), **roofline(flops, nbytes, rate))
         entries.append(entry)
     return entries
 

@@ -34,6 +34,24 @@ def test_triton_kernel_report(tmp_path):
     assert kernel["roofline_us"] == pytest.approx(kernel["bytes"] / 3.35e12 * 1e6)
 
 
+def test_triton_cross_entropy_report(tmp_path):
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "bench.gpu_report", "--json", str(out), "--arch", "sm_90",
+                    "--only", "cross_entropy/_cross_entropy_backward_kernel[ce]"], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=120)
+    (kernel,) = json.loads(out.read_text())["kernels"]
+    assert (kernel["backend"], kernel["arch"], kernel["dtype"]) == ("triton", "sm_90", "float32")
+    assert kernel["config"]["debug"] is True  # the out-of-range target assert is compiled in
+    assert 0 < kernel["registers"] <= 255 and kernel["spill_bytes"] == 0
+    # N = 4096 rows of C = 32000 float32 logits read and their gradient written, the targets (int64), and
+    # grad_loss and lse (float32); 3 FLOPs and an exp (10) per logit
+    n, c = 4096, 32000
+    assert kernel["bytes"] == 2 * n * c * 4 + 8 * n + 2 * 4 * n
+    assert kernel["flops"] == 13 * n * c
+    assert kernel["bound"] == "memory" and kernel["roofline_us"] == pytest.approx(kernel["bytes"] / 3.35e12 * 1e6)
+
+
 @pytest.mark.skipif(not HAS_NATIVE_CUDA, reason="this build has no CUDA kernels (nvcc absent or FUSEDLAYERS_CUDA=0)")
 def test_cuda_kernel_report():
     kernels = gpu_report.cuda_reports(gpu_report.extension_path())
@@ -41,8 +59,11 @@ def test_cuda_kernel_report():
     names = {k["name"] for k in kernels}
     assert "dense/forward_act_kernel<GELU, float>" in names
     assert "dense/backward_act_kernel<Cos, double>" in names
+    for dtype in ("float", "double", "Half", "BFloat16"):
+        assert f"cross_entropy/cross_entropy_forward_kernel<{dtype}>" in names
+        assert f"cross_entropy/cross_entropy_backward_kernel<{dtype}>" in names
     for k in kernels:
-        assert k["backend"] == "cuda" and k["name"].startswith("dense/")
+        assert k["backend"] == "cuda" and k["name"].startswith(("dense/", "cross_entropy/"))
         assert 0 < k["registers"] <= 255, k
         assert k["spill_bytes"] is None and k["stack_bytes"] >= 0
         assert k["roofline_us"] > 0 and k["bound"] == "memory", k

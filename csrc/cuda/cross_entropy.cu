@@ -1,0 +1,403 @@
+// Softmax cross-entropy on CUDA: the kernels of cross_entropy_forward and cross_entropy_backward, with the per-row
+// formulas of csrc/ops.cpp ("Softmax cross-entropy").
+//
+// One block per row. Forward: every thread runs an online max / sum of exponentials over its share of the row (one
+// exp per logit: its sum is rescaled only when its max grows), with label smoothing also sum w[c] * (z[c] - max)
+// kept relative to its max, so that no large terms cancel; the block then merges the threads' states with warp
+// shuffles and one shared-memory step. Backward: one pass writing scale * (softmax - smoothed onehot), softmax
+// recomputed as exp(z - lse) from the forward's lse.
+//
+// Rows are read (and the gradient written) as 16-byte vectors from their first aligned element on, with scalar
+// heads and tails. Math in at::opmath_type (float for half, bfloat16 and float; double for double); loss and lse
+// in that type, the gradient in the logits' dtype. A kept target outside [0, C) is a device-side assert, as in
+// PyTorch's own nll_loss; the host never reads the targets, so nothing synchronizes.
+//
+// One template parameter (the logits' dtype): the options are run-time flags, uniform across a block.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+namespace fusedlayers::cuda {
+namespace {
+
+constexpr int kMaxThreads = 512;
+constexpr int kWarp = 32;
+
+// The options of a launch, rounded once to the math type acc_t.
+template <typename acc_t>
+struct CeParams {
+  int64_t C;
+  int64_t ignore_index;
+  acc_t keep;        // 1 - label_smoothing
+  acc_t eps_over_c;  // label_smoothing / C; 0 without label smoothing
+  acc_t z_loss;
+  acc_t inv_softcap;  // 1 / softcap; 0 without a softcap
+  acc_t softcap;
+};
+
+// z = softcap * tanh(x / softcap), or x without a softcap; th = tanh(x / softcap) for the backward's chain rule.
+template <typename acc_t>
+__device__ __forceinline__ acc_t capped(acc_t x, const CeParams<acc_t>& p, acc_t& th) {
+  if (p.inv_softcap == acc_t(0)) return x;
+  th = ::tanh(x * p.inv_softcap);
+  return p.softcap * th;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t capped(acc_t x, const CeParams<acc_t>& p) {
+  acc_t th;
+  return capped(x, p, th);
+}
+
+struct RowTarget {
+  int64_t t;
+  bool kept;   // t != ignore_index
+  bool valid;  // kept and t in [0, C): the only case in which z[t] and w[t] are read
+};
+
+__device__ __forceinline__ RowTarget row_target(const int64_t* target, int64_t row, int64_t C, int64_t ignore_index) {
+  const int64_t t = target[row];
+  const bool kept = t != ignore_index, in_range = t >= 0 && t < C;
+  CUDA_KERNEL_ASSERT_MSG(!kept || in_range, "cross_entropy: target out of bounds [0, C)");
+  return {t, kept, kept && in_range};
+}
+
+// ---- row traversal ----------------------------------------------------------------------------------------
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// 16-byte vectors; the leading elements of a row before its first 16-byte boundary go one by one.
+template <typename scalar_t>
+struct RowSplit {
+  static constexpr int kVec = 16 / sizeof(scalar_t);
+  int64_t head, vectors, tail_begin;
+  __device__ RowSplit(const scalar_t* row, int64_t C) {
+    const int64_t misaligned = (reinterpret_cast<uintptr_t>(row) / sizeof(scalar_t)) % kVec;
+    head = misaligned == 0 ? 0 : std::min<int64_t>(C, kVec - misaligned);
+    vectors = (C - head) / kVec;
+    tail_begin = head + vectors * kVec;
+  }
+};
+
+// f(c, x[c] in acc_t) for this thread's share of the row x[0, C).
+template <typename scalar_t, typename acc_t, typename F>
+__device__ __forceinline__ void for_each_logit(const scalar_t* x, int64_t C, F&& f) {
+  const RowSplit<scalar_t> split(x, C);
+  constexpr int kVec = RowSplit<scalar_t>::kVec;
+  for (int64_t c = threadIdx.x; c < split.head; c += blockDim.x) f(c, acc_t(x[c]));
+  const auto* xv = reinterpret_cast<const Pack<scalar_t, kVec>*>(x + split.head);
+  for (int64_t i = threadIdx.x; i < split.vectors; i += blockDim.x) {
+    const Pack<scalar_t, kVec> pack = xv[i];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) f(split.head + i * kVec + k, acc_t(pack.v[k]));
+  }
+  for (int64_t c = split.tail_begin + threadIdx.x; c < C; c += blockDim.x) f(c, acc_t(x[c]));
+}
+
+// out[c] = f(c, x[c] in acc_t) over the row; vectors only when out has x's alignment (`vectorize`).
+template <typename scalar_t, typename acc_t, typename F>
+__device__ __forceinline__ void map_logits(const scalar_t* x, scalar_t* out, int64_t C, bool vectorize, F&& f) {
+  if (!vectorize) {
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) out[c] = scalar_t(f(c, acc_t(x[c])));
+    return;
+  }
+  const RowSplit<scalar_t> split(x, C);
+  constexpr int kVec = RowSplit<scalar_t>::kVec;
+  for (int64_t c = threadIdx.x; c < split.head; c += blockDim.x) out[c] = scalar_t(f(c, acc_t(x[c])));
+  const auto* xv = reinterpret_cast<const Pack<scalar_t, kVec>*>(x + split.head);
+  auto* ov = reinterpret_cast<Pack<scalar_t, kVec>*>(out + split.head);
+  for (int64_t i = threadIdx.x; i < split.vectors; i += blockDim.x) {
+    const Pack<scalar_t, kVec> in = xv[i];
+    Pack<scalar_t, kVec> res;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) res.v[k] = scalar_t(f(split.head + i * kVec + k, acc_t(in.v[k])));
+    ov[i] = res;
+  }
+  for (int64_t c = split.tail_begin + threadIdx.x; c < C; c += blockDim.x) out[c] = scalar_t(f(c, acc_t(x[c])));
+}
+
+// ---- online logsumexp ---------------------------------------------------------------------------------------
+
+// Over the logits seen so far: m = max z (lowest() before any, so that m - z never is -inf - -inf), s = sum
+// exp(z - m), and with label smoothing wz = sum w * (z - m) and ws = sum w.
+template <typename acc_t>
+struct OnlineState {
+  acc_t m, s, wz, ws;
+
+  __device__ static OnlineState empty() { return {std::numeric_limits<acc_t>::lowest(), acc_t(0), acc_t(0), acc_t(0)}; }
+
+  __device__ __forceinline__ void add(acc_t z, acc_t w, bool smoothing) {
+    if (z > m) {  // a new max: rebase the sums on it (rare after the first few logits)
+      const acc_t d = m - z;
+      s = s * ::exp(d) + acc_t(1);
+      if (smoothing && ws != acc_t(0)) wz += d * ws;
+      m = z;
+    } else {  // NaN lands here and propagates through s
+      s += ::exp(z - m);
+      if (smoothing) wz += w * (z - m);
+    }
+    if (smoothing) ws += w;
+  }
+
+  __device__ __forceinline__ static OnlineState merge(const OnlineState& a, const OnlineState& b) {
+    OnlineState r;
+    r.m = a.m > b.m ? a.m : b.m;
+    const acc_t da = a.m - r.m, db = b.m - r.m;
+    r.s = a.s * ::exp(da) + b.s * ::exp(db);
+    // ws == 0: nothing to rebase, and no 0 * -inf when a max is lowest()
+    r.wz = a.wz + b.wz + (a.ws != acc_t(0) ? da * a.ws : acc_t(0)) + (b.ws != acc_t(0) ? db * b.ws : acc_t(0));
+    r.ws = a.ws + b.ws;
+    return r;
+  }
+
+  __device__ __forceinline__ OnlineState shfl_xor(int lane_mask) const {
+    return {__shfl_xor_sync(0xffffffffu, m, lane_mask), __shfl_xor_sync(0xffffffffu, s, lane_mask),
+            __shfl_xor_sync(0xffffffffu, wz, lane_mask), __shfl_xor_sync(0xffffffffu, ws, lane_mask)};
+  }
+};
+
+// The merged state of the whole block, in every thread. blockDim.x is a multiple of 32, at most kMaxThreads.
+template <typename acc_t>
+__device__ OnlineState<acc_t> block_merge(OnlineState<acc_t> st) {
+  __shared__ OnlineState<acc_t> partial[kMaxThreads / kWarp];
+  for (int mask = kWarp / 2; mask > 0; mask /= 2) st = OnlineState<acc_t>::merge(st, st.shfl_xor(mask));
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  if (lane == 0) partial[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < int(blockDim.x / kWarp) ? partial[lane] : OnlineState<acc_t>::empty();
+    for (int mask = kWarp / 2; mask > 0; mask /= 2) st = OnlineState<acc_t>::merge(st, st.shfl_xor(mask));
+    if (lane == 0) partial[0] = st;
+  }
+  __syncthreads();
+  return partial[0];
+}
+
+// ---- kernels ------------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
+                                 const scalar_t* __restrict__ weight, at::opmath_type<scalar_t>* __restrict__ loss,
+                                 at::opmath_type<scalar_t>* __restrict__ lse,
+                                 const CeParams<at::opmath_type<scalar_t>> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = logits + row * p.C;
+  const bool smoothing = p.eps_over_c != acc_t(0);
+  auto st = OnlineState<acc_t>::empty();
+  for_each_logit<scalar_t, acc_t>(x, p.C, [&](int64_t c, acc_t v) {
+    st.add(capped(v, p), weight != nullptr && smoothing ? acc_t(weight[c]) : acc_t(1), smoothing);
+  });
+  st = block_merge(st);
+  if (threadIdx.x != 0) return;
+
+  const RowTarget tg = row_target(target, row, p.C, p.ignore_index);
+  const acc_t log_s = ::log(st.s);
+  const acc_t row_lse = st.m + log_s;
+  acc_t out = 0;
+  if (tg.kept) {
+    const acc_t w_t = weight == nullptr ? acc_t(1) : tg.valid ? acc_t(weight[tg.t]) : acc_t(0);
+    const acc_t z_t = tg.valid ? capped(acc_t(x[tg.t]), p) : acc_t(0);
+    const acc_t nll = log_s - (z_t - st.m);  // lse - z[t] without cancelling lse against z[t]
+    if (smoothing) {
+      // eps / C * sum_c w[c] * (lse - z[c]) = eps / C * (W * log_s - wz), terms of one sign
+      const acc_t w_sum = weight == nullptr ? acc_t(p.C) : st.ws;
+      out = w_t * p.keep * nll + p.eps_over_c * (w_sum * log_s - st.wz);
+    } else {
+      out = w_t * nll;
+    }
+    if (p.z_loss != acc_t(0)) out += w_t * p.z_loss * row_lse * row_lse;
+  }
+  loss[row] = out;
+  lse[row] = row_lse;
+}
+
+// grad[row] = a * p - b * onehot(t) - e * w, times 1 - tanh(logits / softcap)^2 with a softcap, where p = exp(z - lse)
+// and, with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
+// a = g * (w[t] * ((1 - eps) + 2 z_loss lse) + eps / C * W) + grad_lse[row], b = g w[t] (1 - eps), e = g eps / C.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_loss,
+                                  const at::opmath_type<scalar_t>* __restrict__ grad_lse,
+                                  const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
+                                  const scalar_t* __restrict__ weight,
+                                  const at::opmath_type<scalar_t>* __restrict__ w_sum,
+                                  const at::opmath_type<scalar_t>* __restrict__ lse, scalar_t* __restrict__ grad,
+                                  const CeParams<at::opmath_type<scalar_t>> p, bool vectorize) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t row = blockIdx.x;
+  const RowTarget tg = row_target(target, row, p.C, p.ignore_index);
+  const bool smoothing = p.eps_over_c != acc_t(0);
+  const acc_t row_lse = lse[row];
+  const acc_t g = tg.kept ? grad_loss[row] : acc_t(0);
+  const acc_t w_t = weight == nullptr ? acc_t(1) : tg.valid ? acc_t(weight[tg.t]) : acc_t(0);
+  acc_t a = w_t * p.keep;
+  if (smoothing) a += p.eps_over_c * (w_sum == nullptr ? acc_t(p.C) : *w_sum);
+  if (p.z_loss != acc_t(0)) a += acc_t(2) * p.z_loss * w_t * row_lse;
+  a = g * a + (grad_lse == nullptr ? acc_t(0) : grad_lse[row]);
+  const acc_t b = tg.valid ? g * w_t * p.keep : acc_t(0);
+  const acc_t e = g * p.eps_over_c;
+  map_logits<scalar_t, acc_t>(logits + row * p.C, grad + row * p.C, p.C, vectorize, [&](int64_t c, acc_t v) {
+    acc_t th = 0;
+    const acc_t z = capped(v, p, th);
+    acc_t d = a * ::exp(z - row_lse) - (c == tg.t ? b : acc_t(0));
+    if (smoothing) d -= e * (weight == nullptr ? acc_t(1) : acc_t(weight[c]));
+    if (p.inv_softcap != acc_t(0)) d *= acc_t(1) - th * th;
+    return d;
+  });
+}
+
+// ---- the ops --------------------------------------------------------------------------------------------------
+
+// The checks of the CPU kernels (csrc/cpu/cross_entropy.cpp), with the same messages.
+void check_ce_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                   double label_smoothing, std::optional<double> softcap) {
+  TORCH_CHECK(logits.dim() == 2, "cross_entropy(): expected logits of shape (N, C), got shape ", logits.sizes());
+  TORCH_CHECK(logits.is_floating_point(), "cross_entropy(): expected floating-point logits, got ",
+              logits.scalar_type());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy(): expected target of dtype int64 (long), got ",
+              target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "cross_entropy(): expected target of shape (",
+              logits.size(0), ",) for logits of shape ", logits.sizes(), ", got shape ", target.sizes());
+  TORCH_CHECK(target.device() == logits.device(), "cross_entropy(): expected target on the device of logits (",
+              logits.device(), "), got ", target.device());
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), "cross_entropy(): expected weight of shape (",
+                logits.size(1), ",) (one per class), got shape ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == logits.scalar_type(), "cross_entropy(): expected weight to have the dtype "
+                "of logits (", logits.scalar_type(), "), got ", weight->scalar_type());
+    TORCH_CHECK(weight->device() == logits.device(), "cross_entropy(): expected weight on the device of logits (",
+                logits.device(), "), got ", weight->device());
+  }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "cross_entropy(): label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0.0, "cross_entropy(): softcap must be positive, got ",
+                    softcap.value_or(0.0));
+  TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(), "cross_entropy(): the CUDA kernels take at "
+              "most 2^31 - 1 rows, got ", logits.size(0));
+}
+
+at::ScalarType math_type(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename acc_t>
+CeParams<acc_t> make_params(int64_t C, int64_t ignore_index, double label_smoothing, double z_loss,
+                            std::optional<double> softcap) {
+  return {C,
+          ignore_index,
+          acc_t(1.0 - label_smoothing),
+          acc_t(C > 0 ? label_smoothing / double(C) : 0.0),
+          acc_t(z_loss),
+          acc_t(softcap.has_value() ? 1.0 / *softcap : 0.0),
+          acc_t(softcap.value_or(0.0))};
+}
+
+// Threads per row: one 16-byte vector each, a power of two from a warp to kMaxThreads.
+int threads_for(int64_t C, int64_t element_size) {
+  const int64_t vectors = (C * element_size + 15) / 16;
+  int threads = kWarp;
+  while (threads < kMaxThreads && threads < vectors) threads *= 2;
+  return threads;
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// t contiguous, and of `dtype` when one is given; nullopt stays nullopt.
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t,
+                                     std::optional<at::ScalarType> dtype = std::nullopt) {
+  if (!t.has_value()) return std::nullopt;
+  return (dtype.has_value() ? t->to(*dtype) : *t).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                         double label_smoothing, double z_loss,
+                                                         std::optional<double> softcap) {
+  check_ce_args(logits, target, weight, label_smoothing, softcap);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor loss = at::empty({N}, logits.options().dtype(math_type(logits)));
+  at::Tensor lse = at::empty({N}, logits.options().dtype(math_type(logits)));
+  if (N == 0) return {loss, lse};
+  const at::Tensor x = logits.contiguous(), t = target.contiguous();
+  const std::optional<at::Tensor> w = contiguous(weight);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cross_entropy_forward_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for(C, sizeof(scalar_t)), 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(), data_or_null<scalar_t>(w),
+        loss.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
+        make_params<acc_t>(C, ignore_index, label_smoothing, z_loss, softcap));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, lse};
+}
+
+at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                  const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                                  double label_smoothing, double z_loss, std::optional<double> softcap) {
+  check_ce_args(logits, target, weight, label_smoothing, softcap);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  for (const at::Tensor* v : {&grad_loss, &lse}) {
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == N, "cross_entropy_backward(): expected grad_loss and lse of shape (",
+                N, ",), got shape ", v->sizes());
+  }
+  TORCH_CHECK(!grad_lse.has_value() || (grad_lse->dim() == 1 && grad_lse->size(0) == N),
+              "cross_entropy_backward(): expected grad_lse of shape (", N, ",), got shape ", grad_lse->sizes());
+  for (const at::Tensor* v : {&grad_loss, &lse, grad_lse.has_value() ? &*grad_lse : nullptr}) {
+    if (v == nullptr) continue;
+    TORCH_CHECK(v->device() == logits.device(), "cross_entropy_backward(): expected grad_loss, grad_lse and lse on "
+                "the device of logits (", logits.device(), "), got ", v->device());
+  }
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad = at::empty({N, C}, logits.options());
+  if (grad.numel() == 0) return grad;
+  const auto math = math_type(logits);
+  const at::Tensor x = logits.contiguous(), t = target.contiguous();
+  const at::Tensor gl = grad_loss.to(math).contiguous(), l = lse.to(math).contiguous();
+  const std::optional<at::Tensor> glse = contiguous(grad_lse, math), w = contiguous(weight);
+  // sum(weight) on the device: the one pass over a row needs it before it starts
+  const std::optional<at::Tensor> w_sum =
+      w.has_value() && label_smoothing != 0.0 ? std::optional<at::Tensor>(w->sum(math)) : std::nullopt;
+  // x and grad rows share their offset from a 16-byte boundary when their bases do
+  const auto address = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()); };
+  const bool vectorize = (address(x) - address(grad)) % 16 == 0;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cross_entropy_backward_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for(C, sizeof(scalar_t)), 0, stream>>>(
+        gl.const_data_ptr<acc_t>(), data_or_null<acc_t>(glse), x.const_data_ptr<scalar_t>(),
+        t.const_data_ptr<int64_t>(), data_or_null<scalar_t>(w), data_or_null<acc_t>(w_sum), l.const_data_ptr<acc_t>(),
+        grad.mutable_data_ptr<scalar_t>(), make_params<acc_t>(C, ignore_index, label_smoothing, z_loss, softcap),
+        vectorize);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace fusedlayers::cuda
+
+TORCH_LIBRARY_IMPL(fusedlayers, CUDA, m) {
+  m.impl("cross_entropy_forward", &fusedlayers::cuda::cross_entropy_forward);
+  m.impl("cross_entropy_backward", &fusedlayers::cuda::cross_entropy_backward);
+}

@@ -1,0 +1,292 @@
+"""The softmax cross-entropy op family in Triton: the kernels of the triton_cross_entropy_* ops, with the per-row
+formulas of csrc/ops.cpp ("Softmax cross-entropy").
+
+One program per row, looping over the classes in BLOCK-sized chunks. Forward: one pass with an online max and
+sum of exponentials (one exp per logit); with label smoothing the same pass also sums w[c] * (z[c] - max), kept
+relative to the running max so that no large terms cancel. Backward: one pass writing
+scale * (softmax - smoothed onehot), softmax recomputed as exp(z - lse) from the forward's lse.
+
+Math in float32 for float16/bfloat16/float32 logits (loaded and converted) and float64 for float64; loss and lse
+in that math dtype, the gradient in the logits' dtype. The float options arrive as float64 kernel arguments and
+are rounded once to the math dtype, so float64 runs see them exactly.
+
+A kept target outside [0, C) is an error without a host synchronization: on a GPU the kernels are compiled with
+debug=True so that their tl.device_assert is live (a device-side assert, as PyTorch's own CUDA losses), and the
+out-of-range logit is never read; under the interpreter (CPU tensors, no device to wait for) tl.device_assert
+does nothing, so the host checks the targets first. Importing this module registers the kernels for the CPU
+(TRITON_INTERPRET=1) and CUDA keys.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .activations import _tanh
+
+# Classes per chunk, by math dtype: the largest block a program loops with (smaller C use the next power of two
+# >= C); fixed, so that the kernels can be compiled ahead of time.
+MAX_BLOCK = {torch.float32: 4096, torch.float64: 2048}
+# Elements of a chunk per thread (float64 takes two registers each): num_warps = BLOCK / (32 * this), 1 to 8.
+# 8 warps at the largest blocks keep both kernels within ~80 registers (float32) and ~130 (float64) on sm_80/90.
+ELEMENTS_PER_THREAD = {torch.float32: 16, torch.float64: 8}
+
+# Compile options of every launch: on a GPU, debug=True compiles the target's tl.device_assert in and
+# sanitize_overflow=False keeps debug from also asserting on every int32 operation; the interpreter ignores both.
+COMPILE_OPTIONS = dict(debug=True, sanitize_overflow=False)
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def launch_config(num_classes: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK, num_warps) of both kernels for C = num_classes and logits of `dtype`."""
+    math_dtype = _math_dtype(dtype)
+    block = min(MAX_BLOCK[math_dtype], max(16, triton.next_power_of_2(num_classes)))
+    return block, min(8, max(1, block // (32 * ELEMENTS_PER_THREAD[math_dtype])))
+
+
+@triton.jit
+def _row_target(target_ptr, weight_ptr, row, C, ignore_index, HAS_WEIGHT: tl.constexpr, MATH: tl.constexpr):
+    """(t, kept, valid, w[t]) of a row, w[t] in the dtype MATH (1 without a weight, 0 if not valid);
+    valid = kept and t in [0, C), asserted on a GPU for every kept t."""
+    t = tl.load(target_ptr + row)
+    kept = t != ignore_index
+    in_range = (t >= 0) & (t < C)
+    tl.device_assert(in_range | (t == ignore_index), "cross_entropy: a target is out of bounds [0, C)")
+    valid = kept & in_range
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + t, mask=valid, other=0.0).to(MATH)
+    else:
+        w_t = tl.full((), 1.0, MATH)
+    return t, kept, valid, w_t
+
+
+@triton.jit
+def _cross_entropy_forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr, C,
+                                  ignore_index: tl.int64, label_smoothing: tl.float64, z_loss: tl.float64,
+                                  softcap: tl.float64, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                                  HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """loss[row] and lse[row] of one row of logits (N, C); loss and lse have the math dtype."""
+    MATH: tl.constexpr = lse_ptr.dtype.element_ty  # float32, or float64 for float64 logits
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * C  # int64: N * C can pass 2^31
+    cols = tl.arange(0, BLOCK)
+    cap = tl.full((), softcap, MATH)
+    m = tl.full((), float("-inf"), MATH)  # the running max
+    # ref: the running max, or 0 while that is -inf (no -inf - -inf); s = sum exp(z - ref); with smoothing
+    # wz = sum w * (z - ref) and w_sum = sum w, over the chunks so far
+    ref = tl.full((), 0.0, MATH)
+    s = tl.full((), 0.0, MATH)
+    wz = tl.full((), 0.0, MATH)
+    w_sum = tl.full((), 0.0, MATH)
+    for c0 in range(0, C, BLOCK):
+        cs = c0 + cols
+        mask = cs < C
+        z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
+        if HAS_SOFTCAP:
+            z = cap * _tanh(z / cap)
+        z = tl.where(mask, z, float("-inf"))
+        m = tl.maximum(m, tl.max(z, axis=0))
+        new_ref = tl.where(m == float("-inf"), 0.0, m)
+        s = s * tl.exp(ref - new_ref) + tl.sum(tl.exp(z - new_ref), axis=0)
+        if HAS_SMOOTHING:
+            shifted = tl.where(mask, z - new_ref, 0.0)  # masked lanes: 0, not -inf
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cs, mask=mask, other=0.0).to(MATH)
+                wz += (ref - new_ref) * w_sum + tl.sum(w * shifted, axis=0)
+                w_sum += tl.sum(w, axis=0)
+            else:
+                wz += (ref - new_ref) * c0 + tl.sum(shifted, axis=0)
+        ref = new_ref
+    log_s = tl.log(s)
+    lse = ref + log_s
+
+    t, kept, valid, w_t = _row_target(target_ptr, weight_ptr, row, C, ignore_index, HAS_WEIGHT, MATH)
+    z_t = tl.load(row_ptr + t, mask=valid, other=0.0).to(MATH)
+    if HAS_SOFTCAP:
+        z_t = cap * _tanh(z_t / cap)
+    # lse - z[c] as log_s - (z[c] - ref): no cancellation of lse against z[c] when the logits are large
+    nll = log_s - (z_t - ref)
+    if HAS_SMOOTHING:
+        eps = tl.full((), label_smoothing, MATH)
+        if not HAS_WEIGHT:
+            w_sum = tl.full((), C, MATH)
+        # eps / C * sum_c w[c] * (lse - z[c]) = eps / C * (W * log_s - wz), terms of one sign
+        loss = w_t * (1.0 - eps) * nll + eps / C * (w_sum * log_s - wz)
+    else:
+        loss = w_t * nll
+    if HAS_Z_LOSS:
+        loss += w_t * tl.full((), z_loss, MATH) * lse * lse
+    tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _cross_entropy_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, target_ptr, weight_ptr, w_sum_ptr,
+                                   lse_ptr, grad_ptr, C, ignore_index: tl.int64, label_smoothing: tl.float64,
+                                   z_loss: tl.float64, softcap: tl.float64, HAS_GRAD_LSE: tl.constexpr,
+                                   HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+                                   HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """grad[row] = a * p - b * onehot(t) - e * w, times 1 - tanh(logits / softcap)^2 with a softcap, where
+    p = exp(z - lse) and, with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
+    a = g * (w[t] * ((1 - eps) + 2 z_loss lse) + eps / C * W) + grad_lse[row], b = g w[t] (1 - eps), e = g eps / C.
+    """
+    MATH: tl.constexpr = lse_ptr.dtype.element_ty  # float32, or float64 for float64 logits
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    lse = tl.load(lse_ptr + row)
+    cap = tl.full((), softcap, MATH)
+    t, kept, valid, w_t = _row_target(target_ptr, weight_ptr, row, C, ignore_index, HAS_WEIGHT, MATH)
+    g = tl.where(kept, tl.load(grad_loss_ptr + row).to(MATH), 0.0)
+    if HAS_SMOOTHING:
+        eps = tl.full((), label_smoothing, MATH)
+        b = w_t * (1.0 - eps)
+        if HAS_WEIGHT:
+            a = b + eps / C * tl.load(w_sum_ptr).to(MATH)
+        else:
+            a = b + eps
+        e = g * (eps / C)
+    else:
+        b = w_t
+        a = b
+    if HAS_Z_LOSS:
+        a += w_t * 2.0 * tl.full((), z_loss, MATH) * lse
+    a = g * a
+    if HAS_GRAD_LSE:
+        a += tl.load(grad_lse_ptr + row).to(MATH)
+    b = tl.where(valid, g * b, 0.0)
+    row_ptr = logits_ptr + row * C  # int64: N * C can pass 2^31
+    grad_row = grad_ptr + row * C
+    for c0 in range(0, C, BLOCK):
+        cs = c0 + cols
+        mask = cs < C
+        z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
+        if HAS_SOFTCAP:
+            th = _tanh(z / cap)
+            z = cap * th
+        grad = a * tl.exp(z - lse) - tl.where(cs == t, b, 0.0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                grad -= e * tl.load(weight_ptr + cs, mask=mask, other=0.0).to(MATH)
+            else:
+                grad -= e
+        if HAS_SOFTCAP:
+            grad *= 1.0 - th * th
+        tl.store(grad_row + cs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_args(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
+                softcap: float | None) -> None:
+    """The checks of the CPU kernels (csrc/cpu/cross_entropy.cpp), with the same messages, and the dtypes Triton
+    supports."""
+    torch._check(logits.dim() == 2, lambda: f"cross_entropy(): expected logits of shape (N, C), got shape "
+                                            f"{list(logits.shape)}")
+    torch._check(logits.dtype.is_floating_point,
+                 lambda: f"cross_entropy(): expected floating-point logits, got {logits.dtype}")
+    torch._check(logits.dtype in _DTYPES,
+                 lambda: f"cross_entropy(): the Triton backend supports float16, bfloat16, float32 and float64 "
+                         f"logits, got {logits.dtype}")
+    torch._check(target.dtype == torch.int64,
+                 lambda: f"cross_entropy(): expected target of dtype int64 (long), got {target.dtype}")
+    torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0],
+                 lambda: f"cross_entropy(): expected target of shape ({logits.shape[0]},) for logits of shape "
+                         f"{list(logits.shape)}, got shape {list(target.shape)}")
+    torch._check(target.device == logits.device,
+                 lambda: f"cross_entropy(): expected target on the device of logits ({logits.device}), got "
+                         f"{target.device}")
+    if weight is not None:
+        torch._check(weight.dim() == 1 and weight.shape[0] == logits.shape[1],
+                     lambda: f"cross_entropy(): expected weight of shape ({logits.shape[1]},) (one per class), got "
+                             f"shape {list(weight.shape)}")
+        torch._check(weight.dtype == logits.dtype,
+                     lambda: f"cross_entropy(): expected weight to have the dtype of logits ({logits.dtype}), got "
+                             f"{weight.dtype}")
+        torch._check(weight.device == logits.device,
+                     lambda: f"cross_entropy(): expected weight on the device of logits ({logits.device}), got "
+                             f"{weight.device}")
+    torch._check_value(0.0 <= label_smoothing <= 1.0,
+                       lambda: f"cross_entropy(): label_smoothing must be in [0, 1], got {label_smoothing}")
+    torch._check_value(softcap is None or softcap > 0.0,
+                       lambda: f"cross_entropy(): softcap must be positive, got {softcap}")
+
+
+def _check_row_tensor(name: str, t: Tensor, logits: Tensor) -> None:
+    """A per-row input of the backward (grad_loss, grad_lse, lse): floating, (N,), on the logits' device."""
+    torch._check(t.dim() == 1 and t.shape[0] == logits.shape[0],
+                 lambda: f"cross_entropy_backward(): expected {name} of shape ({logits.shape[0]},), got shape "
+                         f"{list(t.shape)}")
+    torch._check(t.dtype.is_floating_point,
+                 lambda: f"cross_entropy_backward(): expected {name} to be floating-point, got {t.dtype}")
+    torch._check(t.device == logits.device,
+                 lambda: f"cross_entropy_backward(): expected {name} on the device of logits ({logits.device}), got "
+                         f"{t.device}")
+
+
+def _check_targets_in_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Host check of the kept targets, for CPU tensors only (the interpreter ignores tl.device_assert); on a GPU
+    the kernels assert on the device, since reading the targets here would synchronize."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bad.any():
+        t = int(target[bad][0])
+        raise IndexError(f"cross_entropy(): target {t} is out of bounds: expected a class in [0, {num_classes}) or "
+                         f"ignore_index ({ignore_index})")
+
+
+def _launch(kernel, logits: Tensor, *args, **meta) -> None:
+    rows, num_classes = logits.shape
+    block, num_warps = launch_config(num_classes, logits.dtype)
+    kernel[(rows,)](*args, BLOCK=block, num_warps=num_warps, **COMPILE_OPTIONS, **meta)
+
+
+def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                          label_smoothing: float, z_loss: float, softcap: float | None) -> tuple[Tensor, Tensor]:
+    """The kernel of fusedlayers::triton_cross_entropy_forward: (loss, lse), each (N,) in the math dtype."""
+    _check_args(logits, target, weight, label_smoothing, softcap)
+    rows, num_classes = logits.shape
+    if not logits.is_cuda:
+        _check_targets_in_range(target, num_classes, ignore_index)
+    math_dtype = _math_dtype(logits.dtype)
+    loss = logits.new_empty(rows, dtype=math_dtype)
+    lse = logits.new_empty(rows, dtype=math_dtype)
+    if rows > 0:
+        _launch(_cross_entropy_forward_kernel, logits, logits.contiguous(), target.contiguous(),
+                None if weight is None else weight.contiguous(), loss, lse, num_classes, ignore_index,
+                label_smoothing, z_loss, 1.0 if softcap is None else softcap, HAS_WEIGHT=weight is not None,
+                HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z_LOSS=z_loss != 0.0, HAS_SOFTCAP=softcap is not None)
+    return loss, lse
+
+
+def cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, logits: Tensor, target: Tensor,
+                           weight: Tensor | None, lse: Tensor, ignore_index: int, label_smoothing: float,
+                           z_loss: float, softcap: float | None) -> Tensor:
+    """The kernel of fusedlayers::triton_cross_entropy_backward: the gradient (N, C) in the logits' dtype."""
+    _check_args(logits, target, weight, label_smoothing, softcap)
+    for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
+        if t is not None:
+            _check_row_tensor(name, t, logits)
+    math_dtype = _math_dtype(logits.dtype)
+    torch._check(lse.dtype == math_dtype,
+                 lambda: f"cross_entropy_backward(): expected lse of dtype {math_dtype}, got {lse.dtype}")
+    rows, num_classes = logits.shape
+    if not logits.is_cuda:
+        _check_targets_in_range(target, num_classes, ignore_index)
+    grad = torch.empty(rows, num_classes, dtype=logits.dtype, device=logits.device)
+    if grad.numel() == 0:
+        return grad
+    smoothing = label_smoothing != 0.0
+    # sum(weight) on the device: the backward needs it before its one pass over the row
+    w_sum = weight.sum(dtype=math_dtype).reshape(1) if weight is not None and smoothing else None
+    _launch(_cross_entropy_backward_kernel, logits, grad_loss.contiguous(),
+            None if grad_lse is None else grad_lse.contiguous(), logits.contiguous(), target.contiguous(),
+            None if weight is None else weight.contiguous(), w_sum, lse.contiguous(), grad, num_classes, ignore_index,
+            label_smoothing, z_loss, 1.0 if softcap is None else softcap, HAS_GRAD_LSE=grad_lse is not None,
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing, HAS_Z_LOSS=z_loss != 0.0,
+            HAS_SOFTCAP=softcap is not None)
+    return grad
+
+
+torch.library.register_kernel("fusedlayers::triton_cross_entropy_forward", ("cpu", "cuda"), cross_entropy_forward)
+torch.library.register_kernel("fusedlayers::triton_cross_entropy_backward", ("cpu", "cuda"), cross_entropy_backward)
