@@ -239,6 +239,10 @@ M ce_forward_row(const CeRow<M>& row, M* lse_out) {
   constexpr int64_t L = V::size();
   const int64_t C = row.C;
   const bool smooth = row.label_smoothing != M(0);
+  // The smoothing sum is taken relative to a logit of the row (ref), and the loss from log(sum) and z - max:
+  // with large logits (1e4 in float32) lse - z[t] would cancel to a thousandth.
+  const M ref = C > 0 ? ce_scalar_logit(row, 0) : M(0);
+  const V vref(ref);
   V vmax(std::numeric_limits<M>::lowest()), vsum(M(0)), vzw(M(0));
   int64_t c = 0;
   for (; c + 4 * L <= C; c += 4 * L) {
@@ -250,15 +254,19 @@ M ce_forward_row(const CeRow<M>& row, M* lse_out) {
     vmax = m;
     if (smooth && row.weight) {
       const M* w = row.weight + c;
-      vzw = vzw + z0 * V::loadu(w) + z1 * V::loadu(w + L) + z2 * V::loadu(w + 2 * L) + z3 * V::loadu(w + 3 * L);
+      vzw = vzw + (z0 - vref) * V::loadu(w) + (z1 - vref) * V::loadu(w + L) + (z2 - vref) * V::loadu(w + 2 * L) +
+            (z3 - vref) * V::loadu(w + 3 * L);
     } else if (smooth) {
-      vzw = vzw + ((z0 + z1) + (z2 + z3));
+      vzw = vzw + (((z0 - vref) + (z1 - vref)) + ((z2 - vref) + (z3 - vref)));
     }
   }
   for (; c < C; c += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, C - c));
     const V z = ce_logits(row, c, n);
-    if (smooth) vzw = vzw + (row.weight ? z * V::loadu(row.weight + c, n) : z);
+    if (smooth) {
+      const V zr = V::set(V(M(0)), z - vref, n);  // lanes past n add nothing
+      vzw = vzw + (row.weight ? zr * V::loadu(row.weight + c, n) : zr);
+    }
     const V zm = n == L ? z : V::set(V(-std::numeric_limits<M>::infinity()), z, n);
     const V m = at::vec::maximum(vmax, zm);
     vsum = vsum * (vmax - m).exp_u20() + (zm - m).exp_u20();
@@ -275,14 +283,14 @@ M ce_forward_row(const CeRow<M>& row, M* lse_out) {
     sum += lane_sum[l] * std::exp(lane_max[l] - mx);
     zw += lane_zw[l];
   }
-  const M lse = mx + std::log(sum);
+  const M log_sum = std::log(sum), lse = mx + log_sum;
   *lse_out = lse;
   if (row.target < 0) return M(0);
   const M eps = row.label_smoothing;
   const M wt = row.weight ? row.weight[row.target] : M(1);
   const M W = row.weight ? row.weight_sum : M(C);
-  M loss = wt * ((M(1) - eps) * (lse - ce_scalar_logit(row, row.target)) + row.z_loss * lse * lse);
-  if (smooth) loss += eps / M(C) * (W * lse - zw);
+  M loss = wt * ((M(1) - eps) * (log_sum - (ce_scalar_logit(row, row.target) - mx)) + row.z_loss * lse * lse);
+  if (smooth) loss += eps / M(C) * (W * (log_sum + (mx - ref)) - zw);  // sum_c w_c (lse - z_c)
   return loss;
 }
 
