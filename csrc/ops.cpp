@@ -7,6 +7,7 @@
 // torch.compile sees it and it can get an autograd formula of its own.
 #include <Python.h>
 
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -39,15 +40,122 @@ bool is_triton(c10::string_view backend) {
   return false;
 }
 
-// Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no formula here yet: without this check
-// the tangent would silently come out zero.
+// Forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) reaches dense and mlp through
+// fusedlayers.functional, which routes tangents to an autograd.Function with a jvp formula
+// (fusedlayers/_func.py). The raw ops have none: called directly with a tangent, they raise rather than give
+// a zero tangent.
 void check_no_forward_grad(std::initializer_list<const at::Tensor*> tensors, at::TensorList lists = {}) {
   bool dual = false;
   for (const auto* t : tensors) dual = dual || (t->defined() && t->_fw_grad(/*level=*/0).defined());
   for (const auto& t : lists) dual = dual || t._fw_grad(/*level=*/0).defined();
-  TORCH_CHECK(!dual, "fusedlayers ops do not support forward-mode AD (torch.func.jvp, jacfwd, "
-              "torch.autograd.forward_ad) yet: use reverse mode (torch.autograd.grad, torch.func.vjp, jacrev)");
+  TORCH_CHECK(!dual, "the raw fusedlayers ops do not support forward-mode AD (torch.func.jvp, jacfwd, "
+              "torch.autograd.forward_ad): call them through fusedlayers.functional or the modules, which do");
 }
+
+// ---- activation derivatives: the differentiable pieces of every higher-order gradient -------------------
+
+using DerivativeFn = at::Tensor(const at::Tensor&, c10::string_view, int64_t);
+
+// Orders 0-2 are the activation table's kernels; higher orders the torch formulas (registered from Python).
+c10::TypedOperatorHandle<DerivativeFn> derivative_op(int64_t order) {
+  static auto table = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_derivative", "").typed<DerivativeFn>();
+  static auto formula = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_derivative_formula", "").typed<DerivativeFn>();
+  return order <= 2 ? table : formula;
+}
+
+// f^(order)(z) through the dispatcher: differentiable to any order, in reverse and forward mode.
+at::Tensor derivative(const at::Tensor& z, c10::string_view activation, int64_t order) {
+  return derivative_op(order).call(z, activation, order);
+}
+
+// d/dz f^(n)(z) = f^(n+1)(z): one node whose backward is the next order, itself differentiable.
+class DerivativeFunction : public torch::autograd::Function<DerivativeFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z, c10::string_view activation, int64_t order) {
+    ctx->save_for_backward({z});
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["order"] = order;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return derivative_op(order).call(z, activation, order);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto z = ctx->get_saved_variables()[0];
+    const auto next = derivative(z, ctx->saved_data["activation"].toStringRef(), ctx->saved_data["order"].toInt() + 1);
+    return {grads[0] * next, at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor derivative_autograd(const at::Tensor& z, c10::string_view activation, int64_t order) {
+  // A C++ autograd::Function has no forward-mode formula: the tangent t of z gets t * f^(order+1)(z) here,
+  // as PyTorch's generated kernels set theirs.
+  const at::Tensor tangent = z._fw_grad(/*level=*/0);
+  const at::Tensor primal = tangent.defined() ? z._fw_primal(/*level=*/0) : z;
+  at::Tensor out;
+  if (at::GradMode::is_enabled() && primal.requires_grad()) {
+    out = DerivativeFunction::apply(primal, activation, order);
+  } else {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = derivative_op(order).call(primal, activation, order);
+  }
+  if (tangent.defined()) out._set_fw_grad(tangent * derivative(primal, activation, order + 1), /*level=*/0, false);
+  return out;
+}
+
+// ---- the differentiable gradients: what a backward under create_graph (and torch.func) computes ---------
+//
+// The same gradients as the dense_backward / mlp_backward kernels, as a composite of ATen ops and
+// activation_derivative, so that autograd and torch.func differentiate them again to any order. The
+// pre-activations are recomputed: saved ones were made without a graph and would cut the higher derivatives.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_grad(const at::Tensor& grad_out, const at::Tensor& x,
+                                                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                          c10::string_view activation, std::array<bool, 3> output_mask) {
+  check_dense_args(x, weight, bias);
+  const int64_t rows = dense_rows(x), in = weight.size(1), out = weight.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor x2 = x.reshape({rows, in});
+  at::Tensor dz = grad_out.reshape({rows, out});
+  if (!derivative_is_constant(parse_activation(activation))) {
+    const at::Tensor z = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+    dz = dz * derivative(z, activation, 1);
+  }
+  at::Tensor dx, dw, db;
+  if (output_mask[0]) dx = at::mm(dz, weight).reshape(x.sizes());
+  if (output_mask[1]) dw = at::mm(dz.t(), x2);
+  if (output_mask[2] && has_bias) db = dz.sum(0);
+  return {dx, dw, db};
+}
+
+MlpBackwardResult mlp_grad(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                           at::TensorList biases, std::vector<std::string> activations, bool input_grad,
+                           bool params_grad) {
+  check_mlp_args(x, weights, biases, activations.size());
+  const size_t L = weights.size();
+  const int64_t rows = dense_rows(x);
+  std::vector<bool> linear(L);
+  for (size_t l = 0; l < L; ++l) linear[l] = derivative_is_constant(parse_activation(activations[l]));
+  std::vector<at::Tensor> hs{x.reshape({rows, x.size(-1)})}, zs(L);
+  for (size_t l = 0; l < L; ++l) {
+    zs[l] = biases.empty() ? at::mm(hs[l], weights[l].t()) : at::addmm(biases[l], hs[l], weights[l].t());
+    if (l + 1 < L) hs.push_back(linear[l] ? zs[l] : derivative(zs[l], activations[l], 0));
+  }
+  std::vector<at::Tensor> dweights(params_grad ? L : 0), dbiases(params_grad ? biases.size() : 0);
+  at::Tensor g = grad_out.reshape({rows, weights[L - 1].size(0)});
+  for (size_t l = L; l-- > 0;) {
+    const at::Tensor dz = linear[l] ? g : g * derivative(zs[l], activations[l], 1);
+    if (params_grad) dweights[l] = at::mm(dz.t(), hs[l]);
+    if (params_grad && !biases.empty()) dbiases[l] = dz.sum(0);
+    if (l > 0 || input_grad) g = at::mm(dz, weights[l]);
+  }
+  return {input_grad ? g.reshape(x.sizes()) : at::Tensor(), dweights, dbiases};
+}
+
+using DenseGradFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+    std::array<bool, 3>);
+using MlpGradFn = MlpBackwardResult(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
+                                    std::vector<std::string>, bool, bool);
 
 // Handles are looked up once; the Triton ones resolve to kernels that Python registers later.
 c10::TypedOperatorHandle<DenseForwardFn> dense_forward_op(bool triton) {
@@ -62,9 +170,9 @@ c10::TypedOperatorHandle<DenseBackwardFn> dense_backward_op(bool triton) {
   return triton ? tri : native;
 }
 
-// One autograd node per dense layer. It saves x, weight, bias and (unless recomputing) the pre-activation;
-// the backward is the dense_backward op, so a double backward reaches that op's autograd kernel: for now
-// autogradNotImplementedFallback, which raises (never a silent zero) until the op gets a formula.
+// One autograd node per dense layer. It saves x, weight, bias and (unless recomputing) the pre-activation.
+// The backward is the dense_backward kernel; under create_graph (grad mode on in the backward) it is the
+// dense_grad composite instead, which autograd differentiates again.
 class DenseFunction : public torch::autograd::Function<DenseFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -86,7 +194,12 @@ class DenseFunction : public torch::autograd::Function<DenseFunction> {
     std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                 bias.defined() && ctx->needs_input_grad(2)};
     at::Tensor dx, dw, db;
-    if (grads[0].defined() && (mask[0] || mask[1] || mask[2])) {
+    if (grads[0].defined() && (mask[0] || mask[1] || mask[2]) && at::GradMode::is_enabled()) {
+      static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::dense_grad", "").typed<DenseGradFn>();
+      std::tie(dx, dw, db) = composite.call(grads[0], saved[0], saved[1],
+                                            bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
+                                            ctx->saved_data["activation"].toStringRef(), mask);
+    } else if (grads[0].defined() && (mask[0] || mask[1] || mask[2])) {
       std::tie(dx, dw, db) = dense_backward_op(ctx->saved_data["triton"].toBool())
                                  .call(grads[0], saved[0], saved[1],
                                        bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
@@ -134,7 +247,8 @@ c10::TypedOperatorHandle<MlpBackwardFn> mlp_backward_op(bool triton) {
   return triton ? tri : native;
 }
 
-// One autograd node for the whole network.
+// One autograd node for the whole network. Its backward is the mlp_backward kernel, or under create_graph
+// the mlp_grad composite, which autograd differentiates again.
 class MLPFunction : public torch::autograd::Function<MLPFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
@@ -166,6 +280,17 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
     for (const auto& a : ctx->saved_data["activations"].toList()) activations.push_back(a.get().toStringRef());
     variable_list out(1 + L + (has_bias ? L : 0) + 3);
     if (!grads[0].defined()) return out;
+    if (at::GradMode::is_enabled()) {
+      bool params_grad = false;
+      for (size_t i = 1; i < 1 + L + (has_bias ? L : 0); ++i) params_grad = params_grad || ctx->needs_input_grad(i);
+      static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_grad", "").typed<MlpGradFn>();
+      auto [dx, dweights, dbiases] = composite.call(grads[0], all[0], weights, biases, activations,
+                                                    ctx->needs_input_grad(0), params_grad);
+      out[0] = dx;
+      std::copy(dweights.begin(), dweights.end(), out.begin() + 1);
+      std::copy(dbiases.begin(), dbiases.end(), out.begin() + 1 + L);
+      return out;
+    }
     auto [dx, dweights, dbiases] = mlp_backward_op(ctx->saved_data["triton"].toBool())
                                        .call(grads[0], all[0], weights, biases, saved, activations,
                                              ctx->needs_input_grad(0));
@@ -228,6 +353,19 @@ TORCH_LIBRARY(fusedlayers, m) {
   FL_DEF_MLP_KERNELS("triton_")
 #undef FL_DEF_MLP_KERNELS
 
+  // Higher-order gradients. activation_derivative(z, activation, order) is f^(order)(z) elementwise (order 0
+  // is f), order 0, 1 or 2, from the activation table's kernels; its autograd gives order + 1, and order 3
+  // and up come from activation_derivative_formula, the torch formulas of fusedlayers/activations.py
+  // differentiated by autograd (a Python CompositeImplicitAutograd kernel), so every order is exact.
+  m.def("activation_derivative(Tensor z, str activation, int order) -> Tensor");
+  m.def("activation_derivative_formula(Tensor z, str activation, int order) -> Tensor");
+  // The gradients of dense and mlp as a composite of differentiable ops: the backward under create_graph
+  // and torch.func. Unwanted outputs are undefined (None); mlp_grad's lists are empty without params_grad.
+  m.def("dense_grad(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, str activation, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("mlp_grad(Tensor grad_out, Tensor x, Tensor[] weights, Tensor[] biases, str[] activations, "
+        "bool input_grad, bool params_grad) -> (Tensor, Tensor[], Tensor[])");
+
   // Softmax cross-entropy, one row per sample: logits (N, C) contiguous, target (N,) int64, weight (C,) or
   // None, one device. Math in float32 (float64 for float64 logits). With z = softcap * tanh(logits / softcap)
   // (z = logits when softcap is None), w = weight (ones when None), W = sum(w), eps = label_smoothing,
@@ -255,11 +393,18 @@ TORCH_LIBRARY(fusedlayers, m) {
 TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   m.impl("dense", &fusedlayers::dense_autograd);
   m.impl("mlp", &fusedlayers::mlp_autograd);
-  // The kernels are not differentiable yet: backpropagating through one raises, never a silent zero.
+  m.impl("activation_derivative", &fusedlayers::derivative_autograd);
+  // The kernels are not differentiable (dense_grad and mlp_grad are what a higher-order gradient goes
+  // through): backpropagating through one raises, never a silent zero.
   for (const char* op : {"dense_forward", "dense_backward", "triton_dense_forward", "triton_dense_backward",
                          "mlp_forward", "mlp_backward", "triton_mlp_forward", "triton_mlp_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, CompositeImplicitAutograd, m) {
+  m.impl("dense_grad", &fusedlayers::dense_grad);
+  m.impl("mlp_grad", &fusedlayers::mlp_grad);
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {

@@ -6,6 +6,8 @@ import os
 import torch
 from torch import Tensor
 
+from .activations import derivative_formula
+
 BACKENDS = ("auto", "cpu", "cuda", "triton")
 
 
@@ -165,3 +167,18 @@ def _mlp_backward_fake(grad_out, x, weights, biases, saved, activations, input_g
 for _prefix, _layout in (("", _native_mlp_saved), ("triton_", _triton_mlp_saved)):
     torch.library.register_fake(f"fusedlayers::{_prefix}mlp_forward")(_mlp_forward_fake(_layout))
     torch.library.register_fake(f"fusedlayers::{_prefix}mlp_backward")(_mlp_backward_fake)
+
+
+# ---- higher-order gradients -----------------------------------------------------------------------------
+
+torch.library.register_fake("fusedlayers::activation_derivative")(lambda z, activation, order: torch.empty_like(z))
+
+
+@torch.library.register_vmap("fusedlayers::activation_derivative")
+def _activation_derivative_vmap(info, in_dims, z, activation, order):
+    # Elementwise: the batched tensor goes through as it is.
+    return torch.ops.fusedlayers.activation_derivative(z, activation, order), in_dims[0]
+
+
+_LIB = torch.library.Library("fusedlayers", "IMPL")
+_LIB.impl("activation_derivative_formula", derivative_formula, "CompositeImplicitAutograd")

@@ -141,6 +141,23 @@ ACTIVATIONS = tuple(a.name for a in _TABLE)
 REFERENCE = {a.name: a for a in _TABLE}
 
 
+def derivative_formula(z: Tensor, name: str, order: int) -> Tensor:
+    """f^(order)(z) from the formulas above: f, f' and f'' as written, higher orders by differentiating f''
+    with torch.func.jvp (elementwise, so the tangent of ones is the derivative). Differentiable again, to
+    any order; the kernel of the activation_derivative_formula op, which the C++ autograd of f'' calls."""
+    if order < 0:
+        raise ValueError(f"expected a derivative order >= 0, got {order}")
+    act = REFERENCE[check_activation(name)]
+    fn = (act.f, act.df, act.d2f)[min(order, 2)]
+    for _ in range(order - 2):
+        fn = _derivative_of(fn)
+    return fn(z)
+
+
+def _derivative_of(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    return lambda z: torch.func.jvp(fn, (z,), (torch.ones_like(z),))[1]
+
+
 def check_activation(name: str) -> str:
     """Returns name if it is a known activation, else raises ValueError listing the known ones."""
     if name not in REFERENCE:
