@@ -11,6 +11,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "dense.h"
@@ -68,36 +69,44 @@ at::Tensor derivative(const at::Tensor& z, c10::string_view activation, int64_t 
   return derivative_op(order).call(z, activation, order);
 }
 
-// d/dz f^(n)(z) = f^(n+1)(z): one node whose backward is the next order, itself differentiable.
-class DerivativeFunction : public torch::autograd::Function<DerivativeFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z, c10::string_view activation, int64_t order) {
-    ctx->save_for_backward({z});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["order"] = order;
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return derivative_op(order).call(z, activation, order);
-  }
+// d/dz f^(n)(z) = f^(n+1)(z): one node whose backward is the next order, itself differentiable. A plain
+// autograd Node, as PyTorch's own ops have, rather than a torch::autograd::Function: functorch's transforms
+// (grad, vjp, jacrev, hessian) refuse the latter, and the gradients of dense and mlp under them go through
+// this op.
+struct DerivativeBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable z;
+  std::string activation;
+  int64_t order = 0;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto z = ctx->get_saved_variables()[0];
-    const auto next = derivative(z, ctx->saved_data["activation"].toStringRef(), ctx->saved_data["order"].toInt() + 1);
-    return {grads[0] * next, at::Tensor(), at::Tensor()};
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(1);
+    if (grads[0].defined() && task_should_compute_output(0)) {
+      out[0] = grads[0] * derivative(z.unpack(), activation, order + 1);
+    }
+    return out;
   }
+  std::string name() const override { return "ActivationDerivativeBackward"; }
+  void release_variables() override { z.reset_data(); }
 };
 
 at::Tensor derivative_autograd(const at::Tensor& z, c10::string_view activation, int64_t order) {
-  // A C++ autograd::Function has no forward-mode formula: the tangent t of z gets t * f^(order+1)(z) here,
-  // as PyTorch's generated kernels set theirs.
+  // The tangent t of z (forward mode) gets t * f^(order+1)(z), as PyTorch's generated kernels set theirs.
   const at::Tensor tangent = z._fw_grad(/*level=*/0);
   const at::Tensor primal = tangent.defined() ? z._fw_primal(/*level=*/0) : z;
+  c10::intrusive_ptr<DerivativeBackward> node;
+  if (torch::autograd::compute_requires_grad(primal)) {
+    node = c10::make_intrusive<DerivativeBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(primal));
+    node->z = torch::autograd::SavedVariable(primal, /*is_output=*/false);
+    node->activation = std::string(activation);
+    node->order = order;
+  }
   at::Tensor out;
-  if (at::GradMode::is_enabled() && primal.requires_grad()) {
-    out = DerivativeFunction::apply(primal, activation, order);
-  } else {
+  {
     at::AutoDispatchBelowADInplaceOrView guard;
     out = derivative_op(order).call(primal, activation, order);
   }
+  if (node) torch::autograd::set_history(out, node);
   if (tangent.defined()) out._set_fw_grad(tangent * derivative(primal, activation, order + 1), /*level=*/0, false);
   return out;
 }
@@ -403,6 +412,13 @@ TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeImplicitAutograd, m) {
+  m.impl("dense_grad", &fusedlayers::dense_grad);
+  m.impl("mlp_grad", &fusedlayers::mlp_grad);
+}
+
+// Under vmap the composites decompose too (as functorch does for ATen's), so their ops batch with their own
+// rules instead of a per-sample loop.
+TORCH_LIBRARY_IMPL(fusedlayers, FuncTorchBatchedDecomposition, m) {
   m.impl("dense_grad", &fusedlayers::dense_grad);
   m.impl("mlp_grad", &fusedlayers::mlp_grad);
 }
