@@ -90,6 +90,7 @@ struct DerivativeBackward : public torch::autograd::Node {
 };
 
 at::Tensor derivative_autograd(const at::Tensor& z, c10::string_view activation, int64_t order) {
+  TORCH_CHECK_VALUE(order >= 0, "activation_derivative(): expected order >= 0, got ", order);
   // The tangent t of z (forward mode) gets t * f^(order+1)(z), as PyTorch's generated kernels set theirs.
   const at::Tensor tangent = z._fw_grad(/*level=*/0);
   const at::Tensor primal = tangent.defined() ? z._fw_primal(/*level=*/0) : z;
@@ -363,9 +364,9 @@ TORCH_LIBRARY(fusedlayers, m) {
 #undef FL_DEF_MLP_KERNELS
 
   // Higher-order gradients. activation_derivative(z, activation, order) is f^(order)(z) elementwise (order 0
-  // is f), order 0, 1 or 2, from the activation table's kernels; its autograd gives order + 1, and order 3
-  // and up come from activation_derivative_formula, the torch formulas of fusedlayers/activations.py
-  // differentiated by autograd (a Python CompositeImplicitAutograd kernel), so every order is exact.
+  // is f): orders 0, 1 and 2 from the activation table's kernels, 3 and up (its Autograd kernel routes them)
+  // from activation_derivative_formula, the torch formulas of fusedlayers/activations.py differentiated by
+  // autograd (a Python CompositeImplicitAutograd kernel). Its autograd gives order + 1: every order is exact.
   m.def("activation_derivative(Tensor z, str activation, int order) -> Tensor");
   m.def("activation_derivative_formula(Tensor z, str activation, int order) -> Tensor");
   // The gradients of dense and mlp as a composite of differentiable ops: the backward under create_graph
