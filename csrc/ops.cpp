@@ -91,6 +91,9 @@ struct DerivativeBackward : public torch::autograd::Node {
 
 at::Tensor derivative_autograd(const at::Tensor& z, c10::string_view activation, int64_t order) {
   TORCH_CHECK_VALUE(order >= 0, "activation_derivative(): expected order >= 0, got ", order);
+  // The formula differentiates f'' with autograd itself: it must run above the Autograd key, never below it
+  // (where its graph would not be recorded).
+  if (order > 2) return derivative(z, activation, order);
   // The tangent t of z (forward mode) gets t * f^(order+1)(z), as PyTorch's generated kernels set theirs.
   const at::Tensor tangent = z._fw_grad(/*level=*/0);
   const at::Tensor primal = tangent.defined() ? z._fw_primal(/*level=*/0) : z;

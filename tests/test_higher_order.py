@@ -63,6 +63,8 @@ def test_activation_derivative_opcheck():
     zr = z.clone().requires_grad_()
     (want,) = torch.autograd.grad(REFERENCE["gelu"].d2f(zr).sum(), zr)
     assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, "gelu", 3), want, 1e-12)
+    with torch.no_grad():
+        assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, "gelu", 3), want, 1e-12, "no_grad")
     with pytest.raises(ValueError, match="expected order >= 0, got -1"):
         torch.ops.fusedlayers.activation_derivative(z, "gelu", -1)
 
