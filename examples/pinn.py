@@ -4,7 +4,7 @@ The loss holds u'' (two create_graph gradients w.r.t. the input) and training di
 third derivatives of tanh, through FusedMLP's higher-order gradients. The same network as an eager
 nn.Sequential (same initialization, same seed) is timed on the same training step.
 
-    python examples/pinn.py [--steps 1500] [--points 256]
+    python examples/pinn.py [--steps 1000] [--points 256]
 """
 import argparse
 import time
@@ -49,7 +49,7 @@ def step_time(net, x, x0, reps=200):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--points", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-2)
     args = parser.parse_args()

@@ -149,21 +149,27 @@ def derivative_formula(z: Tensor, name: str, order: int) -> Tensor:
     if order < 0:
         raise ValueError(f"expected a derivative order >= 0, got {order}")
     act = REFERENCE[check_activation(name)]
+    if order > 2 and name in _PIECEWISE_LINEAR:
+        return torch.zeros_like(z)
     fn = (act.f, act.df, act.d2f)[min(order, 2)]
     for _ in range(order - 2):
         fn = _derivative_of(fn)
     return fn(z)
 
 
+# f'' is zero wherever it is defined: so is every higher derivative.
+_PIECEWISE_LINEAR = ("identity", "relu", "leaky_relu")
+
+
 def _derivative_of(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     def derivative(z: Tensor) -> Tensor:
-        # autograd rather than torch.func.jvp: a jvp costs ~50x more per call at PINN sizes.
+        # autograd rather than torch.func.jvp: a jvp costs ~10x more per call at PINN sizes.
         differentiable = z.requires_grad and torch.is_grad_enabled()
-        with torch.enable_grad():
-            zz = z if differentiable else z.detach().requires_grad_()
+        # inference_mode(False): autograd records nothing under inference mode, and an inference tensor is
+        # cloned into a normal one.
+        with torch.inference_mode(False), torch.enable_grad():
+            zz = z if differentiable else (z.clone() if z.is_inference() else z.detach()).requires_grad_()
             out = fn(zz)
-            if not out.requires_grad:  # fn constant in z (piecewise-linear activations)
-                return torch.zeros_like(z)
             return torch.autograd.grad(out, zz, torch.ones_like(out), create_graph=differentiable)[0]
     return derivative
 

@@ -65,6 +65,9 @@ def test_activation_derivative_opcheck():
     assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, "gelu", 3), want, 1e-12)
     with torch.no_grad():
         assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, "gelu", 3), want, 1e-12, "no_grad")
+    with torch.inference_mode():  # autograd records nothing here: the formula must still differentiate f''
+        got = torch.ops.fusedlayers.activation_derivative_formula(z.clone(), "gelu", 3)
+    assert_rel_close(got, want, 1e-12, "inference_mode")
     with pytest.raises(ValueError, match="expected order >= 0, got -1"):
         torch.ops.fusedlayers.activation_derivative(z, "gelu", -1)
 
