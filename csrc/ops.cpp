@@ -295,7 +295,7 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
     if (!grads[0].defined()) return out;
     if (at::GradMode::is_enabled()) {
       bool params_grad = false;
-      for (size_t i = 1; i < 1 + L + (has_bias ? L : 0); ++i) params_grad = params_grad || ctx->needs_input_grad(i);
+      for (int64_t i = 1; i < 1 + L + (has_bias ? L : 0); ++i) params_grad = params_grad || ctx->needs_input_grad(i);
       static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_grad", "").typed<MlpGradFn>();
       auto [dx, dweights, dbiases] = composite.call(grads[0], all[0], weights, biases, activations,
                                                     ctx->needs_input_grad(0), params_grad);
