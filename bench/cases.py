@@ -90,6 +90,38 @@ def _mlp_case(name, description, sizes, activation, output_activation, batch, dt
     return Case(name, description, DEVICE, dtype, make, reps)
 
 
+def _pinn_case() -> Case:
+    """A physics-informed training step: u'' by two create_graph gradients w.r.t. the input, then the
+    parameter gradient of mean (u'' + u)^2 (third derivatives of tanh). No torch.compile implementation:
+    aot_autograd does not support double backward."""
+    def make():
+        torch.manual_seed(0)
+        eager = sequential([1, 32, 32, 32, 1], "tanh")
+        x = torch.linspace(0, 3, 256, device=DEVICE).unsqueeze(1).requires_grad_()
+
+        def impl(name, net):
+            params = list(net.parameters())
+
+            def forward():
+                with torch.no_grad():
+                    return net(x)
+
+            def forward_backward():
+                u = net(x)
+                (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+                (d2u,) = torch.autograd.grad(du.sum(), x, create_graph=True)
+                return torch.autograd.grad((d2u + u).square().mean(), params)
+
+            return Impl(name, forward, forward_backward)
+
+        return [impl("eager", eager)] + [impl(f"fused-{b}", fusedlayers.FusedMLP.from_sequential(eager, backend=b))
+                                         for b in fused_backends()]
+
+    return Case("pinn", "PINN step u'' + u = 0: 1-32-32-32-1 tanh, 256 points, float32: forward = u, "
+                "forward_backward = the parameter gradient of the residual loss (second derivatives)",
+                DEVICE, torch.float32, make, reps=20)
+
+
 def _classes(batch, n):
     return torch.randint(0, n, batch, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
 
@@ -188,4 +220,5 @@ def _seed_and_layer_cases(quick: bool) -> list[Case]:
                     (4096,), 1024, 1024, "gelu", torch.float32, reps=12, gemm_floor=True),
         _dense_case("dense_tiny", "one vector, 12 -> 12, cos, float64: the per-call-overhead regime",
                     (), 12, 12, "cos", torch.float64, reps=40),
+        _pinn_case(),
     ]

@@ -22,6 +22,13 @@ inline Activation parse_activation(std::string_view name) {
   TORCH_CHECK_VALUE(false, "unknown activation '", name, "'; expected one of: ", known);
 }
 
+// The activation table's kernels give f (order 0), f' and f''; higher orders come from the differentiable
+// torch formulas of fusedlayers/activations.py (the activation_derivative_formula op).
+inline void check_derivative_order(int64_t order) {
+  TORCH_CHECK_VALUE(order >= 0 && order <= 2, "activation_derivative(): expected order 0, 1 or 2, got ", order,
+                    "; higher orders are activation_derivative_formula's");
+}
+
 // The checks every dense kernel makes, with the same messages as the Python fake kernels.
 inline void check_dense_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1, "dense(): expected x to have at least 1 dimension, got a 0-dimensional tensor");

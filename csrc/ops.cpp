@@ -11,6 +11,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "backend.h"
@@ -36,15 +37,134 @@ using DenseBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, c10::string_view, std::array<bool, 3>);
 
-// Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no formula here yet: without this check
-// the tangent would silently come out zero.
+// Forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) reaches dense and mlp through
+// fusedlayers.functional, which routes tangents to an autograd.Function with a jvp formula
+// (fusedlayers/_func.py). The raw ops have none: called directly with a tangent, they raise rather than give
+// a zero tangent.
 void check_no_forward_grad(std::initializer_list<const at::Tensor*> tensors, at::TensorList lists = {}) {
   bool dual = false;
   for (const auto* t : tensors) dual = dual || (t->defined() && t->_fw_grad(/*level=*/0).defined());
   for (const auto& t : lists) dual = dual || t._fw_grad(/*level=*/0).defined();
-  TORCH_CHECK(!dual, "fusedlayers ops do not support forward-mode AD (torch.func.jvp, jacfwd, "
-              "torch.autograd.forward_ad) yet: use reverse mode (torch.autograd.grad, torch.func.vjp, jacrev)");
+  TORCH_CHECK(!dual, "the raw fusedlayers ops do not support forward-mode AD (torch.func.jvp, jacfwd, "
+              "torch.autograd.forward_ad): call them through fusedlayers.functional or the modules, which do");
 }
+
+// ---- activation derivatives: the differentiable pieces of every higher-order gradient -------------------
+
+using DerivativeFn = at::Tensor(const at::Tensor&, c10::string_view, int64_t);
+
+// Orders 0-2 are the activation table's kernels; higher orders the torch formulas (registered from Python).
+c10::TypedOperatorHandle<DerivativeFn> derivative_op(int64_t order) {
+  static auto table = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_derivative", "").typed<DerivativeFn>();
+  static auto formula = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_derivative_formula", "").typed<DerivativeFn>();
+  return order <= 2 ? table : formula;
+}
+
+// f^(order)(z) through the dispatcher: differentiable to any order, in reverse and forward mode.
+at::Tensor derivative(const at::Tensor& z, c10::string_view activation, int64_t order) {
+  return derivative_op(order).call(z, activation, order);
+}
+
+// d/dz f^(n)(z) = f^(n+1)(z): one node whose backward is the next order, itself differentiable. A plain
+// autograd Node, as PyTorch's own ops have, rather than a torch::autograd::Function: functorch's transforms
+// (grad, vjp, jacrev, hessian) refuse the latter, and the gradients of dense and mlp under them go through
+// this op.
+struct DerivativeBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable z;
+  std::string activation;
+  int64_t order = 0;
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(1);
+    if (grads[0].defined() && task_should_compute_output(0)) {
+      out[0] = grads[0] * derivative(z.unpack(), activation, order + 1);
+    }
+    return out;
+  }
+  std::string name() const override { return "ActivationDerivativeBackward"; }
+  void release_variables() override { z.reset_data(); }
+};
+
+at::Tensor derivative_autograd(const at::Tensor& z, c10::string_view activation, int64_t order) {
+  TORCH_CHECK_VALUE(order >= 0, "activation_derivative(): expected order >= 0, got ", order);
+  // The formula differentiates f'' with autograd itself: it must run above the Autograd key, never below it
+  // (where its graph would not be recorded).
+  if (order > 2) return derivative(z, activation, order);
+  // The tangent t of z (forward mode) gets t * f^(order+1)(z), as PyTorch's generated kernels set theirs.
+  const at::Tensor tangent = z._fw_grad(/*level=*/0);
+  const at::Tensor primal = tangent.defined() ? z._fw_primal(/*level=*/0) : z;
+  c10::intrusive_ptr<DerivativeBackward> node;
+  if (torch::autograd::compute_requires_grad(primal)) {
+    node = c10::make_intrusive<DerivativeBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(primal));
+    node->z = torch::autograd::SavedVariable(primal, /*is_output=*/false);
+    node->activation = std::string(activation);
+    node->order = order;
+  }
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = derivative_op(order).call(primal, activation, order);
+  }
+  if (node) torch::autograd::set_history(out, node);
+  if (tangent.defined()) out._set_fw_grad(tangent * derivative(primal, activation, order + 1), /*level=*/0, false);
+  return out;
+}
+
+// ---- the differentiable gradients: what a backward under create_graph (and torch.func) computes ---------
+//
+// The same gradients as the dense_backward / mlp_backward kernels, as a composite of ATen ops and
+// activation_derivative, so that autograd and torch.func differentiate them again to any order. The
+// pre-activations are recomputed: saved ones were made without a graph and would cut the higher derivatives.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_grad(const at::Tensor& grad_out, const at::Tensor& x,
+                                                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                          c10::string_view activation, std::array<bool, 3> output_mask) {
+  check_dense_args(x, weight, bias);
+  const int64_t rows = dense_rows(x), in = weight.size(1), out = weight.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor x2 = x.reshape({rows, in});
+  at::Tensor dz = grad_out.reshape({rows, out});
+  if (!derivative_is_constant(parse_activation(activation))) {
+    const at::Tensor z = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+    dz = dz * derivative(z, activation, 1);
+  }
+  at::Tensor dx, dw, db;
+  if (output_mask[0]) dx = at::mm(dz, weight).reshape(x.sizes());
+  if (output_mask[1]) dw = at::mm(dz.t(), x2);
+  if (output_mask[2] && has_bias) db = dz.sum(0);
+  return {dx, dw, db};
+}
+
+MlpBackwardResult mlp_grad(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                           at::TensorList biases, std::vector<std::string> activations, bool input_grad,
+                           bool params_grad) {
+  check_mlp_args(x, weights, biases, activations.size());
+  const size_t L = weights.size();
+  const int64_t rows = dense_rows(x);
+  std::vector<bool> linear(L);
+  for (size_t l = 0; l < L; ++l) linear[l] = derivative_is_constant(parse_activation(activations[l]));
+  std::vector<at::Tensor> hs{x.reshape({rows, x.size(-1)})}, zs(L);
+  for (size_t l = 0; l < L; ++l) {
+    zs[l] = biases.empty() ? at::mm(hs[l], weights[l].t()) : at::addmm(biases[l], hs[l], weights[l].t());
+    if (l + 1 < L) hs.push_back(linear[l] ? zs[l] : derivative(zs[l], activations[l], 0));
+  }
+  std::vector<at::Tensor> dweights(params_grad ? L : 0), dbiases(params_grad ? biases.size() : 0);
+  at::Tensor g = grad_out.reshape({rows, weights[L - 1].size(0)});
+  for (size_t l = L; l-- > 0;) {
+    const at::Tensor dz = linear[l] ? g : g * derivative(zs[l], activations[l], 1);
+    if (params_grad) dweights[l] = at::mm(dz.t(), hs[l]);
+    if (params_grad && !biases.empty()) dbiases[l] = dz.sum(0);
+    if (l > 0 || input_grad) g = at::mm(dz, weights[l]);
+  }
+  return {input_grad ? g.reshape(x.sizes()) : at::Tensor(), dweights, dbiases};
+}
+
+using DenseGradFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+    std::array<bool, 3>);
+using MlpGradFn = MlpBackwardResult(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
+                                    std::vector<std::string>, bool, bool);
 
 // Handles are looked up once; the Triton ones resolve to kernels that Python registers later.
 c10::TypedOperatorHandle<DenseForwardFn> dense_forward_op(bool triton) {
@@ -59,9 +179,9 @@ c10::TypedOperatorHandle<DenseBackwardFn> dense_backward_op(bool triton) {
   return triton ? tri : native;
 }
 
-// One autograd node per dense layer. It saves x, weight, bias and (unless recomputing) the pre-activation;
-// the backward is the dense_backward op, so a double backward reaches that op's autograd kernel: for now
-// autogradNotImplementedFallback, which raises (never a silent zero) until the op gets a formula.
+// One autograd node per dense layer. It saves x, weight, bias and (unless recomputing) the pre-activation.
+// The backward is the dense_backward kernel; under create_graph (grad mode on in the backward) it is the
+// dense_grad composite instead, which autograd differentiates again.
 class DenseFunction : public torch::autograd::Function<DenseFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -86,10 +206,14 @@ class DenseFunction : public torch::autograd::Function<DenseFunction> {
     std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                 bias.defined() && ctx->needs_input_grad(2)};
     at::Tensor dx, dw, db;
-    // Without create_graph nothing records the kernel's outputs: skip its Autograd key (see forward).
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
-    if (!at::GradMode::is_enabled()) below_autograd.emplace();
-    if (grads[0].defined() && (mask[0] || mask[1] || mask[2])) {
+    if (grads[0].defined() && (mask[0] || mask[1] || mask[2]) && at::GradMode::is_enabled()) {
+      static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::dense_grad", "").typed<DenseGradFn>();
+      std::tie(dx, dw, db) = composite.call(grads[0], saved[0], saved[1],
+                                            bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
+                                            ctx->saved_data["activation"].toStringRef(), mask);
+    } else if (grads[0].defined() && (mask[0] || mask[1] || mask[2])) {
+      // Without create_graph nothing records the kernel's outputs: skip its Autograd key (see forward).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(dx, dw, db) = dense_backward_op(ctx->saved_data["triton"].toBool())
                                  .call(grads[0], saved[0], saved[1],
                                        bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
@@ -137,7 +261,8 @@ c10::TypedOperatorHandle<MlpBackwardFn> mlp_backward_op(bool triton) {
   return triton ? tri : native;
 }
 
-// One autograd node for the whole network.
+// One autograd node for the whole network. Its backward is the mlp_backward kernel, or under create_graph
+// the mlp_grad composite, which autograd differentiates again.
 class MLPFunction : public torch::autograd::Function<MLPFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
@@ -170,8 +295,18 @@ class MLPFunction : public torch::autograd::Function<MLPFunction> {
     for (const auto& a : ctx->saved_data["activations"].toList()) activations.push_back(a.get().toStringRef());
     variable_list out(1 + L + (has_bias ? L : 0) + 3);
     if (!grads[0].defined()) return out;
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;  // as in DenseFunction::backward
-    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    if (at::GradMode::is_enabled()) {
+      bool params_grad = false;
+      for (int64_t i = 1; i < 1 + L + (has_bias ? L : 0); ++i) params_grad = params_grad || ctx->needs_input_grad(i);
+      static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_grad", "").typed<MlpGradFn>();
+      auto [dx, dweights, dbiases] = composite.call(grads[0], all[0], weights, biases, activations,
+                                                    ctx->needs_input_grad(0), params_grad);
+      out[0] = dx;
+      std::copy(dweights.begin(), dweights.end(), out.begin() + 1);
+      std::copy(dbiases.begin(), dbiases.end(), out.begin() + 1 + L);
+      return out;
+    }
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseFunction::backward
     auto [dx, dweights, dbiases] = mlp_backward_op(ctx->saved_data["triton"].toBool())
                                        .call(grads[0], all[0], weights, biases, saved, activations,
                                              ctx->needs_input_grad(0));
@@ -451,6 +586,19 @@ TORCH_LIBRARY(fusedlayers, m) {
   FL_DEF_MLP_KERNELS("triton_")
 #undef FL_DEF_MLP_KERNELS
 
+  // Higher-order gradients. activation_derivative(z, activation, order) is f^(order)(z) elementwise (order 0
+  // is f): orders 0, 1 and 2 from the activation table's kernels, 3 and up (its Autograd kernel routes them)
+  // from activation_derivative_formula, the torch formulas of fusedlayers/activations.py differentiated by
+  // autograd (a Python CompositeImplicitAutograd kernel). Its autograd gives order + 1: every order is exact.
+  m.def("activation_derivative(Tensor z, str activation, int order) -> Tensor");
+  m.def("activation_derivative_formula(Tensor z, str activation, int order) -> Tensor");
+  // The gradients of dense and mlp as a composite of differentiable ops: the backward under create_graph
+  // and torch.func. Unwanted outputs are undefined (None); mlp_grad's lists are empty without params_grad.
+  m.def("dense_grad(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, str activation, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("mlp_grad(Tensor grad_out, Tensor x, Tensor[] weights, Tensor[] biases, str[] activations, "
+        "bool input_grad, bool params_grad) -> (Tensor, Tensor[], Tensor[])");
+
   // Softmax cross-entropy, one row per sample: logits (N, C) contiguous, target (N,) int64, weight (C,) or
   // None, one device. Math in float32 (float64 for float64 logits). With z = softcap * tanh(logits / softcap)
   // (z = logits when softcap is None), w = weight (ones when None), W = sum(w), eps = label_smoothing,
@@ -501,7 +649,9 @@ TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   m.impl("mlp", &fusedlayers::mlp_autograd);
   m.impl("cross_entropy", &fusedlayers::cross_entropy_autograd);
   m.impl("linear_cross_entropy", &fusedlayers::linear_cross_entropy_autograd);
-  // The kernels are not differentiable yet: backpropagating through one raises, never a silent zero.
+  m.impl("activation_derivative", &fusedlayers::derivative_autograd);
+  // The kernels are not differentiable (dense_grad and mlp_grad are what a higher-order gradient goes
+  // through): backpropagating through one raises, never a silent zero.
   for (const char* op : {"dense_forward", "dense_backward", "triton_dense_forward", "triton_dense_backward",
                          "mlp_forward", "mlp_backward", "triton_mlp_forward", "triton_mlp_backward",
                          "cross_entropy_forward", "cross_entropy_backward", "triton_cross_entropy_forward",
@@ -509,6 +659,18 @@ TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
                          "linear_cross_entropy_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, CompositeImplicitAutograd, m) {
+  m.impl("dense_grad", &fusedlayers::dense_grad);
+  m.impl("mlp_grad", &fusedlayers::mlp_grad);
+}
+
+// Under vmap the composites decompose too (as functorch does for ATen's), so their ops batch with their own
+// rules instead of a per-sample loop.
+TORCH_LIBRARY_IMPL(fusedlayers, FuncTorchBatchedDecomposition, m) {
+  m.impl("dense_grad", &fusedlayers::dense_grad);
+  m.impl("mlp_grad", &fusedlayers::mlp_grad);
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {

@@ -6,6 +6,8 @@ import os
 import torch
 from torch import Tensor
 
+from .activations import derivative_formula
+
 BACKENDS = ("auto", "cpu", "cuda", "triton")
 
 
@@ -277,3 +279,18 @@ def _linear_cross_entropy_backward_fake(grad_loss, grad_lse, hidden, weight, bia
                                         backend):
     check_linear_cross_entropy_args(hidden, weight, bias, target, chunk_size)
     return _linear_ce_grads_fake(hidden, weight, bias, output_mask)
+
+
+# ---- higher-order gradients -----------------------------------------------------------------------------
+
+torch.library.register_fake("fusedlayers::activation_derivative")(lambda z, activation, order: torch.empty_like(z))
+
+
+@torch.library.register_vmap("fusedlayers::activation_derivative")
+def _activation_derivative_vmap(info, in_dims, z, activation, order):
+    # Elementwise: the batched tensor goes through as it is.
+    return torch.ops.fusedlayers.activation_derivative(z, activation, order), in_dims[0]
+
+
+_LIB = torch.library.Library("fusedlayers", "IMPL")
+_LIB.impl("activation_derivative_formula", derivative_formula, "CompositeImplicitAutograd")

@@ -141,6 +141,39 @@ ACTIVATIONS = tuple(a.name for a in _TABLE)
 REFERENCE = {a.name: a for a in _TABLE}
 
 
+def derivative_formula(z: Tensor, name: str, order: int) -> Tensor:
+    """f^(order)(z) from the formulas above: f, f' and f'' as written, higher orders by differentiating f''
+    with autograd (elementwise, so the vector-Jacobian product with ones is the derivative). Differentiable
+    again when z requires grad, to any order; the kernel of the activation_derivative_formula op, which the
+    C++ autograd of f'' calls."""
+    if order < 0:
+        raise ValueError(f"expected a derivative order >= 0, got {order}")
+    act = REFERENCE[check_activation(name)]
+    if order > 2 and name in _PIECEWISE_LINEAR:
+        return torch.zeros_like(z)
+    fn = (act.f, act.df, act.d2f)[min(order, 2)]
+    for _ in range(order - 2):
+        fn = _derivative_of(fn)
+    return fn(z)
+
+
+# f'' is zero wherever it is defined: so is every higher derivative.
+_PIECEWISE_LINEAR = ("identity", "relu", "leaky_relu")
+
+
+def _derivative_of(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    def derivative(z: Tensor) -> Tensor:
+        # autograd rather than torch.func.jvp: a jvp costs ~10x more per call at PINN sizes.
+        differentiable = z.requires_grad and torch.is_grad_enabled()
+        # inference_mode(False): autograd records nothing under inference mode, and an inference tensor is
+        # cloned into a normal one.
+        with torch.inference_mode(False), torch.enable_grad():
+            zz = z if differentiable else (z.clone() if z.is_inference() else z.detach()).requires_grad_()
+            out = fn(zz)
+            return torch.autograd.grad(out, zz, torch.ones_like(out), create_graph=differentiable)[0]
+    return derivative
+
+
 def check_activation(name: str) -> str:
     """Returns name if it is a known activation, else raises ValueError listing the known ones."""
     if name not in REFERENCE:

@@ -2,6 +2,7 @@
 import torch
 from torch import Tensor
 
+from . import _func
 from ._ops import resolve_backend
 from .activations import check_activation
 
@@ -31,7 +32,8 @@ _linear_cross_entropy = torch.ops.fusedlayers.linear_cross_entropy.default
 
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "relu", backend: str = "auto",
           save: str = "preact") -> Tensor:
-    """y = activation(x @ weight.T + bias) as one op with a hand-written backward.
+    """y = activation(x @ weight.T + bias) as one op with a hand-written backward, differentiable to any
+    order (create_graph) and under torch.func (vmap, grad, jacrev, jvp, jacfwd, hessian) and forward-mode AD.
 
     x: (..., in_features), a single vector included; weight: (out_features, in_features); bias: (out_features,).
     activation: a name from fusedlayers.ACTIVATIONS. backend: "auto" (by device), "cpu", "cuda" or "triton".
@@ -39,7 +41,10 @@ def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str
     recomputes z in the backward (one more GEMM, less memory).
     """
     check_activation(activation)
-    return _dense(x, weight, bias, activation, saves_preact(save), resolve_backend(backend, x.device))
+    save_preact, backend = saves_preact(save), resolve_backend(backend, x.device)
+    if torch.compiler.is_compiling():  # the op is the compiled path; Dynamo cannot trace a custom jvp
+        return _dense(x, weight, bias, activation, save_preact, backend)
+    return _func.dense(x, weight, bias, activation, save_preact, backend)
 
 
 def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activation: str | list[str],
@@ -51,8 +56,16 @@ def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activatio
     output_activation: the last layer's. biases: None or one per layer. backend, save: as in dense().
     """
     activations = mlp_activations(len(weights), activation, output_activation)
-    return _mlp(x, weights, [] if biases is None else biases, activations, saves_preact(save),
-                resolve_backend(backend, x.device))
+    return mlp_op(x, weights, [] if biases is None else biases, activations, saves_preact(save),
+                  resolve_backend(backend, x.device))
+
+
+def mlp_op(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: list[str], save: bool,
+           backend: str) -> Tensor:
+    """The mlp op with checked arguments: the op itself when compiling, else through torch.func's route."""
+    if torch.compiler.is_compiling():  # the op is the compiled path; Dynamo cannot trace a custom jvp
+        return _mlp(x, weights, biases, activations, save, backend)
+    return _func.mlp(x, weights, biases, activations, save, backend)
 
 
 REDUCTIONS = ("none", "mean", "sum")

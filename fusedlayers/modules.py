@@ -105,8 +105,8 @@ class FusedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The op directly: the names were checked when the module was built, and for tiny networks the
         # per-call Python work is a visible part of the time.
-        return FL._mlp(x, self.weights(), self.biases() or [], self.activations, FL.saves_preact(self.save),
-                       FL.resolve_backend(self.backend, x.device))
+        return FL.mlp_op(x, self.weights(), self.biases() or [], self.activations, FL.saves_preact(self.save),
+                         FL.resolve_backend(self.backend, x.device))
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential, backend: str = "auto", save: str = "preact") -> "FusedMLP":

@@ -98,14 +98,13 @@ def test_many_threads():
         assert_rel_close(got, want, 1e-10)
 
 
-def test_forward_mode_ad_raises_instead_of_a_zero_tangent():
+def test_raw_op_raises_on_a_tangent_instead_of_a_zero():
+    """functional.dense carries forward-mode AD (tests/test_higher_order.py); the raw op has no formula."""
     import torch.autograd.forward_ad as fwAD
 
     x, w = torch.randn(3, 5), torch.randn(4, 5)
-    with pytest.raises(RuntimeError, match="do not support forward-mode AD"):
-        torch.func.jvp(lambda x: dense(x, w, None, "tanh"), (x,), (torch.ones_like(x),))
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match="do not support forward-mode AD"):
-        dense(x, fwAD.make_dual(w, torch.ones_like(w)), None, "tanh")
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="raw fusedlayers ops do not support forward-mode AD"):
+        torch.ops.fusedlayers.dense(x, fwAD.make_dual(w, torch.ones_like(w)), None, "tanh", True, "native")
 
 
 def test_non_contiguous_inputs(backend):

@@ -83,10 +83,13 @@ def test_every_activation(backend):
         assert_rel_close(y.cpu(), reference(x, ws, bs, [a, a]), 1e-10, a)
 
 
-def test_forward_mode_ad_raises_instead_of_a_zero_tangent():
+def test_raw_op_raises_on_a_tangent_instead_of_a_zero():
+    """functional.mlp carries forward-mode AD (tests/test_higher_order.py); the raw op has no formula."""
+    import torch.autograd.forward_ad as fwAD
+
     x, w = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="do not support forward-mode AD"):
-        torch.func.jvp(lambda x: mlp(x, [w], None, [], "tanh"), (x,), (torch.ones_like(x),))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="raw fusedlayers ops do not support forward-mode AD"):
+        torch.ops.fusedlayers.mlp(fwAD.make_dual(x, torch.ones_like(x)), [w], [], ["tanh"], True, "native")
 
 
 @pytest.mark.parametrize("rows", [500, 6000], ids=["fused-tiles", "layer-by-layer"])

@@ -59,6 +59,9 @@ struct CeRow {
   template <typename T>                                                                                          \
   void dense_backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end,      \
                            int64_t cols);                                                                        \
+  /* out = f(z), f'(z) or f''(z) for order 0, 1 or 2, over n elements. */                                    \
+  template <typename T>                                                                                          \
+  void activation_elements(Activation a, int order, const T* z, T* out, int64_t n);                            \
   /* Tiles are feature-major: x (widths[0] x R), y (widths[L] x R), R <= kMlpTileRows rows. */                 \
   template <typename M>                                                                                          \
   void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y);                       \
@@ -86,6 +89,8 @@ template <typename T>
 void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z);
 template <typename T>
 void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols);
+template <typename T>
+void derivative_elements(Activation a, int order, const T* z, T* out, int64_t n);
 template <typename M>
 void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y);
 template <typename M>

@@ -1,0 +1,323 @@
+"""Higher-order gradients (create_graph, to third order), torch.func transforms and forward-mode AD through
+dense and mlp on every runnable backend, against the same functions written in plain PyTorch, float64."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
+
+from fusedlayers import FusedMLP
+from fusedlayers.activations import ACTIVATIONS, REFERENCE
+from fusedlayers.functional import dense, mlp
+
+from conftest import assert_rel_close, device_of
+
+F64 = torch.float64
+
+
+def _randn(*shape, device="cpu", seed=0, requires_grad=False):
+    t = torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed)).to(device)
+    return t.requires_grad_(requires_grad)
+
+
+def dense_ref(x, w, b, activation):
+    return REFERENCE[activation].f(F.linear(x, w, b))
+
+
+def mlp_ref(x, weights, biases, activations):
+    h = x
+    for i, (w, a) in enumerate(zip(weights, activations)):
+        h = REFERENCE[a].f(F.linear(h, w, None if biases is None else biases[i]))
+    return h
+
+
+# ---- the activation derivatives -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_derivative_orders(activation):
+    """Orders 0-2 from the C++ table equal the torch formulas; orders 3 and 4 (autograd of the op) equal
+    autograd of the formula for f''."""
+    z = _randn(40, seed=1) * 3
+    act = REFERENCE[activation]
+    for order, ref in enumerate((act.f, act.df, act.d2f)):
+        assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, activation, order), ref(z), 1e-12,
+                         f"order {order}")
+    zf, zr = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got, want = torch.ops.fusedlayers.activation_derivative(zf, activation, 2), act.d2f(zr)
+    for order in (3, 4):
+        if not want.requires_grad:  # f'' constant (piecewise linear activations): every higher order is 0
+            assert not got.requires_grad or torch.equal(torch.autograd.grad(got.sum(), zf)[0], torch.zeros_like(z))
+            break
+        (got,) = torch.autograd.grad(got.sum(), zf, create_graph=True)
+        (want,) = torch.autograd.grad(want.sum(), zr, create_graph=True)
+        assert_rel_close(got, want, 1e-10, f"order {order}")
+
+
+def test_activation_derivative_opcheck():
+    z = _randn(3, 4)
+    for order in (0, 1, 2):
+        torch.library.opcheck(torch.ops.fusedlayers.activation_derivative.default, (z, "gelu", order),
+                              test_utils=("test_schema", "test_faketensor"))
+    # Order 3 and up are the torch formulas' (autograd of f'').
+    zr = z.clone().requires_grad_()
+    (want,) = torch.autograd.grad(REFERENCE["gelu"].d2f(zr).sum(), zr)
+    assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, "gelu", 3), want, 1e-12)
+    with torch.no_grad():
+        assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, "gelu", 3), want, 1e-12, "no_grad")
+    with torch.inference_mode():  # autograd records nothing here: the formula must still differentiate f''
+        got = torch.ops.fusedlayers.activation_derivative_formula(z.clone(), "gelu", 3)
+    assert_rel_close(got, want, 1e-12, "inference_mode")
+    with pytest.raises(ValueError, match="expected order >= 0, got -1"):
+        torch.ops.fusedlayers.activation_derivative(z, "gelu", -1)
+
+
+# ---- double backward and higher orders ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_dense_gradgradcheck(backend, activation, bias):
+    device = device_of(backend)
+    x, w = _randn(3, 4, device=device, requires_grad=True), _randn(5, 4, device=device, seed=1, requires_grad=True)
+    b = _randn(5, device=device, seed=2, requires_grad=True) if bias else None
+    inputs = (x, w, b) if bias else (x, w)
+    fn = lambda x, w, b=None: dense(x, w, b, activation, backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("wrt", ["x", "weight", "bias"])
+def test_dense_gradgradcheck_one_input_at_a_time(backend, wrt):
+    """Only one of x, weight, bias requires grad: the others enter as constants."""
+    device = device_of(backend)
+    args = {"x": _randn(2, 3, 4, device=device), "weight": _randn(5, 4, device=device, seed=1),
+            "bias": _randn(5, device=device, seed=2)}
+    args[wrt].requires_grad_()
+
+    def fn(t):
+        a = dict(args, **{wrt: t})
+        return dense(a["x"], a["weight"], a["bias"], "silu", backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (args[wrt],))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_mlp_gradgradcheck(backend, bias):
+    device = device_of(backend)
+    sizes, acts = [3, 5, 4, 2], ["tanh", "gelu", "sin"]
+    x = _randn(4, 3, device=device, requires_grad=True)
+    ws = [_randn(n, m, device=device, seed=i + 1, requires_grad=True) for i, (m, n) in enumerate(zip(sizes, sizes[1:]))]
+    bs = [_randn(n, device=device, seed=10 + i, requires_grad=True) for i, n in enumerate(sizes[1:])] if bias else []
+    fn = lambda x, *p: mlp(x, list(p[:3]), list(p[3:]) or None, acts[:-1], acts[-1], backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x, *ws, *bs))
+
+
+def test_mlp_gradgradcheck_parameters_only(backend):
+    """x without grad: the double backward has only parameter paths."""
+    device = device_of(backend)
+    x = _randn(4, 3, device=device)
+    ws = [_randn(4, 3, device=device, seed=1, requires_grad=True), _randn(2, 4, device=device, seed=2, requires_grad=True)]
+    assert torch.autograd.gradgradcheck(lambda *w: mlp(x, list(w), None, "elu", "softplus", backend=backend), ws)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu_tanh", "sigmoid", "cos"])
+def test_third_order(backend, activation):
+    """gradcheck of a function returning a second derivative w.r.t. x: third derivatives, f''' included."""
+    device = device_of(backend)
+    x = _randn(5, 1, device=device, requires_grad=True)
+    w0, w1 = _randn(4, 1, device=device, seed=1, requires_grad=True), _randn(1, 4, device=device, seed=2, requires_grad=True)
+    b0 = _randn(4, device=device, seed=3, requires_grad=True)
+
+    def second_derivative(x, w0, w1, b0):
+        u = mlp(x, [w0, w1], [b0, torch.zeros(1, dtype=F64, device=device)], activation, backend=backend)
+        (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+        (d2u,) = torch.autograd.grad(du.sum(), x, create_graph=True)
+        return d2u
+
+    assert torch.autograd.gradcheck(second_derivative, (x, w0, w1, b0))
+    dense2 = lambda x, w: torch.autograd.grad(  # noqa: E731
+        torch.autograd.grad(dense(x, w, None, activation, backend=backend).sum(), x, create_graph=True)[0].sum(),
+        x, create_graph=True)[0]
+    assert torch.autograd.gradcheck(dense2, (x, w0))
+
+
+def _pinn_loss(net, x):
+    u = net(x)
+    (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    (d2u,) = torch.autograd.grad(du.sum(), x, create_graph=True)
+    return (d2u + u).square().mean() + (du[0] - 1).square().sum()
+
+
+def test_pinn_parameter_gradient_matches_eager(backend):
+    device = device_of(backend)
+    torch.manual_seed(0)
+    fused = FusedMLP([1, 16, 16, 1], "tanh", dtype=F64, device=device, backend=backend)
+    seq = fused.to_sequential()
+    x = torch.linspace(0, 3, 33, dtype=F64, device=device).unsqueeze(1).requires_grad_()
+    got = torch.autograd.grad(_pinn_loss(fused, x), list(fused.parameters()))
+    want = torch.autograd.grad(_pinn_loss(seq, x), list(seq.parameters()))
+    for g, w in zip(got, want):
+        assert_rel_close(g, w, 1e-9)
+
+
+# ---- torch.func ----------------------------------------------------------------------------------------------
+
+def _dense_pair(backend, activation="gelu"):
+    return (lambda x, w, b: dense(x, w, b, activation, backend=backend),
+            lambda x, w, b: dense_ref(x, w, b, activation))
+
+
+def _close(got, want, what):
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_rel_close(g, w, 1e-10, f"{what}[{i}]")
+
+
+def _dense_args(device):
+    return _randn(4, 3, device=device), _randn(2, 3, device=device, seed=1), _randn(2, device=device, seed=2)
+
+
+def _summed(fn):
+    return lambda *a: fn(*a).sum()
+
+
+def test_vmap_over_x_and_over_weights(backend):
+    device = device_of(backend)
+    f, r = _dense_pair(backend)
+    x, w, b = _dense_args(device)
+    xs, ws, bs = _randn(6, 4, 3, device=device, seed=3), _randn(6, 2, 3, device=device, seed=4), _randn(6, 2, device=device, seed=5)
+    for dims, args in (((0, None, None), (xs, w, b)), ((1, None, None), (xs.transpose(0, 1), w, b)),
+                       ((None, 0, None), (x, ws, b)), ((0, 0, 0), (xs, ws, bs)), ((None, None, 0), (x, w, bs))):
+        _close(vmap(f, dims)(*args), vmap(r, dims)(*args), f"vmap {dims}")
+    _close(vmap(vmap(f, (0, None, None)), (None, 0, None))(xs, ws, b),
+           vmap(vmap(r, (0, None, None)), (None, 0, None))(xs, ws, b), "nested vmap")
+
+
+def test_vmap_takes_the_batching_rule_not_the_fallback(backend):
+    """The per-sample fallback warns when it runs; the batching rules make it never run."""
+    device = device_of(backend)
+    f, _ = _dense_pair(backend)
+    x, w, b = _dense_args(device)
+    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            vmap(f, (0, None, None))(_randn(5, 4, 3, device=device), w, b)
+            vmap(f, (None, 0, None))(x, _randn(5, 2, 3, device=device), b)
+            jacrev(f, (0, 1, 2))(x, w, b)
+    finally:
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "tanh", "relu", "identity"])
+def test_dense_transforms_match_eager(backend, activation):
+    device = device_of(backend)
+    f, r = _dense_pair(backend, activation)
+    args = _dense_args(device)
+    tangents = (_randn(4, 3, device=device, seed=6), _randn(2, 3, device=device, seed=7), _randn(2, device=device, seed=8))
+    _close(grad(_summed(f), (0, 1, 2))(*args), grad(_summed(r), (0, 1, 2))(*args), "grad")
+    _close(jacrev(f, (0, 1, 2))(*args), jacrev(r, (0, 1, 2))(*args), "jacrev")
+    _close(jacfwd(f, (0, 1, 2))(*args), jacfwd(r, (0, 1, 2))(*args), "jacfwd")
+    _close(jvp(f, args, tangents), jvp(r, args, tangents), "jvp")
+    for i, (got, want) in enumerate(zip(hessian(_summed(f), (0, 1, 2))(*args), hessian(_summed(r), (0, 1, 2))(*args))):
+        _close(got, want, f"hessian[{i}]")
+
+
+def test_mlp_transforms_match_eager(backend):
+    device = device_of(backend)
+    acts = ["tanh", "silu", "sin"]
+    x = _randn(3, 2, device=device)
+    ws = [_randn(4, 2, device=device, seed=1), _randn(3, 4, device=device, seed=2), _randn(2, 3, device=device, seed=3)]
+    bs = [_randn(4, device=device, seed=4), _randn(3, device=device, seed=5), _randn(2, device=device, seed=6)]
+    f = lambda x, w0, w1, w2: mlp(x, [w0, w1, w2], bs, acts[:-1], acts[-1], backend=backend)  # noqa: E731
+    r = lambda x, w0, w1, w2: mlp_ref(x, [w0, w1, w2], bs, acts)  # noqa: E731
+    args, argnums = (x, *ws), (0, 1, 2, 3)
+    tangents = tuple(_randn(*t.shape, device=device, seed=20 + i) for i, t in enumerate(args))
+    _close(vmap(f, (0, None, None, None))(_randn(5, 3, 2, device=device), *ws),
+           vmap(r, (0, None, None, None))(_randn(5, 3, 2, device=device), *ws), "vmap x")
+    w1s = _randn(5, 3, 4, device=device, seed=9)
+    _close(vmap(f, (None, None, 0, None))(x, ws[0], w1s, ws[2]), vmap(r, (None, None, 0, None))(x, ws[0], w1s, ws[2]),
+           "vmap weights")
+    _close(grad(_summed(f), argnums)(*args), grad(_summed(r), argnums)(*args), "grad")
+    _close(jacrev(f, argnums)(*args), jacrev(r, argnums)(*args), "jacrev")
+    _close(jacfwd(f, argnums)(*args), jacfwd(r, argnums)(*args), "jacfwd")
+    _close(jvp(f, args, tangents), jvp(r, args, tangents), "jvp")
+    _close(hessian(_summed(f))(*args), hessian(_summed(r))(*args), "hessian wrt x")
+    _close(hessian(_summed(f), 2)(*args), hessian(_summed(r), 2)(*args), "hessian wrt weights[1]")
+
+
+def test_fused_mlp_module_under_functional_call(backend):
+    """torch.func over a module's parameters (functional_call), the usual way to get per-sample gradients."""
+    device = device_of(backend)
+    torch.manual_seed(0)
+    fused = FusedMLP([3, 6, 2], "tanh", dtype=F64, device=device, backend=backend)
+    seq = fused.to_sequential()
+    xs = _randn(7, 3, device=device)
+    fused_params = dict(fused.named_parameters())
+    seq_params = dict(zip(fused_params, seq.parameters()))
+    per_sample = lambda model, names: vmap(grad(  # noqa: E731
+        lambda p, x: torch.func.functional_call(model, {n: p[k] for k, n in zip(fused_params, names)}, (x,)).sum()),
+        (None, 0))
+    got = per_sample(fused, list(fused_params))({k: v.detach() for k, v in fused_params.items()}, xs)
+    want = per_sample(seq, [n for n, _ in seq.named_parameters()])({k: v.detach() for k, v in seq_params.items()}, xs)
+    for k in fused_params:
+        assert_rel_close(got[k], want[k], 1e-10, k)
+
+
+def test_forward_mode_ad(backend):
+    device = device_of(backend)
+    x, w, b = _dense_args(device)
+    tx, tw = _randn(4, 3, device=device, seed=6), _randn(2, 3, device=device, seed=7)
+    want_dense = jvp(lambda x, w: dense_ref(x, w, b, "sin"), (x, w), (tx, tw))[1]
+    ws = [_randn(5, 3, device=device, seed=1), _randn(2, 5, device=device, seed=2)]
+    want_mlp = jvp(lambda x: mlp_ref(x, ws, None, ["elu", "cos"]), (x,), (tx,))[1]
+    with fwAD.dual_level():
+        y = dense(fwAD.make_dual(x, tx), fwAD.make_dual(w, tw), b, "sin", backend=backend)
+        assert_rel_close(fwAD.unpack_dual(y).tangent, want_dense, 1e-10, "dense")
+        y = mlp(fwAD.make_dual(x, tx), ws, None, "elu", "cos", backend=backend)
+        assert_rel_close(fwAD.unpack_dual(y).tangent, want_mlp, 1e-10, "mlp")
+
+
+def test_forward_over_reverse(backend):
+    """jvp of a reverse-mode gradient: the Hessian-vector product through the C++ create_graph path."""
+    device = device_of(backend)
+    x, w, b = _dense_args(device)
+    v = _randn(4, 3, device=device, seed=9)
+    f = lambda x: torch.func.grad(lambda x: dense(x, w, b, "gelu", backend=backend).square().sum())(x)  # noqa: E731
+    r = lambda x: torch.func.grad(lambda x: dense_ref(x, w, b, "gelu").square().sum())(x)  # noqa: E731
+    _close(jvp(f, (x,), (v,)), jvp(r, (x,), (v,)), "hvp")
+
+
+def test_compiled_module_keeps_the_op():
+    """Under torch.compile the op is traced as it is (the autograd.Function route is eager-only)."""
+    torch._dynamo.reset()
+    model = FusedMLP([3, 8, 2], "tanh")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3)
+    assert_rel_close(compiled(x), model(x), 1e-6)
+    graph = []
+    torch.compile(model, fullgraph=True, backend=lambda gm, _: graph.append(gm) or gm)(x)
+    assert any(n.target == torch.ops.fusedlayers.mlp.default for n in graph[0].graph.nodes)
+
+
+def test_create_graph_through_sequential_of_fused_dense(backend):
+    """Gradient penalty style: d/dparams of |d out / d x|^2 through a chain of FusedDense layers."""
+    from fusedlayers import FusedDense
+
+    device = device_of(backend)
+    torch.manual_seed(1)
+    fused = nn.Sequential(FusedDense(3, 5, activation="softplus", backend=backend),
+                          FusedDense(5, 1, activation="identity", backend=backend)).to(device, F64)
+    ref = nn.Sequential(nn.Linear(3, 5), nn.Softplus(), nn.Linear(5, 1)).to(device, F64)
+    ref.load_state_dict({k.replace("1.", "2."): v for k, v in fused.state_dict().items()})
+
+    def penalty(model):
+        x = _randn(6, 3, device=device, requires_grad=True)
+        (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        # The last bias does not reach d out / d x: a zero gradient, in eager PyTorch too.
+        return torch.autograd.grad(gx.square().sum(), list(model.parameters()), materialize_grads=True)
+
+    for got, want in zip(penalty(fused), penalty(ref)):
+        assert_rel_close(got, want, 1e-10)
