@@ -6,6 +6,8 @@ from . import _ops  # noqa: F401  (fake kernels and backend registry)
 from . import functional
 from ._ops import available_backends
 from .activations import ACTIVATIONS, ActivationModule
+from .convert import fuse
 from .modules import FusedDense, FusedMLP
 
-__all__ = ["ACTIVATIONS", "ActivationModule", "FusedDense", "FusedMLP", "available_backends", "functional"]
+__all__ = ["ACTIVATIONS", "ActivationModule", "FusedDense", "FusedMLP", "available_backends", "functional",
+           "fuse"]

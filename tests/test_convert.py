@@ -1,0 +1,340 @@
+"""fusedlayers.fuse(): the converted model computes what the original did (float64), keeps its state_dict keys,
+and works with torch.compile, .to(), torch.save/load, autocast and distributed data parallelism."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fusedlayers
+from fusedlayers import ActivationModule, FusedDense
+from fusedlayers.convert import FoldedActivation, FusedSequential, mlp_is_faster
+
+from conftest import assert_rel_close
+
+IN, OUT = 5, 3
+NARROW, WIDE = 8, 24  # a network that mlp_is_faster runs as one op, and one that runs layer by layer
+
+
+def supported():
+    """One module of every activation the fused table has, inplace flags included."""
+    return [nn.ReLU(), nn.ReLU(inplace=True), nn.LeakyReLU(), nn.LeakyReLU(0.01, inplace=True), nn.GELU(),
+            nn.GELU(approximate="tanh"), nn.SiLU(), nn.Sigmoid(), nn.Tanh(), nn.Softplus(), nn.SELU(), nn.ELU(),
+            nn.ELU(1.0, inplace=True), ActivationModule("cos"), ActivationModule("sin")]
+
+
+def unsupported():
+    """Activations whose parameters differ from the table's, and ones it lacks: fuse() must leave them."""
+    return [nn.LeakyReLU(0.02), nn.ELU(alpha=2.0), nn.Softplus(beta=2.0), nn.Softplus(threshold=10.0),
+            nn.Hardtanh(), nn.PReLU()]
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class Net(nn.Module):
+    """Sequentials inside custom modules and inside each other, residual blocks around them, every supported
+    activation module (two per block, so runs of several layers form), unsupported ones, and a loss module."""
+
+    def __init__(self, width: int, loss: nn.Module) -> None:
+        super().__init__()
+        acts = supported()
+        self.stem = nn.Sequential(nn.Linear(IN, width), acts[0])
+        self.blocks = nn.ModuleList(
+            Residual(nn.Sequential(nn.Linear(width, width), a, nn.Linear(width, width), b, nn.Linear(width, width)))
+            for a, b in zip(acts[1::2], acts[2::2]))
+        self.odd = nn.Sequential(*[m for a in unsupported() for m in (nn.Linear(width, width), a)])
+        self.head = nn.Sequential(nn.Sequential(nn.Linear(width, width, bias=False), nn.Tanh(),
+                                                nn.Linear(width, width, bias=False), nn.Sigmoid()),
+                                  Residual(nn.Sequential(nn.Linear(width, width), nn.SiLU())),
+                                  nn.Linear(width, OUT))
+        self.loss = loss
+
+    def forward(self, x, target):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        y = self.head(self.odd(h))
+        return y, self.loss(y, target)
+
+
+def make_net(width, loss=None, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return Net(width, nn.MSELoss() if loss is None else loss).to(dtype)
+
+
+def data(dtype=torch.float64, batch=7, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, IN, dtype=dtype, generator=gen), torch.randn(batch, OUT, dtype=dtype, generator=gen)
+
+
+def run(model, x, target):
+    """Output, loss, and the gradients of the loss w.r.t. the input and every parameter, in parameter order."""
+    x = x.clone().requires_grad_()
+    y, loss = model(x, target)
+    return y, loss, torch.autograd.grad(loss, [x, *model.parameters()])
+
+
+def assert_same_function(fused, model, x, target, rtol=1e-10):
+    y, loss, grads = run(fused, x, target)
+    y_ref, loss_ref, grads_ref = run(model, x, target)
+    assert y.dtype == y_ref.dtype
+    assert_rel_close(y, y_ref, rtol, "output")
+    assert_rel_close(loss, loss_ref, rtol, "loss")
+    assert len(grads) == len(grads_ref)
+    for i, (got, want) in enumerate(zip(grads, grads_ref)):
+        assert_rel_close(got, want, rtol, f"grad {i}")
+
+
+# ---- what fuse() swaps, and the function it computes ----------------------------------------------------------
+
+@pytest.mark.parametrize("width", [NARROW, WIDE])
+def test_same_outputs_and_gradients(width):
+    model = make_net(width)
+    fused = fusedlayers.fuse(model)
+    assert_same_function(fused, model, *data())
+
+
+@pytest.mark.parametrize("width", [NARROW, WIDE])
+def test_what_is_swapped(width):
+    model = make_net(width)
+    fused = fusedlayers.fuse(model)
+    n_supported = len(supported()) + 3  # the table's modules in stem and blocks, then Tanh, Sigmoid, SiLU
+    dense = [m for m in fused.modules() if type(m) is FusedDense]
+    folded = [m for m in fused.modules() if type(m) is FoldedActivation]
+    assert len(dense) == len(folded) == n_supported
+    assert [m.activation for m in dense][:len(supported())] == [
+        "relu", "relu", "leaky_relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "softplus",
+        "selu", "elu", "elu", "cos", "sin"]
+    # Unsupported activations stay, as do the Linear layers before them, and bare Linear layers.
+    for got, want in zip(fused.odd, model.odd):
+        assert type(got) is type(want) and repr(got) == repr(want)
+    assert type(fused.head[2]) is nn.Linear and type(fused.blocks[0].body[4]) is nn.Linear
+    assert type(fused.loss) is nn.MSELoss
+    # Narrow runs of layers become one mlp op call; wide ones stay layer by layer.
+    runs = [m for m in fused.modules() if type(m) is FusedSequential]
+    assert (len(runs) > 0) == (width == NARROW)
+    assert all(type(m) is nn.Sequential for m in model.modules() if isinstance(m, nn.Sequential))
+
+
+def test_mlp_run_boundaries():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8, bias=False), nn.ReLU(),  # bias differs: split
+                        nn.Linear(8, 6, bias=False), nn.GELU(), nn.Linear(6, 2, bias=False),  # ends with a Linear
+                        nn.Hardtanh(), nn.Linear(2, 8), nn.SiLU(), nn.Linear(8, 8), nn.SiLU()).double()
+    fused = fusedlayers.fuse(seq)
+    assert type(fused) is FusedSequential
+    # (0, 1) alone is one layer: not a run. 2..6 is a run ending with the bare Linear; 8..11 another.
+    assert fused._mlp_runs == [(2, 6, ["relu", "gelu", "identity"]), (8, 11, ["silu", "silu"])]
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert_rel_close(fused(x), seq(x), 1e-10)
+    for got, want in zip(torch.autograd.grad(fused(x).sum(), [x, *fused.parameters()]),
+                         torch.autograd.grad(seq(x).sum(), [x, *seq.parameters()])):
+        assert_rel_close(got, want, 1e-10)
+
+
+def test_mlp_is_faster_rule():
+    assert mlp_is_faster([3, 10, 10, 10, 2]) and mlp_is_faster([16, 16, 16])
+    assert not mlp_is_faster([16, 17, 16]) and not mlp_is_faster([64, 300, 100, 10])
+    assert not mlp_is_faster([4, 4])  # a single layer: FusedDense already is one op
+
+
+def test_edited_fused_sequential_runs_its_children():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    fused = fusedlayers.fuse(seq)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    fused[2] = FusedDense.from_linear(seq[2], "sigmoid")  # a child replaced after fuse(): no stale run
+    assert_rel_close(fused(x), seq[4](torch.sigmoid(seq[2](torch.tanh(seq[0](x))))), 1e-10)
+    fused.append(nn.Tanh())  # a child added
+    assert_rel_close(fused(x), torch.tanh(seq[4](torch.sigmoid(seq[2](torch.tanh(seq[0](x)))))), 1e-10)
+
+
+def test_custom_containers_and_subclasses_are_left_alone():
+    class Shuffled(nn.Sequential):  # its own forward: the pairs are not applied in order
+        def forward(self, x):
+            return self[1](x) + self[0](x)
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    hooked = nn.Linear(4, 4)
+    hooked.register_forward_hook(lambda m, args, out: out * 3)
+    model = nn.Sequential(Shuffled(nn.Linear(4, 4), nn.ReLU()), Scaled(4, 4), nn.Tanh(), hooked, nn.Tanh(),
+                          nn.ModuleList([nn.Linear(4, 4), nn.ReLU()])).double()
+    fused = fusedlayers.fuse(model)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+
+
+def test_unsupported_activation_is_never_changed():
+    for act in unsupported():
+        seq = nn.Sequential(nn.Linear(3, 3), act)
+        fused = fusedlayers.fuse(seq)
+        assert type(fused[0]) is nn.Linear and type(fused[1]) is type(act) and repr(fused[1]) == repr(act)
+
+
+def test_copy_and_inplace():
+    model = make_net(NARROW)
+    before = copy.deepcopy(model)
+    fused = fusedlayers.fuse(model)
+    assert fused is not model
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]  # the original untouched
+    for p, q in zip(fused.parameters(), model.parameters()):
+        assert p is not q and p.data_ptr() != q.data_ptr() and torch.equal(p, q)
+    params = list(model.parameters())
+    same = fusedlayers.fuse(model, inplace=True)
+    assert same is model and type(model.stem[0]) is FusedDense
+    assert all(p is q for p, q in zip(model.parameters(), params))
+
+
+def test_keeps_requires_grad_training_mode_dtype_and_device():
+    model = make_net(WIDE).eval()
+    model.stem[0].weight.requires_grad_(False)
+    fused = fusedlayers.fuse(model)
+    assert not fused.stem[0].weight.requires_grad and fused.stem[0].bias.requires_grad
+    assert not any(m.training for m in fused.modules())
+    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in fused.parameters())
+
+
+def test_idempotent():
+    model = make_net(NARROW)
+    once = fusedlayers.fuse(model)
+    twice = fusedlayers.fuse(once)
+    assert [type(m) for m in twice.modules()] == [type(m) for m in once.modules()]
+    assert_same_function(twice, model, *data())
+
+
+def test_verbose_prints_one_line_per_replacement(capsys):
+    seq = nn.Sequential(nn.Linear(3, 40), nn.ReLU(), nn.Linear(40, 40), nn.LeakyReLU(0.2), nn.Linear(40, 40),
+                        nn.GELU(), nn.Linear(40, 2))
+    fusedlayers.fuse(seq, verbose=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("fuse: 0 Linear(in_features=3, out_features=40") and "+ 1 ReLU()" in lines[0]
+    assert "5 GELU" in lines[1] and "FusedDense" in lines[1]
+    fusedlayers.fuse(seq)
+    assert capsys.readouterr().out == ""
+
+
+# ---- state_dict, save and load ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("width", [NARROW, WIDE])
+def test_state_dict_round_trip_both_ways(width):
+    model = make_net(width, seed=0)
+    fused = fusedlayers.fuse(make_net(width, seed=1))
+    assert list(fused.state_dict()) == list(model.state_dict())
+    fused.load_state_dict(model.state_dict(), strict=True)
+    assert_same_function(fused, model, *data())
+    other = make_net(width, seed=2)
+    fused_other = fusedlayers.fuse(make_net(width, seed=3))
+    other.load_state_dict(fused_other.state_dict(), strict=True)
+    assert_same_function(fused_other, other, *data())
+
+
+@pytest.mark.parametrize("width", [NARROW, WIDE])
+def test_torch_save_and_load(width):
+    model = make_net(width)
+    fused = fusedlayers.fuse(model)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # a whole module: pickled classes
+    assert_same_function(loaded, model, *data())
+    buf.seek(0)
+    with pytest.raises(Exception, match="FusedSequential|Net"):
+        torch.load(buf)  # weights_only=True, the default, refuses classes it was not told to trust
+    buf = io.BytesIO()
+    torch.save(fused.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf)  # plain tensors: loads with the default weights_only=True
+    fresh = fusedlayers.fuse(make_net(width, seed=5))
+    fresh.load_state_dict(state, strict=True)
+    assert_same_function(fresh, model, *data())
+
+
+def test_whole_module_loads_with_weights_only_and_safe_globals():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    fused = fusedlayers.fuse(seq)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    with torch.serialization.safe_globals([FusedSequential, FusedDense, FoldedActivation, nn.Linear]):
+        loaded = torch.load(buf, weights_only=True)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert type(loaded) is FusedSequential and loaded._fused_children[0] is loaded[0]
+    assert_rel_close(loaded(x), seq(x), 1e-10)
+
+
+# ---- .to(), torch.compile --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("width", [NARROW, WIDE])
+def test_to_dtype_and_device(width):
+    model = make_net(width)
+    fused = fusedlayers.fuse(model).to(torch.float32)
+    assert all(p.dtype == torch.float32 for p in fused.parameters())
+    assert_same_function(fused, model.to(torch.float32), *data(torch.float32), rtol=1e-5)
+    on_meta = fused.to("meta")
+    x, target = data(torch.float32)
+    y, loss = on_meta(x.to("meta"), target.to("meta"))
+    assert y.device.type == "meta" and y.shape == (len(x), OUT) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("width", [NARROW, WIDE])
+def test_compile_fullgraph(width):
+    torch._dynamo.reset()
+    model = make_net(width)
+    fused = fusedlayers.fuse(model)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    assert_same_function(compiled, model, *data())
+
+
+# ---- nn.CrossEntropyLoss -> FusedCrossEntropyLoss ----------------------------------------------------------
+
+CROSS_ENTROPY_OPTIONS = [{}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 1},
+                         {"label_smoothing": 0.1}, {"weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)},
+                         {"weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), "ignore_index": 0,
+                          "label_smoothing": 0.2, "reduction": "sum"}]
+
+
+def class_targets(batch=7, seed=2):
+    return torch.randint(0, OUT, (batch,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("options", CROSS_ENTROPY_OPTIONS)
+def test_cross_entropy_loss_swapped_with_same_options(options):
+    loss = nn.CrossEntropyLoss(**options)
+    model = make_net(NARROW, loss=loss)
+    fused = fusedlayers.fuse(model)
+    assert type(fused.loss) is fusedlayers.FusedCrossEntropyLoss
+    assert (fused.loss.ignore_index, fused.loss.reduction, fused.loss.label_smoothing) == (
+        loss.ignore_index, loss.reduction, loss.label_smoothing)
+    assert (fused.loss.weight is None) == (loss.weight is None)
+    if loss.weight is not None:
+        assert torch.equal(fused.loss.weight, loss.weight) and fused.loss.weight is not loss.weight
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x, _ = data()
+    target = class_targets()
+    y, value, grads = run(fused, x, target)
+    y_ref, value_ref, grads_ref = run(model, x, target)
+    assert_rel_close(value, value_ref, 1e-10, "loss")
+    for i, (got, want) in enumerate(zip(grads, grads_ref)):
+        assert_rel_close(got, want, 1e-10, f"grad {i}")
+
+
+def test_cross_entropy_loss_as_the_model_and_inplace(capsys):
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+    fused = fusedlayers.fuse(loss, inplace=True, verbose=True)
+    assert type(fused) is fusedlayers.FusedCrossEntropyLoss and fused.label_smoothing == 0.1
+    assert "CrossEntropyLoss" in capsys.readouterr().out
+    logits = torch.randn(7, OUT, dtype=torch.float64)
+    assert_rel_close(fused(logits, class_targets()), loss(logits, class_targets()), 1e-10)
