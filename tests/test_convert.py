@@ -338,3 +338,103 @@ def test_cross_entropy_loss_as_the_model_and_inplace(capsys):
     assert "CrossEntropyLoss" in capsys.readouterr().out
     logits = torch.randn(7, OUT, dtype=torch.float64)
     assert_rel_close(fused(logits, class_targets()), loss(logits, class_targets()), 1e-10)
+
+
+# ---- autocast ----------------------------------------------------------------------------------------------
+
+def max_error(got, want):
+    return (got.double() - want.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("width", [NARROW, WIDE])
+@pytest.mark.parametrize("activations", [("gelu", "tanh", "silu"), ("relu", "sigmoid", "elu"),
+                                         ("softplus", "selu", "leaky_relu"), ("cos", "gelu_tanh", "sin")])
+def test_autocast_cpu_bfloat16_matches_eager(width, activations):
+    """Under the same autocast the fused model gives eager's dtypes, and its error against a float32 run is
+    at most twice eager bfloat16's own, outputs and every gradient. Eager's error counts as at least the
+    rounding of a bfloat16 result (2^-8 of the largest value): no bfloat16 result can do better than that."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(IN, width)]
+    for a in activations:
+        layers += [fusedlayers.activations.REFERENCE[a].module(), nn.Linear(width, width)]
+    layers[-1] = nn.Linear(width, OUT)
+    model = nn.Sequential(*layers)
+    fused = fusedlayers.fuse(model)
+    assert (type(fused) is FusedSequential) == (width == NARROW)
+    gen = torch.Generator().manual_seed(1)
+    x, g = torch.randn(256, IN, generator=gen), torch.randn(256, OUT, generator=gen)
+
+    def output_and_grads(m):
+        x_ = x.clone().requires_grad_()
+        y = m(x_)
+        return [y, *torch.autograd.grad(y, [x_, *m.parameters()], g)]
+
+    reference = output_and_grads(model)  # float32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, got = output_and_grads(model), output_and_grads(fused)
+    assert got[0].dtype == eager[0].dtype == torch.bfloat16
+    for i, (a, e, want) in enumerate(zip(got, eager, reference)):
+        assert a.dtype == e.dtype, f"tensor {i}"
+        eager_error = max(max_error(e, want), 2**-8 * want.abs().max().item())
+        assert max_error(a, want) <= 2 * eager_error, f"tensor {i}"
+
+
+@pytest.mark.parametrize("width", [NARROW, WIDE])
+def test_autocast_cpu_bfloat16_dtypes_of_a_nested_model(width):
+    model = make_net(width, dtype=torch.float32)
+    fused = fusedlayers.fuse(model)
+    x, target = data(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, got = run(model, x, target), run(fused, x, target)
+    assert got[0].dtype == eager[0].dtype == torch.bfloat16 and got[1].dtype == eager[1].dtype
+    assert [t.dtype for t in got[2]] == [t.dtype for t in eager[2]]
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "softplus"])
+def test_autocast_ops_cast_like_linear(activation):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 5), torch.randn(4, 5), torch.randn(4)
+    ws, bs = [torch.randn(4, 5), torch.randn(3, 4)], [torch.randn(4), torch.randn(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fusedlayers.functional.dense(x, w, b, activation)
+        y_mlp = fusedlayers.functional.mlp(x, ws, bs, activation, activation)
+        y64 = fusedlayers.functional.dense(x.double(), w.double(), b.double(), activation)
+        assert F.linear(x.double(), w.double(), b.double()).dtype == torch.float64  # eager leaves float64 alone
+    assert y.dtype == y_mlp.dtype == torch.bfloat16 and y64.dtype == torch.float64
+    expected = fusedlayers.functional.dense(x.bfloat16(), w.bfloat16(), b.bfloat16(), activation)
+    assert torch.equal(y, expected)
+    assert_rel_close(y64, REFERENCE_DENSE(x, w, b, activation), 1e-10)
+
+
+def REFERENCE_DENSE(x, w, b, activation):
+    return fusedlayers.activations.REFERENCE[activation].f(F.linear(x.double(), w.double(), b.double()))
+
+
+def test_autocast_float32_activation_rule(monkeypatch):
+    """Where eager autocast runs the activation in float32 (softplus on CUDA), the op returns float32. No GPU
+    here: the rule is checked on the CPU table."""
+    monkeypatch.setitem(fusedlayers._ops._FLOAT32_ACTIVATIONS_UNDER_AUTOCAST, "cpu", ("softplus",))
+    x, w = torch.randn(6, 5), torch.randn(4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fusedlayers.functional.dense(x, w, None, "softplus").dtype == torch.float32
+        assert fusedlayers.functional.dense(x, w, None, "relu").dtype == torch.bfloat16
+        assert fusedlayers.functional.mlp(x, [w, w[:, :4]], None, "softplus", "softplus").dtype == torch.float32
+        assert fusedlayers.functional.mlp(x, [w, w[:, :4]], None, "softplus", "tanh").dtype == torch.bfloat16
+
+
+def test_autocast_cpu_float16_is_a_clear_error():
+    # Eager runs float16 on the CPU; the CPU kernels have no float16 (a GPU has): say so, never a wrong number.
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(RuntimeError, match="float32, float64 and bfloat16"):
+        fusedlayers.functional.dense(torch.randn(2, 3), torch.randn(4, 3))
+
+
+def test_autocast_compiled():
+    torch._dynamo.reset()
+    model = make_net(NARROW, dtype=torch.float32)
+    fused = fusedlayers.fuse(model)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x, target = data(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = compiled(x, target)
+        y_eager, _ = fused(x, target)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_eager)
