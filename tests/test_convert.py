@@ -1,12 +1,20 @@
 """fusedlayers.fuse(): the converted model computes what the original did (float64), keeps its state_dict keys,
 and works with torch.compile, .to(), torch.save/load, autocast and distributed data parallelism."""
 import copy
+import datetime
 import io
+import socket
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 import fusedlayers
 from fusedlayers import ActivationModule, FusedDense
@@ -438,3 +446,74 @@ def test_autocast_compiled():
         y, _ = compiled(x, target)
         y_eager, _ = fused(x, target)
     assert y.dtype == torch.bfloat16 and torch.equal(y, y_eager)
+
+
+# ---- distributed: DDP and FSDP2 over gloo, two processes on this machine ----------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_two(worker, timeout=120.0):
+    """Runs worker(rank, port) in two processes; a worker's exception fails the test, and so does a hang."""
+    context = mp.spawn(worker, (free_port(),), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the distributed workers did not finish within {timeout} s")
+
+
+def init_two_processes(rank, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+
+
+def check_distributed_grads(rank, wrap, grad_of):
+    """Each rank runs the wrapped fused model on its half of the batch; after backward, its gradients must
+    equal those of the unfused model on the whole batch (the loss is a mean, so DDP's average of the halves'
+    gradients is the whole batch's)."""
+    for width in (NARROW, WIDE):
+        model = make_net(width)
+        fused = wrap(fusedlayers.fuse(model))
+        x, target = data(batch=8)
+        _, loss = fused(x.chunk(2)[rank], target.chunk(2)[rank])
+        loss.backward()
+        _, _, grads_ref = run(model, x, target)
+        params = list(fused.parameters())
+        assert len(params) == len(grads_ref) - 1
+        for i, (p, want) in enumerate(zip(params, grads_ref[1:])):
+            assert_rel_close(grad_of(p), want, 1e-10, f"rank {rank}, width {width}, parameter {i}")
+
+
+def ddp_worker(rank, port):
+    init_two_processes(rank, port)
+    try:
+        check_distributed_grads(rank, DistributedDataParallel, lambda p: p.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_worker(rank, port):
+    init_two_processes(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+
+        def wrap(model):
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            return fully_shard(model, mesh=mesh)
+        check_distributed_grads(rank, wrap, lambda p: p.grad.full_tensor())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes():
+    spawn_two(ddp_worker)
+
+
+def test_fsdp2_gloo_two_processes():
+    spawn_two(fsdp_worker)
