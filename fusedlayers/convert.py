@@ -9,7 +9,7 @@ FusedSequential: the same children, and so the same keys, with each such run of 
 op call. Every nn.CrossEntropyLoss becomes a FusedCrossEntropyLoss with the same options.
 """
 import copy
-import torch
+
 from torch import Tensor, nn
 
 from . import functional as FL
@@ -164,7 +164,7 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
     so devices, dtypes and requires_grad are kept."""
     if not inplace:
         model = copy.deepcopy(model)
-    if type(model) is nn.CrossEntropyLoss:
+    if type(model) is nn.CrossEntropyLoss and not _has_hooks(model):
         fused = _fused_cross_entropy(model)
         if verbose:
             print(f"fuse: {model!r} -> {fused!r}")
@@ -172,7 +172,7 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
     for prefix, module in list(model.named_modules()):
         prefix = prefix + "." if prefix else ""
         for name, child in list(module._modules.items()):
-            if type(child) is nn.CrossEntropyLoss:
+            if type(child) is nn.CrossEntropyLoss and not _has_hooks(child):
                 fused = _fused_cross_entropy(child)
                 module._modules[name] = fused
                 if verbose:

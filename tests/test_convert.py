@@ -85,10 +85,11 @@ def data(dtype=torch.float64, batch=7, seed=1):
 
 
 def run(model, x, target):
-    """Output, loss, and the gradients of the loss w.r.t. the input and every parameter, in parameter order."""
+    """Output, loss, and the gradients of the loss (summed if unreduced) w.r.t. the input and every parameter,
+    in parameter order."""
     x = x.clone().requires_grad_()
     y, loss = model(x, target)
-    return y, loss, torch.autograd.grad(loss, [x, *model.parameters()])
+    return y, loss, torch.autograd.grad(loss.sum(), [x, *model.parameters()])
 
 
 def assert_same_function(fused, model, x, target, rtol=1e-10):
