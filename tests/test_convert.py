@@ -23,7 +23,16 @@ from fusedlayers.convert import FoldedActivation, FusedSequential, mlp_is_faster
 from conftest import assert_rel_close
 
 IN, OUT = 5, 3
-NARROW, WIDE = 8, 24  # a network that mlp_is_faster runs as one op, and one that runs layer by layer
+
+
+class Layers(nn.Sequential):
+    """A subclass that keeps nn.Sequential.forward: fuse() swaps its pairs, and runs them as FusedDense
+    modules, one by one (a FusedSequential is an nn.Sequential, not this class)."""
+
+
+# How the fused model computes its runs of layers: as one mlp op through the op's fused CPU path (widths
+# <= 16), as one mlp op layer by layer inside (wider), or as one FusedDense module per layer.
+CONFIGS = {"narrow": (8, nn.Sequential), "wide": (24, nn.Sequential), "per_layer": (24, Layers)}
 
 
 def supported():
@@ -52,18 +61,18 @@ class Net(nn.Module):
     """Sequentials inside custom modules and inside each other, residual blocks around them, every supported
     activation module (two per block, so runs of several layers form), unsupported ones, and a loss module."""
 
-    def __init__(self, width: int, loss: nn.Module) -> None:
+    def __init__(self, width: int, seq: type, loss: nn.Module) -> None:
         super().__init__()
         acts = supported()
-        self.stem = nn.Sequential(nn.Linear(IN, width), acts[0])
+        self.stem = seq(nn.Linear(IN, width), acts[0])
         self.blocks = nn.ModuleList(
-            Residual(nn.Sequential(nn.Linear(width, width), a, nn.Linear(width, width), b, nn.Linear(width, width)))
+            Residual(seq(nn.Linear(width, width), a, nn.Linear(width, width), b, nn.Linear(width, width)))
             for a, b in zip(acts[1::2], acts[2::2]))
-        self.odd = nn.Sequential(*[m for a in unsupported() for m in (nn.Linear(width, width), a)])
-        self.head = nn.Sequential(nn.Sequential(nn.Linear(width, width, bias=False), nn.Tanh(),
-                                                nn.Linear(width, width, bias=False), nn.Sigmoid()),
-                                  Residual(nn.Sequential(nn.Linear(width, width), nn.SiLU())),
-                                  nn.Linear(width, OUT))
+        self.odd = seq(*[m for a in unsupported() for m in (nn.Linear(width, width), a)])
+        self.head = seq(seq(nn.Linear(width, width, bias=False), nn.Tanh(),
+                            nn.Linear(width, width, bias=False), nn.Sigmoid()),
+                        Residual(seq(nn.Linear(width, width), nn.SiLU())),
+                        nn.Linear(width, OUT))
         self.loss = loss
 
     def forward(self, x, target):
@@ -74,9 +83,9 @@ class Net(nn.Module):
         return y, self.loss(y, target)
 
 
-def make_net(width, loss=None, seed=0, dtype=torch.float64):
+def make_net(config, loss=None, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    return Net(width, nn.MSELoss() if loss is None else loss).to(dtype)
+    return Net(*CONFIGS[config], nn.MSELoss() if loss is None else loss).to(dtype)
 
 
 def data(dtype=torch.float64, batch=7, seed=1):
@@ -105,16 +114,16 @@ def assert_same_function(fused, model, x, target, rtol=1e-10):
 
 # ---- what fuse() swaps, and the function it computes ----------------------------------------------------------
 
-@pytest.mark.parametrize("width", [NARROW, WIDE])
-def test_same_outputs_and_gradients(width):
-    model = make_net(width)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_same_outputs_and_gradients(config):
+    model = make_net(config)
     fused = fusedlayers.fuse(model)
     assert_same_function(fused, model, *data())
 
 
-@pytest.mark.parametrize("width", [NARROW, WIDE])
-def test_what_is_swapped(width):
-    model = make_net(width)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_what_is_swapped(config):
+    model = make_net(config)
     fused = fusedlayers.fuse(model)
     n_supported = len(supported()) + 3  # the table's modules in stem and blocks, then Tanh, Sigmoid, SiLU
     dense = [m for m in fused.modules() if type(m) is FusedDense]
@@ -128,10 +137,10 @@ def test_what_is_swapped(width):
         assert type(got) is type(want) and repr(got) == repr(want)
     assert type(fused.head[2]) is nn.Linear and type(fused.blocks[0].body[4]) is nn.Linear
     assert type(fused.loss) is nn.MSELoss
-    # Narrow runs of layers become one mlp op call; wide ones stay layer by layer.
+    # Runs of layers in an nn.Sequential become one mlp op call; in a subclass, FusedDense modules.
     runs = [m for m in fused.modules() if type(m) is FusedSequential]
-    assert (len(runs) > 0) == (width == NARROW)
-    assert all(type(m) is nn.Sequential for m in model.modules() if isinstance(m, nn.Sequential))
+    assert (len(runs) > 0) == (config != "per_layer")
+    assert not any(type(m) is FusedSequential for m in model.modules())  # the original untouched
 
 
 def test_mlp_run_boundaries():
@@ -151,8 +160,7 @@ def test_mlp_run_boundaries():
 
 
 def test_mlp_is_faster_rule():
-    assert mlp_is_faster([3, 10, 10, 10, 2]) and mlp_is_faster([16, 16, 16])
-    assert not mlp_is_faster([16, 17, 16]) and not mlp_is_faster([64, 300, 100, 10])
+    assert mlp_is_faster([3, 10, 10, 10, 2]) and mlp_is_faster([16, 16, 16]) and mlp_is_faster([64, 300, 100, 10])
     assert not mlp_is_faster([4, 4])  # a single layer: FusedDense already is one op
 
 
@@ -192,7 +200,7 @@ def test_unsupported_activation_is_never_changed():
 
 
 def test_copy_and_inplace():
-    model = make_net(NARROW)
+    model = make_net("narrow")
     before = copy.deepcopy(model)
     fused = fusedlayers.fuse(model)
     assert fused is not model
@@ -206,7 +214,7 @@ def test_copy_and_inplace():
 
 
 def test_keeps_requires_grad_training_mode_dtype_and_device():
-    model = make_net(WIDE).eval()
+    model = make_net("wide").eval()
     model.stem[0].weight.requires_grad_(False)
     fused = fusedlayers.fuse(model)
     assert not fused.stem[0].weight.requires_grad and fused.stem[0].bias.requires_grad
@@ -215,7 +223,7 @@ def test_keeps_requires_grad_training_mode_dtype_and_device():
 
 
 def test_idempotent():
-    model = make_net(NARROW)
+    model = make_net("narrow")
     once = fusedlayers.fuse(model)
     twice = fusedlayers.fuse(once)
     assert [type(m) for m in twice.modules()] == [type(m) for m in once.modules()]
@@ -227,31 +235,32 @@ def test_verbose_prints_one_line_per_replacement(capsys):
                         nn.GELU(), nn.Linear(40, 2))
     fusedlayers.fuse(seq, verbose=True)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 4  # two pairs; two runs of layers, each ending with a bare Linear, as mlp ops
     assert lines[0].startswith("fuse: 0 Linear(in_features=3, out_features=40") and "+ 1 ReLU()" in lines[0]
     assert "5 GELU" in lines[1] and "FusedDense" in lines[1]
+    assert lines[2:] == ["fuse: 0 to 2 -> one mlp op, sizes [3, 40, 40]", "fuse: 4 to 6 -> one mlp op, sizes [40, 40, 2]"]
     fusedlayers.fuse(seq)
     assert capsys.readouterr().out == ""
 
 
 # ---- state_dict, save and load ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("width", [NARROW, WIDE])
-def test_state_dict_round_trip_both_ways(width):
-    model = make_net(width, seed=0)
-    fused = fusedlayers.fuse(make_net(width, seed=1))
+@pytest.mark.parametrize("config", CONFIGS)
+def test_state_dict_round_trip_both_ways(config):
+    model = make_net(config, seed=0)
+    fused = fusedlayers.fuse(make_net(config, seed=1))
     assert list(fused.state_dict()) == list(model.state_dict())
     fused.load_state_dict(model.state_dict(), strict=True)
     assert_same_function(fused, model, *data())
-    other = make_net(width, seed=2)
-    fused_other = fusedlayers.fuse(make_net(width, seed=3))
+    other = make_net(config, seed=2)
+    fused_other = fusedlayers.fuse(make_net(config, seed=3))
     other.load_state_dict(fused_other.state_dict(), strict=True)
     assert_same_function(fused_other, other, *data())
 
 
-@pytest.mark.parametrize("width", [NARROW, WIDE])
-def test_torch_save_and_load(width):
-    model = make_net(width)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_torch_save_and_load(config):
+    model = make_net(config)
     fused = fusedlayers.fuse(model)
     buf = io.BytesIO()
     torch.save(fused, buf)
@@ -265,7 +274,7 @@ def test_torch_save_and_load(width):
     torch.save(fused.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf)  # plain tensors: loads with the default weights_only=True
-    fresh = fusedlayers.fuse(make_net(width, seed=5))
+    fresh = fusedlayers.fuse(make_net(config, seed=5))
     fresh.load_state_dict(state, strict=True)
     assert_same_function(fresh, model, *data())
 
@@ -286,9 +295,9 @@ def test_whole_module_loads_with_weights_only_and_safe_globals():
 
 # ---- .to(), torch.compile --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("width", [NARROW, WIDE])
-def test_to_dtype_and_device(width):
-    model = make_net(width)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_to_dtype_and_device(config):
+    model = make_net(config)
     fused = fusedlayers.fuse(model).to(torch.float32)
     assert all(p.dtype == torch.float32 for p in fused.parameters())
     assert_same_function(fused, model.to(torch.float32), *data(torch.float32), rtol=1e-5)
@@ -298,10 +307,10 @@ def test_to_dtype_and_device(width):
     assert y.device.type == "meta" and y.shape == (len(x), OUT) and y.dtype == torch.float32
 
 
-@pytest.mark.parametrize("width", [NARROW, WIDE])
-def test_compile_fullgraph(width):
+@pytest.mark.parametrize("config", CONFIGS)
+def test_compile_fullgraph(config):
     torch._dynamo.reset()
-    model = make_net(width)
+    model = make_net(config)
     fused = fusedlayers.fuse(model)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     assert_same_function(compiled, model, *data())
@@ -322,7 +331,7 @@ def class_targets(batch=7, seed=2):
 @pytest.mark.parametrize("options", CROSS_ENTROPY_OPTIONS)
 def test_cross_entropy_loss_swapped_with_same_options(options):
     loss = nn.CrossEntropyLoss(**options)
-    model = make_net(NARROW, loss=loss)
+    model = make_net("narrow", loss=loss)
     fused = fusedlayers.fuse(model)
     assert type(fused.loss) is fusedlayers.FusedCrossEntropyLoss
     assert (fused.loss.ignore_index, fused.loss.reduction, fused.loss.label_smoothing) == (
@@ -355,21 +364,22 @@ def max_error(got, want):
     return (got.double() - want.double()).abs().max().item()
 
 
-@pytest.mark.parametrize("width", [NARROW, WIDE])
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("activations", [("gelu", "tanh", "silu"), ("relu", "sigmoid", "elu"),
                                          ("softplus", "selu", "leaky_relu"), ("cos", "gelu_tanh", "sin")])
-def test_autocast_cpu_bfloat16_matches_eager(width, activations):
+def test_autocast_cpu_bfloat16_matches_eager(config, activations):
     """Under the same autocast the fused model gives eager's dtypes, and its error against a float32 run is
     at most twice eager bfloat16's own, outputs and every gradient. Eager's error counts as at least the
     rounding of a bfloat16 result (2^-8 of the largest value): no bfloat16 result can do better than that."""
+    width, seq = CONFIGS[config]
     torch.manual_seed(0)
     layers = [nn.Linear(IN, width)]
     for a in activations:
         layers += [fusedlayers.activations.REFERENCE[a].module(), nn.Linear(width, width)]
     layers[-1] = nn.Linear(width, OUT)
-    model = nn.Sequential(*layers)
+    model = seq(*layers)
     fused = fusedlayers.fuse(model)
-    assert (type(fused) is FusedSequential) == (width == NARROW)
+    assert (type(fused) is FusedSequential) == (seq is nn.Sequential)
     gen = torch.Generator().manual_seed(1)
     x, g = torch.randn(256, IN, generator=gen), torch.randn(256, OUT, generator=gen)
 
@@ -388,9 +398,9 @@ def test_autocast_cpu_bfloat16_matches_eager(width, activations):
         assert max_error(a, want) <= 2 * eager_error, f"tensor {i}"
 
 
-@pytest.mark.parametrize("width", [NARROW, WIDE])
-def test_autocast_cpu_bfloat16_dtypes_of_a_nested_model(width):
-    model = make_net(width, dtype=torch.float32)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_autocast_cpu_bfloat16_dtypes_of_a_nested_model(config):
+    model = make_net(config, dtype=torch.float32)
     fused = fusedlayers.fuse(model)
     x, target = data(torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -439,7 +449,7 @@ def test_autocast_cpu_float16_is_a_clear_error():
 
 def test_autocast_compiled():
     torch._dynamo.reset()
-    model = make_net(NARROW, dtype=torch.float32)
+    model = make_net("narrow", dtype=torch.float32)
     fused = fusedlayers.fuse(model)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     x, target = data(torch.float32)
@@ -477,8 +487,8 @@ def check_distributed_grads(rank, wrap, grad_of):
     """Each rank runs the wrapped fused model on its half of the batch; after backward, its gradients must
     equal those of the unfused model on the whole batch (the loss is a mean, so DDP's average of the halves'
     gradients is the whole batch's)."""
-    for width in (NARROW, WIDE):
-        model = make_net(width)
+    for config in CONFIGS:
+        model = make_net(config)
         fused = wrap(fusedlayers.fuse(model))
         x, target = data(batch=8)
         _, loss = fused(x.chunk(2)[rank], target.chunk(2)[rank])
@@ -487,7 +497,7 @@ def check_distributed_grads(rank, wrap, grad_of):
         params = list(fused.parameters())
         assert len(params) == len(grads_ref) - 1
         for i, (p, want) in enumerate(zip(params, grads_ref[1:])):
-            assert_rel_close(grad_of(p), want, 1e-10, f"rank {rank}, width {width}, parameter {i}")
+            assert_rel_close(grad_of(p), want, 1e-10, f"rank {rank}, {config}, parameter {i}")
 
 
 def ddp_worker(rank, port):
