@@ -51,8 +51,9 @@ class FusedSequential(nn.Sequential):
     # Set by fuse(): the children when it ran, and the runs as (first, last, activations): children first to
     # last (inclusive) are FusedDense, FoldedActivation pairs, maybe then a plain nn.Linear, so the layers are
     # children[first:last + 1:2]. Plain values, so that torch.load(weights_only=True) needs no extra class.
-    _fused_children: tuple[nn.Module, ...]
-    _mlp_runs: list[tuple[int, int, list[str]]]
+    # A FusedSequential fuse() did not make (a slice, say) has none: it runs its children one by one.
+    _fused_children: tuple[nn.Module, ...] = ()
+    _mlp_runs: list[tuple[int, int, list[str]]] = []
 
     def forward(self, input: Tensor) -> Tensor:
         children = tuple(self._modules.values())

@@ -173,6 +173,7 @@ def test_edited_fused_sequential_runs_its_children():
     assert_rel_close(fused(x), seq[4](torch.sigmoid(seq[2](torch.tanh(seq[0](x))))), 1e-10)
     fused.append(nn.Tanh())  # a child added
     assert_rel_close(fused(x), torch.tanh(seq[4](torch.sigmoid(seq[2](torch.tanh(seq[0](x)))))), 1e-10)
+    assert_rel_close(fused[:2](x), torch.tanh(seq[0](x)), 1e-10)  # a slice is a FusedSequential fuse() did not make
 
 
 def test_custom_containers_and_subclasses_are_left_alone():
