@@ -6,7 +6,8 @@ from . import _ops  # noqa: F401  (fake kernels and backend registry)
 from . import functional
 from ._ops import available_backends
 from .activations import ACTIVATIONS, ActivationModule
+from .convert import fuse
 from .modules import FusedCrossEntropyLoss, FusedDense, FusedLinearCrossEntropyLoss, FusedMLP
 
 __all__ = ["ACTIVATIONS", "ActivationModule", "FusedCrossEntropyLoss", "FusedDense", "FusedLinearCrossEntropyLoss",
-           "FusedMLP", "available_backends", "functional"]
+           "FusedMLP", "available_backends", "functional", "fuse"]

@@ -294,3 +294,42 @@ def _activation_derivative_vmap(info, in_dims, z, activation, order):
 
 _LIB = torch.library.Library("fusedlayers", "IMPL")
 _LIB.impl("activation_derivative_formula", derivative_formula, "CompositeImplicitAutograd")
+
+
+# ---- autocast ----------------------------------------------------------------------------------------------
+
+# Under torch.autocast, dense and mlp run as eager's nn.Linear does: their floating inputs (not float64) are
+# cast to the region's dtype, so the result comes out in that dtype, as the activation after an eager Linear
+# does (it runs in its input's dtype), and the op itself runs with autocast off. Not register_autocast: it
+# fixes one dtype per device at registration, while a region chooses float16 or bfloat16 when it opens.
+# Where eager autocast runs the activation in float32 (softplus on CUDA), the result is returned in float32.
+_FLOAT32_ACTIVATIONS_UNDER_AUTOCAST = {"cpu": (), "cuda": ("softplus",)}
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def _autocast_cast(value, device_type: str, dtype: torch.dtype):
+    if isinstance(value, Tensor):
+        eligible = value.is_floating_point() and value.device.type == device_type and value.dtype != torch.float64
+        return value.to(dtype) if eligible else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_autocast_cast(v, device_type, dtype) for v in value)
+    return value
+
+
+def _autocast_kernel(op, device_type: str, last_activation):
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            y = op(*_autocast_cast(args, device_type, dtype))
+        if y.dtype == dtype and last_activation(args) in _FLOAT32_ACTIVATIONS_UNDER_AUTOCAST[device_type]:
+            y = y.float()
+        return y
+    return kernel
+
+
+_autocast_lib = torch.library.Library("fusedlayers", "IMPL")
+for _device_type, _key in _AUTOCAST_KEYS.items():
+    _autocast_lib.impl("dense", _autocast_kernel(torch.ops.fusedlayers.dense.default, _device_type,
+                                                 lambda args: args[3]), _key)
+    _autocast_lib.impl("mlp", _autocast_kernel(torch.ops.fusedlayers.mlp.default, _device_type,
+                                               lambda args: args[3][-1]), _key)

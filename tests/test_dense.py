@@ -88,6 +88,21 @@ def test_bfloat16_error_within_twice_pytorchs(backend):
         assert err <= 2 * eager_err
 
 
+@pytest.mark.parametrize("activation", ["tanh", "silu"])
+def test_bfloat16_cpu_large_bias_error_within_twice_pytorchs(activation):
+    """Enough work for the CPU's GEMM path, and a bias as large as x @ weight.T: a bfloat16 GEMM rounds its
+    result, so adding the bias after it doubled the error of eager's addmm (which adds it before rounding).
+    The reference is the exact float64 function of the same bfloat16 inputs: only the op's own error counts."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 24, generator=gen).bfloat16()
+    w = (torch.randn(24, 24, generator=gen) / 24**0.5).bfloat16()
+    b = (3 * torch.randn(24, generator=gen)).bfloat16()
+    want = REFERENCE[activation].f(F.linear(x.double(), w.double(), b.double()))
+    eager = REFERENCE[activation].f(F.linear(x, w, b))
+    got = dense(x, w, b, activation, backend="cpu")
+    assert (got.double() - want).abs().max() <= 2 * (eager.double() - want).abs().max()
+
+
 def test_many_threads():
     """Enough rows that the CPU's elementwise passes split across threads and add up their bias gradients."""
     (x, w, b, g), (xf, wf, bf, gf) = make_inputs((3000,), 8, 37, torch.float64, "cpu")

@@ -1,0 +1,521 @@
+"""fusedlayers.fuse(): the converted model computes what the original did (float64), keeps its state_dict keys,
+and works with torch.compile, .to(), torch.save/load, autocast and distributed data parallelism."""
+import copy
+import datetime
+import io
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+import fusedlayers
+from fusedlayers import ActivationModule, FusedDense
+from fusedlayers.convert import FoldedActivation, FusedSequential, mlp_is_faster
+
+from conftest import assert_rel_close
+
+IN, OUT = 5, 3
+
+
+class Layers(nn.Sequential):
+    """A subclass that keeps nn.Sequential.forward: fuse() swaps its pairs, and runs them as FusedDense
+    modules, one by one (a FusedSequential is an nn.Sequential, not this class)."""
+
+
+# How the fused model computes its runs of layers: as one mlp op through the op's fused CPU path (widths
+# <= 16), as one mlp op layer by layer inside (wider), or as one FusedDense module per layer.
+CONFIGS = {"narrow": (8, nn.Sequential), "wide": (24, nn.Sequential), "per_layer": (24, Layers)}
+
+
+def supported():
+    """One module of every activation the fused table has, inplace flags included."""
+    return [nn.ReLU(), nn.ReLU(inplace=True), nn.LeakyReLU(), nn.LeakyReLU(0.01, inplace=True), nn.GELU(),
+            nn.GELU(approximate="tanh"), nn.SiLU(), nn.Sigmoid(), nn.Tanh(), nn.Softplus(), nn.SELU(), nn.ELU(),
+            nn.ELU(1.0, inplace=True), ActivationModule("cos"), ActivationModule("sin")]
+
+
+def unsupported():
+    """Activations whose parameters differ from the table's, and ones it lacks: fuse() must leave them."""
+    return [nn.LeakyReLU(0.02), nn.ELU(alpha=2.0), nn.Softplus(beta=2.0), nn.Softplus(threshold=10.0),
+            nn.Hardtanh(), nn.PReLU()]
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class Net(nn.Module):
+    """Sequentials inside custom modules and inside each other, residual blocks around them, every supported
+    activation module (two per block, so runs of several layers form), unsupported ones, and a loss module."""
+
+    def __init__(self, width: int, seq: type, loss: nn.Module) -> None:
+        super().__init__()
+        acts = supported()
+        self.stem = seq(nn.Linear(IN, width), acts[0])
+        self.blocks = nn.ModuleList(
+            Residual(seq(nn.Linear(width, width), a, nn.Linear(width, width), b, nn.Linear(width, width)))
+            for a, b in zip(acts[1::2], acts[2::2]))
+        self.odd = seq(*[m for a in unsupported() for m in (nn.Linear(width, width), a)])
+        self.head = seq(seq(nn.Linear(width, width, bias=False), nn.Tanh(),
+                            nn.Linear(width, width, bias=False), nn.Sigmoid()),
+                        Residual(seq(nn.Linear(width, width), nn.SiLU())),
+                        nn.Linear(width, OUT))
+        self.loss = loss
+
+    def forward(self, x, target):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        y = self.head(self.odd(h))
+        return y, self.loss(y, target)
+
+
+def make_net(config, loss=None, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return Net(*CONFIGS[config], nn.MSELoss() if loss is None else loss).to(dtype)
+
+
+def data(dtype=torch.float64, batch=7, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, IN, dtype=dtype, generator=gen), torch.randn(batch, OUT, dtype=dtype, generator=gen)
+
+
+def run(model, x, target):
+    """Output, loss, and the gradients of the loss (summed if unreduced) w.r.t. the input and every parameter,
+    in parameter order."""
+    x = x.clone().requires_grad_()
+    y, loss = model(x, target)
+    return y, loss, torch.autograd.grad(loss.sum(), [x, *model.parameters()])
+
+
+def assert_same_function(fused, model, x, target, rtol=1e-10):
+    y, loss, grads = run(fused, x, target)
+    y_ref, loss_ref, grads_ref = run(model, x, target)
+    assert y.dtype == y_ref.dtype
+    assert_rel_close(y, y_ref, rtol, "output")
+    assert_rel_close(loss, loss_ref, rtol, "loss")
+    assert len(grads) == len(grads_ref)
+    for i, (got, want) in enumerate(zip(grads, grads_ref)):
+        assert_rel_close(got, want, rtol, f"grad {i}")
+
+
+# ---- what fuse() swaps, and the function it computes ----------------------------------------------------------
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_same_outputs_and_gradients(config):
+    model = make_net(config)
+    fused = fusedlayers.fuse(model)
+    assert_same_function(fused, model, *data())
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_what_is_swapped(config):
+    model = make_net(config)
+    fused = fusedlayers.fuse(model)
+    n_supported = len(supported()) + 3  # the table's modules in stem and blocks, then Tanh, Sigmoid, SiLU
+    dense = [m for m in fused.modules() if type(m) is FusedDense]
+    folded = [m for m in fused.modules() if type(m) is FoldedActivation]
+    assert len(dense) == len(folded) == n_supported
+    assert [m.activation for m in dense][:len(supported())] == [
+        "relu", "relu", "leaky_relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "softplus",
+        "selu", "elu", "elu", "cos", "sin"]
+    # Unsupported activations stay, as do the Linear layers before them, and bare Linear layers.
+    for got, want in zip(fused.odd, model.odd):
+        assert type(got) is type(want) and repr(got) == repr(want)
+    assert type(fused.head[2]) is nn.Linear and type(fused.blocks[0].body[4]) is nn.Linear
+    assert type(fused.loss) is nn.MSELoss
+    # Runs of layers in an nn.Sequential become one mlp op call; in a subclass, FusedDense modules.
+    runs = [m for m in fused.modules() if type(m) is FusedSequential]
+    assert (len(runs) > 0) == (config != "per_layer")
+    assert not any(type(m) is FusedSequential for m in model.modules())  # the original untouched
+
+
+def test_mlp_run_boundaries():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8, bias=False), nn.ReLU(),  # bias differs: split
+                        nn.Linear(8, 6, bias=False), nn.GELU(), nn.Linear(6, 2, bias=False),  # ends with a Linear
+                        nn.Hardtanh(), nn.Linear(2, 8), nn.SiLU(), nn.Linear(8, 8), nn.SiLU()).double()
+    fused = fusedlayers.fuse(seq)
+    assert type(fused) is FusedSequential
+    # (0, 1) alone is one layer: not a run. 2..6 is a run ending with the bare Linear; 8..11 another.
+    assert fused._mlp_runs == [(2, 6, ["relu", "gelu", "identity"]), (8, 11, ["silu", "silu"])]
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert_rel_close(fused(x), seq(x), 1e-10)
+    for got, want in zip(torch.autograd.grad(fused(x).sum(), [x, *fused.parameters()]),
+                         torch.autograd.grad(seq(x).sum(), [x, *seq.parameters()])):
+        assert_rel_close(got, want, 1e-10)
+
+
+def test_mlp_is_faster_rule():
+    assert mlp_is_faster([3, 10, 10, 10, 2]) and mlp_is_faster([16, 16, 16]) and mlp_is_faster([64, 300, 100, 10])
+    assert not mlp_is_faster([4, 4])  # a single layer: FusedDense already is one op
+
+
+def test_edited_fused_sequential_runs_its_children():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    fused = fusedlayers.fuse(seq)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    fused[2] = FusedDense.from_linear(seq[2], "sigmoid")  # a child replaced after fuse(): no stale run
+    assert_rel_close(fused(x), seq[4](torch.sigmoid(seq[2](torch.tanh(seq[0](x))))), 1e-10)
+    fused.append(nn.Tanh())  # a child added
+    assert_rel_close(fused(x), torch.tanh(seq[4](torch.sigmoid(seq[2](torch.tanh(seq[0](x)))))), 1e-10)
+    assert_rel_close(fused[:2](x), torch.tanh(seq[0](x)), 1e-10)  # a slice is a FusedSequential fuse() did not make
+
+
+def test_custom_containers_and_subclasses_are_left_alone():
+    class Shuffled(nn.Sequential):  # its own forward: the pairs are not applied in order
+        def forward(self, x):
+            return self[1](x) + self[0](x)
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    hooked = nn.Linear(4, 4)
+    hooked.register_forward_hook(lambda m, args, out: out * 3)
+    model = nn.Sequential(Shuffled(nn.Linear(4, 4), nn.ReLU()), Scaled(4, 4), nn.Tanh(), hooked, nn.Tanh(),
+                          nn.ModuleList([nn.Linear(4, 4), nn.ReLU()])).double()
+    fused = fusedlayers.fuse(model)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+
+
+def test_unsupported_activation_is_never_changed():
+    for act in unsupported():
+        seq = nn.Sequential(nn.Linear(3, 3), act)
+        fused = fusedlayers.fuse(seq)
+        assert type(fused[0]) is nn.Linear and type(fused[1]) is type(act) and repr(fused[1]) == repr(act)
+
+
+def test_copy_and_inplace():
+    model = make_net("narrow")
+    before = copy.deepcopy(model)
+    fused = fusedlayers.fuse(model)
+    assert fused is not model
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]  # the original untouched
+    for p, q in zip(fused.parameters(), model.parameters()):
+        assert p is not q and p.data_ptr() != q.data_ptr() and torch.equal(p, q)
+    params = list(model.parameters())
+    same = fusedlayers.fuse(model, inplace=True)
+    assert same is model and type(model.stem[0]) is FusedDense
+    assert all(p is q for p, q in zip(model.parameters(), params))
+
+
+def test_keeps_requires_grad_training_mode_dtype_and_device():
+    model = make_net("wide").eval()
+    model.stem[0].weight.requires_grad_(False)
+    fused = fusedlayers.fuse(model)
+    assert not fused.stem[0].weight.requires_grad and fused.stem[0].bias.requires_grad
+    assert not any(m.training for m in fused.modules())
+    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in fused.parameters())
+
+
+def test_idempotent():
+    model = make_net("narrow")
+    once = fusedlayers.fuse(model)
+    twice = fusedlayers.fuse(once)
+    assert [type(m) for m in twice.modules()] == [type(m) for m in once.modules()]
+    assert_same_function(twice, model, *data())
+
+
+def test_verbose_prints_one_line_per_replacement(capsys):
+    seq = nn.Sequential(nn.Linear(3, 40), nn.ReLU(), nn.Linear(40, 40), nn.LeakyReLU(0.2), nn.Linear(40, 40),
+                        nn.GELU(), nn.Linear(40, 2))
+    fusedlayers.fuse(seq, verbose=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4  # two pairs; two runs of layers, each ending with a bare Linear, as mlp ops
+    assert lines[0].startswith("fuse: 0 Linear(in_features=3, out_features=40") and "+ 1 ReLU()" in lines[0]
+    assert "5 GELU" in lines[1] and "FusedDense" in lines[1]
+    assert lines[2:] == ["fuse: 0 to 2 -> one mlp op, sizes [3, 40, 40]", "fuse: 4 to 6 -> one mlp op, sizes [40, 40, 2]"]
+    fusedlayers.fuse(seq)
+    assert capsys.readouterr().out == ""
+
+
+# ---- state_dict, save and load ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_state_dict_round_trip_both_ways(config):
+    model = make_net(config, seed=0)
+    fused = fusedlayers.fuse(make_net(config, seed=1))
+    assert list(fused.state_dict()) == list(model.state_dict())
+    fused.load_state_dict(model.state_dict(), strict=True)
+    assert_same_function(fused, model, *data())
+    other = make_net(config, seed=2)
+    fused_other = fusedlayers.fuse(make_net(config, seed=3))
+    other.load_state_dict(fused_other.state_dict(), strict=True)
+    assert_same_function(fused_other, other, *data())
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_torch_save_and_load(config):
+    model = make_net(config)
+    fused = fusedlayers.fuse(model)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # a whole module: pickled classes
+    assert_same_function(loaded, model, *data())
+    buf.seek(0)
+    with pytest.raises(Exception, match="FusedSequential|Net"):
+        torch.load(buf)  # weights_only=True, the default, refuses classes it was not told to trust
+    buf = io.BytesIO()
+    torch.save(fused.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf)  # plain tensors: loads with the default weights_only=True
+    fresh = fusedlayers.fuse(make_net(config, seed=5))
+    fresh.load_state_dict(state, strict=True)
+    assert_same_function(fresh, model, *data())
+
+
+def test_whole_module_loads_with_weights_only_and_safe_globals():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    fused = fusedlayers.fuse(seq)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    with torch.serialization.safe_globals([FusedSequential, FusedDense, FoldedActivation, nn.Linear]):
+        loaded = torch.load(buf, weights_only=True)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert type(loaded) is FusedSequential and loaded._fused_children[0] is loaded[0]
+    assert_rel_close(loaded(x), seq(x), 1e-10)
+
+
+# ---- .to(), torch.compile --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_to_dtype_and_device(config):
+    model = make_net(config)
+    fused = fusedlayers.fuse(model).to(torch.float32)
+    assert all(p.dtype == torch.float32 for p in fused.parameters())
+    assert_same_function(fused, model.to(torch.float32), *data(torch.float32), rtol=1e-5)
+    on_meta = fused.to("meta")
+    x, target = data(torch.float32)
+    y, loss = on_meta(x.to("meta"), target.to("meta"))
+    assert y.device.type == "meta" and y.shape == (len(x), OUT) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_compile_fullgraph(config):
+    torch._dynamo.reset()
+    model = make_net(config)
+    fused = fusedlayers.fuse(model)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    assert_same_function(compiled, model, *data())
+
+
+# ---- nn.CrossEntropyLoss -> FusedCrossEntropyLoss ----------------------------------------------------------
+
+CROSS_ENTROPY_OPTIONS = [{}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 1},
+                         {"label_smoothing": 0.1}, {"weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)},
+                         {"weight": torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), "ignore_index": 0,
+                          "label_smoothing": 0.2, "reduction": "sum"}]
+
+
+def class_targets(batch=7, seed=2):
+    return torch.randint(0, OUT, (batch,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("options", CROSS_ENTROPY_OPTIONS)
+def test_cross_entropy_loss_swapped_with_same_options(options):
+    loss = nn.CrossEntropyLoss(**options)
+    model = make_net("narrow", loss=loss)
+    fused = fusedlayers.fuse(model)
+    assert type(fused.loss) is fusedlayers.FusedCrossEntropyLoss
+    assert (fused.loss.ignore_index, fused.loss.reduction, fused.loss.label_smoothing) == (
+        loss.ignore_index, loss.reduction, loss.label_smoothing)
+    assert (fused.loss.weight is None) == (loss.weight is None)
+    if loss.weight is not None:
+        assert torch.equal(fused.loss.weight, loss.weight) and fused.loss.weight is not loss.weight
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x, _ = data()
+    target = class_targets()
+    y, value, grads = run(fused, x, target)
+    y_ref, value_ref, grads_ref = run(model, x, target)
+    assert_rel_close(value, value_ref, 1e-10, "loss")
+    for i, (got, want) in enumerate(zip(grads, grads_ref)):
+        assert_rel_close(got, want, 1e-10, f"grad {i}")
+
+
+def test_cross_entropy_loss_as_the_model_and_inplace(capsys):
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+    fused = fusedlayers.fuse(loss, inplace=True, verbose=True)
+    assert type(fused) is fusedlayers.FusedCrossEntropyLoss and fused.label_smoothing == 0.1
+    assert "CrossEntropyLoss" in capsys.readouterr().out
+    logits = torch.randn(7, OUT, dtype=torch.float64)
+    assert_rel_close(fused(logits, class_targets()), loss(logits, class_targets()), 1e-10)
+
+
+# ---- autocast ----------------------------------------------------------------------------------------------
+
+def max_error(got, want):
+    return (got.double() - want.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("activations", [("gelu", "tanh", "silu"), ("relu", "sigmoid", "elu"),
+                                         ("softplus", "selu", "leaky_relu"), ("cos", "gelu_tanh", "sin")])
+def test_autocast_cpu_bfloat16_matches_eager(config, activations):
+    """Under the same autocast the fused model gives eager's dtypes, and its error against a float32 run is
+    at most twice eager bfloat16's own, outputs and every gradient. Eager's error counts as at least the
+    rounding of a bfloat16 result (2^-8 of the largest value): no bfloat16 result can do better than that."""
+    width, seq = CONFIGS[config]
+    torch.manual_seed(0)
+    layers = [nn.Linear(IN, width)]
+    for a in activations:
+        layers += [fusedlayers.activations.REFERENCE[a].module(), nn.Linear(width, width)]
+    layers[-1] = nn.Linear(width, OUT)
+    model = seq(*layers)
+    fused = fusedlayers.fuse(model)
+    assert (type(fused) is FusedSequential) == (seq is nn.Sequential)
+    gen = torch.Generator().manual_seed(1)
+    x, g = torch.randn(256, IN, generator=gen), torch.randn(256, OUT, generator=gen)
+
+    def output_and_grads(m):
+        x_ = x.clone().requires_grad_()
+        y = m(x_)
+        return [y, *torch.autograd.grad(y, [x_, *m.parameters()], g)]
+
+    reference = output_and_grads(model)  # float32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, got = output_and_grads(model), output_and_grads(fused)
+    assert got[0].dtype == eager[0].dtype == torch.bfloat16
+    for i, (a, e, want) in enumerate(zip(got, eager, reference)):
+        assert a.dtype == e.dtype, f"tensor {i}"
+        eager_error = max(max_error(e, want), 2**-8 * want.abs().max().item())
+        assert max_error(a, want) <= 2 * eager_error, f"tensor {i}"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_autocast_cpu_bfloat16_dtypes_of_a_nested_model(config):
+    model = make_net(config, dtype=torch.float32)
+    fused = fusedlayers.fuse(model)
+    x, target = data(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, got = run(model, x, target), run(fused, x, target)
+    assert got[0].dtype == eager[0].dtype == torch.bfloat16 and got[1].dtype == eager[1].dtype
+    assert [t.dtype for t in got[2]] == [t.dtype for t in eager[2]]
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "softplus"])
+def test_autocast_ops_cast_like_linear(activation):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 5), torch.randn(4, 5), torch.randn(4)
+    ws, bs = [torch.randn(4, 5), torch.randn(3, 4)], [torch.randn(4), torch.randn(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fusedlayers.functional.dense(x, w, b, activation)
+        y_mlp = fusedlayers.functional.mlp(x, ws, bs, activation, activation)
+        y64 = fusedlayers.functional.dense(x.double(), w.double(), b.double(), activation)
+        assert F.linear(x.double(), w.double(), b.double()).dtype == torch.float64  # eager leaves float64 alone
+    assert y.dtype == y_mlp.dtype == torch.bfloat16 and y64.dtype == torch.float64
+    expected = fusedlayers.functional.dense(x.bfloat16(), w.bfloat16(), b.bfloat16(), activation)
+    assert torch.equal(y, expected)
+    assert_rel_close(y64, REFERENCE_DENSE(x, w, b, activation), 1e-10)
+
+
+def REFERENCE_DENSE(x, w, b, activation):
+    return fusedlayers.activations.REFERENCE[activation].f(F.linear(x.double(), w.double(), b.double()))
+
+
+def test_autocast_float32_activation_rule(monkeypatch):
+    """Where eager autocast runs the activation in float32 (softplus on CUDA), the op returns float32. No GPU
+    here: the rule is checked on the CPU table."""
+    monkeypatch.setitem(fusedlayers._ops._FLOAT32_ACTIVATIONS_UNDER_AUTOCAST, "cpu", ("softplus",))
+    x, w = torch.randn(6, 5), torch.randn(4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fusedlayers.functional.dense(x, w, None, "softplus").dtype == torch.float32
+        assert fusedlayers.functional.dense(x, w, None, "relu").dtype == torch.bfloat16
+        assert fusedlayers.functional.mlp(x, [w, w[:, :4]], None, "softplus", "softplus").dtype == torch.float32
+        assert fusedlayers.functional.mlp(x, [w, w[:, :4]], None, "softplus", "tanh").dtype == torch.bfloat16
+
+
+def test_autocast_cpu_float16_is_a_clear_error():
+    # Eager runs float16 on the CPU; the CPU kernels have no float16 (a GPU has): say so, never a wrong number.
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(RuntimeError, match="float32, float64 and bfloat16"):
+        fusedlayers.functional.dense(torch.randn(2, 3), torch.randn(4, 3))
+
+
+def test_autocast_compiled():
+    torch._dynamo.reset()
+    model = make_net("narrow", dtype=torch.float32)
+    fused = fusedlayers.fuse(model)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x, target = data(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = compiled(x, target)
+        y_eager, _ = fused(x, target)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_eager)
+
+
+# ---- distributed: DDP and FSDP2 over gloo, two processes on this machine ----------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_two(worker, timeout=120.0):
+    """Runs worker(rank, port) in two processes; a worker's exception fails the test, and so does a hang."""
+    context = mp.spawn(worker, (free_port(),), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the distributed workers did not finish within {timeout} s")
+
+
+def init_two_processes(rank, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+
+
+def check_distributed_grads(rank, wrap, grad_of):
+    """Each rank runs the wrapped fused model on its half of the batch; after backward, its gradients must
+    equal those of the unfused model on the whole batch (the loss is a mean, so DDP's average of the halves'
+    gradients is the whole batch's)."""
+    for config in ("narrow", "per_layer"):  # one mlp op per run, and FusedDense modules
+        model = make_net(config)
+        fused = wrap(fusedlayers.fuse(model))
+        x, target = data(batch=8)
+        _, loss = fused(x.chunk(2)[rank], target.chunk(2)[rank])
+        loss.backward()
+        _, _, grads_ref = run(model, x, target)
+        params = list(fused.parameters())
+        assert len(params) == len(grads_ref) - 1
+        for i, (p, want) in enumerate(zip(params, grads_ref[1:])):
+            assert_rel_close(grad_of(p), want, 1e-10, f"rank {rank}, {config}, parameter {i}")
+
+
+def ddp_and_fsdp2_worker(rank, port):
+    init_two_processes(rank, port)
+    try:
+        check_distributed_grads(rank, DistributedDataParallel, lambda p: p.grad)
+        mesh = init_device_mesh("cpu", (2,))
+
+        def shard(model):
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            return fully_shard(model, mesh=mesh)
+        check_distributed_grads(rank, shard, lambda p: p.grad.full_tensor())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_and_fsdp2_gloo_two_processes():
+    """One pair of processes for both (starting them is most of the time): DDP, then FSDP2's fully_shard."""
+    spawn_two(ddp_and_fsdp2_worker)
