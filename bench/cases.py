@@ -47,11 +47,14 @@ def model_impl(name, model, x, grad_out=None, loss=None, wrt_input=True) -> Impl
     return Impl(name, forward, forward_backward)
 
 
-def model_impls(eager, fused_for_backend, x, **kw) -> list[Impl]:
+def model_impls(eager, fused_for_backend, x, fused_loss=None, **kw) -> list[Impl]:
     """eager, compile (torch.compile of eager) and fused-<backend> for each backend, all on one set of
-    parameters: fused_for_backend(backend) builds a fused model sharing eager's parameters."""
+    parameters: fused_for_backend(backend) builds a fused model sharing eager's parameters; fused_loss(backend),
+    if given, is the fused implementations' loss in place of kw["loss"]."""
     impls = [model_impl("eager", eager, x, **kw), model_impl("compile", torch.compile(eager), x, **kw)]
-    impls += [model_impl(f"fused-{b}", fused_for_backend(b), x, **kw) for b in fused_backends()]
+    for b in fused_backends():
+        fkw = dict(kw, loss=fused_loss(b)) if fused_loss else kw
+        impls.append(model_impl(f"fused-{b}", fused_for_backend(b), x, **fkw))
     return impls
 
 
@@ -74,7 +77,7 @@ def _dense_case(name, description, batch, n_in, n_out, activation, dtype, reps, 
 
 
 def _mlp_case(name, description, sizes, activation, output_activation, batch, dtype, reps, bias=True,
-              loss=None, target=None, wrt_input=True) -> Case:
+              loss=None, target=None, wrt_input=True, fused_loss=None) -> Case:
     def make():
         torch.manual_seed(0)
         eager = sequential(sizes, activation, output_activation, bias=bias, dtype=dtype)
@@ -85,6 +88,8 @@ def _mlp_case(name, description, sizes, activation, output_activation, batch, dt
         else:
             y = target(batch, sizes[-1]) if target else None
             kw["loss"] = lambda out: loss(out, y)
+            if fused_loss:
+                kw["fused_loss"] = lambda b: lambda out: fused_loss(out, y, backend=b)
         return model_impls(eager, lambda b: fusedlayers.FusedMLP.from_sequential(eager, backend=b), x, **kw)
 
     return Case(name, description, DEVICE, dtype, make, reps)
@@ -209,9 +214,10 @@ def _seed_and_layer_cases(quick: bool) -> list[Case]:
         _mlp_case("seed000", "6 x 12x12 cos chain, no bias, one vector, float64: gradient w.r.t. input and "
                   "parameters (seed 000)", [12] * 7, "cos", "cos", (), torch.float64, reps=40, bias=False),
         _mlp_case("seed002", "784-300-100-10 relu + cross-entropy, batch 256, float32: parameter gradients "
-                  "(seed 002; the loss is F.cross_entropy in every implementation until the fused one lands)",
+                  "(seed 002; eager and compile: F.cross_entropy, fused: fusedlayers' cross_entropy)",
                   [784, 300, 100, 10], "relu", "identity", (256,), torch.float32, reps=20,
-                  loss=F.cross_entropy, target=_classes, wrt_input=False),
+                  loss=F.cross_entropy, target=_classes, wrt_input=False,
+                  fused_loss=fusedlayers.functional.cross_entropy),
         *neural_ode.cases(DEVICE, fused_backends(), quick),
         _mlp_case("seed004", "1-1000-20-1 identity, batch 10,000, float64, loss sum of squares: parameter "
                   "gradients (seed 004)", [1, 1000, 20, 1], "identity", "identity", (10_000,), torch.float64,
