@@ -14,37 +14,13 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cross_entropy.h"
 
 namespace fusedlayers::cpu {
 namespace {
 
 // Rows per parallel task: about this many logits.
 constexpr int64_t kLogitsPerTask = 32768;
-
-void check_ce_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                   double label_smoothing, std::optional<double> softcap) {
-  TORCH_CHECK(logits.dim() == 2, "cross_entropy(): expected logits of shape (N, C), got shape ", logits.sizes());
-  TORCH_CHECK(logits.is_floating_point(), "cross_entropy(): expected floating-point logits, got ",
-              logits.scalar_type());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy(): expected target of dtype int64 (long), got ",
-              target.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "cross_entropy(): expected target of shape (",
-              logits.size(0), ",) for logits of shape ", logits.sizes(), ", got shape ", target.sizes());
-  TORCH_CHECK(target.device() == logits.device(), "cross_entropy(): expected target on the device of logits (",
-              logits.device(), "), got ", target.device());
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), "cross_entropy(): expected weight of shape (",
-                logits.size(1), ",) (one per class), got shape ", weight->sizes());
-    TORCH_CHECK(weight->scalar_type() == logits.scalar_type(), "cross_entropy(): expected weight to have the dtype "
-                "of logits (", logits.scalar_type(), "), got ", weight->scalar_type());
-    TORCH_CHECK(weight->device() == logits.device(), "cross_entropy(): expected weight on the device of logits (",
-                logits.device(), "), got ", weight->device());
-  }
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "cross_entropy(): label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0.0, "cross_entropy(): softcap must be positive, got ",
-                    softcap.value_or(0.0));
-}
 
 // The row's class, or -1 when the row is ignored; a kept class outside [0, C) is an IndexError.
 int64_t kept_target(int64_t t, int64_t ignore_index, int64_t C) {

@@ -27,6 +27,8 @@
 #include <limits>
 #include <optional>
 
+#include "cross_entropy.h"
+
 namespace fusedlayers::cuda {
 namespace {
 
@@ -263,30 +265,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 // ---- the ops --------------------------------------------------------------------------------------------------
 
-// The checks of the CPU kernels (csrc/cpu/cross_entropy.cpp), with the same messages.
-void check_ce_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                   double label_smoothing, std::optional<double> softcap) {
-  TORCH_CHECK(logits.dim() == 2, "cross_entropy(): expected logits of shape (N, C), got shape ", logits.sizes());
-  TORCH_CHECK(logits.is_floating_point(), "cross_entropy(): expected floating-point logits, got ",
-              logits.scalar_type());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy(): expected target of dtype int64 (long), got ",
-              target.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "cross_entropy(): expected target of shape (",
-              logits.size(0), ",) for logits of shape ", logits.sizes(), ", got shape ", target.sizes());
-  TORCH_CHECK(target.device() == logits.device(), "cross_entropy(): expected target on the device of logits (",
-              logits.device(), "), got ", target.device());
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), "cross_entropy(): expected weight of shape (",
-                logits.size(1), ",) (one per class), got shape ", weight->sizes());
-    TORCH_CHECK(weight->scalar_type() == logits.scalar_type(), "cross_entropy(): expected weight to have the dtype "
-                "of logits (", logits.scalar_type(), "), got ", weight->scalar_type());
-    TORCH_CHECK(weight->device() == logits.device(), "cross_entropy(): expected weight on the device of logits (",
-                logits.device(), "), got ", weight->device());
-  }
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "cross_entropy(): label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0.0, "cross_entropy(): softcap must be positive, got ",
-                    softcap.value_or(0.0));
+// The shared checks (cross_entropy.h), and the CUDA kernels' own limit.
+void check_cuda_ce_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                        double label_smoothing, std::optional<double> softcap) {
+  check_ce_args(logits, target, weight, label_smoothing, softcap);
   TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(), "cross_entropy(): the CUDA kernels take at "
               "most 2^31 - 1 rows, got ", logits.size(0));
 }
@@ -331,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
                                                          const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                          double label_smoothing, double z_loss,
                                                          std::optional<double> softcap) {
-  check_ce_args(logits, target, weight, label_smoothing, softcap);
+  check_cuda_ce_args(logits, target, weight, label_smoothing, softcap);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options().dtype(math_type(logits)));
@@ -355,7 +337,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
                                   const at::Tensor& logits, const at::Tensor& target,
                                   const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
                                   double label_smoothing, double z_loss, std::optional<double> softcap) {
-  check_ce_args(logits, target, weight, label_smoothing, softcap);
+  check_cuda_ce_args(logits, target, weight, label_smoothing, softcap);
   const int64_t N = logits.size(0), C = logits.size(1);
   for (const at::Tensor* v : {&grad_loss, &lse}) {
     TORCH_CHECK(v->dim() == 1 && v->size(0) == N, "cross_entropy_backward(): expected grad_loss and lse of shape (",

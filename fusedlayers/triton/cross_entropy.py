@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._ops import ce_math_dtype, check_cross_entropy_args
 from .activations import _tanh
 
 # Classes per chunk, by math dtype: the largest block a program loops with (smaller C use the next power of two
@@ -37,13 +38,9 @@ COMPILE_OPTIONS = dict(debug=True, sanitize_overflow=False)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def launch_config(num_classes: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK, num_warps) of both kernels for C = num_classes and logits of `dtype`."""
-    math_dtype = _math_dtype(dtype)
+    math_dtype = ce_math_dtype(dtype)
     block = min(MAX_BLOCK[math_dtype], max(16, triton.next_power_of_2(num_classes)))
     return block, min(8, max(1, block // (32 * ELEMENTS_PER_THREAD[math_dtype])))
 
@@ -180,37 +177,11 @@ def _cross_entropy_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, targ
 
 def _check_args(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
                 softcap: float | None) -> None:
-    """The checks of the CPU kernels (csrc/cpu/cross_entropy.cpp), with the same messages, and the dtypes Triton
-    supports."""
-    torch._check(logits.dim() == 2, lambda: f"cross_entropy(): expected logits of shape (N, C), got shape "
-                                            f"{list(logits.shape)}")
-    torch._check(logits.dtype.is_floating_point,
-                 lambda: f"cross_entropy(): expected floating-point logits, got {logits.dtype}")
+    """The checks of every cross-entropy kernel, and the dtypes Triton supports."""
+    check_cross_entropy_args(logits, target, weight, label_smoothing, softcap)
     torch._check(logits.dtype in _DTYPES,
                  lambda: f"cross_entropy(): the Triton backend supports float16, bfloat16, float32 and float64 "
                          f"logits, got {logits.dtype}")
-    torch._check(target.dtype == torch.int64,
-                 lambda: f"cross_entropy(): expected target of dtype int64 (long), got {target.dtype}")
-    torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0],
-                 lambda: f"cross_entropy(): expected target of shape ({logits.shape[0]},) for logits of shape "
-                         f"{list(logits.shape)}, got shape {list(target.shape)}")
-    torch._check(target.device == logits.device,
-                 lambda: f"cross_entropy(): expected target on the device of logits ({logits.device}), got "
-                         f"{target.device}")
-    if weight is not None:
-        torch._check(weight.dim() == 1 and weight.shape[0] == logits.shape[1],
-                     lambda: f"cross_entropy(): expected weight of shape ({logits.shape[1]},) (one per class), got "
-                             f"shape {list(weight.shape)}")
-        torch._check(weight.dtype == logits.dtype,
-                     lambda: f"cross_entropy(): expected weight to have the dtype of logits ({logits.dtype}), got "
-                             f"{weight.dtype}")
-        torch._check(weight.device == logits.device,
-                     lambda: f"cross_entropy(): expected weight on the device of logits ({logits.device}), got "
-                             f"{weight.device}")
-    torch._check_value(0.0 <= label_smoothing <= 1.0,
-                       lambda: f"cross_entropy(): label_smoothing must be in [0, 1], got {label_smoothing}")
-    torch._check_value(softcap is None or softcap > 0.0,
-                       lambda: f"cross_entropy(): softcap must be positive, got {softcap}")
 
 
 def _check_row_tensor(name: str, t: Tensor, logits: Tensor) -> None:
@@ -248,7 +219,7 @@ def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Tensor | None,
     rows, num_classes = logits.shape
     if not logits.is_cuda:
         _check_targets_in_range(target, num_classes, ignore_index)
-    math_dtype = _math_dtype(logits.dtype)
+    math_dtype = ce_math_dtype(logits.dtype)
     loss = logits.new_empty(rows, dtype=math_dtype)
     lse = logits.new_empty(rows, dtype=math_dtype)
     if rows > 0:
@@ -267,7 +238,7 @@ def cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, logits: T
     for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
         if t is not None:
             _check_row_tensor(name, t, logits)
-    math_dtype = _math_dtype(logits.dtype)
+    math_dtype = ce_math_dtype(logits.dtype)
     torch._check(lse.dtype == math_dtype,
                  lambda: f"cross_entropy_backward(): expected lse of dtype {math_dtype}, got {lse.dtype}")
     rows, num_classes = logits.shape
