@@ -219,11 +219,12 @@ def cross_entropy_cost(N: int, C: int, dtype: torch.dtype, weight: bool, smoothi
 def _cross_entropy_launches(case: str, dtype: torch.dtype, weight: bool, label_smoothing: float, z_loss: float,
                             softcap: float | None, grad_lse: bool) -> list[dict]:
     """Both cross-entropy kernels as fusedlayers/triton/cross_entropy.py launches them on a GPU."""
+    from fusedlayers._ops import ce_math_dtype
     from fusedlayers.triton import cross_entropy as ce
 
     N, C = CE_SHAPE["N"], CE_SHAPE["C"]
     block, num_warps = ce.launch_config(C, dtype)
-    math = ce._math_dtype(dtype)
+    math = ce_math_dtype(dtype)
     T = lambda dt=dtype: MockTensor(dt)  # noqa: E731
     target, w = MockTensor(torch.int64), T() if weight else None
     options = (-100, label_smoothing, z_loss, 1.0 if softcap is None else softcap)
