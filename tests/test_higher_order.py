@@ -1,5 +1,7 @@
 """Higher-order gradients (create_graph, to third order), torch.func transforms and forward-mode AD through
 dense, mlp and cross_entropy on every runnable backend, against the same functions in plain PyTorch, float64."""
+import contextlib
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -193,22 +195,27 @@ def test_vmap_over_x_and_over_weights(backend):
            vmap(vmap(r, (0, None, None)), (None, 0, None))(xs, ws, b), "nested vmap")
 
 
-def test_vmap_takes_the_batching_rule_not_the_fallback(backend):
-    """The per-sample fallback warns when it runs; the batching rules make it never run."""
+@contextlib.contextmanager
+def no_vmap_fallback(capfd):
+    """Fails if vmap's per-sample fallback runs: it warns from C++ on stderr (not a Python warning) then."""
+    capfd.readouterr()
+    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+    try:
+        yield
+    finally:
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    err = capfd.readouterr().err
+    assert "performance drop" not in err, err
+
+
+def test_vmap_takes_the_batching_rule_not_the_fallback(backend, capfd):
     device = device_of(backend)
     f, _ = _dense_pair(backend)
     x, w, b = _dense_args(device)
-    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            vmap(f, (0, None, None))(_randn(5, 4, 3, device=device), w, b)
-            vmap(f, (None, 0, None))(x, _randn(5, 2, 3, device=device), b)
-            jacrev(f, (0, 1, 2))(x, w, b)
-    finally:
-        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    with no_vmap_fallback(capfd):
+        vmap(f, (0, None, None))(_randn(5, 4, 3, device=device), w, b)
+        vmap(f, (None, 0, None))(x, _randn(5, 2, 3, device=device), b)
+        jacrev(f, (0, 1, 2))(x, w, b)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "tanh", "relu", "identity"])
@@ -386,21 +393,14 @@ def test_cross_entropy_vmap_and_forward_ad_shapes(backend):
             assert_rel_close(fwAD.unpack_dual(y).tangent, want, 1e-10, f"forward_ad {reduction}")
 
 
-def test_cross_entropy_vmap_takes_the_batching_rule_not_the_fallback(backend):
+def test_cross_entropy_vmap_takes_the_batching_rule_not_the_fallback(backend, capfd):
     device = device_of(backend)
     x, t, w = _ce_case(device, CE_OPTIONS["weight"])
     f = lambda x, t: cross_entropy(x, t, w, reduction="none", backend=backend)  # noqa: E731
-    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            vmap(f, (0, 0))(_randn(3, *x.shape, device=device), torch.stack([t] * 3))
-            jacrev(f)(x, t)
-            hessian(lambda x: f(x, t).sum())(x)
-    finally:
-        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    with no_vmap_fallback(capfd):
+        vmap(f, (0, 0))(_randn(3, *x.shape, device=device), torch.stack([t] * 3))
+        jacrev(f)(x, t)
+        hessian(lambda x: f(x, t).sum())(x)
 
 
 def _ce_zloss_ref(x, t, z_loss, softcap):
