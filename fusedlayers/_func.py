@@ -189,8 +189,7 @@ def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: lis
 
 # ---- cross_entropy -------------------------------------------------------------------------------------
 # The per-row (loss, lse) op; the formulas are the contract's ("Softmax cross-entropy" in csrc/ops.cpp), in
-# torch ops that batch under vmap and differentiate again (a one-hot by comparison: F.one_hot has no batching
-# rule).
+# torch ops that batch under vmap (the one-hot by a comparison) and differentiate again.
 
 _CE_WEIGHT_GRAD = ("cross_entropy(): the gradient with respect to the class weight is not implemented (neither is "
                    "it in F.cross_entropy); pass weight.detach()")
@@ -208,7 +207,7 @@ def _ce_setup_context(ctx, inputs, output):
 
 
 def _ce_terms(ctx):
-    """(x, z, lse, p, kept, w (None: ones), w[t] of the kept rows, onehot(t), C) in the math dtype."""
+    """(x, lse, p, kept, w (None: ones), w[t] of the kept rows, onehot(t), C) in the math dtype."""
     logits, target, weight = ctx.saved_tensors
     x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     z = x if ctx.softcap is None else ctx.softcap * torch.tanh(x / ctx.softcap)
@@ -217,12 +216,12 @@ def _ce_terms(ctx):
     onehot = (torch.arange(x.shape[-1], device=x.device) == target.unsqueeze(-1)).to(x.dtype)
     w = None if weight is None else weight.to(x.dtype)
     wt = kept.to(x.dtype) if w is None else torch.where(kept, (onehot * w).sum(-1), 0)
-    return x, z, lse, (z - lse.unsqueeze(-1)).exp(), kept, w, wt, onehot, x.shape[-1]
+    return x, lse, (z - lse.unsqueeze(-1)).exp(), kept, w, wt, onehot, x.shape[-1]
 
 
 def _ce_backward(ctx, grad_loss, grad_lse):
     logits = ctx.saved_tensors[0]
-    x, z, lse, p, kept, w, wt, onehot, C = _ce_terms(ctx)
+    x, lse, p, kept, w, wt, onehot, C = _ce_terms(ctx)
     eps = ctx.eps
     # where: an all-ignored mean's grad_loss is inf. An output without a gradient gets None.
     gl = torch.where(kept, 0 if grad_loss is None else grad_loss.to(x.dtype), 0)
@@ -243,7 +242,7 @@ def _ce_jvp(ctx, tlogits, _target, tweight, *_):
     #                                 + eps / C * (W dlse - <w, dz>)), dz the tangent of the (capped) logits.
     if tweight is not None:
         raise RuntimeError(_CE_WEIGHT_GRAD)
-    x, z, lse, p, kept, w, wt, onehot, C = _ce_terms(ctx)
+    x, lse, p, kept, w, wt, onehot, C = _ce_terms(ctx)
     eps = ctx.eps
     dz = tlogits.to(x.dtype)
     if ctx.softcap is not None:
@@ -259,8 +258,8 @@ def _ce_vmap(info, in_dims, logits, target, weight, ignore_index, label_smoothin
     n = info.batch_size
     args = ignore_index, label_smoothing, z_loss, softcap, backend
     if wd is not None:  # a class weight per batch entry: one call each
-        outs = [cross_entropy(logits if ld is None else logits.select(ld, i), target if td is None else target.select(td, i),
-                              weight.select(wd, i), *args) for i in range(n)]
+        pick = lambda t, d, i: t if d is None else t.select(d, i)  # noqa: E731
+        outs = [cross_entropy(pick(logits, ld, i), pick(target, td, i), weight.select(wd, i), *args) for i in range(n)]
         return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
     # The op takes rows: the batch entries become more rows.
     logits, target = _batch_first(logits, ld, n), _batch_first(target, td, n)
