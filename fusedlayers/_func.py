@@ -185,3 +185,97 @@ def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: lis
     if needs_function(x, *weights, *biases):
         return _mlp_function(len(weights), activations, backend, x, *weights, *biases)
     return _ops.mlp(x, weights, biases, activations, save, backend)
+
+
+# ---- cross_entropy -------------------------------------------------------------------------------------
+# The per-row (loss, lse) op; the formulas are the contract's ("Softmax cross-entropy" in csrc/ops.cpp), in
+# torch ops that batch under vmap (the one-hot by a comparison) and differentiate again.
+
+_CE_WEIGHT_GRAD = ("cross_entropy(): the gradient with respect to the class weight is not implemented (neither is "
+                   "it in F.cross_entropy); pass weight.detach()")
+
+
+def _ce_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return _ops.cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, target, weight, ctx.ignore_index, ctx.eps, ctx.z_loss, ctx.softcap, _ = inputs
+    ctx.save_for_backward(logits, target, weight)
+    ctx.save_for_forward(logits, target, weight)
+    ctx.set_materialize_grads(False)  # a weight without a tangent gets None, not zeros (a tangent raises)
+
+
+def _ce_terms(ctx):
+    """(x, lse, p, kept, w (None: ones), w[t] of the kept rows, onehot(t), C) in the math dtype."""
+    logits, target, weight = ctx.saved_tensors
+    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    z = x if ctx.softcap is None else ctx.softcap * torch.tanh(x / ctx.softcap)
+    lse = z.logsumexp(-1)
+    kept = target != ctx.ignore_index
+    onehot = (torch.arange(x.shape[-1], device=x.device) == target.unsqueeze(-1)).to(x.dtype)
+    w = None if weight is None else weight.to(x.dtype)
+    wt = kept.to(x.dtype) if w is None else torch.where(kept, (onehot * w).sum(-1), 0)
+    return x, lse, (z - lse.unsqueeze(-1)).exp(), kept, w, wt, onehot, x.shape[-1]
+
+
+def _ce_backward(ctx, grad_loss, grad_lse):
+    logits = ctx.saved_tensors[0]
+    x, lse, p, kept, w, wt, onehot, C = _ce_terms(ctx)
+    eps = ctx.eps
+    # where: an all-ignored mean's grad_loss is inf. An output without a gradient gets None.
+    gl = torch.where(kept, 0 if grad_loss is None else grad_loss.to(x.dtype), 0)
+    W = C if w is None else w.sum()
+    a = gl * (wt * ((1 - eps) + 2 * ctx.z_loss * lse) + eps / C * W)
+    if grad_lse is not None:
+        a = a + grad_lse.to(x.dtype)
+    dz = a.unsqueeze(-1) * p - (gl * wt * (1 - eps)).unsqueeze(-1) * onehot
+    if eps:
+        dz = dz - (gl * (eps / C)).unsqueeze(-1) * (1 if w is None else w)
+    if ctx.softcap is not None:
+        dz = dz * (1 - torch.tanh(x / ctx.softcap).square())
+    return dz.to(logits.dtype), None, None, None, None, None, None, None
+
+
+def _ce_jvp(ctx, tlogits, _target, tweight, *_):
+    # dlse = <p, dz>, dloss = kept * (w[t] * ((1 - eps) * (dlse - dz[t]) + 2 z_loss lse dlse)
+    #                                 + eps / C * (W dlse - <w, dz>)), dz the tangent of the (capped) logits.
+    if tweight is not None:
+        raise RuntimeError(_CE_WEIGHT_GRAD)
+    x, lse, p, kept, w, wt, onehot, C = _ce_terms(ctx)
+    eps = ctx.eps
+    dz = tlogits.to(x.dtype)
+    if ctx.softcap is not None:
+        dz = dz * (1 - torch.tanh(x / ctx.softcap).square())
+    dlse = (p * dz).sum(-1)
+    smooth = C * dlse - dz.sum(-1) if w is None else w.sum() * dlse - (w * dz).sum(-1)
+    dloss = wt * ((1 - eps) * (dlse - (onehot * dz).sum(-1)) + 2 * ctx.z_loss * lse * dlse) + eps / C * smooth
+    return torch.where(kept, dloss, 0), dlse
+
+
+def _ce_vmap(info, in_dims, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend):
+    ld, td, wd = in_dims[:3]
+    n = info.batch_size
+    args = ignore_index, label_smoothing, z_loss, softcap, backend
+    if wd is not None:  # a class weight per batch entry: one call each
+        pick = lambda t, d, i: t if d is None else t.select(d, i)  # noqa: E731
+        outs = [cross_entropy(pick(logits, ld, i), pick(target, td, i), weight.select(wd, i), *args) for i in range(n)]
+        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+    # The op takes rows: the batch entries become more rows.
+    logits, target = _batch_first(logits, ld, n), _batch_first(target, td, n)
+    loss, lse = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight, *args)
+    return (loss.reshape(n, logits.shape[1]), lse.reshape(n, logits.shape[1])), (0, 0)
+
+
+_ce_function = function_op("CrossEntropyFunction", _ce_forward, _ce_setup_context, _ce_backward, _ce_jvp, _ce_vmap)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float,
+                  z_loss: float, softcap: float | None, backend: str) -> tuple[Tensor, Tensor]:
+    """The cross_entropy op, through the autograd.Function where a transform or a tangent needs it (not
+    compiling)."""
+    if needs_function(logits, weight):
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():  # as the op refuses it
+            raise RuntimeError(_CE_WEIGHT_GRAD)
+        return _ce_function(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
+    return _ops.cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)

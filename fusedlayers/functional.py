@@ -123,8 +123,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     """
     check_reduction(reduction)
     logits, rows_target, shape = _rows(input, target, "cross_entropy")
-    loss, lse = _cross_entropy(logits, rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
-                               None if softcap is None else float(softcap), resolve_backend(backend, input.device))
+    op = _cross_entropy if torch.compiler.is_compiling() else _func.cross_entropy  # as in dense()
+    loss, lse = op(logits, rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
+                   None if softcap is None else float(softcap), resolve_backend(backend, input.device))
     loss = _reduce(loss, rows_target, weight, ignore_index, reduction)
     loss = (loss.reshape(shape) if reduction == "none" else loss).to(input.dtype)
     return (loss, lse.reshape(shape).to(input.dtype)) if return_lse else loss

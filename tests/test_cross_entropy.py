@@ -2,6 +2,7 @@
 the torch.library ops) on every runnable backend, against F.cross_entropy and plain PyTorch in float64."""
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -207,10 +208,14 @@ def test_weight_gradient_is_refused(backend):
         cross_entropy(x, t, w.requires_grad_(), backend=backend)
 
 
-def test_forward_mode_ad_is_refused(backend):
+def test_op_refuses_forward_mode_ad(backend):
+    """The raw op has no forward-mode formula and says so; cross_entropy() takes the torch.func route
+    (tests/test_higher_order.py checks its tangents)."""
     _, (x, t, _) = make_case(4, 5, torch.float64, device_of(backend))
-    with pytest.raises(RuntimeError, match="forward-mode AD"):
-        torch.func.jvp(lambda x: cross_entropy(x, t, backend=backend), (x.detach(),), (torch.ones_like(x),))
+    kind = fusedlayers._ops.resolve_backend(backend, x.device)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+        torch.ops.fusedlayers.cross_entropy(fwAD.make_dual(x.detach(), torch.ones_like(x)), t, None, -100, 0.0, 0.0,
+                                            None, kind)
 
 
 def _prefix(backend):

@@ -1,5 +1,7 @@
 """Higher-order gradients (create_graph, to third order), torch.func transforms and forward-mode AD through
-dense and mlp on every runnable backend, against the same functions written in plain PyTorch, float64."""
+dense, mlp and cross_entropy on every runnable backend, against the same functions in plain PyTorch, float64."""
+import contextlib
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -9,7 +11,7 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 from fusedlayers import FusedMLP
 from fusedlayers.activations import ACTIVATIONS, REFERENCE
-from fusedlayers.functional import dense, mlp
+from fusedlayers.functional import cross_entropy, dense, mlp
 
 from conftest import assert_rel_close, device_of
 
@@ -193,22 +195,27 @@ def test_vmap_over_x_and_over_weights(backend):
            vmap(vmap(r, (0, None, None)), (None, 0, None))(xs, ws, b), "nested vmap")
 
 
-def test_vmap_takes_the_batching_rule_not_the_fallback(backend):
-    """The per-sample fallback warns when it runs; the batching rules make it never run."""
+@contextlib.contextmanager
+def no_vmap_fallback(capfd):
+    """Fails if vmap's per-sample fallback runs: it warns from C++ on stderr (not a Python warning) then."""
+    capfd.readouterr()
+    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+    try:
+        yield
+    finally:
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    err = capfd.readouterr().err
+    assert "performance drop" not in err, err
+
+
+def test_vmap_takes_the_batching_rule_not_the_fallback(backend, capfd):
     device = device_of(backend)
     f, _ = _dense_pair(backend)
     x, w, b = _dense_args(device)
-    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            vmap(f, (0, None, None))(_randn(5, 4, 3, device=device), w, b)
-            vmap(f, (None, 0, None))(x, _randn(5, 2, 3, device=device), b)
-            jacrev(f, (0, 1, 2))(x, w, b)
-    finally:
-        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    with no_vmap_fallback(capfd):
+        vmap(f, (0, None, None))(_randn(5, 4, 3, device=device), w, b)
+        vmap(f, (None, 0, None))(x, _randn(5, 2, 3, device=device), b)
+        jacrev(f, (0, 1, 2))(x, w, b)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "tanh", "relu", "identity"])
@@ -321,3 +328,110 @@ def test_create_graph_through_sequential_of_fused_dense(backend):
 
     for got, want in zip(penalty(fused), penalty(ref)):
         assert_rel_close(got, want, 1e-10)
+
+
+# ---- cross_entropy under torch.func --------------------------------------------------------------------------
+
+CE_OPTIONS = {"plain": {}, "weight": {"weight": True}, "smoothing": {"label_smoothing": 0.1},
+              "weight_smoothing": {"weight": True, "label_smoothing": 0.2}}
+
+
+def _ce_case(device, options, N=4, C=5, seed=0):
+    """logits (N, C), target with row 1 ignored, the class weight (None without the "weight" option)."""
+    x = _randn(N, C, device=device, seed=seed)
+    t = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(seed)).to(device)
+    t[1] = -100
+    w = _randn(C, device=device, seed=seed + 1).abs() + 0.5 if options.get("weight") else None
+    return x, t, w
+
+
+def _looped(fn, dims, args):
+    """vmap's result computed one batch entry at a time (F.cross_entropy has no batching rule for some options)."""
+    n = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    return torch.stack([fn(*(a if d is None else a.select(d, i) for a, d in zip(args, dims))) for i in range(n)])
+
+
+def _ce_pair(backend, reduction, options):
+    ls = options.get("label_smoothing", 0.0)
+    return (lambda x, t, w: cross_entropy(x, t, w, reduction=reduction, label_smoothing=ls, backend=backend),
+            lambda x, t, w: F.cross_entropy(x, t, w, reduction=reduction, label_smoothing=ls))
+
+
+@pytest.mark.parametrize("options", CE_OPTIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_transforms_match_eager(backend, reduction, options):
+    device = device_of(backend)
+    f, r = _ce_pair(backend, reduction, CE_OPTIONS[options])
+    x, t, w = _ce_case(device, CE_OPTIONS[options])
+    tx = _randn(*x.shape, device=device, seed=7)
+    sq = lambda fn: lambda x: fn(x, t, w).square().sum()  # noqa: E731  a scalar with a nonzero Hessian
+    _close(grad(sq(f))(x), grad(sq(r))(x), "grad")
+    _close(jacrev(f)(x, t, w), jacrev(r)(x, t, w), "jacrev")
+    _close(jacfwd(f)(x, t, w), jacfwd(r)(x, t, w), "jacfwd")
+    _close(jvp(lambda x: f(x, t, w), (x,), (tx,)), jvp(lambda x: r(x, t, w), (x,), (tx,)), "jvp")
+    _close(hessian(sq(f))(x), hessian(sq(r))(x), "hessian")
+    xs, ts = _randn(3, *x.shape, device=device, seed=8), torch.stack([t, t.roll(1), t.flip(0)])
+    for dims, args in (((0, None, None), (xs, t, w)), ((0, 0, None), (xs, ts, w)), ((None, 0, None), (x, ts, w)),
+                       ((1, None, None), (xs.transpose(0, 1), t, w))):
+        _close(vmap(f, dims)(*args), _looped(r, dims, args), f"vmap {dims}")
+
+
+def test_cross_entropy_vmap_and_forward_ad_shapes(backend):
+    """A vmapped class weight (one call per entry), (N, C, d) inputs under vmap, and forward-mode AD."""
+    device = device_of(backend)
+    f, r = _ce_pair(backend, "mean", CE_OPTIONS["weight_smoothing"])
+    x, t, w = _ce_case(device, CE_OPTIONS["weight_smoothing"])
+    ws = _randn(3, x.shape[1], device=device, seed=9).abs() + 0.5
+    _close(vmap(f, (None, None, 0))(x, t, ws), _looped(r, (None, None, 0), (x, t, ws)), "vmap weight")
+    x3, t3 = _randn(2, 2, 5, 3, device=device, seed=10), torch.tensor([[[0, 4, 2], [1, -100, 3]]] * 2, device=device)
+    _close(vmap(f, (0, None, None))(x3, t3[0], w), _looped(r, (0, None, None), (x3, t3[0], w)), "vmap (N, C, d)")
+    tx = _randn(*x.shape, device=device, seed=11)
+    for reduction in ("mean", "none"):
+        want = jvp(lambda x: F.cross_entropy(x, t, w, reduction=reduction), (x,), (tx,))[1]
+        with fwAD.dual_level():
+            y = cross_entropy(fwAD.make_dual(x, tx), t, w, reduction=reduction, backend=backend)
+            assert_rel_close(fwAD.unpack_dual(y).tangent, want, 1e-10, f"forward_ad {reduction}")
+
+
+def test_cross_entropy_vmap_takes_the_batching_rule_not_the_fallback(backend, capfd):
+    device = device_of(backend)
+    x, t, w = _ce_case(device, CE_OPTIONS["weight"])
+    f = lambda x, t: cross_entropy(x, t, w, reduction="none", backend=backend)  # noqa: E731
+    with no_vmap_fallback(capfd):
+        vmap(f, (0, 0))(_randn(3, *x.shape, device=device), torch.stack([t] * 3))
+        jacrev(f)(x, t)
+        hessian(lambda x: f(x, t).sum())(x)
+
+
+def _ce_zloss_ref(x, t, z_loss, softcap):
+    """Plain PyTorch: the softcapped logits' cross-entropy plus z_loss * lse**2 per kept row, mean; and lse."""
+    z = softcap * torch.tanh(x / softcap)
+    lse = z.logsumexp(-1)
+    kept = t != -100
+    loss = F.cross_entropy(z, t, reduction="none") + torch.where(kept, z_loss * lse.square(), 0)
+    return loss.sum() / kept.sum(), lse
+
+
+def test_cross_entropy_z_loss_softcap_transforms(backend):
+    device = device_of(backend)
+    x, t, _ = _ce_case(device, {})
+    x = 3 * x
+    tx = _randn(*x.shape, device=device, seed=12)
+    f = lambda x: cross_entropy(x, t, z_loss=0.05, softcap=4.0, return_lse=True, backend=backend)  # noqa: E731
+    r = lambda x: _ce_zloss_ref(x, t, 0.05, 4.0)  # noqa: E731
+    _close(grad(lambda x: f(x)[0])(x), grad(lambda x: r(x)[0])(x), "grad loss")
+    _close(grad(lambda x: f(x)[1].square().sum())(x), grad(lambda x: r(x)[1].square().sum())(x), "grad lse")
+    (got, dgot), (want, dwant) = jvp(f, (x,), (tx,)), jvp(r, (x,), (tx,))
+    _close(got, want, "jvp primals")
+    _close(dgot, dwant, "jvp tangents of (loss, lse)")
+    _close(hessian(lambda x: f(x)[0])(x), hessian(lambda x: r(x)[0])(x), "hessian")
+
+
+def test_cross_entropy_weight_derivative_is_refused(backend):
+    """As the op (and F.cross_entropy): no gradient with respect to the class weight, never a silent zero."""
+    x, t, w = _ce_case(device_of(backend), CE_OPTIONS["weight"])
+    f = lambda x, w: cross_entropy(x, t, w, backend=backend)  # noqa: E731
+    with pytest.raises(RuntimeError, match="class weight"):
+        grad(f, 1)(x, w)
+    with pytest.raises(RuntimeError, match="class weight"):
+        jvp(f, (x, w), (torch.ones_like(x), torch.ones_like(w)))
