@@ -61,7 +61,7 @@ FORMULAS = {
                                                 "for dW, l > 0); bytes = (M w_L (g) + sum_l M w_l+1 (z) + "
                                                 "sum_l w_l w_l+1 (W) + 2 M w_0 (x, dx)) * itemsize + P * "
                                                 "sum_l (w_l w_l+1 + w_l+1) * compute itemsize (partial dW, db)",
-    "elementwise f(z) (n elements)": "FLOPs = a n; bytes = 2 n itemsize",
+    "elementwise f(z), or f^(order)(z) (n elements)": "FLOPs = a n; bytes = 2 n itemsize",
     "elementwise g f'(z)": "FLOPs = (a + 1) n; bytes = 3 n itemsize",
     "cross_entropy forward (N rows, C classes)": "FLOPs = (3 + a) NC (max, subtract, exp, add) + with label "
                                                  "smoothing 3 NC + with a softcap (2 + a) NC; bytes = NC itemsize "
@@ -393,8 +393,9 @@ def cuda_reports(so: str) -> list[dict]:
         }
         # half and bfloat16 compute in float32 (at::opmath_type); float64 has no mma here
         rate = "fp64_vector" if dtype == torch.float64 else "fp32"
-        if dtype is not None and name.startswith(("forward_act_kernel", "backward_act_kernel")):
-            n, i, forward = CUDA_REFERENCE_ELEMENTS, dtype.itemsize, name.startswith("forward")
+        if dtype is not None and name.startswith(("forward_act_kernel", "backward_act_kernel", "derivative_kernel")):
+            # derivative_kernel (f, f' or f'' of z for higher-order gradients) moves and computes as the forward
+            n, i, forward = CUDA_REFERENCE_ELEMENTS, dtype.itemsize, not name.startswith("backward")
             flops = (ACT_FLOPS + (0 if forward else 1)) * n
             entry.update(shape={"n": n}, **roofline(flops, (2 if forward else 3) * n * i, rate))
         elif dtype is not None and name.startswith(("cross_entropy_forward_kernel", "cross_entropy_backward_kernel")):
