@@ -5,10 +5,12 @@
 // Every element goes through Vectorized, the row tails by partial loads: so this file instantiates the
 // activation functors only for its own ISA's vector types, never for plain float/double, whose copies
 // other files compile for the baseline ISA.
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
 
 #include "cpu/kernels.h"
 #include "cpu/vec_math.h"
@@ -151,6 +153,21 @@ void tile_matmul(const M* a, int64_t sa_i, int64_t sa_j, const M* bias, const M*
   }
 }
 
+// The sum of a vector's lanes: ATen's shuffles for float; double (no such specialization) through memory.
+template <typename M>
+M lane_sum(const at::vec::Vectorized<M>& v) {
+  using V = at::vec::Vectorized<M>;
+  if constexpr (std::is_same_v<M, float>) {
+    return at::vec::vec_reduce_all<M>([](const V& a, const V& b) { return a + b; }, v);
+  } else {
+    M lanes[V::size()];
+    v.store(lanes);
+    for (int64_t w = V::size() / 2; w > 0; w /= 2)
+      for (int64_t i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+    return lanes[0];
+  }
+}
+
 // z (n x R) = W (n x in) h (in x R) + b
 template <typename M>
 void tile_linear(const M* w, const M* b, const M* __restrict__ h, M* __restrict__ z, int64_t in, int64_t n,
@@ -235,7 +252,26 @@ void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x
       }
       continue;
     }
-    for (int64_t o = 0; o < n; ++o) {
+    if (R == kMlpTileRows) {  // full tiles: the products summed in vector registers, one reduction per weight
+      using V = at::vec::Vectorized<M>;
+      constexpr int64_t kVectors = kMlpTileRows / V::size();
+      for (int64_t o = 0; o < n; ++o) {
+        V d[kVectors];
+        for (int64_t v = 0; v < kVectors; ++v) d[v] = V::loadu(dz + o * R + v * V::size());
+        if (db) {
+          V s = d[0];
+          for (int64_t v = 1; v < kVectors; ++v) s = s + d[v];
+          db[b_off + o] += lane_sum(s);
+        }
+        for (int64_t k = 0; k < in; ++k) {
+          const M* hk = h + k * R;
+          V p = d[0] * V::loadu(hk);
+          for (int64_t v = 1; v < kVectors; ++v) p = at::vec::fmadd(d[v], V::loadu(hk + v * V::size()), p);
+          dwl[o * in + k] += lane_sum(p);
+        }
+      }
+    }
+    for (int64_t o = 0; o < n && R != kMlpTileRows; ++o) {
       const M* dzo = dz + o * R;
       if (db) {
         M s = 0;
