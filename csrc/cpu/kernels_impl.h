@@ -5,11 +5,14 @@
 // Every element goes through Vectorized, the row tails by partial loads: so this file instantiates the
 // activation functors only for its own ISA's vector types, never for plain float/double, whose copies
 // other files compile for the baseline ISA.
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
+#include <type_traits>
 
 #include "cpu/kernels.h"
 #include "cpu/vec_math.h"
@@ -17,36 +20,42 @@
 namespace fusedlayers::cpu::FL_ISA {
 namespace {
 
+// A row of a narrow matrix (cols not a multiple of the vector width) ends in a partial vector, and the
+// per-row loop costs more than the arithmetic (12 columns: the bias pass of a 4096-row layer took as long as
+// its GEMM). Rows are taken instead k at a time, k * cols = lcm(cols, vector width) elements that are whole
+// vectors, against the bias repeated k times. Periods longer than kMaxPeriod elements (cols wide enough that
+// the partial vector hardly matters) keep the row loop.
+constexpr int64_t kMaxPeriod = 2048;
+
+template <typename T>
+int64_t period_rows(int64_t cols) {
+  const int64_t lanes = at::vec::Vectorized<T>::size();
+  return lanes / std::gcd(cols, lanes);
+}
+
+// f over the elements [b, b + n) of a matrix whose bias (null: none) for element i is bias[i % period]
+// (period a multiple of the vector width unless n is one row).
 template <typename Act, typename T>
-void forward_rows(const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z) {
+void forward_span(const T* bias, T* z, T* y, int64_t n, bool store_z) {
   using V = at::vec::Vectorized<T>;
-  for (int64_t r = begin; r < end; ++r) {
-    T* zr = z + r * cols;
-    T* yr = y + r * cols;
-    for (int64_t c = 0; c < cols; c += V::size()) {
-      const int n = static_cast<int>(std::min<int64_t>(V::size(), cols - c));
-      V v = V::loadu(zr + c, n);
-      if (bias) v = v + V::loadu(bias + c, n);
-      if (store_z) v.store(zr + c, n);
-      Act::f(v).store(yr + c, n);
-    }
+  for (int64_t c = 0; c < n; c += V::size()) {
+    const int cnt = static_cast<int>(std::min<int64_t>(V::size(), n - c));
+    V v = V::loadu(z + c, cnt);
+    if (bias) v = v + V::loadu(bias + c, cnt);
+    if (store_z) v.store(z + c, cnt);
+    Act::f(v).store(y + c, cnt);
   }
 }
 
 template <typename Act, typename T>
-void backward_rows(const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols) {
+void backward_span(const T* g, const T* z, T* dz, T* db, int64_t n) {
   using V = at::vec::Vectorized<T>;
-  for (int64_t r = begin; r < end; ++r) {
-    const T* gr = g + r * cols;
-    const T* zr = z + r * cols;
-    T* dzr = dz + r * cols;
-    for (int64_t c = 0; c < cols; c += V::size()) {
-      const int n = static_cast<int>(std::min<int64_t>(V::size(), cols - c));
-      // Lanes past n hold zeros from the partial loads and are never stored.
-      V d = V::loadu(gr + c, n) * Act::df(V::loadu(zr + c, n));
-      d.store(dzr + c, n);
-      if (db) (V::loadu(db + c, n) + d).store(db + c, n);
-    }
+  for (int64_t c = 0; c < n; c += V::size()) {
+    const int cnt = static_cast<int>(std::min<int64_t>(V::size(), n - c));
+    // Lanes past cnt hold zeros from the partial loads and are never stored.
+    V d = V::loadu(g + c, cnt) * Act::df(V::loadu(z + c, cnt));
+    d.store(dz + c, cnt);
+    if (db) (V::loadu(db + c, cnt) + d).store(db + c, cnt);
   }
 }
 
@@ -60,6 +69,47 @@ void derivative_loop(const T* z, T* out, int64_t n) {
     else if constexpr (Order == 1) Act::df(v).store(out + i, m);
     else Act::d2f(v).store(out + i, m);
   }
+}
+
+template <typename Act, typename T>
+void forward_rows(const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z) {
+  z += begin * cols;
+  y += begin * cols;
+  int64_t rows = end - begin;
+  if (!bias) return forward_span<Act>(bias, z, y, rows * cols, store_z);
+  const int64_t k = period_rows<T>(cols);
+  if (k > 1 && k * cols <= kMaxPeriod && rows >= k) {
+    T rep[kMaxPeriod];
+    for (int64_t j = 0; j < k; ++j) std::copy(bias, bias + cols, rep + j * cols);
+    const int64_t blocks = rows / k;
+    for (int64_t i = 0; i < blocks; ++i) forward_span<Act>(rep, z + i * k * cols, y + i * k * cols, k * cols, store_z);
+    z += blocks * k * cols;
+    y += blocks * k * cols;
+    rows -= blocks * k;
+  }
+  for (int64_t r = 0; r < rows; ++r) forward_span<Act>(bias, z + r * cols, y + r * cols, cols, store_z);
+}
+
+template <typename Act, typename T>
+void backward_rows(const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols) {
+  g += begin * cols;
+  z += begin * cols;
+  dz += begin * cols;
+  int64_t rows = end - begin;
+  if (!db) return backward_span<Act>(g, z, dz, db, rows * cols);
+  const int64_t k = period_rows<T>(cols);
+  if (k > 1 && k * cols <= kMaxPeriod && rows >= k) {
+    T rep[kMaxPeriod] = {};  // k rows of partial bias-gradient sums, folded into db at the end
+    const int64_t blocks = rows / k, step = k * cols;
+    for (int64_t i = 0; i < blocks; ++i) backward_span<Act>(g + i * step, z + i * step, dz + i * step, rep, step);
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t c = 0; c < cols; ++c) db[c] += rep[j * cols + c];
+    g += blocks * step;
+    z += blocks * step;
+    dz += blocks * step;
+    rows -= blocks * k;
+  }
+  for (int64_t r = 0; r < rows; ++r) backward_span<Act>(g + r * cols, z + r * cols, dz + r * cols, db, cols);
 }
 
 }  // namespace
@@ -124,6 +174,21 @@ void tile_matmul(const M* a, int64_t sa_i, int64_t sa_j, const M* bias, const M*
 #pragma omp simd
       for (int64_t r = 0; r < R; ++r) oi[r] += aij * hj[r];
     }
+  }
+}
+
+// The sum of a vector's lanes: ATen's shuffles for float; double (no such specialization) through memory.
+template <typename M>
+M lane_sum(const at::vec::Vectorized<M>& v) {
+  using V = at::vec::Vectorized<M>;
+  if constexpr (std::is_same_v<M, float>) {
+    return at::vec::vec_reduce_all<M>([](const V& a, const V& b) { return a + b; }, v);
+  } else {
+    M lanes[V::size()];
+    v.store(lanes);
+    for (int64_t w = V::size() / 2; w > 0; w /= 2)
+      for (int64_t i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+    return lanes[0];
   }
 }
 
@@ -211,7 +276,26 @@ void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x
       }
       continue;
     }
-    for (int64_t o = 0; o < n; ++o) {
+    if (R == kMlpTileRows) {  // full tiles: the products summed in vector registers, one reduction per weight
+      using V = at::vec::Vectorized<M>;
+      constexpr int64_t kVectors = kMlpTileRows / V::size();
+      for (int64_t o = 0; o < n; ++o) {
+        V d[kVectors];
+        for (int64_t v = 0; v < kVectors; ++v) d[v] = V::loadu(dz + o * R + v * V::size());
+        if (db) {
+          V s = d[0];
+          for (int64_t v = 1; v < kVectors; ++v) s = s + d[v];
+          db[b_off + o] += lane_sum(s);
+        }
+        for (int64_t k = 0; k < in; ++k) {
+          const M* hk = h + k * R;
+          V p = d[0] * V::loadu(hk);
+          for (int64_t v = 1; v < kVectors; ++v) p = at::vec::fmadd(d[v], V::loadu(hk + v * V::size()), p);
+          dwl[o * in + k] += lane_sum(p);
+        }
+      }
+    }
+    for (int64_t o = 0; o < n && R != kMlpTileRows; ++o) {
       const M* dzo = dz + o * R;
       if (db) {
         M s = 0;

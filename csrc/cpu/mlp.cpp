@@ -19,10 +19,13 @@
 namespace fusedlayers::cpu {
 namespace {
 
-// Measured here (3 tanh layers of equal width, batch 1/100/1000, float32 and float64, fused vs a chain of
-// FusedDense): the tiles win at width 16 up to batch 100 (0.87-0.94x the chain's time), lose at batch 1000
-// (1.2-1.3x) and from width 32 on (1.1-1.8x), where BLAS GEMMs and ATen's faster tanh do better.
-constexpr int64_t kMaxFusedWidth = 16;
+// Measured here (3 tanh layers of equal width, fwd+bwd, one thread, tiles vs the chain of dense kernels, with
+// the tiles' weight gradients reduced in vector registers): the tiles take 0.65-0.8x the chain's time at width
+// 32 up to 32 rows (16 rows in float64: 0.72x), break even at width 32 x 64 rows and width 16 x 256 rows
+// (about 2e5 multiply-adds), and lose beyond (width 16 x 1000 rows: 1.2-1.3x; width 32 x 128 rows: 1.13x).
+// Width 64 wins only for a single vector (0.9x) and loses at 8 rows (2x: a partial tile's products are not
+// kept in registers), so the rule stops at width 32 and 2^17 multiply-adds.
+constexpr int64_t kMaxFusedWidth = 32;
 constexpr int64_t kMaxFusedMacs = 1 << 17;  // rows * multiply-adds per row
 
 struct Shape {
