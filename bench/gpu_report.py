@@ -255,7 +255,7 @@ def triton_launches() -> list[dict]:
     launches += [launch for case, cfg in MLP_CASES.items() for launch in _mlp_launches(case, **cfg)]
     launches.append(_activation_launch(ACTIVATION_CASE[0], **ACTIVATION_CASE[1]))
     for launch in launches:
-        launch["num_warps"] = dense.NUM_WARPS  # every launch of dense.py and mlp.py
+        launch["num_warps"] = launch["meta"].pop("num_warps", dense.NUM_WARPS)  # as dense.py's _launch
     launches += [launch for case, cfg in CE_CASES.items() for launch in _cross_entropy_launches(case, **cfg)]
     for launch in launches:
         launch["name"] = f"{launch['family']}/{launch['fn'].__name__}[{launch['case']}]"

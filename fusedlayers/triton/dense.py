@@ -162,7 +162,7 @@ def _as_rows(t: Tensor, cols: int) -> Tensor:
 def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
     # An empty grid has nothing to compute; the interpreter and the driver need not see it.
     if all(g > 0 for g in grid):
-        kernel[grid](*args, num_warps=NUM_WARPS, **meta)
+        kernel[grid](*args, **{"num_warps": NUM_WARPS, **meta})  # meta may choose its own num_warps
 
 
 def _forward_2d(x2: Tensor, weight: Tensor, bias: Tensor | None, act: int,

@@ -23,14 +23,14 @@ from torch import Tensor
 
 from .._ops import check_mlp_args
 from .activations import IDENTITY, act_df, act_f, activation_code
-from .dense import _DTYPES, _as_rows, _compute, _forward_2d, _launch, dense_backward
+from .dense import _DTYPES, NUM_WARPS, _as_rows, _compute, _forward_2d, _launch, dense_backward
 
 # Networks whose widths (input included) are all <= FUSED_MAX_WIDTH run fused.
 FUSED_MAX_WIDTH = 128
 # Rows per fused program, by compute dtype and widest padded layer; fixed, so that the kernels can be compiled
 # ahead of time. The live state per program is a few (BLOCK_M, width) activation tiles and a weight tile;
 # fewer rows for the wider networks keep the backward within the registers (measured on sm_80 builds).
-# The kernels launch with dense.NUM_WARPS warps.
+# The kernels launch with dense.NUM_WARPS warps, the smallest fused tiles with fewer (_fused_num_warps).
 FUSED_BLOCK_M = {torch.float32: {16: 32, 32: 32, 64: 16, 128: 16}, torch.float64: {16: 16, 32: 16, 64: 16, 128: 16}}
 # The fused backward runs at most this many programs, each looping over row tiles, which bounds the dW/db
 # partial sums to BACKWARD_MAX_PROGRAMS copies of the parameters.
@@ -200,8 +200,15 @@ def _is_fused(widths: tuple[int, ...]) -> bool:
 
 def _fused_meta(widths: tuple[int, ...], codes: tuple[int, ...], has_bias: bool, dtype: torch.dtype) -> dict:
     pads = tuple(_padded(w) for w in widths)
-    return dict(WIDTHS=widths, PADS=pads, ACTS=codes, NUM_LAYERS=len(codes), HAS_BIAS=has_bias,
-                BLOCK_M=FUSED_BLOCK_M[_compute_dtype(dtype)][max(pads)])
+    block_m = FUSED_BLOCK_M[_compute_dtype(dtype)][max(pads)]
+    return dict(WIDTHS=widths, PADS=pads, ACTS=codes, NUM_LAYERS=len(codes), HAS_BIAS=has_bias, BLOCK_M=block_m,
+                num_warps=_fused_num_warps(block_m, max(pads)))
+
+
+def _fused_num_warps(block_m: int, pad: int) -> int:
+    """2 warps for a tile of at most 16 x 16 (the seed000 float64 forward spilled 8 bytes on sm_90 with 4:
+    ptxas, bench.gpu_report), dense.NUM_WARPS otherwise."""
+    return 2 if block_m * pad <= 256 else NUM_WARPS
 
 
 def _activate(z2: Tensor, act: int) -> Tensor:
