@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import functional as FL
 from .activations import name_of_module
-from .modules import FusedDense
+from .modules import FusedCrossEntropyLoss, FusedDense
 
 
 def mlp_is_faster(sizes: list[int]) -> bool:
@@ -67,8 +67,8 @@ class FusedSequential(nn.Sequential):
             head = layers[0]
             weights = [m._parameters["weight"] for m in layers]
             biases = [m._parameters["bias"] for m in layers] if head.bias is not None else []
-            input = FL._mlp(input, weights, biases, activations, FL.saves_preact(head.save),
-                            FL.resolve_backend(head.backend, input.device))
+            input = FL.mlp_op(input, weights, biases, activations, FL.saves_preact(head.save),
+                              FL.resolve_backend(head.backend, input.device))
             i = last + 1
         for module in children[i:]:
             input = module(input)
@@ -146,7 +146,6 @@ def _chains(a: nn.Module, b: nn.Module) -> bool:
 
 
 def _fused_cross_entropy(loss: nn.CrossEntropyLoss) -> nn.Module:
-    from .modules import FusedCrossEntropyLoss  # from the cross-entropy work, merged separately
     fused = FusedCrossEntropyLoss(weight=loss.weight, ignore_index=loss.ignore_index, reduction=loss.reduction,
                                   label_smoothing=loss.label_smoothing)
     return fused.train(loss.training)
