@@ -34,4 +34,21 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target, co
                     softcap.value_or(0.0));
 }
 
+// The per-row inputs of every native backward kernel: (N,) each, on the logits' device.
+inline void check_ce_backward_rows(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                   const at::Tensor& lse, const at::Tensor& logits) {
+  const int64_t N = logits.size(0);
+  for (const at::Tensor* v : {&grad_loss, &lse}) {
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == N, "cross_entropy_backward(): expected grad_loss and lse of shape (",
+                N, ",), got shape ", v->sizes());
+  }
+  TORCH_CHECK(!grad_lse.has_value() || (grad_lse->dim() == 1 && grad_lse->size(0) == N),
+              "cross_entropy_backward(): expected grad_lse of shape (", N, ",), got shape ", grad_lse->sizes());
+  for (const at::Tensor* v : {&grad_loss, &lse, grad_lse.has_value() ? &*grad_lse : nullptr}) {
+    if (v == nullptr) continue;
+    TORCH_CHECK(v->device() == logits.device(), "cross_entropy_backward(): expected grad_loss, grad_lse and lse on "
+                "the device of logits (", logits.device(), "), got ", v->device());
+  }
+}
+
 }  // namespace fusedlayers

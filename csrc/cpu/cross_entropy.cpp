@@ -85,12 +85,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
                                   double label_smoothing, double z_loss, std::optional<double> softcap) {
   check_ce_args(logits, target, weight, label_smoothing, softcap);
   const int64_t N = logits.size(0), C = logits.size(1);
-  for (const at::Tensor* v : {&grad_loss, &lse}) {
-    TORCH_CHECK(v->dim() == 1 && v->size(0) == N, "cross_entropy_backward(): expected grad_loss and lse of shape (",
-                N, ",), got shape ", v->sizes());
-  }
-  TORCH_CHECK(!grad_lse.has_value() || (grad_lse->dim() == 1 && grad_lse->size(0) == N),
-              "cross_entropy_backward(): expected grad_lse of shape (", N, ",), got shape ", grad_lse->sizes());
+  check_ce_backward_rows(grad_loss, grad_lse, lse, logits);
   at::Tensor grad = at::empty({N, C}, logits.options());
   if (N == 0 || C == 0) return grad;
   const auto math = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
