@@ -22,11 +22,13 @@ inline Activation parse_activation(std::string_view name) {
   TORCH_CHECK_VALUE(false, "unknown activation '", name, "'; expected one of: ", known);
 }
 
-// The activation table's kernels give f (order 0), f' and f''; higher orders come from the differentiable
+// The activation table's kernels give f (order 0) to f'''; higher orders come from the differentiable
 // torch formulas of fusedlayers/activations.py (the activation_derivative_formula op).
+constexpr int64_t kMaxTableOrder = 3;
+
 inline void check_derivative_order(int64_t order) {
-  TORCH_CHECK_VALUE(order >= 0 && order <= 2, "activation_derivative(): expected order 0, 1 or 2, got ", order,
-                    "; higher orders are activation_derivative_formula's");
+  TORCH_CHECK_VALUE(order >= 0 && order <= kMaxTableOrder, "activation_derivative(): expected order 0 to ",
+                    kMaxTableOrder, ", got ", order, "; higher orders are activation_derivative_formula's");
 }
 
 // The checks every dense kernel makes, with the same messages as the Python fake kernels.

@@ -53,11 +53,11 @@ void check_no_forward_grad(std::initializer_list<const at::Tensor*> tensors, at:
 
 using DerivativeFn = at::Tensor(const at::Tensor&, c10::string_view, int64_t);
 
-// Orders 0-2 are the activation table's kernels; higher orders the torch formulas (registered from Python).
+// Orders 0-3 are the activation table's kernels; higher orders the torch formulas (registered from Python).
 c10::TypedOperatorHandle<DerivativeFn> derivative_op(int64_t order) {
   static auto table = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_derivative", "").typed<DerivativeFn>();
   static auto formula = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_derivative_formula", "").typed<DerivativeFn>();
-  return order <= 2 ? table : formula;
+  return order <= kMaxTableOrder ? table : formula;
 }
 
 // f^(order)(z) through the dispatcher: differentiable to any order, in reverse and forward mode.
@@ -89,7 +89,7 @@ at::Tensor derivative_autograd(const at::Tensor& z, c10::string_view activation,
   TORCH_CHECK_VALUE(order >= 0, "activation_derivative(): expected order >= 0, got ", order);
   // The formula differentiates f'' with autograd itself: it must run above the Autograd key, never below it
   // (where its graph would not be recorded).
-  if (order > 2) return derivative(z, activation, order);
+  if (order > kMaxTableOrder) return derivative(z, activation, order);
   // The tangent t of z (forward mode) gets t * f^(order+1)(z), as PyTorch's generated kernels set theirs.
   const at::Tensor tangent = z._fw_grad(/*level=*/0);
   const at::Tensor primal = tangent.defined() ? z._fw_primal(/*level=*/0) : z;
@@ -587,7 +587,7 @@ TORCH_LIBRARY(fusedlayers, m) {
 #undef FL_DEF_MLP_KERNELS
 
   // Higher-order gradients. activation_derivative(z, activation, order) is f^(order)(z) elementwise (order 0
-  // is f): orders 0, 1 and 2 from the activation table's kernels, 3 and up (its Autograd kernel routes them)
+  // is f): orders 0 to 3 from the activation table's kernels, 4 and up (its Autograd kernel routes them)
   // from activation_derivative_formula, the torch formulas of fusedlayers/activations.py differentiated by
   // autograd (a Python CompositeImplicitAutograd kernel). Its autograd gives order + 1: every order is exact.
   m.def("activation_derivative(Tensor z, str activation, int order) -> Tensor");

@@ -67,7 +67,8 @@ void derivative_loop(const T* z, T* out, int64_t n) {
     const V v = V::loadu(z + i, m);
     if constexpr (Order == 0) Act::f(v).store(out + i, m);
     else if constexpr (Order == 1) Act::df(v).store(out + i, m);
-    else Act::d2f(v).store(out + i, m);
+    else if constexpr (Order == 2) Act::d2f(v).store(out + i, m);
+    else Act::d3f(v).store(out + i, m);
   }
 }
 
@@ -120,7 +121,8 @@ void activation_elements(Activation a, int order, const T* z, T* out, int64_t n)
     using Act = decltype(act);
     if (order == 0) derivative_loop<Act, 0>(z, out, n);
     else if (order == 1) derivative_loop<Act, 1>(z, out, n);
-    else derivative_loop<Act, 2>(z, out, n);
+    else if (order == 2) derivative_loop<Act, 2>(z, out, n);
+    else derivative_loop<Act, 3>(z, out, n);
   });
 }
 

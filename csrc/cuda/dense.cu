@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) backward_act_kernel(const T* g, cons
   }
 }
 
-// out = f^(order)(z) for order 0, 1 or 2: the activation_derivative op of higher-order gradients. The order
+// out = f^(order)(z) for order 0 to 3: the activation_derivative op of higher-order gradients. The order
 // is a run-time argument (the same for every thread, so no divergence): one kernel per activation and dtype.
 template <typename Act, typename T>
 __global__ void __launch_bounds__(kThreads) derivative_kernel(const T* z, T* out, int64_t n, int order) {
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) derivative_kernel(const T* z, T* out
 #pragma unroll 1  // an unrolled grid-stride loop costs a 64-bit division for its trip count, and spills
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const M v = M(z[i]);
-    out[i] = T(order == 0 ? Act::f(v) : order == 1 ? Act::df(v) : Act::d2f(v));
+    out[i] = T(order == 0 ? Act::f(v) : order == 1 ? Act::df(v) : order == 2 ? Act::d2f(v) : Act::d3f(v));
   }
 }
 
