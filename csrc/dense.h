@@ -31,6 +31,16 @@ inline void check_derivative_order(int64_t order) {
                     kMaxTableOrder, ", got ", order, "; higher orders are activation_derivative_formula's");
 }
 
+// activation_grad(grad, z): grad * f^(order)(z) elementwise, the two of one shape, dtype and device.
+inline void check_activation_grad_args(const at::Tensor& grad, const at::Tensor& z) {
+  TORCH_CHECK(grad.sizes() == z.sizes(), "activation_grad(): expected grad of the shape of z (", z.sizes(), "), got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == z.scalar_type(), "activation_grad(): expected grad of the dtype of z (",
+              z.scalar_type(), "), got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == z.device(), "activation_grad(): expected grad on the device of z (", z.device(),
+              "), got ", grad.device());
+}
+
 // The checks every dense kernel makes, with the same messages as the Python fake kernels.
 inline void check_dense_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1, "dense(): expected x to have at least 1 dimension, got a 0-dimensional tensor");
