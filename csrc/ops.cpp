@@ -65,6 +65,18 @@ at::Tensor derivative(const at::Tensor& z, c10::string_view activation, int64_t 
   return derivative_op(order).call(z, activation, order);
 }
 
+using GradTimesFn = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, int64_t);
+
+c10::TypedOperatorHandle<GradTimesFn> activation_grad_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_grad", "").typed<GradTimesFn>();
+  return op;
+}
+
+// grad * f^(order)(z) through the dispatcher: differentiable to any order, in reverse and forward mode.
+at::Tensor derivative_times(const at::Tensor& grad, const at::Tensor& z, c10::string_view activation, int64_t order) {
+  return activation_grad_op().call(grad, z, activation, order);
+}
+
 // d/dz f^(n)(z) = f^(n+1)(z): one node whose backward is the next order, itself differentiable. A plain
 // autograd Node, as PyTorch's own ops have, rather than a torch::autograd::Function: functorch's transforms
 // (grad, vjp, jacrev, hessian) refuse the latter, and the gradients of dense and mlp under them go through
@@ -77,7 +89,7 @@ struct DerivativeBackward : public torch::autograd::Node {
   variable_list apply(variable_list&& grads) override {
     variable_list out(1);
     if (grads[0].defined() && task_should_compute_output(0)) {
-      out[0] = grads[0] * derivative(z.unpack(), activation, order + 1);
+      out[0] = derivative_times(grads[0], z.unpack(), activation, order + 1);
     }
     return out;
   }
@@ -95,7 +107,7 @@ at::Tensor derivative_autograd(const at::Tensor& z, c10::string_view activation,
     if (!tangent.defined()) return derivative(z, activation, order);
     const at::Tensor primal = z._fw_primal(/*level=*/0);
     at::Tensor out = derivative(primal, activation, order);
-    out._set_fw_grad(tangent * derivative(primal, activation, order + 1), /*level=*/0, false);
+    out._set_fw_grad(derivative_times(tangent, primal, activation, order + 1), /*level=*/0, false);
     return out;
   }
   // The tangent t of z (forward mode) gets t * f^(order+1)(z), as PyTorch's generated kernels set theirs.
@@ -115,27 +127,15 @@ at::Tensor derivative_autograd(const at::Tensor& z, c10::string_view activation,
     out = derivative_op(order).call(primal, activation, order);
   }
   if (node) torch::autograd::set_history(out, node);
-  if (tangent.defined()) out._set_fw_grad(tangent * derivative(primal, activation, order + 1), /*level=*/0, false);
+  if (tangent.defined()) out._set_fw_grad(derivative_times(tangent, primal, activation, order + 1), /*level=*/0, false);
   return out;
 }
 
 // ---- activation_grad: grad * f^(order)(z), the g * f'(z) of every layer of a differentiable gradient --------
 
-using GradTimesFn = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, int64_t);
-
-c10::TypedOperatorHandle<GradTimesFn> activation_grad_op() {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_grad", "").typed<GradTimesFn>();
-  return op;
-}
-
-// grad * f^(order)(z) through the dispatcher: differentiable to any order, in reverse and forward mode.
-at::Tensor derivative_times(const at::Tensor& grad, const at::Tensor& z, c10::string_view activation, int64_t order) {
-  return activation_grad_op().call(grad, z, activation, order);
-}
-
 // One node (and one kernel pass) where grad * activation_derivative(z) takes two: d/dgrad is the same op,
-// d/dz the next order, so the gradients it records under create_graph are again these nodes. Tanh layers
-// thus recompute tanh once per layer and order, not twice (measured on the PINN step: see bench/README.md).
+// d/dz the next order, so the gradients it records under create_graph are again these nodes: a tanh layer
+// evaluates tanh once per order, not twice.
 struct ActivationGradBackward : public torch::autograd::Node {
   torch::autograd::SavedVariable grad, z;
   std::string activation;
