@@ -1,5 +1,6 @@
-// The one activation table of fusedlayers: f(z), f'(z) and f''(z) for every activation, written once for
-// host and device code and for scalar and SIMD types.
+// The one activation table of fusedlayers: f(z), f'(z), f''(z) and f'''(z) for every activation, written once
+// for host and device code and for scalar and SIMD types. f''' is there for the third derivatives of a
+// physics-informed loss (u'' in the loss, its parameter gradient): a kernel, not autograd of the f'' formula.
 //
 // Each functor's methods are templates over T, the math type: float or double on the host and in CUDA
 // kernels, at::vec::Vectorized<float|double> in the CPU kernels. They use only arithmetic, T(constant) and the
@@ -71,6 +72,7 @@ struct Identity {
   template <typename T> static FL_HOST_DEVICE T f(T z) { return z; }
   template <typename T> static FL_HOST_DEVICE T df(T) { return T(1); }
   template <typename T> static FL_HOST_DEVICE T d2f(T) { return T(0); }
+  template <typename T> static FL_HOST_DEVICE T d3f(T) { return T(0); }
 };
 
 // f'(0) = 0, as torch.relu's backward.
@@ -78,12 +80,14 @@ struct ReLU {
   template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::max(z, T(0)); }
   template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_pos(z, T(1), T(0)); }
   template <typename T> static FL_HOST_DEVICE T d2f(T) { return T(0); }
+  template <typename T> static FL_HOST_DEVICE T d3f(T) { return T(0); }
 };
 
 struct LeakyReLU {  // negative slope 0.01, f'(0) = 0.01 as torch's
   template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::where_pos(z, z, z * T(0.01)); }
   template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_pos(z, T(1), T(0.01)); }
   template <typename T> static FL_HOST_DEVICE T d2f(T) { return T(0); }
+  template <typename T> static FL_HOST_DEVICE T d3f(T) { return T(0); }
 };
 
 // Exact GELU: z * Phi(z); Phi' = phi = exp(-z^2/2) / sqrt(2 pi).
@@ -97,6 +101,7 @@ struct GELU {
   template <typename T> static FL_HOST_DEVICE T f(T z) { return z * Phi(z); }
   template <typename T> static FL_HOST_DEVICE T df(T z) { return Phi(z) + z * phi(z); }
   template <typename T> static FL_HOST_DEVICE T d2f(T z) { return phi(z) * (T(2) - z * z); }
+  template <typename T> static FL_HOST_DEVICE T d3f(T z) { return phi(z) * z * (z * z - T(4)); }
 };
 
 // GELU, tanh approximation: 0.5 z (1 + tanh(u)), u = sqrt(2/pi) (z + 0.044715 z^3).
@@ -118,6 +123,16 @@ struct GELUTanh {
     T d2u = T(6 * kAlpha * kBeta) * z;
     return (T(1) - t * t) * (du + T(0.5) * z * (d2u - T(2) * t * du * du));
   }
+  // With d = 1 - t^2: t''' = d (6 t^2 - 2), so d^3/dz^3 tanh(u) = d ((6 t^2 - 2) u'^3 - 6 t u' u'' + u''').
+  template <typename T> static FL_HOST_DEVICE T d3f(T z) {
+    T t = Math<T>::tanh(T(kAlpha) * (z + T(kBeta) * z * z * z));
+    T du = T(kAlpha) * (T(1) + T(3 * kBeta) * z * z);
+    T d2u = T(6 * kAlpha * kBeta) * z;
+    T d = T(1) - t * t;
+    T t2 = d * (d2u - T(2) * t * du * du);
+    T t3 = d * ((T(6) * t * t - T(2)) * du * du * du - T(6) * t * du * d2u + T(6 * kAlpha * kBeta));
+    return T(1.5) * t2 + T(0.5) * z * t3;
+  }
 };
 
 struct Sigmoid {
@@ -125,6 +140,10 @@ struct Sigmoid {
   template <typename T> static FL_HOST_DEVICE T f(T z) { return s(z); }
   template <typename T> static FL_HOST_DEVICE T df(T z) { T v = s(z); return v * (T(1) - v); }
   template <typename T> static FL_HOST_DEVICE T d2f(T z) { T v = s(z); return v * (T(1) - v) * (T(1) - T(2) * v); }
+  template <typename T> static FL_HOST_DEVICE T d3f(T z) {
+    T v = s(z);
+    return v * (T(1) - v) * (T(1) - T(6) * v * (T(1) - v));
+  }
 };
 
 struct SiLU {
@@ -137,12 +156,20 @@ struct SiLU {
     T v = Sigmoid::s(z);
     return v * (T(1) - v) * (T(2) + z * (T(1) - T(2) * v));
   }
+  template <typename T> static FL_HOST_DEVICE T d3f(T z) {  // 3 s'' + z s'''
+    T v = Sigmoid::s(z);
+    return v * (T(1) - v) * (T(3) * (T(1) - T(2) * v) + z * (T(1) - T(6) * v * (T(1) - v)));
+  }
 };
 
 struct Tanh {
   template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::tanh(z); }
   template <typename T> static FL_HOST_DEVICE T df(T z) { T t = Math<T>::tanh(z); return T(1) - t * t; }
   template <typename T> static FL_HOST_DEVICE T d2f(T z) { T t = Math<T>::tanh(z); return T(-2) * t * (T(1) - t * t); }
+  template <typename T> static FL_HOST_DEVICE T d3f(T z) {
+    T t = Math<T>::tanh(z);
+    return (T(1) - t * t) * (T(6) * t * t - T(2));
+  }
 };
 
 // beta 1, threshold 20 as torch.nn.functional.softplus: linear above the threshold.
@@ -153,6 +180,7 @@ struct Softplus {
   }
   template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_gt(z, T(20), T(1), Sigmoid::s(z)); }
   template <typename T> static FL_HOST_DEVICE T d2f(T z) { return Math<T>::where_gt(z, T(20), T(0), Sigmoid::df(z)); }
+  template <typename T> static FL_HOST_DEVICE T d3f(T z) { return Math<T>::where_gt(z, T(20), T(0), Sigmoid::d2f(z)); }
 };
 
 struct SELU {
@@ -167,24 +195,28 @@ struct SELU {
   template <typename T> static FL_HOST_DEVICE T d2f(T z) {
     return Math<T>::where_pos(z, T(0), T(kScale * kAlpha) * Math<T>::exp(Math<T>::min(z, T(0))));
   }
+  template <typename T> static FL_HOST_DEVICE T d3f(T z) { return d2f(z); }
 };
 
 struct ELU {  // alpha 1
   template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::where_pos(z, z, Math<T>::expm1(Math<T>::min(z, T(0)))); }
   template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_pos(z, T(1), Math<T>::exp(Math<T>::min(z, T(0)))); }
   template <typename T> static FL_HOST_DEVICE T d2f(T z) { return Math<T>::where_pos(z, T(0), Math<T>::exp(Math<T>::min(z, T(0)))); }
+  template <typename T> static FL_HOST_DEVICE T d3f(T z) { return d2f(z); }
 };
 
 struct Cos {
   template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::cos(z); }
   template <typename T> static FL_HOST_DEVICE T df(T z) { return T(0) - Math<T>::sin(z); }
   template <typename T> static FL_HOST_DEVICE T d2f(T z) { return T(0) - Math<T>::cos(z); }
+  template <typename T> static FL_HOST_DEVICE T d3f(T z) { return Math<T>::sin(z); }
 };
 
 struct Sin {
   template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::sin(z); }
   template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::cos(z); }
   template <typename T> static FL_HOST_DEVICE T d2f(T z) { return T(0) - Math<T>::sin(z); }
+  template <typename T> static FL_HOST_DEVICE T d3f(T z) { return T(0) - Math<T>::cos(z); }
 };
 
 }  // namespace act

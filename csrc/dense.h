@@ -22,11 +22,23 @@ inline Activation parse_activation(std::string_view name) {
   TORCH_CHECK_VALUE(false, "unknown activation '", name, "'; expected one of: ", known);
 }
 
-// The activation table's kernels give f (order 0), f' and f''; higher orders come from the differentiable
+// The activation table's kernels give f (order 0) to f'''; higher orders come from the differentiable
 // torch formulas of fusedlayers/activations.py (the activation_derivative_formula op).
+constexpr int64_t kMaxTableOrder = 3;
+
 inline void check_derivative_order(int64_t order) {
-  TORCH_CHECK_VALUE(order >= 0 && order <= 2, "activation_derivative(): expected order 0, 1 or 2, got ", order,
-                    "; higher orders are activation_derivative_formula's");
+  TORCH_CHECK_VALUE(order >= 0 && order <= kMaxTableOrder, "activation_derivative(): expected order 0 to ",
+                    kMaxTableOrder, ", got ", order, "; higher orders are activation_derivative_formula's");
+}
+
+// activation_grad(grad, z): grad * f^(order)(z) elementwise, the two of one shape, dtype and device.
+inline void check_activation_grad_args(const at::Tensor& grad, const at::Tensor& z) {
+  TORCH_CHECK(grad.sizes() == z.sizes(), "activation_grad(): expected grad of the shape of z (", z.sizes(), "), got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == z.scalar_type(), "activation_grad(): expected grad of the dtype of z (",
+              z.scalar_type(), "), got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == z.device(), "activation_grad(): expected grad on the device of z (", z.device(),
+              "), got ", grad.device());
 }
 
 // The checks every dense kernel makes, with the same messages as the Python fake kernels.

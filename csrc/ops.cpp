@@ -53,16 +53,28 @@ void check_no_forward_grad(std::initializer_list<const at::Tensor*> tensors, at:
 
 using DerivativeFn = at::Tensor(const at::Tensor&, c10::string_view, int64_t);
 
-// Orders 0-2 are the activation table's kernels; higher orders the torch formulas (registered from Python).
+// Orders 0-3 are the activation table's kernels; higher orders the torch formulas (registered from Python).
 c10::TypedOperatorHandle<DerivativeFn> derivative_op(int64_t order) {
   static auto table = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_derivative", "").typed<DerivativeFn>();
   static auto formula = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_derivative_formula", "").typed<DerivativeFn>();
-  return order <= 2 ? table : formula;
+  return order <= kMaxTableOrder ? table : formula;
 }
 
 // f^(order)(z) through the dispatcher: differentiable to any order, in reverse and forward mode.
 at::Tensor derivative(const at::Tensor& z, c10::string_view activation, int64_t order) {
   return derivative_op(order).call(z, activation, order);
+}
+
+using GradTimesFn = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, int64_t);
+
+c10::TypedOperatorHandle<GradTimesFn> activation_grad_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_grad", "").typed<GradTimesFn>();
+  return op;
+}
+
+// grad * f^(order)(z) through the dispatcher: differentiable to any order, in reverse and forward mode.
+at::Tensor derivative_times(const at::Tensor& grad, const at::Tensor& z, c10::string_view activation, int64_t order) {
+  return activation_grad_op().call(grad, z, activation, order);
 }
 
 // d/dz f^(n)(z) = f^(n+1)(z): one node whose backward is the next order, itself differentiable. A plain
@@ -77,7 +89,7 @@ struct DerivativeBackward : public torch::autograd::Node {
   variable_list apply(variable_list&& grads) override {
     variable_list out(1);
     if (grads[0].defined() && task_should_compute_output(0)) {
-      out[0] = grads[0] * derivative(z.unpack(), activation, order + 1);
+      out[0] = derivative_times(grads[0], z.unpack(), activation, order + 1);
     }
     return out;
   }
@@ -89,7 +101,15 @@ at::Tensor derivative_autograd(const at::Tensor& z, c10::string_view activation,
   TORCH_CHECK_VALUE(order >= 0, "activation_derivative(): expected order >= 0, got ", order);
   // The formula differentiates f'' with autograd itself: it must run above the Autograd key, never below it
   // (where its graph would not be recorded).
-  if (order > 2) return derivative(z, activation, order);
+  // Forward mode does not see through that autograd (it gave no tangent): the tangent is set here as below.
+  if (order > kMaxTableOrder) {
+    const at::Tensor tangent = z._fw_grad(/*level=*/0);
+    if (!tangent.defined()) return derivative(z, activation, order);
+    const at::Tensor primal = z._fw_primal(/*level=*/0);
+    at::Tensor out = derivative(primal, activation, order);
+    out._set_fw_grad(derivative_times(tangent, primal, activation, order + 1), /*level=*/0, false);
+    return out;
+  }
   // The tangent t of z (forward mode) gets t * f^(order+1)(z), as PyTorch's generated kernels set theirs.
   const at::Tensor tangent = z._fw_grad(/*level=*/0);
   const at::Tensor primal = tangent.defined() ? z._fw_primal(/*level=*/0) : z;
@@ -107,7 +127,68 @@ at::Tensor derivative_autograd(const at::Tensor& z, c10::string_view activation,
     out = derivative_op(order).call(primal, activation, order);
   }
   if (node) torch::autograd::set_history(out, node);
-  if (tangent.defined()) out._set_fw_grad(tangent * derivative(primal, activation, order + 1), /*level=*/0, false);
+  if (tangent.defined()) out._set_fw_grad(derivative_times(tangent, primal, activation, order + 1), /*level=*/0, false);
+  return out;
+}
+
+// ---- activation_grad: grad * f^(order)(z), the g * f'(z) of every layer of a differentiable gradient --------
+
+// One node (and one kernel pass) where grad * activation_derivative(z) takes two: d/dgrad is the same op,
+// d/dz the next order, so the gradients it records under create_graph are again these nodes: a tanh layer
+// evaluates tanh once per order, not twice.
+struct ActivationGradBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable grad, z;
+  std::string activation;
+  int64_t order = 0;
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(2);
+    if (!grads[0].defined()) return out;
+    const at::Tensor zv = z.unpack();
+    if (task_should_compute_output(0)) out[0] = derivative_times(grads[0], zv, activation, order);
+    if (task_should_compute_output(1)) out[1] = derivative_times(grads[0] * grad.unpack(), zv, activation, order + 1);
+    return out;
+  }
+  std::string name() const override { return "ActivationGradBackward"; }
+  void release_variables() override {
+    grad.reset_data();
+    z.reset_data();
+  }
+};
+
+at::Tensor activation_grad_autograd(const at::Tensor& grad, const at::Tensor& z, c10::string_view activation,
+                                    int64_t order) {
+  TORCH_CHECK_VALUE(order >= 0, "activation_grad(): expected order >= 0, got ", order);
+  const at::Tensor tg = grad._fw_grad(/*level=*/0), tz = z._fw_grad(/*level=*/0);
+  const at::Tensor g = tg.defined() ? grad._fw_primal(/*level=*/0) : grad;
+  const at::Tensor zp = tz.defined() ? z._fw_primal(/*level=*/0) : z;
+  at::Tensor out;
+  if (order > kMaxTableOrder) {
+    out = g * derivative(zp, activation, order);  // past the table: the product of two differentiable ops
+  } else {
+    c10::intrusive_ptr<ActivationGradBackward> node;
+    if (torch::autograd::compute_requires_grad(g, zp)) {
+      node = c10::make_intrusive<ActivationGradBackward>();
+      node->set_next_edges(torch::autograd::collect_next_edges(g, zp));
+      node->grad = torch::autograd::SavedVariable(g, /*is_output=*/false);
+      node->z = torch::autograd::SavedVariable(zp, /*is_output=*/false);
+      node->activation = std::string(activation);
+      node->order = order;
+    }
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = activation_grad_op().call(g, zp, activation, order);
+    }
+    if (node) torch::autograd::set_history(out, node);
+  }
+  // The tangent: tg * f^(order)(z) + grad * f^(order+1)(z) * tz.
+  at::Tensor tangent;
+  if (tg.defined()) tangent = derivative_times(tg, zp, activation, order);
+  if (tz.defined()) {
+    const at::Tensor t = derivative_times(g * tz, zp, activation, order + 1);
+    tangent = tangent.defined() ? tangent + t : t;
+  }
+  if (tangent.defined()) out._set_fw_grad(tangent, /*level=*/0, false);
   return out;
 }
 
@@ -127,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_grad(const at::Tensor& grad
   at::Tensor dz = grad_out.reshape({rows, out});
   if (!derivative_is_constant(parse_activation(activation))) {
     const at::Tensor z = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    dz = dz * derivative(z, activation, 1);
+    dz = derivative_times(dz, z, activation, 1);
   }
   at::Tensor dx, dw, db;
   if (output_mask[0]) dx = at::mm(dz, weight).reshape(x.sizes());
@@ -152,7 +233,7 @@ MlpBackwardResult mlp_grad(const at::Tensor& grad_out, const at::Tensor& x, at::
   std::vector<at::Tensor> dweights(params_grad ? L : 0), dbiases(params_grad ? biases.size() : 0);
   at::Tensor g = grad_out.reshape({rows, weights[L - 1].size(0)});
   for (size_t l = L; l-- > 0;) {
-    const at::Tensor dz = linear[l] ? g : g * derivative(zs[l], activations[l], 1);
+    const at::Tensor dz = linear[l] ? g : derivative_times(g, zs[l], activations[l], 1);
     if (params_grad) dweights[l] = at::mm(dz.t(), hs[l]);
     if (params_grad && !biases.empty()) dbiases[l] = dz.sum(0);
     if (l > 0 || input_grad) g = at::mm(dz, weights[l]);
@@ -587,11 +668,13 @@ TORCH_LIBRARY(fusedlayers, m) {
 #undef FL_DEF_MLP_KERNELS
 
   // Higher-order gradients. activation_derivative(z, activation, order) is f^(order)(z) elementwise (order 0
-  // is f): orders 0, 1 and 2 from the activation table's kernels, 3 and up (its Autograd kernel routes them)
+  // is f): orders 0 to 3 from the activation table's kernels, 4 and up (its Autograd kernel routes them)
   // from activation_derivative_formula, the torch formulas of fusedlayers/activations.py differentiated by
   // autograd (a Python CompositeImplicitAutograd kernel). Its autograd gives order + 1: every order is exact.
   m.def("activation_derivative(Tensor z, str activation, int order) -> Tensor");
   m.def("activation_derivative_formula(Tensor z, str activation, int order) -> Tensor");
+  // grad * activation_derivative(z, activation, order), z and grad of one shape: one node and one pass.
+  m.def("activation_grad(Tensor grad, Tensor z, str activation, int order) -> Tensor");
   // The gradients of dense and mlp as a composite of differentiable ops: the backward under create_graph
   // and torch.func. Unwanted outputs are undefined (None); mlp_grad's lists are empty without params_grad.
   m.def("dense_grad(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, str activation, bool[3] output_mask) "
@@ -650,6 +733,7 @@ TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   m.impl("cross_entropy", &fusedlayers::cross_entropy_autograd);
   m.impl("linear_cross_entropy", &fusedlayers::linear_cross_entropy_autograd);
   m.impl("activation_derivative", &fusedlayers::derivative_autograd);
+  m.impl("activation_grad", &fusedlayers::activation_grad_autograd);
   // The kernels are not differentiable (dense_grad and mlp_grad are what a higher-order gradient goes
   // through): backpropagating through one raises, never a silent zero.
   for (const char* op : {"dense_forward", "dense_backward", "triton_dense_forward", "triton_dense_backward",

@@ -145,7 +145,7 @@ def derivative_formula(z: Tensor, name: str, order: int) -> Tensor:
     """f^(order)(z) from the formulas above: f, f' and f'' as written, higher orders by differentiating f''
     with autograd (elementwise, so the vector-Jacobian product with ones is the derivative). Differentiable
     again when z requires grad, to any order; the kernel of the activation_derivative_formula op, which the
-    C++ autograd of f'' calls."""
+    C++ autograd of f''' (the last order of the kernels' table) calls."""
     if order < 0:
         raise ValueError(f"expected a derivative order >= 0, got {order}")
     act = REFERENCE[check_activation(name)]

@@ -38,13 +38,32 @@ def mlp_ref(x, weights, biases, activations):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activation_derivative_orders(activation):
-    """Orders 0-2 from the C++ table equal the torch formulas; orders 3 and 4 (autograd of the op) equal
-    autograd of the formula for f''."""
+    """Orders 0-3 from the C++ table equal the torch formulas (the third derivative: autograd of the formula
+    for f''), in float64 and float32; orders 3 and 4 by autograd of the op equal autograd of the formula for f''."""
     z = _randn(40, seed=1) * 3
     act = REFERENCE[activation]
-    for order, ref in enumerate((act.f, act.df, act.d2f)):
-        assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, activation, order), ref(z), 1e-12,
+
+    def formulas(z):
+        zr = z.clone().requires_grad_()
+        d2f = act.d2f(zr)
+        d3f = torch.autograd.grad(d2f.sum(), zr)[0] if d2f.requires_grad else torch.zeros_like(z)
+        return act.f(z), act.df(z), act.d2f(z), d3f
+
+    z32 = z.float()
+    for order, (want, torch32) in enumerate(zip(formulas(z), formulas(z32))):
+        assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, activation, order), want, 1e-12,
                          f"order {order}")
+        if order < 3:
+            continue
+        # The third derivative in float32: within 1e-5 of the float64 values, or no more than twice the float32
+        # formula's own error. gelu_tanh's 1 - tanh^2 cancels at large z and amplifies the error of the CPU
+        # kernels' float32 tanh (6.5 ulp, csrc/cpu/vec_math.h, against torch's 1-2): 8 times there (its f''
+        # is 4.2 times torch's in float32 already).
+        got32 = torch.ops.fusedlayers.activation_derivative(z32, activation, order)
+        assert got32.dtype == torch.float32
+        err, torch_err = ((t.double() - want).abs().max().item() for t in (got32, torch32))
+        factor = 8 if activation == "gelu_tanh" else 2
+        assert err <= max(factor * torch_err, 1e-5 * want.abs().max().item()), f"float32: {err} vs {torch_err}"
     zf, zr = z.clone().requires_grad_(), z.clone().requires_grad_()
     got, want = torch.ops.fusedlayers.activation_derivative(zf, activation, 2), act.d2f(zr)
     for order in (3, 4):
@@ -79,20 +98,88 @@ def test_activation_derivative_float32_sweep(activation):
 
 def test_activation_derivative_opcheck():
     z = _randn(3, 4)
-    for order in (0, 1, 2):
+    for order in (0, 1, 2, 3):
         torch.library.opcheck(torch.ops.fusedlayers.activation_derivative.default, (z, "gelu", order),
                               test_utils=("test_schema", "test_faketensor"))
-    # Order 3 and up are the torch formulas' (autograd of f'').
+    # Order 4 and up are the torch formulas' (autograd of f'', twice).
     zr = z.clone().requires_grad_()
-    (want,) = torch.autograd.grad(REFERENCE["gelu"].d2f(zr).sum(), zr)
-    assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, "gelu", 3), want, 1e-12)
+    (d3,) = torch.autograd.grad(REFERENCE["gelu"].d2f(zr).sum(), zr, create_graph=True)
+    (want,) = torch.autograd.grad(d3.sum(), zr)
+    assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, "gelu", 4), want, 1e-12)
     with torch.no_grad():
-        assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, "gelu", 3), want, 1e-12, "no_grad")
+        assert_rel_close(torch.ops.fusedlayers.activation_derivative(z, "gelu", 4), want, 1e-12, "no_grad")
     with torch.inference_mode():  # autograd records nothing here: the formula must still differentiate f''
-        got = torch.ops.fusedlayers.activation_derivative_formula(z.clone(), "gelu", 3)
+        got = torch.ops.fusedlayers.activation_derivative_formula(z.clone(), "gelu", 4)
     assert_rel_close(got, want, 1e-12, "inference_mode")
+    # The kernel itself (below the Autograd key, which routes order 4 to the formula) stops at order 3.
+    with pytest.raises(ValueError, match="expected order 0 to 3, got 4"):
+        with torch._C._AutoDispatchBelowAutograd():
+            torch.ops.fusedlayers.activation_derivative(z, "gelu", 4)
     with pytest.raises(ValueError, match="expected order >= 0, got -1"):
         torch.ops.fusedlayers.activation_derivative(z, "gelu", -1)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_grad(activation):
+    """activation_grad(g, z, order) = g * f^(order)(z) for orders 0-4, and its gradients w.r.t. g and z (to
+    second order, create_graph) equal autograd of that product with the torch formulas."""
+    act = REFERENCE[activation]
+    z, g = _randn(6, 5, seed=1) * 3, _randn(6, 5, seed=2)
+
+    def formula(z, order):  # f^(order) by autograd of the formula for f'' past order 2
+        d = (act.f, act.df, act.d2f)[min(order, 2)](z)
+        for _ in range(order - 2):
+            d = torch.autograd.grad(d.sum(), z, create_graph=True)[0] if d.requires_grad else torch.zeros_like(z)
+        return d
+
+    for order in range(5):
+        zr, gr = z.clone().requires_grad_(), g.clone().requires_grad_()
+        zf, gf = z.clone().requires_grad_(), g.clone().requires_grad_()
+        want, got = gr * formula(zr, order), torch.ops.fusedlayers.activation_grad(gf, zf, activation, order)
+        assert_rel_close(got, want, 1e-12, f"order {order}")
+        v = _randn(6, 5, seed=3)
+        want_g, want_z = torch.autograd.grad(want, (gr, zr), v, create_graph=True, allow_unused=True)
+        got_g, got_z = torch.autograd.grad(got, (gf, zf), v, create_graph=True, allow_unused=True)
+        assert_rel_close(got_g, want_g, 1e-12, f"order {order}: d/dgrad")
+        if want_z is None or not want_z.requires_grad:  # piecewise linear past f': zero from here on
+            for t in (want_z, got_z):  # None: not connected to z (the formulas' zeros past order 2)
+                assert t is None or torch.equal(t, torch.zeros_like(z)), f"order {order}: d/dz"
+            continue
+        assert_rel_close(got_z, want_z, 1e-10, f"order {order}: d/dz")
+        want2 = torch.autograd.grad((want_g * want_z).sum(), (gr, zr))
+        got2 = torch.autograd.grad((got_g * got_z).sum(), (gf, zf))
+        for a, b, what in zip(got2, want2, ("grad", "z")):
+            assert_rel_close(a, b, 1e-10, f"order {order}: second order, d/d{what}")
+
+
+def test_activation_grad_forward_ad_opcheck_and_errors():
+    z, g, tz, tg = (_randn(3, 4, seed=s) for s in range(4))
+    # f^(k)(z) for k = 1..5: f' and f'' from the formulas, then autograd of the formula for f''.
+    zr = z.clone().requires_grad_()
+    derivs = {1: REFERENCE["tanh"].df(zr), 2: REFERENCE["tanh"].d2f(zr)}
+    for k in (3, 4, 5):
+        derivs[k] = torch.autograd.grad(derivs[k - 1].sum(), zr, create_graph=True)[0]
+    for order in (1, 3, 4):
+        with fwAD.dual_level():
+            out = torch.ops.fusedlayers.activation_grad(fwAD.make_dual(g, tg), fwAD.make_dual(z, tz), "tanh", order)
+            got = fwAD.unpack_dual(out).tangent
+        want = tg * derivs[order] + g * derivs[order + 1] * tz
+        assert_rel_close(got, want.detach(), 1e-12, f"order {order}")
+    torch.library.opcheck(torch.ops.fusedlayers.activation_grad.default, (g, z, "gelu", 1),
+                          test_utils=("test_schema", "test_faketensor"))
+    assert torch.autograd.gradgradcheck(lambda g, z: torch.ops.fusedlayers.activation_grad(g, z, "silu", 2),
+                                        (g.clone().requires_grad_(), z.clone().requires_grad_()))
+    with pytest.raises(RuntimeError, match=r"activation_grad\(\): expected grad of the shape of z"):
+        torch.ops.fusedlayers.activation_grad(g[:, :3], z, "tanh", 1)
+    with pytest.raises(RuntimeError, match=r"activation_grad\(\): expected grad of the dtype of z"):
+        torch.ops.fusedlayers.activation_grad(g.float(), z, "tanh", 1)
+    with pytest.raises(ValueError, match="expected order >= 0, got -1"):
+        torch.ops.fusedlayers.activation_grad(g, z, "tanh", -1)
+    # vmap over either argument, or both.
+    zb, gb = _randn(2, 3, 4, seed=5), _randn(2, 3, 4, seed=6)
+    for in_dims, args in (((0, None), (gb, z)), ((None, 0), (g, zb)), ((0, 0), (gb, zb))):
+        got = vmap(lambda g, z: torch.ops.fusedlayers.activation_grad(g, z, "tanh", 2), in_dims=in_dims)(*args)
+        assert_rel_close(got, args[0] * REFERENCE["tanh"].d2f(args[1]), 1e-12, str(in_dims))
 
 
 # ---- double backward and higher orders ------------------------------------------------------------------------

@@ -40,8 +40,8 @@ void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t b
 }
 
 template <typename T>
-void derivative_elements(Activation a, int order, const T* z, T* out, int64_t n) {
-  FL_CHOSEN_KERNEL(activation_elements, T)(a, order, z, out, n);
+void derivative_elements(Activation a, int order, const T* g, const T* z, T* out, int64_t n) {
+  FL_CHOSEN_KERNEL(activation_elements, T)(a, order, g, z, out, n);
 }
 
 template <typename M>
@@ -71,8 +71,8 @@ template void forward_rows<double>(Activation, const double*, double*, double*, 
 template void backward_rows<float>(Activation, const float*, const float*, float*, float*, int64_t, int64_t, int64_t);
 template void backward_rows<double>(Activation, const double*, const double*, double*, double*, int64_t, int64_t,
                                     int64_t);
-template void derivative_elements<float>(Activation, int, const float*, float*, int64_t);
-template void derivative_elements<double>(Activation, int, const double*, double*, int64_t);
+template void derivative_elements<float>(Activation, int, const float*, const float*, float*, int64_t);
+template void derivative_elements<double>(Activation, int, const double*, const double*, double*, int64_t);
 template void mlp_tile_forward<float>(const MlpNet<float>&, int64_t, float*, const float*, float*);
 template void mlp_tile_forward<double>(const MlpNet<double>&, int64_t, double*, const double*, double*);
 template void mlp_tile_backward<float>(const MlpNet<float>&, int64_t, float*, const float*, const float*, float*,

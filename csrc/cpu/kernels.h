@@ -59,9 +59,9 @@ struct CeRow {
   template <typename T>                                                                                          \
   void dense_backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end,      \
                            int64_t cols);                                                                        \
-  /* out = f(z), f'(z) or f''(z) for order 0, 1 or 2, over n elements. */                                    \
+  /* out = f^(order)(z) for order 0 to 3, over n elements; times g elementwise unless g is null. */          \
   template <typename T>                                                                                          \
-  void activation_elements(Activation a, int order, const T* z, T* out, int64_t n);                            \
+  void activation_elements(Activation a, int order, const T* g, const T* z, T* out, int64_t n);               \
   /* Tiles are feature-major: x (widths[0] x R), y (widths[L] x R), R <= kMlpTileRows rows. */                 \
   template <typename M>                                                                                          \
   void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y);                       \
@@ -90,7 +90,7 @@ void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_
 template <typename T>
 void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols);
 template <typename T>
-void derivative_elements(Activation a, int order, const T* z, T* out, int64_t n);
+void derivative_elements(Activation a, int order, const T* g, const T* z, T* out, int64_t n);
 template <typename M>
 void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y);
 template <typename M>

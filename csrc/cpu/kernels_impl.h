@@ -60,14 +60,18 @@ void backward_span(const T* g, const T* z, T* dz, T* db, int64_t n) {
 }
 
 template <typename Act, int Order, typename T>
-void derivative_loop(const T* z, T* out, int64_t n) {
+void derivative_loop(const T* g, const T* z, T* out, int64_t n) {
   using V = at::vec::Vectorized<T>;
   for (int64_t i = 0; i < n; i += V::size()) {
     const int m = static_cast<int>(std::min<int64_t>(V::size(), n - i));
     const V v = V::loadu(z + i, m);
-    if constexpr (Order == 0) Act::f(v).store(out + i, m);
-    else if constexpr (Order == 1) Act::df(v).store(out + i, m);
-    else Act::d2f(v).store(out + i, m);
+    V d;
+    if constexpr (Order == 0) d = Act::f(v);
+    else if constexpr (Order == 1) d = Act::df(v);
+    else if constexpr (Order == 2) d = Act::d2f(v);
+    else d = Act::d3f(v);
+    if (g) d = d * V::loadu(g + i, m);
+    d.store(out + i, m);
   }
 }
 
@@ -115,12 +119,13 @@ void backward_rows(const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t 
 }  // namespace
 
 template <typename T>
-void activation_elements(Activation a, int order, const T* z, T* out, int64_t n) {
+void activation_elements(Activation a, int order, const T* g, const T* z, T* out, int64_t n) {
   dispatch_activation(a, [&](auto act) {
     using Act = decltype(act);
-    if (order == 0) derivative_loop<Act, 0>(z, out, n);
-    else if (order == 1) derivative_loop<Act, 1>(z, out, n);
-    else derivative_loop<Act, 2>(z, out, n);
+    if (order == 0) derivative_loop<Act, 0>(g, z, out, n);
+    else if (order == 1) derivative_loop<Act, 1>(g, z, out, n);
+    else if (order == 2) derivative_loop<Act, 2>(g, z, out, n);
+    else derivative_loop<Act, 3>(g, z, out, n);
   });
 }
 
@@ -455,7 +460,7 @@ template void dense_backward_rows<float>(Activation, const float*, const float*,
 template void dense_backward_rows<double>(Activation, const double*, const double*, double*, double*, int64_t,
                                           int64_t, int64_t);
 
-template void activation_elements<float>(Activation, int, const float*, float*, int64_t);
-template void activation_elements<double>(Activation, int, const double*, double*, int64_t);
+template void activation_elements<float>(Activation, int, const float*, const float*, float*, int64_t);
+template void activation_elements<double>(Activation, int, const double*, const double*, double*, int64_t);
 
 }  // namespace fusedlayers::cpu::FL_ISA

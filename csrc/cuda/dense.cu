@@ -77,16 +77,17 @@ __global__ void __launch_bounds__(kThreads) backward_act_kernel(const T* g, cons
   }
 }
 
-// out = f^(order)(z) for order 0, 1 or 2: the activation_derivative op of higher-order gradients. The order
+// out = f^(order)(z) for order 0 to 3, times g unless g is null: the activation_derivative op of higher-order gradients. The order
 // is a run-time argument (the same for every thread, so no divergence): one kernel per activation and dtype.
 template <typename Act, typename T>
-__global__ void __launch_bounds__(kThreads) derivative_kernel(const T* z, T* out, int64_t n, int order) {
+__global__ void __launch_bounds__(kThreads) derivative_kernel(const T* g, const T* z, T* out, int64_t n, int order) {
   using M = at::opmath_type<T>;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
 #pragma unroll 1  // an unrolled grid-stride loop costs a 64-bit division for its trip count, and spills
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const M v = M(z[i]);
-    out[i] = T(order == 0 ? Act::f(v) : order == 1 ? Act::df(v) : Act::d2f(v));
+    const M d = order == 0 ? Act::f(v) : order == 1 ? Act::df(v) : order == 2 ? Act::d2f(v) : Act::d3f(v);
+    out[i] = T(g ? M(g[i]) * d : d);
   }
 }
 
@@ -404,13 +405,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
   return {dx, dw, db};
 }
 
-at::Tensor activation_derivative(const at::Tensor& z, c10::string_view activation, int64_t order) {
+// f^(order)(z), times grad unless it is undefined: activation_derivative and activation_grad.
+at::Tensor derivative_times(const at::Tensor& grad, const at::Tensor& z, c10::string_view activation, int64_t order,
+                            const char* op) {
   const Activation a = parse_activation(activation);
   check_derivative_order(order);
-  TORCH_CHECK(z.is_floating_point(), "activation_derivative(): expected z to be a floating-point tensor, got ",
-              z.scalar_type());
+  if (grad.defined()) check_activation_grad_args(grad, z);
+  TORCH_CHECK(z.is_floating_point(), op, "(): expected z to be a floating-point tensor, got ", z.scalar_type());
   const c10::cuda::CUDAGuard guard(z.device());
   const at::Tensor zc = z.contiguous();
+  const at::Tensor gc = grad.defined() ? grad.contiguous() : grad;
   at::Tensor out = at::empty_like(zc);
   const int64_t n = zc.numel();
   if (n == 0) return out;
@@ -418,11 +422,20 @@ at::Tensor activation_derivative(const at::Tensor& z, c10::string_view activatio
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "activation_derivative", [&] {
     dispatch_activation(a, [&](auto act) {
       derivative_kernel<decltype(act), scalar_t><<<grid_size(n), kThreads, 0, stream>>>(
-          zc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, static_cast<int>(order));
+          gc.defined() ? gc.const_data_ptr<scalar_t>() : nullptr, zc.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), n, static_cast<int>(order));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return out;
+}
+
+at::Tensor activation_derivative(const at::Tensor& z, c10::string_view activation, int64_t order) {
+  return derivative_times(at::Tensor(), z, activation, order, "activation_derivative");
+}
+
+at::Tensor activation_grad(const at::Tensor& grad, const at::Tensor& z, c10::string_view activation, int64_t order) {
+  return derivative_times(grad, z, activation, order, "activation_grad");
 }
 
 }  // namespace
@@ -432,4 +445,5 @@ TORCH_LIBRARY_IMPL(fusedlayers, CUDA, m) {
   m.impl("dense_forward", &fusedlayers::cuda::dense_forward);
   m.impl("dense_backward", &fusedlayers::cuda::dense_backward);
   m.impl("activation_derivative", &fusedlayers::cuda::activation_derivative);
+  m.impl("activation_grad", &fusedlayers::cuda::activation_grad);
 }
