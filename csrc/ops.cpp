@@ -260,48 +260,44 @@ c10::TypedOperatorHandle<DenseBackwardFn> dense_backward_op(bool triton) {
   return triton ? tri : native;
 }
 
-// One autograd node per dense layer. It saves x, weight, bias and (unless recomputing) the pre-activation.
-// The backward is the dense_backward kernel; under create_graph (grad mode on in the backward) it is the
-// dense_grad composite instead, which autograd differentiates again.
-class DenseFunction : public torch::autograd::Function<DenseFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, c10::string_view activation, bool save_preact,
-                            c10::string_view backend) {
-    const bool triton = is_triton(backend);
-    // Straight to the backend kernel: through the kernel op's Autograd key (the boxed not-implemented
-    // fallback) the call would cost more than a small layer's arithmetic.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, preact] = dense_forward_op(triton).call(x, weight, bias, activation, save_preact);
-    const bool has_preact = save_preact && !derivative_is_constant(parse_activation(activation));
-    ctx->save_for_backward({x, weight, bias.value_or(at::Tensor()), has_preact ? preact : at::Tensor()});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["triton"] = triton;
-    return y;
+// One autograd node per dense layer (a plain Node, as MLPBackward below explains). It saves x, weight, bias
+// and (unless recomputing) the pre-activation. The backward is the dense_backward kernel; under create_graph
+// (grad mode on in the backward) it is the dense_grad composite instead, which autograd differentiates again.
+// Its outputs (next edges) are the gradients of x, weight and bias (when given).
+struct DenseBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x, weight, bias, preact;
+  std::string activation;
+  bool triton = false;
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // as PyTorch's generated nodes: a retained graph can run twice at once
+    variable_list out(num_outputs());
+    const std::array<bool, 3> mask = {task_should_compute_output(0), task_should_compute_output(1),
+                                      out.size() > 2 && task_should_compute_output(2)};
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return out;
+    const at::Tensor x_ = x.unpack(), w_ = weight.unpack(), b_ = bias.unpack(), z_ = preact.unpack();
+    const auto b_opt = b_.defined() ? std::optional<at::Tensor>(b_) : std::nullopt;
+    at::Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {
+      static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::dense_grad", "").typed<DenseGradFn>();
+      std::tie(dx, dw, db) = composite.call(grads[0], x_, w_, b_opt, activation, mask);
+    } else {
+      // Without create_graph nothing records the kernel's outputs: skip its Autograd key (see dense_autograd).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(dx, dw, db) = dense_backward_op(triton).call(
+          grads[0], x_, w_, b_opt, z_.defined() ? std::optional<at::Tensor>(z_) : std::nullopt, activation, mask);
+    }
+    out[0] = dx;
+    out[1] = dw;
+    if (out.size() > 2) out[2] = db;
+    return out;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const auto& bias = saved[2];
-    const auto& preact = saved[3];
-    std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                bias.defined() && ctx->needs_input_grad(2)};
-    at::Tensor dx, dw, db;
-    if (grads[0].defined() && (mask[0] || mask[1] || mask[2]) && at::GradMode::is_enabled()) {
-      static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::dense_grad", "").typed<DenseGradFn>();
-      std::tie(dx, dw, db) = composite.call(grads[0], saved[0], saved[1],
-                                            bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
-                                            ctx->saved_data["activation"].toStringRef(), mask);
-    } else if (grads[0].defined() && (mask[0] || mask[1] || mask[2])) {
-      // Without create_graph nothing records the kernel's outputs: skip its Autograd key (see forward).
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(dx, dw, db) = dense_backward_op(ctx->saved_data["triton"].toBool())
-                                 .call(grads[0], saved[0], saved[1],
-                                       bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
-                                       preact.defined() ? std::optional<at::Tensor>(preact) : std::nullopt,
-                                       ctx->saved_data["activation"].toStringRef(), mask);
-    }
-    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor()};
+  std::string name() const override { return "DenseBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto* v : {&x, &weight, &bias, &preact}) v->reset_data();
   }
 };
 
@@ -321,7 +317,28 @@ at::Tensor dense_autograd(const at::Tensor& x, const at::Tensor& weight, const s
     at::AutoDispatchBelowADInplaceOrView guard;
     return dense_no_autograd(x, weight, bias, activation, save_preact, backend);
   }
-  return DenseFunction::apply(x, weight, bias, activation, save_preact, backend);
+  const bool triton = is_triton(backend);
+  const bool has_bias = bias.has_value() && bias->defined();
+  auto node = c10::make_intrusive<DenseBackward>();
+  node->set_next_edges(has_bias ? torch::autograd::collect_next_edges(x, weight, *bias)
+                                : torch::autograd::collect_next_edges(x, weight));
+  at::Tensor y, preact;
+  {
+    // Straight to the backend kernel: through the kernel op's Autograd key (the boxed not-implemented
+    // fallback) the call would cost more than a small layer's arithmetic.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(y, preact) = dense_forward_op(triton).call(x, weight, bias, activation, save_preact);
+  }
+  node->x = torch::autograd::SavedVariable(x, /*is_output=*/false);
+  node->weight = torch::autograd::SavedVariable(weight, /*is_output=*/false);
+  if (has_bias) node->bias = torch::autograd::SavedVariable(*bias, /*is_output=*/false);
+  if (save_preact && !derivative_is_constant(parse_activation(activation))) {
+    node->preact = torch::autograd::SavedVariable(preact, /*is_output=*/false);
+  }
+  node->activation = std::string(activation);
+  node->triton = triton;
+  torch::autograd::set_history(y, node);
+  return y;
 }
 
 // ---- mlp ------------------------------------------------------------------------------------------------
@@ -343,58 +360,58 @@ c10::TypedOperatorHandle<MlpBackwardFn> mlp_backward_op(bool triton) {
 }
 
 // One autograd node for the whole network. Its backward is the mlp_backward kernel, or under create_graph
-// the mlp_grad composite, which autograd differentiates again.
-class MLPFunction : public torch::autograd::Function<MLPFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
-                            const std::vector<std::string>& activations, bool save, c10::string_view backend) {
-    const bool triton = is_triton(backend);
-    save = save && !(!triton && cpu::mlp_cpu_recomputes(x, weights));
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseFunction::forward
-    auto [y, saved] = mlp_forward_op(triton).call(x, weights, biases, activations, save);
-    std::vector<at::Tensor> to_save{x};
-    to_save.insert(to_save.end(), weights.begin(), weights.end());
-    to_save.insert(to_save.end(), biases.begin(), biases.end());
-    to_save.insert(to_save.end(), saved.begin(), saved.end());
-    ctx->save_for_backward(to_save);
-    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
-    ctx->saved_data["has_bias"] = !biases.empty();
-    ctx->saved_data["activations"] = c10::List<std::string>(activations);
-    ctx->saved_data["triton"] = triton;
-    return y;
+// the mlp_grad composite, which autograd differentiates again. A plain Node (as DerivativeBackward) rather
+// than a torch::autograd::Function: the Function's per-call bookkeeping (a context of named IValues, per-input
+// metadata, output wrapping) costs more than a tiny network's arithmetic. Its outputs (next edges) are the
+// gradients of x, weights..., biases....
+struct MLPBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x;
+  std::vector<torch::autograd::SavedVariable> weights, biases, saved;
+  std::vector<std::string> activations;
+  bool triton = false;
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // as PyTorch's generated nodes: a retained graph can run twice at once
+    const size_t L = weights.size();
+    variable_list out(num_outputs());
+    const bool input_grad = task_should_compute_output(0);
+    bool params_grad = false;
+    for (size_t i = 1; i < out.size(); ++i) params_grad = params_grad || task_should_compute_output(i);
+    if (!grads[0].defined() || !(input_grad || params_grad)) return out;
+    const at::Tensor x_ = x.unpack();
+    std::vector<at::Tensor> ws, bs, ss;
+    ws.reserve(L);
+    for (const auto& v : weights) ws.push_back(v.unpack());
+    for (const auto& v : biases) bs.push_back(v.unpack());
+    for (const auto& v : saved) ss.push_back(v.unpack());
+    at::Tensor dx;
+    std::vector<at::Tensor> dweights, dbiases;
+    if (at::GradMode::is_enabled()) {
+      static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_grad", "").typed<MlpGradFn>();
+      std::tie(dx, dweights, dbiases) = composite.call(grads[0], x_, ws, bs, activations, input_grad, params_grad);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseBackward::apply
+      std::tie(dx, dweights, dbiases) =
+          mlp_backward_op(triton).call(grads[0], x_, ws, bs, ss, activations, input_grad);
+    }
+    out[0] = dx;
+    for (size_t i = 0; i < dweights.size(); ++i) {
+      if (task_should_compute_output(1 + i)) out[1 + i] = dweights[i];
+    }
+    for (size_t i = 0; i < dbiases.size(); ++i) {
+      if (task_should_compute_output(1 + L + i)) out[1 + L + i] = dbiases[i];
+    }
+    return out;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto all = ctx->get_saved_variables();
-    const int64_t L = ctx->saved_data["layers"].toInt();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const auto first = all.begin() + 1;
-    const std::vector<at::Tensor> weights(first, first + L);
-    const std::vector<at::Tensor> biases(first + L, first + (has_bias ? 2 * L : L));
-    const std::vector<at::Tensor> saved(first + (has_bias ? 2 * L : L), all.end());
-    std::vector<std::string> activations;
-    for (const auto& a : ctx->saved_data["activations"].toList()) activations.push_back(a.get().toStringRef());
-    variable_list out(1 + L + (has_bias ? L : 0) + 3);
-    if (!grads[0].defined()) return out;
-    if (at::GradMode::is_enabled()) {
-      bool params_grad = false;
-      for (int64_t i = 1; i < 1 + L + (has_bias ? L : 0); ++i) params_grad = params_grad || ctx->needs_input_grad(i);
-      static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_grad", "").typed<MlpGradFn>();
-      auto [dx, dweights, dbiases] = composite.call(grads[0], all[0], weights, biases, activations,
-                                                    ctx->needs_input_grad(0), params_grad);
-      out[0] = dx;
-      std::copy(dweights.begin(), dweights.end(), out.begin() + 1);
-      std::copy(dbiases.begin(), dbiases.end(), out.begin() + 1 + L);
-      return out;
+  std::string name() const override { return "MLPBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x.reset_data();
+    for (auto* list : {&weights, &biases, &saved}) {
+      for (auto& v : *list) v.reset_data();
     }
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseFunction::backward
-    auto [dx, dweights, dbiases] = mlp_backward_op(ctx->saved_data["triton"].toBool())
-                                       .call(grads[0], all[0], weights, biases, saved, activations,
-                                             ctx->needs_input_grad(0));
-    out[0] = dx;
-    std::copy(dweights.begin(), dweights.end(), out.begin() + 1);
-    std::copy(dbiases.begin(), dbiases.end(), out.begin() + 1 + L);
-    return out;
   }
 };
 
@@ -415,7 +432,24 @@ at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorL
     at::AutoDispatchBelowADInplaceOrView guard;
     return mlp_no_autograd(x, weights, biases, activations, save, backend);
   }
-  return MLPFunction::apply(x, weights, biases, activations, save, backend);
+  const bool triton = is_triton(backend);
+  save = save && !(!triton && cpu::mlp_cpu_recomputes(x, weights));
+  auto node = c10::make_intrusive<MLPBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, weights, biases));
+  at::Tensor y;
+  std::vector<at::Tensor> saved;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in dense_autograd
+    std::tie(y, saved) = mlp_forward_op(triton).call(x, weights, biases, activations, save);
+  }
+  node->x = torch::autograd::SavedVariable(x, /*is_output=*/false);
+  for (const auto& w : weights) node->weights.emplace_back(w, /*is_output=*/false);
+  for (const auto& b : biases) node->biases.emplace_back(b, /*is_output=*/false);
+  for (const auto& t : saved) node->saved.emplace_back(t, /*is_output=*/false);
+  node->activations = std::move(activations);
+  node->triton = triton;
+  torch::autograd::set_history(y, node);
+  return y;
 }
 
 // ---- cross_entropy --------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _ops = torch.ops.fusedlayers
+# The overloads themselves: calling the packet (torch.ops.fusedlayers.mlp) resolves the overload on every call.
+_dense, _mlp, _cross_entropy = _ops.dense.default, _ops.mlp.default, _ops.cross_entropy.default
 
 
 def needs_function(*tensors: Tensor | None) -> bool:
@@ -71,7 +73,7 @@ def _batched_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 # ---- dense ---------------------------------------------------------------------------------------------
 
 def _dense_forward(x, weight, bias, activation, backend):
-    return _ops.dense(x, weight, bias, activation, False, backend)
+    return _dense(x, weight, bias, activation, False, backend)
 
 
 def _dense_setup_context(ctx, inputs, output):
@@ -113,7 +115,7 @@ def dense(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, save_
     """The dense op, through the autograd.Function where a transform or a tangent needs it (not compiling)."""
     if needs_function(x, weight, bias):
         return _dense_function(x, weight, bias, activation, backend)
-    return _ops.dense(x, weight, bias, activation, save_preact, backend)
+    return _dense(x, weight, bias, activation, save_preact, backend)
 
 
 # ---- mlp -----------------------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def _split(layers: int, params: tuple) -> tuple[list, list]:
 
 def _mlp_forward(layers, activations, backend, x, *params):
     weights, biases = _split(layers, params)
-    return _ops.mlp(x, weights, biases, activations, False, backend)
+    return _mlp(x, weights, biases, activations, False, backend)
 
 
 def _mlp_setup_context(ctx, inputs, output):
@@ -184,7 +186,7 @@ def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: lis
     """The mlp op, through the autograd.Function where a transform or a tangent needs it (not compiling)."""
     if needs_function(x, *weights, *biases):
         return _mlp_function(len(weights), activations, backend, x, *weights, *biases)
-    return _ops.mlp(x, weights, biases, activations, save, backend)
+    return _mlp(x, weights, biases, activations, save, backend)
 
 
 # ---- cross_entropy -------------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ _CE_WEIGHT_GRAD = ("cross_entropy(): the gradient with respect to the class weig
 
 
 def _ce_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend):
-    return _ops.cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
+    return _cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
 
 
 def _ce_setup_context(ctx, inputs, output):
@@ -278,4 +280,4 @@ def cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():  # as the op refuses it
             raise RuntimeError(_CE_WEIGHT_GRAD)
         return _ce_function(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
-    return _ops.cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
+    return _cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)

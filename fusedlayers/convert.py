@@ -13,6 +13,7 @@ import copy
 from torch import Tensor, nn
 
 from . import functional as FL
+from ._ops import backend_for
 from .activations import name_of_module
 from .modules import FusedCrossEntropyLoss, FusedDense
 
@@ -68,7 +69,7 @@ class FusedSequential(nn.Sequential):
             weights = [m._parameters["weight"] for m in layers]
             biases = [m._parameters["bias"] for m in layers] if head.bias is not None else []
             input = FL.mlp_op(input, weights, biases, activations, FL.saves_preact(head.save),
-                              FL.resolve_backend(head.backend, input.device))
+                              backend_for(head.backend, input))
             i = last + 1
         for module in children[i:]:
             input = module(input)

@@ -3,7 +3,7 @@ import torch
 from torch import Tensor
 
 from . import _func
-from ._ops import resolve_backend
+from ._ops import backend_for
 from .activations import check_activation
 
 SAVE_POLICIES = ("preact", "recompute")
@@ -40,8 +40,12 @@ def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str
     save: "preact" keeps z = x @ weight.T + bias for the backward; "recompute" keeps nothing extra and
     recomputes z in the backward (one more GEMM, less memory).
     """
-    check_activation(activation)
-    save_preact, backend = saves_preact(save), resolve_backend(backend, x.device)
+    return dense_op(x, weight, bias, check_activation(activation), saves_preact(save), backend_for(backend, x))
+
+
+def dense_op(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, save_preact: bool,
+             backend: str) -> Tensor:
+    """The dense op with checked arguments: the op itself when compiling, else through torch.func's route."""
     if torch.compiler.is_compiling():  # the op is the compiled path; Dynamo cannot trace a custom jvp
         return _dense(x, weight, bias, activation, save_preact, backend)
     return _func.dense(x, weight, bias, activation, save_preact, backend)
@@ -57,7 +61,7 @@ def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activatio
     """
     activations = mlp_activations(len(weights), activation, output_activation)
     return mlp_op(x, weights, [] if biases is None else biases, activations, saves_preact(save),
-                  resolve_backend(backend, x.device))
+                  backend_for(backend, x))
 
 
 def mlp_op(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: list[str], save: bool,
@@ -125,7 +129,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     logits, rows_target, shape = _rows(input, target, "cross_entropy")
     op = _cross_entropy if torch.compiler.is_compiling() else _func.cross_entropy  # as in dense()
     loss, lse = op(logits, rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
-                   None if softcap is None else float(softcap), resolve_backend(backend, input.device))
+                   None if softcap is None else float(softcap), backend_for(backend, input))
     loss = _reduce(loss, rows_target, weight, ignore_index, reduction)
     loss = (loss.reshape(shape) if reduction == "none" else loss).to(input.dtype)
     return (loss, lse.reshape(shape).to(input.dtype)) if return_lse else loss
@@ -171,6 +175,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     loss, lse = _linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1),
                                       class_weight, ignore_index, float(label_smoothing), float(z_loss),
                                       None if softcap is None else float(softcap), reduction, int(chunk_size),
-                                      resolve_backend(backend, hidden.device))
+                                      backend_for(backend, hidden))
     loss = (loss.reshape(shape) if reduction == "none" else loss).to(hidden.dtype)
     return (loss, lse.reshape(shape).to(hidden.dtype)) if return_lse else loss

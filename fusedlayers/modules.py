@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torch.nn import _reduction
 
 from . import functional as FL
-from ._ops import check_backend
+from ._ops import backend_for, check_backend
 from .activations import REFERENCE, check_activation, name_of_module
 
 
@@ -54,7 +54,11 @@ class FusedDense(nn.Module):
         return fused
 
     def forward(self, x: Tensor) -> Tensor:
-        return FL.dense(x, self.weight, self.bias, self.activation, self.backend, self.save)
+        # The op directly, the parameters read without nn.Module.__getattr__: the names were checked when the
+        # module was built, and for a tiny layer the per-call Python work is a visible part of the time.
+        params = self._parameters
+        return FL.dense_op(x, params["weight"], params["bias"], self.activation, FL.saves_preact(self.save),
+                           backend_for(self.backend, x))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -106,7 +110,7 @@ class FusedMLP(nn.Module):
         # The op directly: the names were checked when the module was built, and for tiny networks the
         # per-call Python work is a visible part of the time.
         return FL.mlp_op(x, self.weights(), self.biases() or [], self.activations, FL.saves_preact(self.save),
-                         FL.resolve_backend(self.backend, x.device))
+                         backend_for(self.backend, x))
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential, backend: str = "auto", save: str = "preact") -> "FusedMLP":

@@ -330,3 +330,21 @@ def test_available_backends():
     assert found[0] == "cpu"
     assert set(found) <= {"cpu", "cuda", "triton"}
     assert ("cuda" in found) == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("save", ["preact", "recompute"])
+def test_saved_tensors_as_autograd_keeps_them(backend, save):
+    """The node's saved tensors behave as PyTorch's own: a weight modified in place after the forward makes the
+    backward raise, a second backward without retain_graph raises, and one with it gives the same gradients."""
+    _, (x, w, b, g) = make_inputs((4,), 6, 5, torch.float64, device_of(backend))
+    y = dense(x, w, b, "tanh", backend=backend, save=save)
+    with torch.no_grad():
+        w.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, [x, w, b], g)
+    y = dense(x, w, b, "tanh", backend=backend, save=save)
+    first = torch.autograd.grad(y, [x, w, b], g, retain_graph=True)
+    second = torch.autograd.grad(y, [x, w, b], g)
+    assert all(torch.equal(p, q) for p, q in zip(first, second))
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(y, [x, w, b], g)

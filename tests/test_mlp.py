@@ -125,6 +125,25 @@ def test_input_without_grad_gets_none(backend):
     assert all(t is not None for t in grads)
 
 
+@pytest.mark.parametrize("save", ["preact", "recompute"])
+def test_saved_tensors_as_autograd_keeps_them(backend, save):
+    """The node's saved tensors behave as PyTorch's own: a parameter modified in place after the forward makes
+    the backward raise, a second backward without retain_graph raises, and one with it gives the same gradients."""
+    sizes, acts = NETS["seed003"]
+    (x, ws, bs, g), (xf, wf, bf, gf) = make(sizes, (5,), torch.float64, device_of(backend), True)
+    y = mlp(xf, wf, bf, acts[:-1], acts[-1], backend=backend, save=save)
+    with torch.no_grad():
+        wf[1].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        grads_of(y, xf, wf, bf, gf)
+    y = mlp(xf, wf, bf, acts[:-1], acts[-1], backend=backend, save=save)
+    first = torch.autograd.grad(y, [xf, *wf, *bf], gf, retain_graph=True)
+    second = torch.autograd.grad(y, [xf, *wf, *bf], gf)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(y, [xf, *wf, *bf], gf)
+
+
 @pytest.mark.parametrize("batch", [(0,), (3, 0)])
 def test_empty_batch(backend, batch):
     _, (x, ws, bs, _) = make([3, 8, 2], batch, torch.float32, device_of(backend), True)

@@ -7,6 +7,7 @@
 // activations. One thread: the path is chosen only for work too small to split (see the rule below).
 // Wider networks go layer by layer through the dense kernels (mlp_chain.cpp), saving what eager PyTorch saves.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -166,6 +167,12 @@ void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad
   }
 }
 
+// A CPU tensor of like's dtype, without the dispatcher's two hops of at::empty: the backward of a tiny network
+// allocates one per parameter, and each hop costs about as much as a small layer's arithmetic.
+at::Tensor cpu_empty(c10::IntArrayRef shape, const at::Tensor& like) {
+  return at::Tensor(at::detail::empty_cpu(shape, like.scalar_type()));
+}
+
 void check_cpu_dtype(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
               "mlp(): the CPU backend supports float32, float64 and bfloat16 x, got ", x.scalar_type());
@@ -180,7 +187,7 @@ MlpForwardResult mlp_forward(const at::Tensor& x, at::TensorList weights, at::Te
   const auto acts = parse_activations(activations);
   auto out_shape = x.sizes().vec();
   out_shape.back() = s.widths.back();
-  at::Tensor y = at::empty(out_shape, x.options());
+  at::Tensor y = cpu_empty(out_shape, x);
   at::Tensor xc = x.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mlp_forward", [&] {
     fused_forward<scalar_t>(s, net_of<scalar_t>(s, weights, biases, acts), xc.data_ptr<scalar_t>(),
@@ -205,10 +212,10 @@ MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, 
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "mlp_backward(): expected grad_out of dtype ",
               x.scalar_type(), ", got ", grad_out.scalar_type());
   const auto acts = parse_activations(activations);
-  at::Tensor dx = input_grad ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  at::Tensor dx = input_grad ? cpu_empty(x.sizes(), x) : at::Tensor();
   std::vector<at::Tensor> dweights, dbiases;
-  for (const auto& w : weights) dweights.push_back(at::empty(w.sizes(), w.options()));
-  for (const auto& b : biases) dbiases.push_back(at::empty(b.sizes(), b.options()));
+  for (const auto& w : weights) dweights.push_back(cpu_empty(w.sizes(), w));
+  for (const auto& b : biases) dbiases.push_back(cpu_empty(b.sizes(), b));
   at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mlp_backward", [&] {
     std::vector<scalar_t*> dw, db;
