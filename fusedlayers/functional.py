@@ -27,6 +27,7 @@ def mlp_activations(layers: int, activation: str | list[str], output_activation:
 _dense = torch.ops.fusedlayers.dense.default
 _mlp = torch.ops.fusedlayers.mlp.default
 _cross_entropy = torch.ops.fusedlayers.cross_entropy.default
+_cross_entropy_ = torch.ops.fusedlayers.cross_entropy_.default
 _linear_cross_entropy = torch.ops.fusedlayers.linear_cross_entropy.default
 
 
@@ -96,23 +97,10 @@ def _rows(input: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tup
     return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), expected
 
 
-def _reduce(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str) -> Tensor:
-    """PyTorch's reductions of per-row losses, as composite ops (no host synchronization): "mean" divides by
-    the summed class weights of the kept rows (their count without weights), nan when every row is ignored."""
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    kept = target != ignore_index
-    if weight is None:
-        return loss.sum() / kept.sum()
-    safe = torch.where(kept, target, 0).clamp(0, weight.shape[0] - 1)  # the op has rejected kept strays
-    return loss.sum() / torch.where(kept, weight.to(loss.dtype).gather(0, safe), 0).sum()
-
-
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                  softcap: float | None = None, return_lse: bool = False, backend: str = "auto"):
+                  softcap: float | None = None, return_lse: bool = False, backend: str = "auto",
+                  inplace_backward: bool = False):
     """F.cross_entropy with class-index targets as one fused op with a hand-written gradient.
 
     input: (C,), (N, C) or (N, C, d1, ...); target: class indices, int64, of shape (), (N,) or (N, d1, ...).
@@ -120,13 +108,25 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     z_loss * lse**2 per kept sample (weighted and reduced like the loss), with lse the logsumexp of the
     sample's logits; softcap replaces the logits z by softcap * tanh(z / softcap) first. return_lse=True
     returns (loss, lse), lse per sample (shape of reduction="none"). A kept target outside [0, C) raises.
+
+    inplace_backward=True saves the memory (and time) of the gradient: when autograd records the call, the
+    forward overwrites `input` with its gradient (backward only scales it by the upstream gradient). The
+    mutation is declared to autograd: any other use of the old input that needs its values in a backward (or
+    any use of it after this call) raises instead of reading the gradient. `input` must not be a leaf that
+    requires grad; lse gets no gradient, and the backward runs once (no create_graph, no retain_graph).
     """
     check_reduction(reduction)
     logits, rows_target, shape = _rows(input, target, "cross_entropy")
-    op = _cross_entropy if torch.compiler.is_compiling() else _func.cross_entropy  # as in dense()
-    loss, lse = op(logits, rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
-                   None if softcap is None else float(softcap), resolve_backend(backend, input.device))
-    loss = _reduce(loss, rows_target, weight, ignore_index, reduction)
+    args = (rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
+            None if softcap is None else float(softcap), reduction, resolve_backend(backend, input.device))
+    compiling = torch.compiler.is_compiling()
+    if inplace_backward and torch.is_grad_enabled() and input.requires_grad:
+        if not compiling and _func.needs_function(input, weight):
+            raise RuntimeError("cross_entropy(): inplace_backward=True is not supported under torch.func transforms "
+                               "or forward-mode AD; use inplace_backward=False")
+        loss, lse = _cross_entropy_(logits, *args)
+    else:
+        loss, lse = (_cross_entropy if compiling else _func.cross_entropy)(logits, *args)  # as in dense()
     loss = (loss.reshape(shape) if reduction == "none" else loss).to(input.dtype)
     return (loss, lse.reshape(shape).to(input.dtype)) if return_lse else loss
 

@@ -415,6 +415,8 @@ void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* gra
   const M b = gl * eps / M(C);
   const bool cap = row.softcap != M(0);
   const V va(a), vb(b), vlse(lse), one(M(1)), vs(row.softcap), inv_s(cap ? M(1) / row.softcap : M(0));
+  // read before the loop: grad may be the row's logits (the in-place forward)
+  const M x_t = kept ? row.x[row.target] : M(0);
   for (int64_t c = 0; c < C; c += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, C - c));
     const V x = V::loadu(row.x + c, n);
@@ -429,8 +431,7 @@ void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* gra
     g.store(grad + c, n);
   }
   if (kept) {
-    const M t = row.x[row.target];
-    const M dz = cap ? M(1) - std::tanh(t / row.softcap) * std::tanh(t / row.softcap) : M(1);
+    const M dz = cap ? M(1) - std::tanh(x_t / row.softcap) * std::tanh(x_t / row.softcap) : M(1);
     grad[row.target] -= gl * wt * (M(1) - eps) * dz;
   }
 }
