@@ -396,6 +396,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
                                c10::string_view backend) {
     const bool triton = is_triton(backend);
     const CeReduction red = parse_reduction(reduction);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseFunction::forward
     auto [loss, lse] = ce_forward_op(triton).call(logits, target, weight, ignore_index, label_smoothing, z_loss,
                                                   softcap, reduction);
     ctx->save_for_backward({logits, target, weight.value_or(at::Tensor()), lse});
@@ -423,6 +424,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
       out[0] = cross_entropy_backward_composite(rows, grads[1], logits, target, weight, ignore_index, eps, z_loss,
                                                 softcap);
     } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseFunction::forward
       out[0] = ce_backward_op(o[5].toBool()).call(grad_loss, opt(grads[1]), logits, target, opt(weight), lse,
                                                    ignore_index, eps, z_loss, softcap, reduction_name(red));
     }
@@ -469,6 +471,7 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
                                double z_loss, std::optional<double> softcap, c10::string_view reduction,
                                c10::string_view backend) {
     at::Tensor written = logits;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseFunction::forward
     auto [loss, lse] = ce_forward_inplace_op(is_triton(backend))
                            .call(written, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction);
     torch::autograd::impl::bump_version(logits);

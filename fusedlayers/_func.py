@@ -274,12 +274,9 @@ _ce_function = function_op("CrossEntropyFunction", _ce_forward, _ce_setup_contex
 
 def cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float,
                   z_loss: float, softcap: float | None, reduction: str, backend: str) -> tuple[Tensor, Tensor]:
-    """The cross_entropy op, through the autograd.Function where a transform or a tangent needs it (not
-    compiling): per-row losses there, reduced by torch ops."""
-    if needs_function(logits, weight):
-        if weight is not None and weight.requires_grad and torch.is_grad_enabled():  # as the op refuses it
-            raise RuntimeError(_CE_WEIGHT_GRAD)
-        loss, lse = _ce_function(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
-        return ce_reduce_rows(loss, target, weight, ignore_index, reduction), lse
-    return _ops.cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
-                              backend)
+    """The cross_entropy op as the autograd.Function, for a torch.func transform or a tangent (not compiling):
+    per-row losses, reduced by torch ops."""
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():  # as the op refuses it
+        raise RuntimeError(_CE_WEIGHT_GRAD)
+    loss, lse = _ce_function(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
+    return ce_reduce_rows(loss, target, weight, ignore_index, reduction), lse

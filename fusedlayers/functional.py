@@ -78,9 +78,13 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
-def _rows(input: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tuple]:
-    """(logits (M, C), target (M,), the shape of a per-sample result) from PyTorch's layouts: (C,) with a 0-d
-    target, (N, C) with (N,), (N, C, d1, ...) with (N, d1, ...) (the class dim is moved last)."""
+def _rows(input: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tuple | None]:
+    """(logits (M, C), target (M,), the shape of a per-sample result, None when it is (M,)) from PyTorch's
+    layouts: (C,) with a 0-d target, (N, C) with (N,), (N, C, d1, ...) with (N, d1, ...) (the class dim is moved
+    last)."""
+    if input.dim() == 2 and target.dim() == 1 and target.shape[0] == input.shape[0] \
+            and not target.dtype.is_floating_point:
+        return input, target, None  # the common layout, checked in few steps: a small loss is dominated by them
     if input.dim() == 0:
         raise ValueError(f"{what}(): expected input of shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
     if target.dtype.is_floating_point:
@@ -93,7 +97,7 @@ def _rows(input: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tup
     if input.dim() == 1:
         return input.unsqueeze(0), target.reshape(1), ()
     if input.dim() == 2:
-        return input, target, expected
+        return input, target, None
     return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), expected
 
 
@@ -113,22 +117,27 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     forward overwrites `input` with its gradient (backward only scales it by the upstream gradient). The
     mutation is declared to autograd: any other use of the old input that needs its values in a backward (or
     any use of it after this call) raises instead of reading the gradient. `input` must not be a leaf that
-    requires grad; lse gets no gradient, and the backward runs once (no create_graph, no retain_graph).
+    requires grad; lse gets no gradient, there is no create_graph, and a second backward of the graph raises.
     """
     check_reduction(reduction)
     logits, rows_target, shape = _rows(input, target, "cross_entropy")
     args = (rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
             None if softcap is None else float(softcap), reduction, resolve_backend(backend, input.device))
-    compiling = torch.compiler.is_compiling()
+    # the op itself when compiling (as in dense()), torch.func's route where a transform or a tangent needs it
+    function = not torch.compiler.is_compiling() and _func.needs_function(input, weight)
     if inplace_backward and torch.is_grad_enabled() and input.requires_grad:
-        if not compiling and _func.needs_function(input, weight):
+        if function:
             raise RuntimeError("cross_entropy(): inplace_backward=True is not supported under torch.func transforms "
                                "or forward-mode AD; use inplace_backward=False")
         loss, lse = _cross_entropy_(logits, *args)
     else:
-        loss, lse = (_cross_entropy if compiling else _func.cross_entropy)(logits, *args)  # as in dense()
-    loss = (loss.reshape(shape) if reduction == "none" else loss).to(input.dtype)
-    return (loss, lse.reshape(shape).to(input.dtype)) if return_lse else loss
+        loss, lse = (_func.cross_entropy if function else _cross_entropy)(logits, *args)
+    if shape is not None and reduction == "none":
+        loss = loss.reshape(shape)
+    loss = loss if loss.dtype == input.dtype else loss.to(input.dtype)
+    if not return_lse:
+        return loss
+    return loss, (lse if shape is None else lse.reshape(shape)).to(input.dtype)
 
 
 # linear_cross_entropy's default chunk: rows whose logits hold about this many elements (64 MiB in float32):
