@@ -18,10 +18,10 @@ using CeForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const 
 using CeBackwardFn = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                                 const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double,
                                 double, std::optional<double>, c10::string_view);
-// The in-place forward: the logits (first argument) are overwritten with the gradient of the loss.
-using CeForwardInplaceFn = std::tuple<at::Tensor, at::Tensor>(at::Tensor&, const at::Tensor&,
-                                                              const std::optional<at::Tensor>&, int64_t, double, double,
-                                                              std::optional<double>, c10::string_view);
+// The forward that also writes the gradient of the loss into its last argument (which may be the logits).
+using CeForwardGradFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                           const std::optional<at::Tensor>&, int64_t, double, double,
+                                                           std::optional<double>, c10::string_view, at::Tensor&);
 
 // Looked up once; the Triton ones resolve to kernels that Python registers later.
 inline c10::TypedOperatorHandle<CeForwardFn> ce_forward_op(bool triton) {
@@ -36,9 +36,9 @@ inline c10::TypedOperatorHandle<CeBackwardFn> ce_backward_op(bool triton) {
   return triton ? tri : native;
 }
 
-inline c10::TypedOperatorHandle<CeForwardInplaceFn> ce_forward_inplace_op(bool triton) {
-  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::cross_entropy_forward_", "").typed<CeForwardInplaceFn>();
-  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_cross_entropy_forward_", "").typed<CeForwardInplaceFn>();
+inline c10::TypedOperatorHandle<CeForwardGradFn> ce_forward_grad_op(bool triton) {
+  static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::cross_entropy_forward_grad", "").typed<CeForwardGradFn>();
+  static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_cross_entropy_forward_grad", "").typed<CeForwardGradFn>();
   return triton ? tri : native;
 }
 

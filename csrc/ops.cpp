@@ -386,8 +386,22 @@ c10::IValue ce_options(int64_t ignore_index, double label_smoothing, double z_lo
                                      static_cast<int64_t>(reduction), triton});
 }
 
-// One autograd node for the loss and its reduction: saves logits, target, weight and lse; the backward is the
-// cross_entropy_backward kernel, or the composite formula when the backward is differentiated.
+// Whether t is being traced (torch.compile's fake and functional tensors): it has no values to read.
+bool traced(const at::Tensor& t) {
+  return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+}
+
+// Whether an upstream gradient is exactly 1 (loss.backward()), where that costs no device synchronization: read
+// from a real CPU scalar only.
+bool is_one(const at::Tensor& g) {
+  return g.is_cpu() && g.dim() == 0 && !traced(g) && g.item<double>() == 1.0;
+}
+
+// One autograd node for the loss and its reduction: saves logits, target, weight and lse. A reduced loss (not
+// traced) also gets its gradient in the forward, from the rows it reads anyway (cross_entropy_forward_grad):
+// the backward then only scales it, instead of reading the logits again. Otherwise, and for a second
+// backward, a gradient of lse or a differentiated backward, the backward is the cross_entropy_backward kernel
+// or the composite formula.
 class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
@@ -397,8 +411,16 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     const bool triton = is_triton(backend);
     const CeReduction red = parse_reduction(reduction);
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseFunction::forward
-    auto [loss, lse] = ce_forward_op(triton).call(logits, target, weight, ignore_index, label_smoothing, z_loss,
-                                                  softcap, reduction);
+    at::Tensor loss, lse;
+    if (red != CeReduction::None && !traced(logits)) {
+      at::Tensor grad = at::empty(logits.sizes(), logits.options());
+      std::tie(loss, lse) = ce_forward_grad_op(triton).call(logits, target, weight, ignore_index, label_smoothing,
+                                                            z_loss, softcap, reduction, grad);
+      ctx->saved_data["grad"] = std::move(grad);
+    } else {
+      std::tie(loss, lse) = ce_forward_op(triton).call(logits, target, weight, ignore_index, label_smoothing, z_loss,
+                                                       softcap, reduction);
+    }
     ctx->save_for_backward({logits, target, weight.value_or(at::Tensor()), lse});
     ctx->set_materialize_grads(false);  // the kernel takes grad_lse None as zero, without reading it
     ctx->saved_data["options"] = ce_options(ignore_index, label_smoothing, z_loss, softcap, red, triton);
@@ -408,6 +430,15 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(9);
     if (!grads[0].defined() && !grads[1].defined()) return out;
+    const auto precomputed = ctx->saved_data.find("grad");
+    if (precomputed != ctx->saved_data.end() && !grads[1].defined() && !at::GradMode::is_enabled()) {
+      out[0] = precomputed->second.toTensor();
+      // its only reference leaves with it: AccumulateGrad can keep it without a copy, and a second backward
+      // takes the kernel
+      ctx->saved_data.erase(precomputed);
+      if (!is_one(grads[0])) out[0].mul_(grads[0]);
+      return out;
+    }
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &logits = saved[0], &target = saved[1], &weight = saved[2], &lse = saved[3];
     const auto options = ctx->saved_data["options"].toTuple();
@@ -472,8 +503,9 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
                                c10::string_view backend) {
     at::Tensor written = logits;
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseFunction::forward
-    auto [loss, lse] = ce_forward_inplace_op(is_triton(backend))
-                           .call(written, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction);
+    auto [loss, lse] = ce_forward_grad_op(is_triton(backend))
+                           .call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
+                                 written);
     torch::autograd::impl::bump_version(logits);
     ctx->saved_data["grad"] = written;
     ctx->saved_data["version"] = static_cast<int64_t>(written._version());
@@ -496,8 +528,7 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
     const at::Tensor& g = grads[0];
     if (ctx->saved_data["rows"].toBool()) {
       grad.mul_(g.unsqueeze(1));
-    } else if (!(g.is_cpu() && !g.key_set().has(c10::DispatchKey::Python) && g.item<double>() == 1.0)) {
-      // reading a real CPU scalar is no device synchronization; a traced one (torch.compile) has no value
+    } else if (!is_one(g)) {
       grad.mul_(g);
     }
     out[0] = grad;
@@ -509,8 +540,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_inplace_no_autograd(
     at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, double z_loss, std::optional<double> softcap, c10::string_view reduction,
     c10::string_view backend) {
-  return ce_forward_inplace_op(is_triton(backend))
-      .call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction);
+  return ce_forward_grad_op(is_triton(backend))
+      .call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, logits);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_inplace_autograd(
@@ -719,13 +750,15 @@ TORCH_LIBRARY(fusedlayers, m) {
   // times 1 - tanh(logits / softcap)^2 with a softcap. grad_lse None means zero.
   // reduction ("none", "mean" or "sum") reduces the loss as F.cross_entropy does: "mean" divides the sum by the
   // summed class weights of the kept rows (their count without weights; nan when none is kept). The forward
-  // returns (loss, lse), loss (N,) or 0-d; the backward takes grad_loss of that shape. cross_entropy_forward_
-  // also overwrites the logits with the gradient of the loss (grad_loss 1, grad_lse 0).
+  // returns (loss, lse), loss (N,) or 0-d; the backward takes grad_loss of that shape. cross_entropy_forward_grad
+  // also writes the gradient of the loss (grad_loss 1, grad_lse 0) into grad, which may be the logits themselves
+  // (each row is read before it is written).
 #define FL_DEF_CE_KERNELS(prefix)                                                                               \
   m.def(prefix "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "          \
                "float label_smoothing, float z_loss, float? softcap, str reduction) -> (Tensor, Tensor)");      \
-  m.def(prefix "cross_entropy_forward_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index, "     \
-               "float label_smoothing, float z_loss, float? softcap, str reduction) -> (Tensor, Tensor)");      \
+  m.def(prefix "cross_entropy_forward_grad(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "      \
+               "float label_smoothing, float z_loss, float? softcap, str reduction, Tensor(a!) grad) "          \
+               "-> (Tensor, Tensor)");                                                                           \
   m.def(prefix "cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, "       \
                "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "             \
                "float? softcap, str reduction) -> Tensor");
@@ -770,8 +803,8 @@ TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   // through): backpropagating through one raises, never a silent zero.
   for (const char* op : {"dense_forward", "dense_backward", "triton_dense_forward", "triton_dense_backward",
                          "mlp_forward", "mlp_backward", "triton_mlp_forward", "triton_mlp_backward",
-                         "cross_entropy_forward", "cross_entropy_forward_", "cross_entropy_backward",
-                         "triton_cross_entropy_forward", "triton_cross_entropy_forward_",
+                         "cross_entropy_forward", "cross_entropy_forward_grad", "cross_entropy_backward",
+                         "triton_cross_entropy_forward", "triton_cross_entropy_forward_grad",
                          "triton_cross_entropy_backward", "linear_cross_entropy_forward",
                          "linear_cross_entropy_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());

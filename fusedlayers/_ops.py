@@ -253,6 +253,15 @@ def _cross_entropy_forward_fake(logits, target, weight, ignore_index, label_smoo
     return logits.new_empty(loss_shape, dtype=math), logits.new_empty(logits.shape[0], dtype=math)
 
 
+def _cross_entropy_forward_grad_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                     reduction, grad):
+    torch._check(grad.shape == logits.shape and grad.dtype == logits.dtype,
+                 lambda: f"cross_entropy_forward_grad(): expected grad shaped as logits {list(logits.shape)} of dtype "
+                         f"{logits.dtype}, got {list(grad.shape)} {grad.dtype}")
+    return _cross_entropy_forward_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                       reduction)
+
+
 def _cross_entropy_backward_fake(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing,
                                  z_loss, softcap, reduction):
     check_cross_entropy_args(logits, target, weight, label_smoothing, softcap)
@@ -262,7 +271,7 @@ def _cross_entropy_backward_fake(grad_loss, grad_lse, logits, target, weight, ls
 
 for _prefix in ("", "triton_"):
     torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_forward")(_cross_entropy_forward_fake)
-    torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_forward_")(_cross_entropy_forward_fake)
+    torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_forward_grad")(_cross_entropy_forward_grad_fake)
     torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_backward")(_cross_entropy_backward_fake)
 
 

@@ -233,7 +233,8 @@ def test_opcheck(backend):
             xd = x.detach()
             args = (t, w, -100, ls, zl, cap, reduction)
             torch.library.opcheck(getattr(fl, p + "cross_entropy_forward").default, (xd, *args))
-            torch.library.opcheck(getattr(fl, p + "cross_entropy_forward_").default, (xd.clone(), *args))
+            torch.library.opcheck(getattr(fl, p + "cross_entropy_forward_grad").default,
+                                  (xd, *args, torch.empty_like(xd)))
             torch.library.opcheck(fl.cross_entropy_.default, (xd.clone(), *args, kind))
             loss, lse = getattr(fl, p + "cross_entropy_forward").default(xd, *args)
             for glse in (None, torch.randn_like(lse)):
@@ -252,6 +253,24 @@ def test_compile_fullgraph_dynamic(backend, reduction):
         loss = fn(xf, tf, wf)
         assert_rel_close(loss.detach().cpu(), loss_ref, 1e-10, "loss")
         assert_rel_close(torch.autograd.grad(loss, xf, g.to(xf.device))[0].cpu(), dx_ref, 1e-10, "grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_loss_backward_twice(backend, reduction):
+    # a reduced loss's gradient is written in the forward and handed over by the first backward; a second one
+    # (retain_graph) computes it again: both right, for upstream 1 (.backward()) and 0.7
+    (x, t, w), (xf, tf, wf) = make_case(5, 9, torch.float64, device_of(backend), weight=True, ignored=1)
+    loss = cross_entropy(xf, tf, wf, reduction=reduction, label_smoothing=0.1, backend=backend)
+    _, dx_ref, _ = reference(x, t, w, reduction, grad=torch.tensor(1.0, dtype=torch.float64), label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    assert_rel_close(xf.grad.cpu(), dx_ref, 1e-10, "first backward")
+    loss.backward()
+    assert_rel_close(xf.grad.cpu(), 2 * dx_ref, 1e-10, "second backward")
+    loss = cross_entropy(xf, tf, wf, reduction=reduction, label_smoothing=0.1, backend=backend)
+    for _ in range(2):
+        (dx,) = torch.autograd.grad(loss, xf, torch.tensor(0.7, dtype=torch.float64, device=xf.device),
+                                    retain_graph=True)
+        assert_rel_close(dx.cpu(), 0.7 * dx_ref, 1e-10, "upstream 0.7")
 
 
 # ---- inplace_backward: the gradient written over the logits, declared ------------------------------------------
@@ -304,8 +323,8 @@ def test_inplace_backward_other_layouts(backend, shape):
 
 
 def test_inplace_backward_earlier_use_that_saved_the_logits_raises(backend):
-    # another node saved the old logits (a square, or the default fused loss): it must not read the gradient
-    for other in (lambda z, t: (z**2).sum(), lambda z, t: cross_entropy(z, t, backend=backend)):
+    # another node saved the old logits (a square, or a fused loss per row): it must not read the gradient
+    for other in (lambda z, t: (z**2).sum(), lambda z, t: cross_entropy(z, t, reduction="none", backend=backend).sum()):
         _, (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
         first = other(logits, tf)
         loss = first + cross_entropy(logits, tf, backend=backend, inplace_backward=True)
@@ -314,13 +333,16 @@ def test_inplace_backward_earlier_use_that_saved_the_logits_raises(backend):
 
 
 def test_inplace_backward_earlier_use_that_kept_nothing_is_exact(backend):
-    # logits.sum() before the call saves no values: its gradient (ones) and the loss's add up exactly
-    (x, t, _), (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
-    total = logits.sum() + cross_entropy(logits, tf, backend=backend, inplace_backward=True)
-    total.backward()
-    xr = x.detach().clone().requires_grad_()
-    (xr.sum() + F.cross_entropy(xr, t)).backward()
-    assert_rel_close(leaf.grad.cpu(), xr.grad, 1e-10, "grad")
+    # logits.sum() before the call saves no values, a fused mean computes its gradient in its forward: their
+    # gradients and the in-place loss's add up exactly
+    for other, reference_other in ((lambda z, t: z.sum(), lambda z, t: z.sum()),
+                                   (lambda z, t: cross_entropy(z, t, backend=backend), F.cross_entropy)):
+        (x, t, _), (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
+        total = other(logits, tf) + cross_entropy(logits, tf, backend=backend, inplace_backward=True)
+        total.backward()
+        xr = x.detach().clone().requires_grad_()
+        (reference_other(xr, t) + F.cross_entropy(xr, t)).backward()
+        assert_rel_close(leaf.grad.cpu(), xr.grad, 1e-10, "grad")
 
 
 def test_inplace_backward_later_use_raises(backend):

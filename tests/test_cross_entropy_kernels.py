@@ -14,14 +14,14 @@ IGNORE = -100
 
 
 def kernel_ops(backend):
-    """(forward, in-place forward, backward) kernel ops of a backend: the triton_ ones for "triton", else the
+    """(forward, forward_grad, backward) kernel ops of a backend: the triton_ ones for "triton", else the
     native ones."""
     prefix = ""
     if backend == "triton":
         from fusedlayers.triton import cross_entropy  # noqa: F401  (registers the triton_ kernels)
         prefix = "triton_"
     return tuple(getattr(torch.ops.fusedlayers, f"{prefix}cross_entropy_{name}")
-                 for name in ("forward", "forward_", "backward"))
+                 for name in ("forward", "forward_grad", "backward"))
 
 
 def ops(backend):
@@ -279,50 +279,58 @@ def test_mean_of_all_ignored_rows_is_nan(backend):
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
-def test_inplace_forward_writes_the_gradient(backend, small_block, reduction, dtype):
-    # the in-place forward returns the forward's (loss, lse) and leaves in the logits the backward's gradient
-    # for grad_loss 1; C = 1000 spans several Triton chunks
-    forward, forward_, backward = kernel_ops(backend)
+def test_forward_grad_writes_the_gradient(backend, small_block, reduction, dtype):
+    # forward_grad returns the forward's (loss, lse) and writes the backward's gradient for grad_loss 1 into
+    # grad: a separate tensor, or the logits themselves; C = 1000 spans several Triton chunks
+    forward, forward_grad, backward = kernel_ops(backend)
     opts = (IGNORE, 0.1, 0.02, 4.0, reduction)
     logits, target, w, _, _ = make_inputs(4, 1000, dtype, device_of(backend), weight=True, ignored=(2,))
     loss, lse = forward(logits, target, w, *opts)
     one = torch.ones(loss.shape, dtype=loss.dtype, device=loss.device)
     expected = backward(one, None, logits, target, w, lse, *opts)
+    grad = torch.full_like(logits, float("nan"))
+    loss_, lse_ = forward_grad(logits, target, w, *opts, grad)
+    assert torch.equal(loss_, loss) and torch.equal(lse_, lse)
+    assert torch.equal(grad, expected)
     x = logits.clone()
-    loss_, lse_ = forward_(x, target, w, *opts)
+    loss_, lse_ = forward_grad(x, target, w, *opts, x)
     assert torch.equal(loss_, loss) and torch.equal(lse_, lse)
     assert torch.equal(x, expected)
 
 
-def test_inplace_forward_non_contiguous(backend):
-    forward_, backward = kernel_ops(backend)[1:]
+def test_forward_grad_non_contiguous(backend):
+    forward_grad, backward = kernel_ops(backend)[1:]
     logits, target, _, _, _ = make_inputs(5, 9, torch.float64, device_of(backend))
     wide = torch.zeros(9, 10, dtype=torch.float64, device=logits.device)
     wide[:, ::2] = logits.T
     strided = wide[:, ::2].T
     assert not strided.is_contiguous()
-    loss, lse = forward_(strided, target, None, IGNORE, 0.0, 0.0, None, "sum")
+    loss, lse = forward_grad(strided, target, None, IGNORE, 0.0, 0.0, None, "sum", strided)
     expected = backward(torch.ones_like(loss), None, logits, target, None, lse, IGNORE, 0.0, 0.0, None, "sum")
     assert torch.equal(strided, expected)  # written back through the strides
     assert (wide[:, 1::2] == 0).all()  # and nowhere else
 
 
-def test_inplace_forward_checks_targets_before_writing(backend):
+def test_forward_grad_checks_targets_before_writing(backend):
     if device_of(backend) == "cuda":
         pytest.skip("on a GPU this is a device-side assert, which ends the CUDA context: not testable in-process")
-    forward_ = kernel_ops(backend)[1]
+    forward_grad = kernel_ops(backend)[1]
     logits, target, _, _, _ = make_inputs(4, 7, torch.float32, "cpu")
     target[3] = 7
     x = logits.clone()
     for reduction in ("none", "mean", "sum"):
         with pytest.raises(IndexError, match=r"target 7 is out of bounds"):
-            forward_(x, target, None, IGNORE, 0.0, 0.0, None, reduction)
+            forward_grad(x, target, None, IGNORE, 0.0, 0.0, None, reduction, x)
         assert torch.equal(x, logits)
 
 
-def test_bad_reduction(backend):
-    forward, forward_, _ = kernel_ops(backend)
+def test_bad_reduction_and_grad(backend):
+    forward, forward_grad, _ = kernel_ops(backend)
     logits, target, _, _, _ = make_inputs(4, 7, torch.float32, device_of(backend))
-    for op in (forward, forward_):
-        with pytest.raises(ValueError, match="'avg' is not a valid value for reduction"):
-            op(logits, target, None, IGNORE, 0.0, 0.0, None, "avg")
+    with pytest.raises(ValueError, match="'avg' is not a valid value for reduction"):
+        forward(logits, target, None, IGNORE, 0.0, 0.0, None, "avg")
+    with pytest.raises(ValueError, match="'avg' is not a valid value for reduction"):
+        forward_grad(logits, target, None, IGNORE, 0.0, 0.0, None, "avg", logits.clone())
+    for grad in (logits[:3].clone(), logits.double()):
+        with pytest.raises(RuntimeError, match="expected grad shaped as logits"):
+            forward_grad(logits, target, None, IGNORE, 0.0, 0.0, None, "mean", grad)

@@ -93,7 +93,7 @@ void ce_rows(const scalar_t* xp, const int64_t* tp, const CeRow<M>& proto, int64
 }
 
 // The forward and, when grad is given, the gradient of the (reduced) loss written into grad: the kernel of
-// cross_entropy_forward and of the in-place cross_entropy_forward_.
+// cross_entropy_forward and of cross_entropy_forward_grad.
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                 double label_smoothing, double z_loss, std::optional<double> softcap,
@@ -141,20 +141,25 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
                       parse_reduction(reduction), at::Tensor());
 }
 
-// The gradient is written where the logits were read, one row at a time: no (N, C) allocation. Non-contiguous
-// logits go through a contiguous copy, copied back.
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_(at::Tensor& logits, const at::Tensor& target,
-                                                          const std::optional<at::Tensor>& weight,
-                                                          int64_t ignore_index, double label_smoothing, double z_loss,
-                                                          std::optional<double> softcap, c10::string_view reduction) {
+// The gradient is written into grad one row at a time, after the row is read: grad may be the logits. A
+// non-contiguous grad goes through a contiguous buffer, copied in.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_grad(const at::Tensor& logits, const at::Tensor& target,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              int64_t ignore_index, double label_smoothing,
+                                                              double z_loss, std::optional<double> softcap,
+                                                              c10::string_view reduction, at::Tensor& grad) {
   check_ce_args(logits, target, weight, label_smoothing, softcap);
-  const CeReduction r = parse_reduction(reduction);
-  if (logits.is_contiguous()) return forward_impl(logits, target, weight, ignore_index, label_smoothing, z_loss,
-                                                  softcap, r, logits);
-  at::Tensor x = logits.contiguous();
-  auto out = forward_impl(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, r, x);
-  logits.copy_(x);
-  return out;
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
+                  grad.device() == logits.device(),
+              "cross_entropy_forward_grad(): expected grad shaped as logits ", logits.sizes(), " of dtype ",
+              logits.scalar_type(), " on ", logits.device(), ", got ", grad.sizes(), " ", grad.scalar_type(), " on ",
+              grad.device());
+  const at::Tensor x = logits.contiguous();
+  at::Tensor out = grad.is_contiguous() ? grad : at::empty_like(x);
+  auto result = forward_impl(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                             parse_reduction(reduction), out);
+  if (!out.is_same(grad)) grad.copy_(out);
+  return result;
 }
 
 at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
@@ -222,6 +227,6 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
 
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
   m.impl("cross_entropy_forward", &fusedlayers::cpu::cross_entropy_forward);
-  m.impl("cross_entropy_forward_", &fusedlayers::cpu::cross_entropy_forward_);
+  m.impl("cross_entropy_forward_grad", &fusedlayers::cpu::cross_entropy_forward_grad);
   m.impl("cross_entropy_backward", &fusedlayers::cpu::cross_entropy_backward);
 }

@@ -1,4 +1,4 @@
-// Softmax cross-entropy on CUDA: the kernels of cross_entropy_forward, cross_entropy_forward_ (in place) and
+// Softmax cross-entropy on CUDA: the kernels of cross_entropy_forward, cross_entropy_forward_grad and
 // cross_entropy_backward, with the per-row formulas of csrc/ops.cpp ("Softmax cross-entropy"); the reductions are
 // ATen ops around them (cross_entropy_ops.h).
 //
@@ -368,24 +368,31 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
   return {ce_reduce_rows(loss, target, weight, ignore_index, red), lse};
 }
 
-// The forward, then the backward with grad_loss 1 written over the logits (a non-contiguous logits through a
-// contiguous copy, copied back): two passes over the logits, no (N, C) allocation.
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_(at::Tensor& logits, const at::Tensor& target,
-                                                          const std::optional<at::Tensor>& weight,
-                                                          int64_t ignore_index, double label_smoothing, double z_loss,
-                                                          std::optional<double> softcap, c10::string_view reduction) {
+// The forward, then the backward with grad_loss 1 written into grad (which may be the logits; a non-contiguous
+// grad through a contiguous buffer, copied in): two passes over the logits.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_grad(const at::Tensor& logits, const at::Tensor& target,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              int64_t ignore_index, double label_smoothing,
+                                                              double z_loss, std::optional<double> softcap,
+                                                              c10::string_view reduction, at::Tensor& grad) {
   check_cuda_ce_args(logits, target, weight, label_smoothing, softcap);
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
+                  grad.device() == logits.device(),
+              "cross_entropy_forward_grad(): expected grad shaped as logits ", logits.sizes(), " of dtype ",
+              logits.scalar_type(), " on ", logits.device(), ", got ", grad.sizes(), " ", grad.scalar_type(), " on ",
+              grad.device());
   const CeReduction red = parse_reduction(reduction);
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor x = logits.contiguous();
+  const at::Tensor x = logits.contiguous();
   const at::Tensor t = target.contiguous();
   const std::optional<at::Tensor> w = contiguous(weight);
   auto [loss, lse] = forward_rows(x, t, w, ignore_index, label_smoothing, z_loss, softcap);
   const auto math = math_type(logits);
   const at::Tensor one = red == CeReduction::None ? at::ones({x.size(0)}, lse.options()) : at::ones({}, lse.options());
-  backward_into(ce_row_grad_loss(one, t, weight, ignore_index, red, math), std::nullopt, x, t, w, lse, x, ignore_index,
-                label_smoothing, z_loss, softcap);
-  if (!x.is_same(logits)) logits.copy_(x);
+  at::Tensor out = grad.is_contiguous() ? grad : at::empty_like(x);
+  backward_into(ce_row_grad_loss(one, t, weight, ignore_index, red, math), std::nullopt, x, t, w, lse, out,
+                ignore_index, label_smoothing, z_loss, softcap);
+  if (!out.is_same(grad)) grad.copy_(out);
   return {ce_reduce_rows(loss, t, weight, ignore_index, red), lse};
 }
 
@@ -412,6 +419,6 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
 
 TORCH_LIBRARY_IMPL(fusedlayers, CUDA, m) {
   m.impl("cross_entropy_forward", &fusedlayers::cuda::cross_entropy_forward);
-  m.impl("cross_entropy_forward_", &fusedlayers::cuda::cross_entropy_forward_);
+  m.impl("cross_entropy_forward_grad", &fusedlayers::cuda::cross_entropy_forward_grad);
   m.impl("cross_entropy_backward", &fusedlayers::cuda::cross_entropy_backward);
 }

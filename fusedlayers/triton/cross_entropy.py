@@ -258,20 +258,24 @@ def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Tensor | None,
     return ce_reduce_rows(loss, target, weight, ignore_index, reduction), lse
 
 
-def cross_entropy_forward_(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                           label_smoothing: float, z_loss: float, softcap: float | None,
-                           reduction: str) -> tuple[Tensor, Tensor]:
-    """The kernel of fusedlayers::triton_cross_entropy_forward_: the forward, then the gradient of the loss
-    written over the logits (two passes over them, no (N, C) allocation)."""
+def cross_entropy_forward_grad(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                               label_smoothing: float, z_loss: float, softcap: float | None, reduction: str,
+                               grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernel of fusedlayers::triton_cross_entropy_forward_grad: the forward, then the gradient of the loss
+    written into grad, which may be the logits themselves (two passes over them)."""
     _check_args(logits, target, weight, label_smoothing, softcap)
     check_ce_reduction(reduction)
+    torch._check(grad.shape == logits.shape and grad.dtype == logits.dtype and grad.device == logits.device,
+                 lambda: f"cross_entropy_forward_grad(): expected grad shaped as logits {list(logits.shape)} of dtype "
+                         f"{logits.dtype} on {logits.device}, got {list(grad.shape)} {grad.dtype} on {grad.device}")
     x, t = logits.contiguous(), target.contiguous()
     loss, lse = _forward_rows(x, t, weight, ignore_index, label_smoothing, z_loss, softcap)
     one = torch.ones((x.shape[0],) if reduction == "none" else (), dtype=lse.dtype, device=lse.device)
-    _backward_into(x, ce_row_grad_loss(one, t, weight, ignore_index, reduction, lse.dtype), None, x, t, weight, lse,
+    out = grad if grad.is_contiguous() else torch.empty_like(x)
+    _backward_into(out, ce_row_grad_loss(one, t, weight, ignore_index, reduction, lse.dtype), None, x, t, weight, lse,
                    ignore_index, label_smoothing, z_loss, softcap)
-    if x is not logits:
-        logits.copy_(x)
+    if out is not grad:
+        grad.copy_(out)
     return ce_reduce_rows(loss, t, weight, ignore_index, reduction), lse
 
 
@@ -303,5 +307,6 @@ def cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, logits: T
 
 
 torch.library.register_kernel("fusedlayers::triton_cross_entropy_forward", ("cpu", "cuda"), cross_entropy_forward)
-torch.library.register_kernel("fusedlayers::triton_cross_entropy_forward_", ("cpu", "cuda"), cross_entropy_forward_)
+torch.library.register_kernel("fusedlayers::triton_cross_entropy_forward_grad", ("cpu", "cuda"),
+                              cross_entropy_forward_grad)
 torch.library.register_kernel("fusedlayers::triton_cross_entropy_backward", ("cpu", "cuda"), cross_entropy_backward)
