@@ -394,7 +394,11 @@ bool traced(const at::Tensor& t) {
 // Whether an upstream gradient is exactly 1 (loss.backward()), where that costs no device synchronization: read
 // from a real CPU scalar only.
 bool is_one(const at::Tensor& g) {
-  return g.is_cpu() && g.dim() == 0 && !traced(g) && g.item<double>() == 1.0;
+  if (!g.is_cpu() || g.dim() != 0 || traced(g)) return false;
+  // read in place: item() is a dispatched op, a microsecond of a small loss's backward
+  if (g.scalar_type() == at::kFloat) return *g.const_data_ptr<float>() == 1.0f;
+  if (g.scalar_type() == at::kDouble) return *g.const_data_ptr<double>() == 1.0;
+  return g.item<double>() == 1.0;
 }
 
 // One autograd node for the loss and its reduction: saves logits, target, weight and lse. A reduced loss (not
