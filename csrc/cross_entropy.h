@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 
 namespace fusedlayers {
 
@@ -34,13 +35,29 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target, co
                     softcap.value_or(0.0));
 }
 
-// The per-row inputs of every native backward kernel: (N,) each, on the logits' device.
+enum class CeReduction { None, Mean, Sum };
+
+inline CeReduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "none") return CeReduction::None;
+  if (reduction == "mean") return CeReduction::Mean;
+  TORCH_CHECK_VALUE(reduction == "sum", "cross_entropy(): '", std::string(reduction), "' is not a valid value for "
+                    "reduction; expected one of: none, mean, sum");
+  return CeReduction::Sum;
+}
+
+// The per-row inputs of every native backward kernel: (N,) each (grad_loss 0-d for "mean" and "sum"), on the
+// logits' device.
 inline void check_ce_backward_rows(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
-                                   const at::Tensor& lse, const at::Tensor& logits) {
+                                   const at::Tensor& lse, const at::Tensor& logits, CeReduction reduction) {
   const int64_t N = logits.size(0);
-  for (const at::Tensor* v : {&grad_loss, &lse}) {
-    TORCH_CHECK(v->dim() == 1 && v->size(0) == N, "cross_entropy_backward(): expected grad_loss and lse of shape (",
-                N, ",), got shape ", v->sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N, "cross_entropy_backward(): expected lse of shape (", N,
+              ",), got shape ", lse.sizes());
+  if (reduction == CeReduction::None) {
+    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N, "cross_entropy_backward(): expected grad_loss of "
+                "shape (", N, ",) for reduction 'none', got shape ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.dim() == 0, "cross_entropy_backward(): expected a 0-d grad_loss for a reduced loss, got "
+                "shape ", grad_loss.sizes());
   }
   TORCH_CHECK(!grad_lse.has_value() || (grad_lse->dim() == 1 && grad_lse->size(0) == N),
               "cross_entropy_backward(): expected grad_lse of shape (", N, ",), got shape ", grad_lse->sizes());

@@ -94,7 +94,7 @@ void run_chunks(const LinearCe& a, const at::Tensor& loss, const at::Tensor& lse
     at::Tensor lse_c;
     if (loss.defined()) {
       auto [l, row_lse] = ce_forward_op(a.triton).call(logits, t, a.class_weight, a.ignore_index, a.label_smoothing,
-                                                       a.z_loss, a.softcap);
+                                                       a.z_loss, a.softcap, "none");
       loss.narrow(0, s, n).copy_(l);
       lse.narrow(0, s, n).copy_(row_lse);
       lse_c = row_lse;
@@ -106,7 +106,7 @@ void run_chunks(const LinearCe& a, const at::Tensor& loss, const at::Tensor& lse
     const at::Tensor g = ce_backward_op(a.triton).call(gl, grad_lse.defined() ? opt(grad_lse.narrow(0, s, n))
                                                                                : std::nullopt,
                                                        logits, t, a.class_weight, lse_c, a.ignore_index,
-                                                       a.label_smoothing, a.z_loss, a.softcap);
+                                                       a.label_smoothing, a.z_loss, a.softcap, "none");
     if (grads.dh.defined()) {
       at::Tensor dh = grads.dh.narrow(0, s, n);
       at::mm_out(dh, g, a.weight);

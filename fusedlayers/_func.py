@@ -15,6 +15,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._ops import ce_reduce_rows
+
 _ops = torch.ops.fusedlayers
 # The overloads themselves: calling the packet (torch.ops.fusedlayers.mlp) resolves the overload on every call.
 _dense, _mlp, _cross_entropy = _ops.dense.default, _ops.mlp.default, _ops.cross_entropy.default
@@ -198,7 +200,7 @@ _CE_WEIGHT_GRAD = ("cross_entropy(): the gradient with respect to the class weig
 
 
 def _ce_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend):
-    return _cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
+    return _cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, "none", backend)
 
 
 def _ce_setup_context(ctx, inputs, output):
@@ -258,7 +260,7 @@ def _ce_jvp(ctx, tlogits, _target, tweight, *_):
 def _ce_vmap(info, in_dims, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend):
     ld, td, wd = in_dims[:3]
     n = info.batch_size
-    args = ignore_index, label_smoothing, z_loss, softcap, backend
+    args = ignore_index, label_smoothing, z_loss, softcap, "none", backend
     if wd is not None:  # a class weight per batch entry: one call each
         pick = lambda t, d, i: t if d is None else t.select(d, i)  # noqa: E731
         outs = [cross_entropy(pick(logits, ld, i), pick(target, td, i), weight.select(wd, i), *args) for i in range(n)]
@@ -273,11 +275,10 @@ _ce_function = function_op("CrossEntropyFunction", _ce_forward, _ce_setup_contex
 
 
 def cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float,
-                  z_loss: float, softcap: float | None, backend: str) -> tuple[Tensor, Tensor]:
-    """The cross_entropy op, through the autograd.Function where a transform or a tangent needs it (not
-    compiling)."""
-    if needs_function(logits, weight):
-        if weight is not None and weight.requires_grad and torch.is_grad_enabled():  # as the op refuses it
-            raise RuntimeError(_CE_WEIGHT_GRAD)
-        return _ce_function(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
-    return _cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
+                  z_loss: float, softcap: float | None, reduction: str, backend: str) -> tuple[Tensor, Tensor]:
+    """The cross_entropy op as the autograd.Function, for a torch.func transform or a tangent (not compiling):
+    per-row losses, reduced by torch ops."""
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():  # as the op refuses it
+        raise RuntimeError(_CE_WEIGHT_GRAD)
+    loss, lse = _ce_function(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
+    return ce_reduce_rows(loss, target, weight, ignore_index, reduction), lse

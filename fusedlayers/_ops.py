@@ -213,20 +213,73 @@ def ce_math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _cross_entropy_forward_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+CE_REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_ce_reduction(reduction: str) -> None:
+    torch._check_value(reduction in CE_REDUCTIONS,
+                       lambda: f"cross_entropy(): '{reduction}' is not a valid value for reduction; expected one of: "
+                               f"{', '.join(CE_REDUCTIONS)}")
+
+
+def _kept_weights(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
+    """The class weight of each row's target, 0 for ignored rows (1 for kept rows without weights)."""
+    kept = target != ignore_index
+    if weight is None:
+        return kept.to(dtype)
+    safe = torch.where(kept, target, 0).clamp(0, weight.shape[0] - 1)  # the kernels reject kept strays
+    return torch.where(kept, weight.to(dtype).gather(0, safe), 0)
+
+
+def ce_reduce_rows(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str) -> Tensor:
+    """PyTorch's reductions of per-row losses, as torch ops (no host synchronization): "mean" divides by the summed
+    class weights of the kept rows (their count without weights), nan when every row is ignored."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / _kept_weights(target, weight, ignore_index, loss.dtype).sum()
+
+
+def ce_row_grad_loss(grad_loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
+                     dtype: torch.dtype) -> Tensor:
+    """The per-row grad_loss of a backward: grad_loss itself for "none"; for a reduced loss its 0-d grad_loss
+    (divided by ce_reduce_rows' denominator for "mean") expanded to (N,)."""
+    g = grad_loss.to(dtype)
+    if reduction == "none":
+        return g.contiguous()
+    if reduction == "mean":
+        g = g / _kept_weights(target, weight, ignore_index, dtype).sum()
+    return g.expand(target.shape[0]).contiguous()
+
+
+def _cross_entropy_forward_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction):
     check_cross_entropy_args(logits, target, weight, label_smoothing, softcap)
+    check_ce_reduction(reduction)
     math = ce_math_dtype(logits.dtype)
-    return logits.new_empty(logits.shape[0], dtype=math), logits.new_empty(logits.shape[0], dtype=math)
+    loss_shape = (logits.shape[0],) if reduction == "none" else ()
+    return logits.new_empty(loss_shape, dtype=math), logits.new_empty(logits.shape[0], dtype=math)
+
+
+def _cross_entropy_forward_grad_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                     reduction, grad):
+    torch._check(grad.shape == logits.shape and grad.dtype == logits.dtype,
+                 lambda: f"cross_entropy_forward_grad(): expected grad shaped as logits {list(logits.shape)} of dtype "
+                         f"{logits.dtype}, got {list(grad.shape)} {grad.dtype}")
+    return _cross_entropy_forward_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                       reduction)
 
 
 def _cross_entropy_backward_fake(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing,
-                                 z_loss, softcap):
+                                 z_loss, softcap, reduction):
     check_cross_entropy_args(logits, target, weight, label_smoothing, softcap)
+    check_ce_reduction(reduction)
     return logits.new_empty(logits.shape)
 
 
 for _prefix in ("", "triton_"):
     torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_forward")(_cross_entropy_forward_fake)
+    torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_forward_grad")(_cross_entropy_forward_grad_fake)
     torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_backward")(_cross_entropy_backward_fake)
 
 

@@ -27,6 +27,7 @@ def mlp_activations(layers: int, activation: str | list[str], output_activation:
 _dense = torch.ops.fusedlayers.dense.default
 _mlp = torch.ops.fusedlayers.mlp.default
 _cross_entropy = torch.ops.fusedlayers.cross_entropy.default
+_cross_entropy_ = torch.ops.fusedlayers.cross_entropy_.default
 _linear_cross_entropy = torch.ops.fusedlayers.linear_cross_entropy.default
 
 
@@ -81,9 +82,13 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
-def _rows(input: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tuple]:
-    """(logits (M, C), target (M,), the shape of a per-sample result) from PyTorch's layouts: (C,) with a 0-d
-    target, (N, C) with (N,), (N, C, d1, ...) with (N, d1, ...) (the class dim is moved last)."""
+def _rows(input: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tuple | None]:
+    """(logits (M, C), target (M,), the shape of a per-sample result, None when it is (M,)) from PyTorch's
+    layouts: (C,) with a 0-d target, (N, C) with (N,), (N, C, d1, ...) with (N, d1, ...) (the class dim is moved
+    last)."""
+    if input.dim() == 2 and target.dim() == 1 and target.shape[0] == input.shape[0] \
+            and not target.dtype.is_floating_point:
+        return input, target, None  # the common layout, checked in few steps: a small loss is dominated by them
     if input.dim() == 0:
         raise ValueError(f"{what}(): expected input of shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
     if target.dtype.is_floating_point:
@@ -96,27 +101,14 @@ def _rows(input: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tup
     if input.dim() == 1:
         return input.unsqueeze(0), target.reshape(1), ()
     if input.dim() == 2:
-        return input, target, expected
+        return input, target, None
     return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), expected
-
-
-def _reduce(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str) -> Tensor:
-    """PyTorch's reductions of per-row losses, as composite ops (no host synchronization): "mean" divides by
-    the summed class weights of the kept rows (their count without weights), nan when every row is ignored."""
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    kept = target != ignore_index
-    if weight is None:
-        return loss.sum() / kept.sum()
-    safe = torch.where(kept, target, 0).clamp(0, weight.shape[0] - 1)  # the op has rejected kept strays
-    return loss.sum() / torch.where(kept, weight.to(loss.dtype).gather(0, safe), 0).sum()
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                  softcap: float | None = None, return_lse: bool = False, backend: str = "auto"):
+                  softcap: float | None = None, return_lse: bool = False, backend: str = "auto",
+                  inplace_backward: bool = False):
     """F.cross_entropy with class-index targets as one fused op with a hand-written gradient.
 
     input: (C,), (N, C) or (N, C, d1, ...); target: class indices, int64, of shape (), (N,) or (N, d1, ...).
@@ -124,15 +116,32 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     z_loss * lse**2 per kept sample (weighted and reduced like the loss), with lse the logsumexp of the
     sample's logits; softcap replaces the logits z by softcap * tanh(z / softcap) first. return_lse=True
     returns (loss, lse), lse per sample (shape of reduction="none"). A kept target outside [0, C) raises.
+
+    inplace_backward=True saves the memory (and time) of the gradient: when autograd records the call, the
+    forward overwrites `input` with its gradient (backward only scales it by the upstream gradient). The
+    mutation is declared to autograd: any other use of the old input that needs its values in a backward (or
+    any use of it after this call) raises instead of reading the gradient. `input` must not be a leaf that
+    requires grad; lse gets no gradient, there is no create_graph, and a second backward of the graph raises.
     """
     check_reduction(reduction)
     logits, rows_target, shape = _rows(input, target, "cross_entropy")
-    op = _cross_entropy if torch.compiler.is_compiling() else _func.cross_entropy  # as in dense()
-    loss, lse = op(logits, rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
-                   None if softcap is None else float(softcap), backend_for(backend, input))
-    loss = _reduce(loss, rows_target, weight, ignore_index, reduction)
-    loss = (loss.reshape(shape) if reduction == "none" else loss).to(input.dtype)
-    return (loss, lse.reshape(shape).to(input.dtype)) if return_lse else loss
+    args = (rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
+            None if softcap is None else float(softcap), reduction, backend_for(backend, input))
+    # the op itself when compiling (as in dense()), torch.func's route where a transform or a tangent needs it
+    function = not torch.compiler.is_compiling() and _func.needs_function(input, weight)
+    if inplace_backward and torch.is_grad_enabled() and input.requires_grad:
+        if function:
+            raise RuntimeError("cross_entropy(): inplace_backward=True is not supported under torch.func transforms "
+                               "or forward-mode AD; use inplace_backward=False")
+        loss, lse = _cross_entropy_(logits, *args)
+    else:
+        loss, lse = (_func.cross_entropy if function else _cross_entropy)(logits, *args)
+    if shape is not None and reduction == "none":
+        loss = loss.reshape(shape)
+    loss = loss if loss.dtype == input.dtype else loss.to(input.dtype)
+    if not return_lse:
+        return loss
+    return loss, (lse if shape is None else lse.reshape(shape)).to(input.dtype)
 
 
 # linear_cross_entropy's default chunk: rows whose logits hold about this many elements (64 MiB in float32):

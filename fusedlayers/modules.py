@@ -165,12 +165,12 @@ class FusedMLP(nn.Module):
 
 
 class FusedCrossEntropyLoss(nn.Module):
-    """nn.CrossEntropyLoss (class-index targets) as one fused op, plus z_loss and softcap (see
+    """nn.CrossEntropyLoss (class-index targets) as one fused op, plus z_loss, softcap and inplace_backward (see
     fusedlayers.functional.cross_entropy). `weight` is a buffer, as in nn.CrossEntropyLoss."""
 
     def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: float | None = None, backend: str = "auto") -> None:
+                 softcap: float | None = None, backend: str = "auto", inplace_backward: bool = False) -> None:
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
@@ -178,14 +178,16 @@ class FusedCrossEntropyLoss(nn.Module):
         self.register_buffer("weight", weight)
         self.ignore_index, self.label_smoothing, self.z_loss, self.softcap = ignore_index, label_smoothing, z_loss, softcap
         self.backend = check_backend(backend)
+        self.inplace_backward = inplace_backward
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return FL.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-                                self.z_loss, self.softcap, backend=self.backend)
+                                self.z_loss, self.softcap, backend=self.backend, inplace_backward=self.inplace_backward)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+                f"inplace_backward={self.inplace_backward}")
 
 
 class FusedLinearCrossEntropyLoss(nn.Module):

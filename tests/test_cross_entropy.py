@@ -170,7 +170,7 @@ def test_z_loss_and_softcap(backend, weight, z_loss, softcap, reduction, dtype):
 def test_return_lse(backend, softcap):
     (x, t, w), (xf, tf, wf) = make_case(5, 3, torch.float64, device_of(backend), extra=(4,), weight=True, ignored=2)
     loss, lse = cross_entropy(xf, tf, wf, reduction="none", softcap=softcap, return_lse=True, backend=backend)
-    xr = x.clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
     z = xr if softcap is None else softcap * torch.tanh(xr / softcap)
     lse_ref = torch.logsumexp(z, 1)
     assert lse.shape == lse_ref.shape == (5, 4)
@@ -215,7 +215,7 @@ def test_op_refuses_forward_mode_ad(backend):
     kind = fusedlayers._ops.resolve_backend(backend, x.device)
     with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
         torch.ops.fusedlayers.cross_entropy(fwAD.make_dual(x.detach(), torch.ones_like(x)), t, None, -100, 0.0, 0.0,
-                                            None, kind)
+                                            None, "mean", kind)
 
 
 def _prefix(backend):
@@ -226,16 +226,20 @@ def test_opcheck(backend):
     p = _prefix(backend)
     fl = torch.ops.fusedlayers
     kind = fusedlayers._ops.resolve_backend(backend, torch.device(device_of(backend)))
-    for weight in (False, True):
+    for weight, reduction in ((False, "none"), (True, "mean"), (True, "sum")):
         for ls, zl, cap in ((0.0, 0.0, None), (0.1, 0.05, 3.0)):
             _, (x, t, w) = make_case(5, 7, torch.float64, device_of(backend), weight, ignored=1)
-            torch.library.opcheck(fl.cross_entropy.default, (x, t, w, -100, ls, zl, cap, kind))
+            torch.library.opcheck(fl.cross_entropy.default, (x, t, w, -100, ls, zl, cap, reduction, kind))
             xd = x.detach()
-            torch.library.opcheck(getattr(fl, p + "cross_entropy_forward").default, (xd, t, w, -100, ls, zl, cap))
-            loss, lse = getattr(fl, p + "cross_entropy_forward").default(xd, t, w, -100, ls, zl, cap)
+            args = (t, w, -100, ls, zl, cap, reduction)
+            torch.library.opcheck(getattr(fl, p + "cross_entropy_forward").default, (xd, *args))
+            torch.library.opcheck(getattr(fl, p + "cross_entropy_forward_grad").default,
+                                  (xd, *args, torch.empty_like(xd)))
+            torch.library.opcheck(fl.cross_entropy_.default, (xd.clone(), *args, kind))
+            loss, lse = getattr(fl, p + "cross_entropy_forward").default(xd, *args)
             for glse in (None, torch.randn_like(lse)):
                 torch.library.opcheck(getattr(fl, p + "cross_entropy_backward").default,
-                                      (torch.randn_like(loss), glse, xd, t, w, lse, -100, ls, zl, cap))
+                                      (torch.randn_like(loss), glse, xd, t, w, lse, -100, ls, zl, cap, reduction))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -249,6 +253,163 @@ def test_compile_fullgraph_dynamic(backend, reduction):
         loss = fn(xf, tf, wf)
         assert_rel_close(loss.detach().cpu(), loss_ref, 1e-10, "loss")
         assert_rel_close(torch.autograd.grad(loss, xf, g.to(xf.device))[0].cpu(), dx_ref, 1e-10, "grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_loss_backward_twice(backend, reduction):
+    # a reduced loss's gradient is written in the forward and handed over by the first backward; a second one
+    # (retain_graph) computes it again: both right, for upstream 1 (.backward()) and 0.7
+    (x, t, w), (xf, tf, wf) = make_case(5, 9, torch.float64, device_of(backend), weight=True, ignored=1)
+    loss = cross_entropy(xf, tf, wf, reduction=reduction, label_smoothing=0.1, backend=backend)
+    _, dx_ref, _ = reference(x, t, w, reduction, grad=torch.tensor(1.0, dtype=torch.float64), label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    assert_rel_close(xf.grad.cpu(), dx_ref, 1e-10, "first backward")
+    loss.backward()
+    assert_rel_close(xf.grad.cpu(), 2 * dx_ref, 1e-10, "second backward")
+    loss = cross_entropy(xf, tf, wf, reduction=reduction, label_smoothing=0.1, backend=backend)
+    for _ in range(2):
+        (dx,) = torch.autograd.grad(loss, xf, torch.tensor(0.7, dtype=torch.float64, device=xf.device),
+                                    retain_graph=True)
+        assert_rel_close(dx.cpu(), 0.7 * dx_ref, 1e-10, "upstream 0.7")
+
+
+# ---- inplace_backward: the gradient written over the logits, declared ------------------------------------------
+
+def inplace_case(backend, N, C, dtype, weight=False, ignored=0, extra=(), seed=0):
+    """make_case, with the fused side's logits a non-leaf (x * 1) of the leaf x whose gradient is checked."""
+    (x, t, w), (xf, tf, wf) = make_case(N, C, dtype, device_of(backend), weight, ignored, seed=seed, extra=extra)
+    return (x, t, w), (xf, xf * 1, tf, wf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 0.02, "softcap": 3.0}],
+                         ids=["plain", "smooth-zloss-cap"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weight", [False, True], ids=["noweight", "weight"])
+def test_inplace_backward_matches_f_cross_entropy(backend, weight, reduction, options, dtype):
+    (x, t, w), (leaf, logits, tf, wf) = inplace_case(backend, 6, 11, dtype, weight, ignored=2)
+    version = logits._version
+    loss_ref, dx_ref, g = reference(x, t, w, reduction, **options)
+    loss = cross_entropy(logits, tf, wf, reduction=reduction, backend=backend, inplace_backward=True, **options)
+    assert logits._version > version  # the mutation is visible to autograd
+    assert_rel_close(loss.detach().cpu(), loss_ref, RTOL[dtype], "loss")
+    (dx,) = torch.autograd.grad(loss, leaf, g.to(device=leaf.device, dtype=dtype))
+    assert_rel_close(dx.cpu(), dx_ref, RTOL[dtype], "grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_inplace_backward_upstream_one(backend, reduction):
+    # an upstream gradient of exactly 1 (loss.backward()): the written gradient is returned as it is
+    (x, t, w), (leaf, logits, tf, wf) = inplace_case(backend, 5, 9, torch.float64, weight=True, ignored=1)
+    loss_ref, dx_ref, _ = reference(x, t, w, reduction, grad=torch.tensor(1.0, dtype=torch.float64))
+    cross_entropy(logits, tf, wf, reduction=reduction, backend=backend, inplace_backward=True).backward()
+    assert_rel_close(leaf.grad.cpu(), dx_ref, 1e-10, "grad")
+
+
+@pytest.mark.parametrize("shape", ["vector", "spatial"])
+def test_inplace_backward_other_layouts(backend, shape):
+    # (C,) logits are a view of the input, (N, C, d) ones a copy: the gradient is right either way
+    extra, N = ((), 1) if shape == "vector" else ((3,), 4)
+    (x, t, w), (leaf, logits, tf, wf) = inplace_case(backend, N, 7, torch.float64, extra=extra)
+    if shape == "vector":
+        x, t, leaf_logits, tf = x[0], t[0], logits[0], tf[0]
+    else:
+        leaf_logits = logits
+    loss_ref, dx_ref, g = reference(x, t, w, "sum")
+    loss = cross_entropy(leaf_logits, tf, reduction="sum", backend=backend, inplace_backward=True)
+    assert_rel_close(loss.detach().cpu(), loss_ref, 1e-10, "loss")
+    (dx,) = torch.autograd.grad(loss, leaf, g.to(leaf.device))
+    assert_rel_close(dx.cpu()[0] if shape == "vector" else dx.cpu(), dx_ref, 1e-10, "grad")
+
+
+def test_inplace_backward_earlier_use_that_saved_the_logits_raises(backend):
+    # another node saved the old logits (a square, or a fused loss per row): it must not read the gradient
+    for other in (lambda z, t: (z**2).sum(), lambda z, t: cross_entropy(z, t, reduction="none", backend=backend).sum()):
+        _, (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
+        first = other(logits, tf)
+        loss = first + cross_entropy(logits, tf, backend=backend, inplace_backward=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_inplace_backward_earlier_use_that_kept_nothing_is_exact(backend):
+    # logits.sum() before the call saves no values, a fused mean computes its gradient in its forward: their
+    # gradients and the in-place loss's add up exactly
+    for other, reference_other in ((lambda z, t: z.sum(), lambda z, t: z.sum()),
+                                   (lambda z, t: cross_entropy(z, t, backend=backend), F.cross_entropy)):
+        (x, t, _), (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
+        total = other(logits, tf) + cross_entropy(logits, tf, backend=backend, inplace_backward=True)
+        total.backward()
+        xr = x.detach().clone().requires_grad_()
+        (reference_other(xr, t) + F.cross_entropy(xr, t)).backward()
+        assert_rel_close(leaf.grad.cpu(), xr.grad, 1e-10, "grad")
+
+
+def test_inplace_backward_later_use_raises(backend):
+    # after the call the logits hold the gradient: differentiating through them (a sum, a second in-place loss,
+    # as Liger-Kernel users did) raises instead of returning a wrong gradient
+    for later in (lambda z, t: z.sum(), lambda z, t: cross_entropy(z, t, backend=backend, inplace_backward=True)):
+        _, (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
+        loss = cross_entropy(logits, tf, backend=backend, inplace_backward=True)
+        with pytest.raises(RuntimeError, match="overwritten with their gradient"):
+            (loss + later(logits, tf)).backward()
+
+
+def test_inplace_backward_refuses_leaves_lse_and_double_backward(backend):
+    _, (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
+    with pytest.raises(RuntimeError, match="leaf tensor that requires grad"):
+        cross_entropy(leaf, tf, backend=backend, inplace_backward=True)
+    loss, lse = cross_entropy(logits, tf, backend=backend, inplace_backward=True, return_lse=True)
+    with pytest.raises(RuntimeError, match="lse has no gradient"):
+        (loss + lse.sum()).backward()
+    _, (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
+    loss = cross_entropy(logits, tf, backend=backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(loss, leaf, create_graph=True)
+
+
+def test_inplace_backward_second_backward(backend):
+    # upstream 0.7 scales the gradient in place: a second backward of the same graph raises, never rescales
+    _, (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
+    loss = cross_entropy(logits, tf, backend=backend, inplace_backward=True) * 0.7
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_inplace_backward_without_a_graph_leaves_the_logits(backend):
+    (x, t, _), (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
+    before = logits.detach().clone()
+    with torch.no_grad():
+        loss = cross_entropy(logits, tf, backend=backend, inplace_backward=True)
+    assert torch.equal(logits.detach(), before)
+    assert_rel_close(loss.cpu(), F.cross_entropy(x, t), 1e-10, "loss")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_inplace_backward_compile_fullgraph(backend, reduction):
+    torch._dynamo.reset()
+
+    def fn(leaf, t, w):
+        return cross_entropy(leaf * 2, t, w, reduction=reduction, label_smoothing=0.1, backend=backend,
+                             inplace_backward=True)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    (x, t, w), (leaf, _, tf, wf) = inplace_case(backend, 6, 7, torch.float64, weight=True, ignored=2)
+    loss_ref, dx_ref, g = reference(2 * x, t, w, reduction, label_smoothing=0.1)
+    loss = compiled(leaf, tf, wf)
+    assert_rel_close(loss.detach().cpu(), loss_ref, 1e-10, "loss")
+    assert_rel_close(torch.autograd.grad(loss, leaf, g.to(leaf.device))[0].cpu(), 2 * dx_ref, 1e-10, "grad")
+
+
+def test_inplace_backward_module(backend):
+    (x, t, w), (leaf, logits, tf, wf) = inplace_case(backend, 5, 8, torch.float32, weight=True, ignored=1)
+    module = FusedCrossEntropyLoss(wf, label_smoothing=0.1, backend=backend, inplace_backward=True)
+    assert "inplace_backward=True" in repr(module)
+    module(logits, tf).backward()
+    xr = x.detach().clone().requires_grad_()
+    F.cross_entropy(xr, t, w, label_smoothing=0.1).backward()
+    assert_rel_close(leaf.grad.cpu(), xr.grad, 1e-5, "grad")
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
@@ -294,7 +455,7 @@ def test_mismatched_devices(backend):
     x = torch.randn(4, 7, device="meta")
     t = torch.tensor([0, 1, 2, 3])
     with pytest.raises(RuntimeError, match="expected target on the device of logits"):
-        torch.ops.fusedlayers.cross_entropy_forward(x, t, None, -100, 0.0, 0.0, None)
+        torch.ops.fusedlayers.cross_entropy_forward(x, t, None, -100, 0.0, 0.0, None, "none")
     if torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="device"):
             cross_entropy(torch.randn(4, 7, device="cuda"), t, backend=backend)
@@ -333,7 +494,7 @@ def test_module_matches_nn_cross_entropy_loss(backend):
     fused = FusedCrossEntropyLoss(weight=wf, ignore_index=1, reduction="sum", label_smoothing=0.1, backend=backend)
     ref = nn.CrossEntropyLoss(weight=w, ignore_index=1, reduction="sum", label_smoothing=0.1)
     assert torch.equal(fused.weight, wf) and "weight" in dict(fused.named_buffers())
-    xr = x.clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
     loss, loss_ref = fused(xf, tf), ref(xr, t)
     assert_rel_close(loss.detach().cpu(), loss_ref.detach(), 1e-10, "loss")
     assert_rel_close(torch.autograd.grad(loss, xf)[0].cpu(), torch.autograd.grad(loss_ref, xr)[0], 1e-10, "grad")

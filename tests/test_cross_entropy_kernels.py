@@ -1,5 +1,6 @@
 """The cross-entropy kernel ops (cross_entropy_forward / _backward and their triton_ twins) on every runnable
 backend, against a plain-PyTorch float64 implementation of the per-row formulas of csrc/ops.cpp."""
+import functools
 import itertools
 
 import pytest
@@ -12,14 +13,21 @@ RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 IGNORE = -100
 
 
-def ops(backend):
-    """(forward, backward) kernel ops of a backend: the triton_ ones for "triton", else the native ones."""
+def kernel_ops(backend):
+    """(forward, forward_grad, backward) kernel ops of a backend: the triton_ ones for "triton", else the
+    native ones."""
     prefix = ""
     if backend == "triton":
         from fusedlayers.triton import cross_entropy  # noqa: F401  (registers the triton_ kernels)
         prefix = "triton_"
-    return (getattr(torch.ops.fusedlayers, f"{prefix}cross_entropy_forward"),
-            getattr(torch.ops.fusedlayers, f"{prefix}cross_entropy_backward"))
+    return tuple(getattr(torch.ops.fusedlayers, f"{prefix}cross_entropy_{name}")
+                 for name in ("forward", "forward_grad", "backward"))
+
+
+def ops(backend):
+    """(forward, backward) kernel ops of a backend for per-row losses (reduction "none")."""
+    forward, _, backward = kernel_ops(backend)
+    return functools.partial(forward, reduction="none"), functools.partial(backward, reduction="none")
 
 
 def reference(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad_loss, grad_lse):
@@ -233,3 +241,96 @@ def test_bad_arguments(backend):
         backward(loss[:2], None, logits, target, None, lse, IGNORE, 0.0, 0.0, None)
     with pytest.raises(RuntimeError, match=r"lse .*shape \(4,\)"):
         backward(loss, None, logits, target, None, lse[:3], IGNORE, 0.0, 0.0, None)
+
+
+# ---- reductions and the in-place forward ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_reductions(backend, reduction, dtype):
+    # the reduced loss is the reference's per-row losses summed (divided by the kept rows' summed class weights
+    # for "mean"); the backward takes its 0-d gradient
+    forward, _, backward = kernel_ops(backend)
+    logits, target, w, _, _ = make_inputs(6, 13, dtype, device_of(backend), weight=True, ignored=(1, 4))
+    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ref_rows, _, _ = reference(logits.cpu(), target.cpu(), w.cpu(), IGNORE, 0.1, 0.02, 3.0, torch.zeros(6), None)
+    kept = target.cpu() != IGNORE
+    denom = w.cpu().double()[torch.where(kept, target.cpu(), 0)][kept].sum() if reduction == "mean" else 1.0
+    g = torch.tensor(0.7, dtype=math_dtype, device=logits.device)
+    _, _, ref_grad = reference(logits.cpu(), target.cpu(), w.cpu(), IGNORE, 0.1, 0.02, 3.0,
+                               torch.full((6,), 0.7, dtype=torch.float64) / denom, None)
+    loss, lse = forward(logits, target, w, IGNORE, 0.1, 0.02, 3.0, reduction)
+    assert loss.shape == () and loss.dtype == math_dtype
+    assert_rel_close(loss.cpu(), ref_rows.sum() / denom, RTOL[math_dtype], "loss")
+    grad = backward(g, None, logits, target, w, lse, IGNORE, 0.1, 0.02, 3.0, reduction)
+    assert_rel_close(grad.cpu(), ref_grad, RTOL[math_dtype], "grad")
+    with pytest.raises(RuntimeError, match="0-d grad_loss"):
+        backward(g.expand(6), None, logits, target, w, lse, IGNORE, 0.1, 0.02, 3.0, reduction)
+
+
+def test_mean_of_all_ignored_rows_is_nan(backend):
+    forward, _, backward = kernel_ops(backend)
+    logits, target, _, _, _ = make_inputs(3, 5, torch.float64, device_of(backend), ignored=(0, 1, 2))
+    loss, lse = forward(logits, target, None, IGNORE, 0.0, 0.0, None, "mean")
+    assert loss.isnan()  # as F.cross_entropy's 0 / 0
+    grad = backward(torch.ones_like(loss), None, logits, target, None, lse, IGNORE, 0.0, 0.0, None, "mean")
+    assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+def test_forward_grad_writes_the_gradient(backend, small_block, reduction, dtype):
+    # forward_grad returns the forward's (loss, lse) and writes the backward's gradient for grad_loss 1 into
+    # grad: a separate tensor, or the logits themselves; C = 1000 spans several Triton chunks
+    forward, forward_grad, backward = kernel_ops(backend)
+    opts = (IGNORE, 0.1, 0.02, 4.0, reduction)
+    logits, target, w, _, _ = make_inputs(4, 1000, dtype, device_of(backend), weight=True, ignored=(2,))
+    loss, lse = forward(logits, target, w, *opts)
+    one = torch.ones(loss.shape, dtype=loss.dtype, device=loss.device)
+    expected = backward(one, None, logits, target, w, lse, *opts)
+    grad = torch.full_like(logits, float("nan"))
+    loss_, lse_ = forward_grad(logits, target, w, *opts, grad)
+    assert torch.equal(loss_, loss) and torch.equal(lse_, lse)
+    assert torch.equal(grad, expected)
+    x = logits.clone()
+    loss_, lse_ = forward_grad(x, target, w, *opts, x)
+    assert torch.equal(loss_, loss) and torch.equal(lse_, lse)
+    assert torch.equal(x, expected)
+
+
+def test_forward_grad_non_contiguous(backend):
+    forward_grad, backward = kernel_ops(backend)[1:]
+    logits, target, _, _, _ = make_inputs(5, 9, torch.float64, device_of(backend))
+    wide = torch.zeros(9, 10, dtype=torch.float64, device=logits.device)
+    wide[:, ::2] = logits.T
+    strided = wide[:, ::2].T
+    assert not strided.is_contiguous()
+    loss, lse = forward_grad(strided, target, None, IGNORE, 0.0, 0.0, None, "sum", strided)
+    expected = backward(torch.ones_like(loss), None, logits, target, None, lse, IGNORE, 0.0, 0.0, None, "sum")
+    assert torch.equal(strided, expected)  # written back through the strides
+    assert (wide[:, 1::2] == 0).all()  # and nowhere else
+
+
+def test_forward_grad_checks_targets_before_writing(backend):
+    if device_of(backend) == "cuda":
+        pytest.skip("on a GPU this is a device-side assert, which ends the CUDA context: not testable in-process")
+    forward_grad = kernel_ops(backend)[1]
+    logits, target, _, _, _ = make_inputs(4, 7, torch.float32, "cpu")
+    target[3] = 7
+    x = logits.clone()
+    for reduction in ("none", "mean", "sum"):
+        with pytest.raises(IndexError, match=r"target 7 is out of bounds"):
+            forward_grad(x, target, None, IGNORE, 0.0, 0.0, None, reduction, x)
+        assert torch.equal(x, logits)
+
+
+def test_bad_reduction_and_grad(backend):
+    forward, forward_grad, _ = kernel_ops(backend)
+    logits, target, _, _, _ = make_inputs(4, 7, torch.float32, device_of(backend))
+    with pytest.raises(ValueError, match="'avg' is not a valid value for reduction"):
+        forward(logits, target, None, IGNORE, 0.0, 0.0, None, "avg")
+    with pytest.raises(ValueError, match="'avg' is not a valid value for reduction"):
+        forward_grad(logits, target, None, IGNORE, 0.0, 0.0, None, "avg", logits.clone())
+    for grad in (logits[:3].clone(), logits.double()):
+        with pytest.raises(RuntimeError, match="expected grad shaped as logits"):
+            forward_grad(logits, target, None, IGNORE, 0.0, 0.0, None, "mean", grad)

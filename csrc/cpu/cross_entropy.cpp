@@ -1,7 +1,7 @@
 // Softmax cross-entropy on the CPU: the kernels of `cross_entropy_forward` and `cross_entropy_backward`
 // (formulas in csrc/ops.cpp), parallel over rows, one vectorized pass per row (cpu/kernels_impl.h).
 //
-// float32 and float64 logits are read and the gradient written in place; float16 and bfloat16 rows go
+// float32 and float64 logits are read and the gradient written directly; float16 and bfloat16 rows go
 // through a float32 copy of one row at a time (the dispatch lambdas are not templates, so both branches
 // compile for every dtype: hence plain `if` and casts that only run when the types are the same).
 #include <ATen/ATen.h>
@@ -31,77 +31,166 @@ int64_t kept_target(int64_t t, int64_t ignore_index, int64_t C) {
 }
 
 template <typename M>
-CeRow<M> make_row(int64_t C, const at::Tensor& weight, M weight_sum, double label_smoothing, double z_loss,
+CeRow<M> make_row(int64_t C, const at::Tensor& weight, double label_smoothing, double z_loss,
                   std::optional<double> softcap) {
-  return CeRow<M>{nullptr, C, weight.defined() ? weight.const_data_ptr<M>() : nullptr, weight_sum, -1,
+  const M* w = weight.defined() ? weight.const_data_ptr<M>() : nullptr;
+  double weight_sum = 0;  // a plain loop: an ATen sum would cost more than a small forward
+  for (int64_t c = 0; w && c < C; ++c) weight_sum += w[c];
+  return CeRow<M>{nullptr, C, w, static_cast<M>(w ? weight_sum : C), -1,
                   static_cast<M>(label_smoothing), static_cast<M>(z_loss), static_cast<M>(softcap.value_or(0.0))};
+}
+
+// t in the math dtype, without a dispatch when it is already.
+at::Tensor as_math(const at::Tensor& t, at::ScalarType math) {
+  return (t.scalar_type() == math ? t : t.to(math)).contiguous();
 }
 
 int64_t grain(int64_t C) { return std::max<int64_t>(1, kLogitsPerTask / std::max<int64_t>(C, 1)); }
 
+// The denominator of a "mean": the summed class weights of the kept rows (their count without weights).
+// Checks every kept target, so that it can run before a kernel writes anything.
+template <typename M>
+M kept_weight_sum(const int64_t* t, int64_t N, const M* w, int64_t ignore_index, int64_t C) {
+  double sum = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t c = kept_target(t[r], ignore_index, C);
+    if (c >= 0) sum += w ? static_cast<double>(w[c]) : 1.0;
+  }
+  return static_cast<M>(sum);
+}
+
+// Each row's loss and lse (loss_rows null: not stored), and with grad (null: none) each row's gradient,
+// scaled by row_scale, written there (grad may be the logits themselves: each row is read before written).
+template <typename scalar_t, typename M>
+void ce_rows(const scalar_t* xp, const int64_t* tp, const CeRow<M>& proto, int64_t N, int64_t ignore_index,
+             M* loss_rows, M* lsep, scalar_t* grad, M row_scale) {
+  const int64_t C = proto.C;
+  at::parallel_for(0, N, grain(C), [&](int64_t begin, int64_t end) {
+    constexpr bool same = std::is_same_v<scalar_t, M>;
+    std::vector<M> in(same ? 0 : C), out(same || !grad ? 0 : C);
+    CeRow<M> row = proto;
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = xp + r * C;
+      if (same) {
+        row.x = reinterpret_cast<const M*>(xr);
+      } else {
+        for (int64_t c = 0; c < C; ++c) in[c] = static_cast<M>(xr[c]);
+        row.x = in.data();
+      }
+      row.target = kept_target(tp[r], ignore_index, C);
+      const M loss = ce_forward_row(row, &lsep[r]);
+      if (loss_rows) loss_rows[r] = loss;
+      if (!grad) continue;
+      scalar_t* gr = grad + r * C;
+      if (same) {
+        ce_backward_row(row, lsep[r], row_scale, M(0), reinterpret_cast<M*>(gr));
+      } else {
+        ce_backward_row(row, lsep[r], row_scale, M(0), out.data());
+        for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(out[c]);
+      }
+    }
+  });
+}
+
+// The forward and, when grad is given, the gradient of the (reduced) loss written into grad: the kernel of
+// cross_entropy_forward and of cross_entropy_forward_grad.
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                double label_smoothing, double z_loss, std::optional<double> softcap,
+                                                CeReduction reduction, const at::Tensor& grad) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const auto math = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool rows = reduction == CeReduction::None;
+  at::Tensor loss = at::empty(rows ? at::IntArrayRef{N} : at::IntArrayRef{}, logits.options().dtype(math));
+  at::Tensor lse = at::empty({N}, logits.options().dtype(math));
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor t = target.contiguous();
+  const at::Tensor w = weight.has_value() ? as_math(*weight, math) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_forward", [&] {
+    using M = at::opmath_type<scalar_t>;
+    const M* wp = w.defined() ? w.const_data_ptr<M>() : nullptr;
+    const int64_t* tp = t.const_data_ptr<int64_t>();
+    // "mean" needs its denominator before the gradient is written; computing it checks every target, which the
+    // in-place kernel needs done before it writes anything (a raise must leave the logits as they were)
+    const M kept_sum = reduction == CeReduction::Mean || grad.defined() ? kept_weight_sum<M>(tp, N, wp, ignore_index, C)
+                                                                         : M(0);
+    const M denom = reduction == CeReduction::Mean ? kept_sum : M(1);
+    const CeRow<M> proto = make_row<M>(C, w, label_smoothing, z_loss, softcap);
+    std::vector<M> reduced(rows ? 0 : N);  // the rows' losses of a reduced loss
+    M* loss_rows = rows ? loss.mutable_data_ptr<M>() : reduced.data();
+    scalar_t* gp = grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    if (N > 0) {
+      ce_rows<scalar_t, M>(x.const_data_ptr<scalar_t>(), tp, proto, N, ignore_index, loss_rows,
+                           lse.mutable_data_ptr<M>(), gp, M(1) / denom);
+    }
+    if (!rows) {
+      double sum = 0;  // in double: N float32 terms lose nothing
+      for (int64_t r = 0; r < N; ++r) sum += reduced[r];
+      *loss.mutable_data_ptr<M>() = static_cast<M>(sum) / denom;
+    }
+  });
+  return {loss, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
                                                          const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                          double label_smoothing, double z_loss,
-                                                         std::optional<double> softcap) {
+                                                         std::optional<double> softcap, c10::string_view reduction) {
   check_ce_args(logits, target, weight, label_smoothing, softcap);
-  const int64_t N = logits.size(0), C = logits.size(1);
-  const auto math = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::empty({N}, logits.options().dtype(math));
-  at::Tensor lse = at::empty({N}, logits.options().dtype(math));
-  if (N == 0) return {loss, lse};
+  return forward_impl(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                      parse_reduction(reduction), at::Tensor());
+}
+
+// The gradient is written into grad one row at a time, after the row is read: grad may be the logits. A
+// non-contiguous grad goes through a contiguous buffer, copied in.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_grad(const at::Tensor& logits, const at::Tensor& target,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              int64_t ignore_index, double label_smoothing,
+                                                              double z_loss, std::optional<double> softcap,
+                                                              c10::string_view reduction, at::Tensor& grad) {
+  check_ce_args(logits, target, weight, label_smoothing, softcap);
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
+                  grad.device() == logits.device(),
+              "cross_entropy_forward_grad(): expected grad shaped as logits ", logits.sizes(), " of dtype ",
+              logits.scalar_type(), " on ", logits.device(), ", got ", grad.sizes(), " ", grad.scalar_type(), " on ",
+              grad.device());
   const at::Tensor x = logits.contiguous();
-  const at::Tensor t = target.contiguous();
-  const at::Tensor w = weight.has_value() ? weight->to(math).contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_forward", [&] {
-    using M = at::opmath_type<scalar_t>;
-    const M wsum = w.defined() ? w.sum().item<M>() : M(C);
-    const CeRow<M> proto = make_row<M>(C, w, wsum, label_smoothing, z_loss, softcap);
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const int64_t* tp = t.const_data_ptr<int64_t>();
-    M* lossp = loss.mutable_data_ptr<M>();
-    M* lsep = lse.mutable_data_ptr<M>();
-    at::parallel_for(0, N, grain(C), [&](int64_t begin, int64_t end) {
-      std::vector<M> buf(std::is_same_v<scalar_t, M> ? 0 : C);
-      CeRow<M> row = proto;
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* xr = xp + r * C;
-        if (std::is_same_v<scalar_t, M>) {
-          row.x = reinterpret_cast<const M*>(xr);
-        } else {
-          for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<M>(xr[c]);
-          row.x = buf.data();
-        }
-        row.target = kept_target(tp[r], ignore_index, C);
-        lossp[r] = ce_forward_row(row, &lsep[r]);
-      }
-    });
-  });
-  return {loss, lse};
+  at::Tensor out = grad.is_contiguous() ? grad : at::empty_like(x);
+  auto result = forward_impl(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                             parse_reduction(reduction), out);
+  if (!out.is_same(grad)) grad.copy_(out);
+  return result;
 }
 
 at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                                   const at::Tensor& logits, const at::Tensor& target,
                                   const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
-                                  double label_smoothing, double z_loss, std::optional<double> softcap) {
+                                  double label_smoothing, double z_loss, std::optional<double> softcap,
+                                  c10::string_view reduction) {
   check_ce_args(logits, target, weight, label_smoothing, softcap);
+  const CeReduction red = parse_reduction(reduction);
   const int64_t N = logits.size(0), C = logits.size(1);
-  check_ce_backward_rows(grad_loss, grad_lse, lse, logits);
+  check_ce_backward_rows(grad_loss, grad_lse, lse, logits, red);
   at::Tensor grad = at::empty({N, C}, logits.options());
   if (N == 0 || C == 0) return grad;
   const auto math = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x = logits.contiguous();
   const at::Tensor t = target.contiguous();
-  const at::Tensor w = weight.has_value() ? weight->to(math).contiguous() : at::Tensor();
-  const at::Tensor gl = grad_loss.to(math).contiguous();
-  const at::Tensor glse = grad_lse.has_value() ? grad_lse->to(math).contiguous() : at::Tensor();
-  const at::Tensor l = lse.to(math).contiguous();
+  const at::Tensor w = weight.has_value() ? as_math(*weight, math) : at::Tensor();
+  const at::Tensor gl = as_math(grad_loss, math);
+  const at::Tensor glse = grad_lse.has_value() ? as_math(*grad_lse, math) : at::Tensor();
+  const at::Tensor l = as_math(lse, math);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_backward", [&] {
     using M = at::opmath_type<scalar_t>;
-    const M wsum = w.defined() ? w.sum().item<M>() : M(C);
-    const CeRow<M> proto = make_row<M>(C, w, wsum, label_smoothing, z_loss, softcap);
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const M* wp = w.defined() ? w.const_data_ptr<M>() : nullptr;
     const int64_t* tp = t.const_data_ptr<int64_t>();
-    const M* glp = gl.const_data_ptr<M>();
+    const CeRow<M> proto = make_row<M>(C, w, label_smoothing, z_loss, softcap);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    // a reduced loss: one grad_loss for every row (divided by the denominator for "mean")
+    const M* glp = red == CeReduction::None ? gl.const_data_ptr<M>() : nullptr;
+    const M g_all = glp ? M(0)
+                    : red == CeReduction::Mean ? *gl.const_data_ptr<M>() / kept_weight_sum<M>(tp, N, wp, ignore_index, C)
+                                               : *gl.const_data_ptr<M>();
     const M* glsep = glse.defined() ? glse.const_data_ptr<M>() : nullptr;
     const M* lsep = l.const_data_ptr<M>();
     scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
@@ -119,11 +208,12 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
           row.x = in.data();
         }
         row.target = kept_target(tp[r], ignore_index, C);
+        const M g_loss = glp ? glp[r] : g_all;
         const M g_lse = glsep ? glsep[r] : M(0);
         if (same) {
-          ce_backward_row(row, lsep[r], glp[r], g_lse, reinterpret_cast<M*>(gr));
+          ce_backward_row(row, lsep[r], g_loss, g_lse, reinterpret_cast<M*>(gr));
         } else {
-          ce_backward_row(row, lsep[r], glp[r], g_lse, out.data());
+          ce_backward_row(row, lsep[r], g_loss, g_lse, out.data());
           for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(out[c]);
         }
       }
@@ -137,5 +227,6 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
 
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
   m.impl("cross_entropy_forward", &fusedlayers::cpu::cross_entropy_forward);
+  m.impl("cross_entropy_forward_grad", &fusedlayers::cpu::cross_entropy_forward_grad);
   m.impl("cross_entropy_backward", &fusedlayers::cpu::cross_entropy_backward);
 }

@@ -73,7 +73,7 @@ struct CeRow {
   /* Returns the row's loss and stores its logsumexp in *lse: one pass, online max. */                        \
   template <typename M>                                                                                          \
   M ce_forward_row(const CeRow<M>& row, M* lse);                                                                 \
-  /* grad (C values) = d(grad_loss * loss + grad_lse * lse) / dx, one pass. */                                 \
+  /* grad (C values) = d(grad_loss * loss + grad_lse * lse) / dx, one pass; grad may be row.x itself. */       \
   template <typename M>                                                                                          \
   void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* grad);                           \
   }

@@ -1,5 +1,6 @@
-// Softmax cross-entropy on CUDA: the kernels of cross_entropy_forward and cross_entropy_backward, with the per-row
-// formulas of csrc/ops.cpp ("Softmax cross-entropy").
+// Softmax cross-entropy on CUDA: the kernels of cross_entropy_forward, cross_entropy_forward_grad and
+// cross_entropy_backward, with the per-row formulas of csrc/ops.cpp ("Softmax cross-entropy"); the reductions are
+// ATen ops around them (cross_entropy_ops.h).
 //
 // One block per row. Forward: every thread runs an online max / sum of exponentials over its share of the row (one
 // exp per logit: its sum is rescaled only when its max grows), with label smoothing also sum w[c] * (z[c] - max)
@@ -27,7 +28,7 @@
 #include <limits>
 #include <optional>
 
-#include "cross_entropy.h"
+#include "cross_entropy_ops.h"
 
 namespace fusedlayers::cuda {
 namespace {
@@ -231,14 +232,15 @@ __global__ void __launch_bounds__(kMaxThreads)
 // grad[row] = a * p - b * onehot(t) - e * w, times 1 - tanh(logits / softcap)^2 with a softcap, where p = exp(z - lse)
 // and, with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
 // a = g * (w[t] * ((1 - eps) + 2 z_loss lse) + eps / C * W) + grad_lse[row], b = g w[t] (1 - eps), e = g eps / C.
+// grad may be logits (the in-place forward): each thread reads an element before it writes it.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreads)
     cross_entropy_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_loss,
                                   const at::opmath_type<scalar_t>* __restrict__ grad_lse,
-                                  const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
+                                  const scalar_t* logits, const int64_t* __restrict__ target,
                                   const scalar_t* __restrict__ weight,
                                   const at::opmath_type<scalar_t>* __restrict__ w_sum,
-                                  const at::opmath_type<scalar_t>* __restrict__ lse, scalar_t* __restrict__ grad,
+                                  const at::opmath_type<scalar_t>* __restrict__ lse, scalar_t* grad,
                                   const CeParams<at::opmath_type<scalar_t>> p, bool vectorize) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = blockIdx.x;
@@ -309,18 +311,14 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t,
   return (dtype.has_value() ? t->to(*dtype) : *t).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
-                                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                                         double label_smoothing, double z_loss,
-                                                         std::optional<double> softcap) {
-  check_cuda_ce_args(logits, target, weight, label_smoothing, softcap);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t N = logits.size(0), C = logits.size(1);
-  at::Tensor loss = at::empty({N}, logits.options().dtype(math_type(logits)));
-  at::Tensor lse = at::empty({N}, logits.options().dtype(math_type(logits)));
+// The forward kernel: per-row (loss, lse) of contiguous x and t.
+std::tuple<at::Tensor, at::Tensor> forward_rows(const at::Tensor& x, const at::Tensor& t,
+                                                const std::optional<at::Tensor>& w, int64_t ignore_index,
+                                                double label_smoothing, double z_loss, std::optional<double> softcap) {
+  const int64_t N = x.size(0), C = x.size(1);
+  at::Tensor loss = at::empty({N}, x.options().dtype(math_type(x)));
+  at::Tensor lse = at::empty({N}, x.options().dtype(math_type(x)));
   if (N == 0) return {loss, lse};
-  const at::Tensor x = logits.contiguous(), t = target.contiguous();
-  const std::optional<at::Tensor> w = contiguous(weight);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -333,25 +331,18 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
   return {loss, lse};
 }
 
-at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
-                                  const at::Tensor& logits, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
-                                  double label_smoothing, double z_loss, std::optional<double> softcap) {
-  check_cuda_ce_args(logits, target, weight, label_smoothing, softcap);
-  const int64_t N = logits.size(0), C = logits.size(1);
-  check_ce_backward_rows(grad_loss, grad_lse, lse, logits);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor grad = at::empty({N, C}, logits.options());
-  if (grad.numel() == 0) return grad;
-  const auto math = math_type(logits);
-  const at::Tensor x = logits.contiguous(), t = target.contiguous();
-  const at::Tensor gl = grad_loss.to(math).contiguous(), l = lse.to(math).contiguous();
-  const std::optional<at::Tensor> glse = contiguous(grad_lse, math), w = contiguous(weight);
+// The backward kernel into grad (contiguous, (N, C); it may be x itself), from per-row gl and lse in the math
+// dtype.
+void backward_into(const at::Tensor& gl, const std::optional<at::Tensor>& glse, const at::Tensor& x,
+                   const at::Tensor& t, const std::optional<at::Tensor>& w, const at::Tensor& l, at::Tensor& grad,
+                   int64_t ignore_index, double label_smoothing, double z_loss, std::optional<double> softcap) {
+  const int64_t N = x.size(0), C = x.size(1);
+  if (grad.numel() == 0) return;
   // sum(weight) on the device: the one pass over a row needs it before it starts
   const std::optional<at::Tensor> w_sum =
-      w.has_value() && label_smoothing != 0.0 ? std::optional<at::Tensor>(w->sum(math)) : std::nullopt;
+      w.has_value() && label_smoothing != 0.0 ? std::optional<at::Tensor>(w->sum(math_type(x))) : std::nullopt;
   // x and grad rows share their offset from a 16-byte boundary when their bases do
-  const auto address = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()); };
+  const auto address = [](const at::Tensor& v) { return reinterpret_cast<uintptr_t>(v.const_data_ptr()); };
   const bool vectorize = (address(x) - address(grad)) % 16 == 0;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_backward", [&] {
@@ -363,6 +354,63 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
         vectorize);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                         double label_smoothing, double z_loss,
+                                                         std::optional<double> softcap, c10::string_view reduction) {
+  check_cuda_ce_args(logits, target, weight, label_smoothing, softcap);
+  const CeReduction red = parse_reduction(reduction);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto [loss, lse] = forward_rows(logits.contiguous(), target.contiguous(), contiguous(weight), ignore_index,
+                                  label_smoothing, z_loss, softcap);
+  return {ce_reduce_rows(loss, target, weight, ignore_index, red), lse};
+}
+
+// The forward, then the backward with grad_loss 1 written into grad (which may be the logits; a non-contiguous
+// grad through a contiguous buffer, copied in): two passes over the logits.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_grad(const at::Tensor& logits, const at::Tensor& target,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              int64_t ignore_index, double label_smoothing,
+                                                              double z_loss, std::optional<double> softcap,
+                                                              c10::string_view reduction, at::Tensor& grad) {
+  check_cuda_ce_args(logits, target, weight, label_smoothing, softcap);
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
+                  grad.device() == logits.device(),
+              "cross_entropy_forward_grad(): expected grad shaped as logits ", logits.sizes(), " of dtype ",
+              logits.scalar_type(), " on ", logits.device(), ", got ", grad.sizes(), " ", grad.scalar_type(), " on ",
+              grad.device());
+  const CeReduction red = parse_reduction(reduction);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor t = target.contiguous();
+  const std::optional<at::Tensor> w = contiguous(weight);
+  auto [loss, lse] = forward_rows(x, t, w, ignore_index, label_smoothing, z_loss, softcap);
+  const auto math = math_type(logits);
+  const at::Tensor one = red == CeReduction::None ? at::ones({x.size(0)}, lse.options()) : at::ones({}, lse.options());
+  at::Tensor out = grad.is_contiguous() ? grad : at::empty_like(x);
+  backward_into(ce_row_grad_loss(one, t, weight, ignore_index, red, math), std::nullopt, x, t, w, lse, out,
+                ignore_index, label_smoothing, z_loss, softcap);
+  if (!out.is_same(grad)) grad.copy_(out);
+  return {ce_reduce_rows(loss, t, weight, ignore_index, red), lse};
+}
+
+at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                  const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                                  double label_smoothing, double z_loss, std::optional<double> softcap,
+                                  c10::string_view reduction) {
+  check_cuda_ce_args(logits, target, weight, label_smoothing, softcap);
+  const CeReduction red = parse_reduction(reduction);
+  check_ce_backward_rows(grad_loss, grad_lse, lse, logits, red);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  const auto math = math_type(logits);
+  const at::Tensor t = target.contiguous();
+  backward_into(ce_row_grad_loss(grad_loss, t, weight, ignore_index, red, math), contiguous(grad_lse, math),
+                logits.contiguous(), t, contiguous(weight), lse.to(math).contiguous(), grad, ignore_index,
+                label_smoothing, z_loss, softcap);
   return grad;
 }
 
@@ -371,5 +419,6 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
 
 TORCH_LIBRARY_IMPL(fusedlayers, CUDA, m) {
   m.impl("cross_entropy_forward", &fusedlayers::cuda::cross_entropy_forward);
+  m.impl("cross_entropy_forward_grad", &fusedlayers::cuda::cross_entropy_forward_grad);
   m.impl("cross_entropy_backward", &fusedlayers::cuda::cross_entropy_backward);
 }

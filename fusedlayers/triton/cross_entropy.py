@@ -1,5 +1,5 @@
 """The softmax cross-entropy op family in Triton: the kernels of the triton_cross_entropy_* ops, with the per-row
-formulas of csrc/ops.cpp ("Softmax cross-entropy").
+formulas of csrc/ops.cpp ("Softmax cross-entropy"); the reductions are torch ops around them (_ops.py).
 
 One program per row, looping over the classes in BLOCK-sized chunks. Forward: one pass with an online max and
 sum of exponentials (one exp per logit); with label smoothing the same pass also sums w[c] * (z[c] - max), kept
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._ops import ce_math_dtype, check_cross_entropy_args
+from .._ops import ce_math_dtype, ce_reduce_rows, ce_row_grad_loss, check_ce_reduction, check_cross_entropy_args
 from .activations import _tanh
 
 # Classes per chunk, by math dtype: the largest block a program loops with (smaller C use the next power of two
@@ -212,10 +212,9 @@ def _launch(kernel, logits: Tensor, *args, **meta) -> None:
     kernel[(rows,)](*args, BLOCK=block, num_warps=num_warps, **COMPILE_OPTIONS, **meta)
 
 
-def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                          label_smoothing: float, z_loss: float, softcap: float | None) -> tuple[Tensor, Tensor]:
-    """The kernel of fusedlayers::triton_cross_entropy_forward: (loss, lse), each (N,) in the math dtype."""
-    _check_args(logits, target, weight, label_smoothing, softcap)
+def _forward_rows(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                  label_smoothing: float, z_loss: float, softcap: float | None) -> tuple[Tensor, Tensor]:
+    """Per-row (loss, lse) of contiguous logits and target, in the math dtype."""
     rows, num_classes = logits.shape
     if not logits.is_cuda:
         _check_targets_in_range(target, num_classes, ignore_index)
@@ -223,41 +222,91 @@ def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Tensor | None,
     loss = logits.new_empty(rows, dtype=math_dtype)
     lse = logits.new_empty(rows, dtype=math_dtype)
     if rows > 0:
-        _launch(_cross_entropy_forward_kernel, logits, logits.contiguous(), target.contiguous(),
-                None if weight is None else weight.contiguous(), loss, lse, num_classes, ignore_index,
-                label_smoothing, z_loss, 1.0 if softcap is None else softcap, HAS_WEIGHT=weight is not None,
-                HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z_LOSS=z_loss != 0.0, HAS_SOFTCAP=softcap is not None)
+        _launch(_cross_entropy_forward_kernel, logits, logits, target, None if weight is None else weight.contiguous(),
+                loss, lse, num_classes, ignore_index, label_smoothing, z_loss, 1.0 if softcap is None else softcap,
+                HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z_LOSS=z_loss != 0.0,
+                HAS_SOFTCAP=softcap is not None)
     return loss, lse
+
+
+def _backward_into(grad: Tensor, grad_loss: Tensor, grad_lse: Tensor | None, logits: Tensor, target: Tensor,
+                   weight: Tensor | None, lse: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                   softcap: float | None) -> None:
+    """The backward kernel into grad (contiguous; it may be logits itself: each element is read before it is
+    written), from per-row grad_loss and lse."""
+    if grad.numel() == 0:
+        return
+    num_classes = logits.shape[1]
+    smoothing = label_smoothing != 0.0
+    # sum(weight) on the device: the backward needs it before its one pass over the row
+    w_sum = weight.sum(dtype=lse.dtype).reshape(1) if weight is not None and smoothing else None
+    _launch(_cross_entropy_backward_kernel, logits, grad_loss, None if grad_lse is None else grad_lse.contiguous(),
+            logits, target, None if weight is None else weight.contiguous(), w_sum, lse.contiguous(), grad,
+            num_classes, ignore_index, label_smoothing, z_loss, 1.0 if softcap is None else softcap,
+            HAS_GRAD_LSE=grad_lse is not None, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing,
+            HAS_Z_LOSS=z_loss != 0.0, HAS_SOFTCAP=softcap is not None)
+
+
+def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                          label_smoothing: float, z_loss: float, softcap: float | None,
+                          reduction: str) -> tuple[Tensor, Tensor]:
+    """The kernel of fusedlayers::triton_cross_entropy_forward: (loss, lse) in the math dtype, loss reduced."""
+    _check_args(logits, target, weight, label_smoothing, softcap)
+    check_ce_reduction(reduction)
+    loss, lse = _forward_rows(logits.contiguous(), target.contiguous(), weight, ignore_index, label_smoothing, z_loss,
+                              softcap)
+    return ce_reduce_rows(loss, target, weight, ignore_index, reduction), lse
+
+
+def cross_entropy_forward_grad(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                               label_smoothing: float, z_loss: float, softcap: float | None, reduction: str,
+                               grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernel of fusedlayers::triton_cross_entropy_forward_grad: the forward, then the gradient of the loss
+    written into grad, which may be the logits themselves (two passes over them)."""
+    _check_args(logits, target, weight, label_smoothing, softcap)
+    check_ce_reduction(reduction)
+    torch._check(grad.shape == logits.shape and grad.dtype == logits.dtype and grad.device == logits.device,
+                 lambda: f"cross_entropy_forward_grad(): expected grad shaped as logits {list(logits.shape)} of dtype "
+                         f"{logits.dtype} on {logits.device}, got {list(grad.shape)} {grad.dtype} on {grad.device}")
+    x, t = logits.contiguous(), target.contiguous()
+    loss, lse = _forward_rows(x, t, weight, ignore_index, label_smoothing, z_loss, softcap)
+    one = torch.ones((x.shape[0],) if reduction == "none" else (), dtype=lse.dtype, device=lse.device)
+    out = grad if grad.is_contiguous() else torch.empty_like(x)
+    _backward_into(out, ce_row_grad_loss(one, t, weight, ignore_index, reduction, lse.dtype), None, x, t, weight, lse,
+                   ignore_index, label_smoothing, z_loss, softcap)
+    if out is not grad:
+        grad.copy_(out)
+    return ce_reduce_rows(loss, t, weight, ignore_index, reduction), lse
 
 
 def cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, logits: Tensor, target: Tensor,
                            weight: Tensor | None, lse: Tensor, ignore_index: int, label_smoothing: float,
-                           z_loss: float, softcap: float | None) -> Tensor:
+                           z_loss: float, softcap: float | None, reduction: str) -> Tensor:
     """The kernel of fusedlayers::triton_cross_entropy_backward: the gradient (N, C) in the logits' dtype."""
     _check_args(logits, target, weight, label_smoothing, softcap)
-    for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
+    check_ce_reduction(reduction)
+    if reduction == "none":
+        _check_row_tensor("grad_loss", grad_loss, logits)
+    else:
+        torch._check(grad_loss.dim() == 0, lambda: f"cross_entropy_backward(): expected a 0-d grad_loss for a "
+                                                   f"reduced loss, got shape {list(grad_loss.shape)}")
+    for name, t in (("grad_lse", grad_lse), ("lse", lse)):
         if t is not None:
             _check_row_tensor(name, t, logits)
     math_dtype = ce_math_dtype(logits.dtype)
     torch._check(lse.dtype == math_dtype,
                  lambda: f"cross_entropy_backward(): expected lse of dtype {math_dtype}, got {lse.dtype}")
     rows, num_classes = logits.shape
+    t = target.contiguous()
     if not logits.is_cuda:
-        _check_targets_in_range(target, num_classes, ignore_index)
+        _check_targets_in_range(t, num_classes, ignore_index)
     grad = torch.empty(rows, num_classes, dtype=logits.dtype, device=logits.device)
-    if grad.numel() == 0:
-        return grad
-    smoothing = label_smoothing != 0.0
-    # sum(weight) on the device: the backward needs it before its one pass over the row
-    w_sum = weight.sum(dtype=math_dtype).reshape(1) if weight is not None and smoothing else None
-    _launch(_cross_entropy_backward_kernel, logits, grad_loss.contiguous(),
-            None if grad_lse is None else grad_lse.contiguous(), logits.contiguous(), target.contiguous(),
-            None if weight is None else weight.contiguous(), w_sum, lse.contiguous(), grad, num_classes, ignore_index,
-            label_smoothing, z_loss, 1.0 if softcap is None else softcap, HAS_GRAD_LSE=grad_lse is not None,
-            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing, HAS_Z_LOSS=z_loss != 0.0,
-            HAS_SOFTCAP=softcap is not None)
+    _backward_into(grad, ce_row_grad_loss(grad_loss, t, weight, ignore_index, reduction, math_dtype), grad_lse,
+                   logits.contiguous(), t, weight, lse, ignore_index, label_smoothing, z_loss, softcap)
     return grad
 
 
 torch.library.register_kernel("fusedlayers::triton_cross_entropy_forward", ("cpu", "cuda"), cross_entropy_forward)
+torch.library.register_kernel("fusedlayers::triton_cross_entropy_forward_grad", ("cpu", "cuda"),
+                              cross_entropy_forward_grad)
 torch.library.register_kernel("fusedlayers::triton_cross_entropy_backward", ("cpu", "cuda"), cross_entropy_backward)
