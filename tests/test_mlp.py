@@ -92,12 +92,17 @@ def test_raw_op_raises_on_a_tangent_instead_of_a_zero():
         torch.ops.fusedlayers.mlp(fwAD.make_dual(x, torch.ones_like(x)), [w], [], ["tanh"], True, "native")
 
 
-@pytest.mark.parametrize("rows", [500, 6000], ids=["fused-tiles", "layer-by-layer"])
-def test_many_rows(rows):
+@pytest.mark.parametrize("rows, path", [(500, "fused-tiles"), (6000, "wide"), (6000, "layer-by-layer")])
+def test_many_rows(rows, path, monkeypatch):
     """Many tiles of the CPU's fused path (16, the last one partial), and a batch large enough to take the
-    layer-by-layer path instead."""
+    wide path instead, or the layer-by-layer chain when the wide path's rule is set to refuse it."""
+    if path == "layer-by-layer":
+        monkeypatch.setenv("FUSEDLAYERS_MLP_WIDE_MAX_MACS", "0")
     sizes, acts = NETS["seed003"]
     (x, ws, bs, g), (xf, wf, bf, gf) = make(sizes, (rows,), torch.float64, "cpu", True)
+    chain = {"fusedlayers::dense_forward", "fusedlayers::dense_backward"}
+    ran = _fusedlayers_ops_run(lambda: torch.autograd.grad(mlp(xf, wf, bf, acts[:-1], acts[-1]), [xf, *wf, *bf], gf))
+    assert (chain <= ran) == (path == "layer-by-layer"), ran
     y = mlp(xf, wf, bf, acts[:-1], acts[-1])
     assert_rel_close(y, reference(x, ws, bs, acts), 1e-10)
     ref = [t.clone().requires_grad_() for t in (x, *ws, *bs)]
@@ -107,8 +112,8 @@ def test_many_rows(rows):
 
 
 # ---- the CPU's wide path (csrc/cpu/mlp.cpp: row tiles through every layer, BLAS GEMMs, no intermediate
-# materialized whole). Its rule picks large rows x hidden-width products; FUSEDLAYERS_MLP_WIDE_MIN_ELEMENTS=0
-# sends every float network with a hidden layer there, so small cases test it.
+# materialized whole). Its rule picks networks with few multiply-adds per hidden element;
+# FUSEDLAYERS_MLP_WIDE_MAX_MACS set huge sends every float network with a hidden layer there.
 
 WIDE_NETS = {
     "mixed": ([7, 150, 40, 3], ["tanh", "relu", "identity"]),
@@ -119,7 +124,7 @@ WIDE_NETS = {
 
 @pytest.fixture
 def force_wide(monkeypatch):
-    monkeypatch.setenv("FUSEDLAYERS_MLP_WIDE_MIN_ELEMENTS", "0")
+    monkeypatch.setenv("FUSEDLAYERS_MLP_WIDE_MAX_MACS", str(2**40))
 
 
 def _fusedlayers_ops_run(fn):
@@ -186,7 +191,7 @@ def test_wide_path_opcheck(force_wide):
 
 def test_wide_path_taken():
     """seed004's network at 2,000 rows goes through the wide path (no dense kernel runs, so no 2,000 x 1,000
-    intermediate exists); a bfloat16 one, and one whose hidden layers are small, layer by layer."""
+    intermediate exists); a bfloat16 one, and one with many multiply-adds per hidden element, layer by layer."""
     def ops_of(sizes, rows, dtype):
         _, (x, ws, bs, g) = make(sizes, (rows,), dtype, "cpu", True)
         return _fusedlayers_ops_run(lambda: torch.autograd.grad(mlp(x, ws, bs, "identity"), [x, *ws, *bs], g))
@@ -195,7 +200,7 @@ def test_wide_path_taken():
     assert not chain & ops_of([1, 1000, 20, 1], 2000, torch.float64)
     assert not chain & ops_of([1, 1000, 20, 1], 2000, torch.float32)
     assert chain <= ops_of([1, 1000, 20, 1], 2000, torch.bfloat16)
-    assert chain <= ops_of([50, 40, 3], 2000, torch.float64)
+    assert chain <= ops_of([200, 40, 3], 2000, torch.float64)
 
 
 def test_bfloat16_close_to_float64():

@@ -180,18 +180,29 @@ void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad
 // tile's forward from x (the autograd saves nothing: mlp_cpu_recomputes), accumulating the weight and bias
 // gradients per thread, reduced at the end. Float and double only (bfloat16 takes the chain).
 
-// Measured here (one thread, thread time, fwd+bwd of parameter gradients, wide path / chain): see wide_rule.
-constexpr int64_t kWideMinElements = 1 << 20;
+// The rule: the wide path runs networks whose hidden layers cost few multiply-adds per element they produce
+// (the chain is then memory-bound, and recomputing the forward in the backward is cheap), the chain the rest.
+// Measured here (one thread, thread time, fwd+bwd of the parameter gradients, wide path / chain, each with its
+// multiply-adds per hidden element, MACs / sum of hidden widths, per row):
+//   [16]*4 tanh (24) float32: 0.79 at 200 rows, 0.93 at 500, 0.85 at 1,000, 0.73 at 10,000, 0.83 at 30,000;
+//   [32]*4 tanh (48): 0.87 at 200 rows, 1.01 at 1,000;
+//   1-1000-20-1 identity (21) float64: 1.06 at 100 rows, 0.54 at 300, 0.81 at 1,000, 0.32 at 3,000;
+//   [128]*4 tanh (192): 1.06-1.10 up to 256 rows, 1.04 at 1,024, 0.96 at 2,048, 0.78 at 8,192;
+//   64-512-512-64 gelu (320): 1.25 at 256 rows, 1.19 at 2,048, 1.12 at 4,096;
+//   784-300-100-10 relu (665): 1.49 at 256 rows, 1.40 at 1,024, 1.27-1.31 at 4,096-8,192.
+// Beyond the threshold the recompute (a quarter to a half more multiply-adds) costs more than the memory it
+// saves, except for very large batches of moderately wide nets ([128]*4 from ~2,000 rows), left to the chain.
+constexpr int64_t kWideMaxMacsPerElement = 64;
 // Bytes of a tile's activations and gradients: half of this machine's 2 MB per-core L2, leaving room for the
 // weights the tile's GEMMs stream. Measured on seed004 (1-1000-20-1, float64, 10,000 rows, one thread,
 // fwd+bwd): 256 KB (8-row tiles) 50 ms, 512 KB 43 ms, 1 MB (40 rows) 37 ms, 2 MB 39 ms, 4 MB 43 ms, 16 MB 44 ms.
 constexpr int64_t kWideTileBytes = 1024 * 1024;
 
-// The rows x widest-hidden-layer elements from which the wide path runs; FUSEDLAYERS_MLP_WIDE_MIN_ELEMENTS
-// overrides it, so the tests can send small networks down this path (0: any network with a hidden layer).
-int64_t wide_min_elements() {
-  const char* env = std::getenv("FUSEDLAYERS_MLP_WIDE_MIN_ELEMENTS");
-  return env ? std::strtoll(env, nullptr, 10) : kWideMinElements;
+// FUSEDLAYERS_MLP_WIDE_MAX_MACS overrides kWideMaxMacsPerElement, so the tests can send any network down
+// this path (a huge value) or none (0).
+int64_t wide_max_macs_per_element() {
+  const char* env = std::getenv("FUSEDLAYERS_MLP_WIDE_MAX_MACS");
+  return env ? std::strtoll(env, nullptr, 10) : kWideMaxMacsPerElement;
 }
 
 bool takes_wide_path(const Shape& s, at::ScalarType dtype) {
@@ -199,8 +210,8 @@ bool takes_wide_path(const Shape& s, at::ScalarType dtype) {
   if (s.widths.size() < 3 || s.rows == 0 || takes_fused_path(s)) return false;  // no hidden layer, or small
   if (*std::min_element(s.widths.begin(), s.widths.end()) == 0) return false;
   if (*std::max_element(s.widths.begin(), s.widths.end()) > std::numeric_limits<int>::max() / 256) return false;
-  const int64_t hidden = *std::max_element(s.widths.begin() + 1, s.widths.end() - 1);
-  return s.rows * hidden >= wide_min_elements();
+  const int64_t hidden = s.sizes.outputs - s.widths.back();  // elements of the hidden layers per row
+  return s.macs_per_row <= wide_max_macs_per_element() * hidden;
 }
 
 // Where a tile's buffers sit in its thread's workspace, in elements: the inputs h_l of layers 1..L-1, the
