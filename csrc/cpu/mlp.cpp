@@ -5,7 +5,10 @@
 // in L1, no ATen call but the output allocations. Their backward recomputes each tile's forward rather than
 // saving it: for such layers the recompute costs less than allocating and reading back the saved
 // activations. One thread: the path is chosen only for work too small to split (see the rule below).
-// Wider networks go layer by layer through the dense kernels (mlp_chain.cpp), saving what eager PyTorch saves.
+// Wider networks with few multiply-adds per hidden element (memory-bound ones: wide layers fed by narrow ones)
+// take the wide path: row tiles sized for L2 through every layer with BLAS GEMMs, one parallel region, the
+// backward again recomputing each tile's forward, so no (rows x width) intermediate is ever materialized.
+// The rest go layer by layer through the dense kernels (mlp_chain.cpp), saving what eager PyTorch saves.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
