@@ -176,9 +176,9 @@ void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad
 
 // ---- the wide path: row tiles through every layer with single-threaded BLAS GEMMs ---------------------------
 //
-// Networks with wide hidden layers and many rows: the chain materializes every (rows x width) intermediate,
-// and for large ones the cost is the memory, not the arithmetic (a fresh 80 MB tensor costs ~40 ms of page
-// faults here, more than the GEMM that fills it). Here each thread takes whole tiles of rows through every
+// Networks whose hidden layers produce many elements for few multiply-adds (seed004's 1-1000-20-1): the chain
+// materializes every (rows x width) intermediate, and its cost is then the memory, not the arithmetic (a fresh
+// 80 MB tensor costs ~40 ms of page faults here, more than the GEMM that fills it). Here each thread takes whole tiles of rows through every
 // layer with its activations in a per-thread workspace sized to stay in L2, and the backward recomputes a
 // tile's forward from x (the autograd saves nothing: mlp_cpu_recomputes), accumulating the weight and bias
 // gradients per thread, reduced at the end. Float and double only (bfloat16 takes the chain).
