@@ -92,18 +92,115 @@ def test_raw_op_raises_on_a_tangent_instead_of_a_zero():
         torch.ops.fusedlayers.mlp(fwAD.make_dual(x, torch.ones_like(x)), [w], [], ["tanh"], True, "native")
 
 
-@pytest.mark.parametrize("rows", [500, 6000], ids=["fused-tiles", "layer-by-layer"])
-def test_many_rows(rows):
+@pytest.mark.parametrize("rows, path", [(500, "fused-tiles"), (6000, "wide"), (6000, "layer-by-layer")])
+def test_many_rows(rows, path, monkeypatch):
     """Many tiles of the CPU's fused path (16, the last one partial), and a batch large enough to take the
-    layer-by-layer path instead."""
+    wide path instead, or the layer-by-layer chain when the wide path's rule is set to refuse it."""
+    if path == "layer-by-layer":
+        monkeypatch.setenv("FUSEDLAYERS_MLP_WIDE_MAX_MACS", "0")
     sizes, acts = NETS["seed003"]
     (x, ws, bs, g), (xf, wf, bf, gf) = make(sizes, (rows,), torch.float64, "cpu", True)
+    chain = {"fusedlayers::dense_forward", "fusedlayers::dense_backward"}
+    ran = _fusedlayers_ops_run(lambda: torch.autograd.grad(mlp(xf, wf, bf, acts[:-1], acts[-1]), [xf, *wf, *bf], gf))
+    assert (chain <= ran) == (path == "layer-by-layer"), ran
     y = mlp(xf, wf, bf, acts[:-1], acts[-1])
     assert_rel_close(y, reference(x, ws, bs, acts), 1e-10)
     ref = [t.clone().requires_grad_() for t in (x, *ws, *bs)]
     want = grads_of(reference(ref[0], ref[1:5], ref[5:], acts), ref[0], ref[1:5], ref[5:], g)
     for got, w in zip(grads_of(y, xf, wf, bf, gf), want):
         assert_rel_close(got, w, 1e-10)
+
+
+# ---- the CPU's wide path (csrc/cpu/mlp.cpp: row tiles through every layer, BLAS GEMMs, no intermediate
+# materialized whole). Its rule picks networks with few multiply-adds per hidden element;
+# FUSEDLAYERS_MLP_WIDE_MAX_MACS set huge sends every float network with a hidden layer there.
+
+WIDE_NETS = {
+    "mixed": ([7, 150, 40, 3], ["tanh", "relu", "identity"]),
+    "act_out": ([5, 64, 33, 2], ["gelu", "sigmoid", "softplus"]),  # a non-identity last layer
+    "seed004": ([1, 1000, 20, 1], ["identity"] * 3),
+}
+
+
+@pytest.fixture
+def force_wide(monkeypatch):
+    monkeypatch.setenv("FUSEDLAYERS_MLP_WIDE_MAX_MACS", str(2**40))
+
+
+def _fusedlayers_ops_run(fn):
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("fusedlayers::")}
+
+
+@pytest.mark.parametrize("wrt_input", [True, False], ids=["dx", "no-dx"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("batch", [(1,), (37,), (1001,), (3, 70)], ids=lambda b: "x".join(map(str, b)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("net", WIDE_NETS)
+def test_wide_path_matches_sequential(force_wide, net, bias, batch, dtype, wrt_input):
+    """Batches of one row, of a partial tile, of many tiles split over the threads with a partial last one,
+    and 2-D; with and without the input's gradient."""
+    sizes, acts = WIDE_NETS[net]
+    (x, ws, bs, g), (xf, wf, bf, gf) = make(sizes, batch, dtype, "cpu", bias)
+    xf.requires_grad_(wrt_input)
+    ref = [t.clone().requires_grad_() for t in (x, *ws, *(bs or []))]
+    L = len(ws)
+    y_ref = reference(ref[0], ref[1:L + 1], ref[L + 1:] or None, acts)
+    y = mlp(xf, wf, bf, acts[:-1], acts[-1])
+    assert_rel_close(y, y_ref.detach(), RTOL[dtype], "y")
+    params, ref_params = [*wf, *(bf or [])], ref[1:]
+    inputs, ref_inputs = ([xf] if wrt_input else []) + params, ([ref[0]] if wrt_input else []) + ref_params
+    for i, (got, want) in enumerate(zip(grads_of(y, inputs[0], inputs[1:], None, gf),
+                                        grads_of(y_ref, ref_inputs[0], ref_inputs[1:], None, g))):
+        assert_rel_close(got, want, RTOL[dtype], f"grad {i}")
+    assert xf.grad is None
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_wide_path_gradcheck(force_wide, bias):
+    sizes, acts = [4, 40, 6, 2], ["tanh", "softplus", "identity"]
+    _, (x, ws, bs, _) = make(sizes, (11,), torch.float64, "cpu", bias)  # 11 rows: two tiles on two threads
+    fn = lambda x, *p: mlp(x, list(p[:3]), list(p[3:]) or None, acts[:-1], acts[-1])  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, *ws, *(bs or [])))
+
+
+def test_wide_path_non_contiguous(force_wide):
+    new = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    x, ws, bs = new(5, 300).t(), [new(5, 80).t(), new(80, 3).t()], [new(160)[::2], new(6)[::2]]
+    args = [t.requires_grad_() for t in (x, *ws, *bs)]
+    ref = [t.detach().contiguous().requires_grad_() for t in args]
+    y = mlp(args[0], args[1:3], args[3:], "gelu")
+    y_ref = reference(ref[0], ref[1:3], ref[3:], ["gelu", "identity"])
+    assert_rel_close(y, y_ref, 1e-12)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, args, g), torch.autograd.grad(y_ref, ref, g)):
+        assert_rel_close(got, want, 1e-12)
+
+
+def test_wide_path_opcheck(force_wide):
+    sizes, acts = WIDE_NETS["mixed"]
+    _, (x, ws, bs, g) = make(sizes, (37,), torch.float64, "cpu", True)
+    ops = torch.ops.fusedlayers
+    torch.library.opcheck(ops.mlp.default, (x, ws, bs, acts, True, "native"))
+    x, ws, bs = x.detach(), [w.detach() for w in ws], [b.detach() for b in bs]
+    torch.library.opcheck(ops.mlp_forward.default, (x, ws, bs, acts, False))
+    for input_grad in (True, False):
+        torch.library.opcheck(ops.mlp_backward.default, (g, x, ws, bs, [], acts, input_grad))
+
+
+def test_wide_path_taken():
+    """seed004's network at 2,000 rows goes through the wide path (no dense kernel runs, so no 2,000 x 1,000
+    intermediate exists); a bfloat16 one, and one with many multiply-adds per hidden element, layer by layer."""
+    def ops_of(sizes, rows, dtype):
+        _, (x, ws, bs, g) = make(sizes, (rows,), dtype, "cpu", True)
+        return _fusedlayers_ops_run(lambda: torch.autograd.grad(mlp(x, ws, bs, "identity"), [x, *ws, *bs], g))
+
+    chain = {"fusedlayers::dense_forward", "fusedlayers::dense_backward"}
+    assert not chain & ops_of([1, 1000, 20, 1], 2000, torch.float64)
+    assert not chain & ops_of([1, 1000, 20, 1], 2000, torch.float32)
+    assert chain <= ops_of([1, 1000, 20, 1], 2000, torch.bfloat16)
+    assert chain <= ops_of([200, 40, 3], 2000, torch.float64)
 
 
 def test_bfloat16_close_to_float64():
