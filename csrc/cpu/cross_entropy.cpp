@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -59,6 +60,29 @@ M kept_weight_sum(const int64_t* t, int64_t N, const M* w, int64_t ignore_index,
   return static_cast<M>(sum);
 }
 
+// Row xr in the math dtype: the row itself when it already is, else converted into `in` (C elements).
+template <typename M, typename scalar_t>
+const M* math_row(const scalar_t* xr, std::vector<M>& in) {
+  if constexpr (std::is_same_v<scalar_t, M>) {
+    return xr;
+  } else {
+    for (size_t c = 0; c < in.size(); ++c) in[c] = static_cast<M>(xr[c]);
+    return in.data();
+  }
+}
+
+// The row's gradient, computed in the math dtype and stored into gr (through `out`, C elements, when the
+// dtypes differ).
+template <typename scalar_t, typename M>
+void store_backward_row(const CeRow<M>& row, M lse, M g_loss, M g_lse, scalar_t* gr, std::vector<M>& out) {
+  if constexpr (std::is_same_v<scalar_t, M>) {
+    ce_backward_row(row, lse, g_loss, g_lse, gr);
+  } else {
+    ce_backward_row(row, lse, g_loss, g_lse, out.data());
+    for (size_t c = 0; c < out.size(); ++c) gr[c] = static_cast<scalar_t>(out[c]);
+  }
+}
+
 // Each row's loss and lse (loss_rows null: not stored), and with grad (null: none) each row's gradient,
 // scaled by row_scale, written there (grad may be the logits themselves: each row is read before written).
 template <typename scalar_t, typename M>
@@ -70,24 +94,11 @@ void ce_rows(const scalar_t* xp, const int64_t* tp, const CeRow<M>& proto, int64
     std::vector<M> in(same ? 0 : C), out(same || !grad ? 0 : C);
     CeRow<M> row = proto;
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* xr = xp + r * C;
-      if (same) {
-        row.x = reinterpret_cast<const M*>(xr);
-      } else {
-        for (int64_t c = 0; c < C; ++c) in[c] = static_cast<M>(xr[c]);
-        row.x = in.data();
-      }
+      row.x = math_row(xp + r * C, in);
       row.target = kept_target(tp[r], ignore_index, C);
       const M loss = ce_forward_row(row, &lsep[r]);
       if (loss_rows) loss_rows[r] = loss;
-      if (!grad) continue;
-      scalar_t* gr = grad + r * C;
-      if (same) {
-        ce_backward_row(row, lsep[r], row_scale, M(0), reinterpret_cast<M*>(gr));
-      } else {
-        ce_backward_row(row, lsep[r], row_scale, M(0), out.data());
-        for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(out[c]);
-      }
+      if (grad) store_backward_row(row, lsep[r], row_scale, M(0), grad + r * C, out);
     }
   });
 }
@@ -199,23 +210,9 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
       std::vector<M> in(same ? 0 : C), out(same ? 0 : C);
       CeRow<M> row = proto;
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* xr = xp + r * C;
-        scalar_t* gr = gp + r * C;
-        if (same) {
-          row.x = reinterpret_cast<const M*>(xr);
-        } else {
-          for (int64_t c = 0; c < C; ++c) in[c] = static_cast<M>(xr[c]);
-          row.x = in.data();
-        }
+        row.x = math_row(xp + r * C, in);
         row.target = kept_target(tp[r], ignore_index, C);
-        const M g_loss = glp ? glp[r] : g_all;
-        const M g_lse = glsep ? glsep[r] : M(0);
-        if (same) {
-          ce_backward_row(row, lsep[r], g_loss, g_lse, reinterpret_cast<M*>(gr));
-        } else {
-          ce_backward_row(row, lsep[r], g_loss, g_lse, out.data());
-          for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(out[c]);
-        }
+        store_backward_row(row, lsep[r], glp ? glp[r] : g_all, glsep ? glsep[r] : M(0), gp + r * C, out);
       }
     });
   });
