@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -58,6 +59,12 @@ inline at::Tensor kept_weights(const at::Tensor& target, const std::optional<at:
 }
 
 
+// A "mean" reduction's sum over its denominator, the kept rows' summed class weights: nan when that is 0, as
+// PyTorch's (its NLL part is 0/0), even where label smoothing's part of the sum is not 0.
+inline at::Tensor ce_mean(const at::Tensor& sum, const at::Tensor& denominator) {
+  return at::where(denominator == 0, std::numeric_limits<double>::quiet_NaN(), sum / denominator);
+}
+
 // The reductions in ATen ops, without a host synchronization, for the kernels that compute per-row losses
 // (CUDA): the loss of per-row losses, and the per-row grad_loss of a reduced loss's 0-d grad_loss. "mean"
 // divides by the summed class weights of the kept rows (their count without weights): nan when every row is
@@ -66,7 +73,7 @@ inline at::Tensor ce_reduce_rows(const at::Tensor& loss, const at::Tensor& targe
                                  const std::optional<at::Tensor>& weight, int64_t ignore_index, CeReduction reduction) {
   if (reduction == CeReduction::None) return loss;
   if (reduction == CeReduction::Sum) return loss.sum();
-  return loss.sum() / kept_weights(target, weight, ignore_index, loss.scalar_type()).sum();
+  return ce_mean(loss.sum(), kept_weights(target, weight, ignore_index, loss.scalar_type()).sum());
 }
 
 inline at::Tensor ce_row_grad_loss(const at::Tensor& grad_loss, const at::Tensor& target,

@@ -19,8 +19,20 @@
 namespace fusedlayers {
 namespace {
 
+// bias and class_weight: one value per class, (V,), in hidden's dtype and on its device.
+void check_per_class(const std::optional<at::Tensor>& v, const char* name, const at::Tensor& hidden, int64_t V) {
+  if (!v.has_value()) return;
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == V, "linear_cross_entropy(): expected ", name, " of shape (", V,
+              ",), got shape ", v->sizes());
+  TORCH_CHECK(v->scalar_type() == hidden.scalar_type(), "linear_cross_entropy(): expected ", name,
+              " to have the dtype of hidden (", hidden.scalar_type(), "), got ", v->scalar_type());
+  TORCH_CHECK(v->device() == hidden.device(), "linear_cross_entropy(): expected ", name, " on the device of hidden (",
+              hidden.device(), "), got ", v->device());
+}
+
 void check_linear_ce_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                          const at::Tensor& target, int64_t chunk_size) {
+                          const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
+                          int64_t chunk_size) {
   TORCH_CHECK(hidden.dim() == 2, "linear_cross_entropy(): expected hidden of shape (N, H), got shape ", hidden.sizes());
   TORCH_CHECK(hidden.is_floating_point(), "linear_cross_entropy(): expected floating-point hidden, got ",
               hidden.scalar_type());
@@ -30,14 +42,9 @@ void check_linear_ce_args(const at::Tensor& hidden, const at::Tensor& weight, co
               "dtype of hidden (", hidden.scalar_type(), "), got ", weight.scalar_type());
   TORCH_CHECK(weight.device() == hidden.device(), "linear_cross_entropy(): expected weight on the device of hidden (",
               hidden.device(), "), got ", weight.device());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "linear_cross_entropy(): expected bias of "
-                "shape (", weight.size(0), ",), got shape ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), "linear_cross_entropy(): expected bias to have the "
-                "dtype of hidden (", hidden.scalar_type(), "), got ", bias->scalar_type());
-    TORCH_CHECK(bias->device() == hidden.device(), "linear_cross_entropy(): expected bias on the device of hidden (",
-                hidden.device(), "), got ", bias->device());
-  }
+  check_per_class(bias, "bias", hidden, weight.size(0));
+  // checked here, not by the chunks' cross_entropy kernels, whose messages call it "weight"
+  check_per_class(class_weight, "class_weight", hidden, weight.size(0));
   TORCH_CHECK(target.dim() == 1 && target.size(0) == hidden.size(0), "linear_cross_entropy(): expected target of "
               "shape (", hidden.size(0), ",), got shape ", target.sizes());
   TORCH_CHECK_VALUE(chunk_size >= 1, "linear_cross_entropy(): chunk_size must be positive, got ", chunk_size);
@@ -127,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     const at::Tensor& target, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
     double label_smoothing, double z_loss, std::optional<double> softcap, c10::string_view reduction,
     int64_t chunk_size, std::array<bool, 3> output_mask, c10::string_view backend) {
-  check_linear_ce_args(hidden, weight, bias, target, chunk_size);
+  check_linear_ce_args(hidden, weight, bias, target, class_weight, chunk_size);
   TORCH_CHECK_VALUE(reduction == "none" || reduction == "mean" || reduction == "sum",
                     "linear_cross_entropy(): reduction must be 'none', 'mean' or 'sum', got '", reduction, "'");
   const bool with_grads = output_mask[0] || output_mask[1] || output_mask[2];
@@ -145,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
                                      : at::ones({}, hidden.options().dtype(math));
   Grads grads = make_grads(a, output_mask);
   run_chunks(a, loss, lse, with_grads ? denominator.reciprocal() : at::Tensor(), at::Tensor(), grads);
-  if (reduction != "none") loss = loss.sum() / denominator;
+  if (reduction != "none") loss = ce_mean(loss.sum(), denominator);
   return {loss, lse, grads.dh, grads.dw, grads.db};
 }
 
@@ -157,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const std::optional<at::Tensor>& class_weight, const at::Tensor& lse, int64_t ignore_index, double label_smoothing,
     double z_loss, std::optional<double> softcap, int64_t chunk_size, std::array<bool, 3> output_mask,
     c10::string_view backend) {
-  check_linear_ce_args(hidden, weight, bias, target, chunk_size);
+  check_linear_ce_args(hidden, weight, bias, target, class_weight, chunk_size);
   const LinearCe a{hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, z_loss, softcap,
                    chunk_size, is_triton(backend)};
   Grads grads = make_grads(a, output_mask);

@@ -238,7 +238,13 @@ def ce_reduce_rows(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_i
         return loss
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / _kept_weights(target, weight, ignore_index, loss.dtype).sum()
+    return ce_mean(loss.sum(), _kept_weights(target, weight, ignore_index, loss.dtype).sum())
+
+
+def ce_mean(total: Tensor, denominator: Tensor) -> Tensor:
+    """A "mean" reduction: nan when the kept rows' weights sum to 0, as PyTorch's (its NLL part is 0/0), even
+    where label smoothing's part of the total is not 0."""
+    return torch.where(denominator == 0, float("nan"), total / denominator)
 
 
 def ce_row_grad_loss(grad_loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
@@ -283,8 +289,22 @@ for _prefix in ("", "triton_"):
     torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_backward")(_cross_entropy_backward_fake)
 
 
+def _check_per_class(v: Tensor | None, name: str, hidden: Tensor, classes: int) -> None:
+    """bias and class_weight: (V,), in hidden's dtype and on its device."""
+    if v is None:
+        return
+    torch._check(v.dim() == 1 and v.shape[0] == classes,
+                 lambda: f"linear_cross_entropy(): expected {name} of shape ({classes},), got shape {list(v.shape)}")
+    torch._check(v.dtype == hidden.dtype,
+                 lambda: f"linear_cross_entropy(): expected {name} to have the dtype of hidden ({hidden.dtype}), "
+                         f"got {v.dtype}")
+    torch._check(v.device == hidden.device,
+                 lambda: f"linear_cross_entropy(): expected {name} on the device of hidden ({hidden.device}), got "
+                         f"{v.device}")
+
+
 def check_linear_cross_entropy_args(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
-                                    chunk_size: int) -> None:
+                                    class_weight: Tensor | None, chunk_size: int) -> None:
     """The checks of csrc/linear_cross_entropy.cpp, with the same messages."""
     torch._check(hidden.dim() == 2, lambda: f"linear_cross_entropy(): expected hidden of shape (N, H), got shape "
                                             f"{list(hidden.shape)}")
@@ -299,16 +319,8 @@ def check_linear_cross_entropy_args(hidden: Tensor, weight: Tensor, bias: Tensor
     torch._check(weight.device == hidden.device,
                  lambda: f"linear_cross_entropy(): expected weight on the device of hidden ({hidden.device}), got "
                          f"{weight.device}")
-    if bias is not None:
-        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
-                     lambda: f"linear_cross_entropy(): expected bias of shape ({weight.shape[0]},), got shape "
-                             f"{list(bias.shape)}")
-        torch._check(bias.dtype == hidden.dtype,
-                     lambda: f"linear_cross_entropy(): expected bias to have the dtype of hidden ({hidden.dtype}), "
-                             f"got {bias.dtype}")
-        torch._check(bias.device == hidden.device,
-                     lambda: f"linear_cross_entropy(): expected bias on the device of hidden ({hidden.device}), got "
-                             f"{bias.device}")
+    _check_per_class(bias, "bias", hidden, weight.shape[0])
+    _check_per_class(class_weight, "class_weight", hidden, weight.shape[0])
     torch._check(target.dim() == 1 and target.shape[0] == hidden.shape[0],
                  lambda: f"linear_cross_entropy(): expected target of shape ({hidden.shape[0]},), got shape "
                          f"{list(target.shape)}")
@@ -325,7 +337,7 @@ def _linear_ce_grads_fake(hidden, weight, bias, output_mask):
 @torch.library.register_fake("fusedlayers::linear_cross_entropy_forward")
 def _linear_cross_entropy_forward_fake(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing,
                                        z_loss, softcap, reduction, chunk_size, output_mask, backend):
-    check_linear_cross_entropy_args(hidden, weight, bias, target, chunk_size)
+    check_linear_cross_entropy_args(hidden, weight, bias, target, class_weight, chunk_size)
     check_cross_entropy_args(hidden.new_empty(hidden.shape[0], weight.shape[0]), target, class_weight,
                              label_smoothing, softcap)
     math = ce_math_dtype(hidden.dtype)
@@ -338,7 +350,7 @@ def _linear_cross_entropy_forward_fake(hidden, weight, bias, target, class_weigh
 def _linear_cross_entropy_backward_fake(grad_loss, grad_lse, hidden, weight, bias, target, class_weight, lse,
                                         ignore_index, label_smoothing, z_loss, softcap, chunk_size, output_mask,
                                         backend):
-    check_linear_cross_entropy_args(hidden, weight, bias, target, chunk_size)
+    check_linear_cross_entropy_args(hidden, weight, bias, target, class_weight, chunk_size)
     return _linear_ce_grads_fake(hidden, weight, bias, output_mask)
 
 
@@ -383,6 +395,7 @@ _LIB.impl("activation_derivative_formula", derivative_formula, "CompositeImplici
 # Where eager autocast runs the activation in float32 (softplus on CUDA), the result is returned in float32.
 _FLOAT32_ACTIVATIONS_UNDER_AUTOCAST = {"cpu": (), "cuda": ("softplus",)}
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+AUTOCAST_DEVICE_TYPES = tuple(_AUTOCAST_KEYS)
 
 
 def _autocast_cast(value, device_type: str, dtype: torch.dtype):

@@ -1,9 +1,11 @@
 """Functional forms of the fused layers, in the style of torch.nn.functional."""
+import math
+
 import torch
 from torch import Tensor
 
 from . import _func
-from ._ops import backend_for
+from ._ops import AUTOCAST_DEVICE_TYPES, backend_for
 from .activations import check_activation
 
 SAVE_POLICIES = ("preact", "recompute")
@@ -18,6 +20,8 @@ def saves_preact(save: str) -> bool:
 def mlp_activations(layers: int, activation: str | list[str], output_activation: str) -> list[str]:
     """One checked activation name per layer: `activation` (one name, or one per hidden layer) for the
     hidden layers, `output_activation` for the last."""
+    if layers < 1:
+        raise ValueError("mlp(): expected at least one layer, got an empty weights list")
     hidden = [activation] * (layers - 1) if isinstance(activation, str) else list(activation)
     if len(hidden) != layers - 1:
         raise ValueError(f"expected one activation per hidden layer ({layers - 1}), got {len(hidden)}")
@@ -105,6 +109,18 @@ def _rows(input: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tup
     return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), expected
 
 
+def _class_indices(target: Tensor) -> Tensor:
+    """uint8 class indices as int64, which the kernels take (PyTorch accepts both)."""
+    return target.long() if target.dtype == torch.uint8 else target
+
+
+def _autocast_runs_in_float32(t: Tensor) -> bool:
+    """Whether torch.autocast is on for t's device and t is float16/bfloat16: F.cross_entropy is on autocast's
+    float32 list, so the losses then run (cross_entropy) or at least return (linear_cross_entropy) in float32."""
+    return t.dtype in (torch.float16, torch.bfloat16) and t.device.type in AUTOCAST_DEVICE_TYPES \
+        and torch.is_autocast_enabled(t.device.type)
+
+
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                   softcap: float | None = None, return_lse: bool = False, backend: str = "auto",
@@ -124,7 +140,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     requires grad; lse gets no gradient, there is no create_graph, and a second backward of the graph raises.
     """
     check_reduction(reduction)
-    logits, rows_target, shape = _rows(input, target, "cross_entropy")
+    if _autocast_runs_in_float32(input):
+        input, weight = input.float(), None if weight is None else weight.float()
+    logits, rows_target, shape = _rows(input, _class_indices(target), "cross_entropy")
     args = (rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
             None if softcap is None else float(softcap), reduction, backend_for(backend, input))
     # the op itself when compiling (as in dense()), torch.func's route where a transform or a tangent needs it
@@ -181,9 +199,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
                          f"{list(hidden.shape)}, got {list(target.shape)}")
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0]) if weight.dim() == 2 else 1
-    loss, lse = _linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1),
+    rows = math.prod(shape)  # not reshape(-1, H): ambiguous when H is 0
+    loss, lse = _linear_cross_entropy(hidden.reshape(rows, hidden.shape[-1]), weight, bias,
+                                      _class_indices(target).reshape(rows),
                                       class_weight, ignore_index, float(label_smoothing), float(z_loss),
                                       None if softcap is None else float(softcap), reduction, int(chunk_size),
                                       backend_for(backend, hidden))
-    loss = (loss.reshape(shape) if reduction == "none" else loss).to(hidden.dtype)
-    return (loss, lse.reshape(shape).to(hidden.dtype)) if return_lse else loss
+    dtype = torch.float32 if _autocast_runs_in_float32(hidden) else hidden.dtype
+    loss = (loss.reshape(shape) if reduction == "none" else loss).to(dtype)
+    return (loss, lse.reshape(shape).to(dtype)) if return_lse else loss

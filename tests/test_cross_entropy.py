@@ -136,6 +136,64 @@ def test_all_ignored(backend, weight, reduction):
     assert torch.equal(dx, dx_ref) and not dx.any()  # PyTorch's gradient: exactly zero, not nan
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_mean_over_zero_kept_weight_is_nan(backend, label_smoothing):
+    """Class weights that are 0 for every kept target: PyTorch's "mean" is nan (its NLL part is 0/0), also with
+    label smoothing, whose own part of the sum is not 0."""
+    (x, t, _), (xf, tf, _) = make_case(4, 3, torch.float64, device_of(backend))
+    t[:] = 0
+    w = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    ref = F.cross_entropy(x, t, w, label_smoothing=label_smoothing)
+    loss = cross_entropy(xf, t.to(xf.device), w.to(xf.device), label_smoothing=label_smoothing, backend=backend)
+    assert ref.isnan() and loss.isnan()
+    (h, lw, b, _, _), (hf, lwf, bf, _, _) = make_linear_case(4, 5, 3, torch.float64, device_of(backend))
+    ref = F.cross_entropy(F.linear(h, lw, b), t, w, label_smoothing=label_smoothing)
+    loss = linear_cross_entropy(hf, lwf, t.to(hf.device), bf, w.to(hf.device), label_smoothing=label_smoothing,
+                                chunk_size=3, backend=backend)
+    assert ref.isnan() and loss.isnan()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_uint8_target(backend, reduction):
+    """uint8 class indices, which F.cross_entropy accepts too."""
+    (x, t, w), (xf, tf, wf) = make_case(6, 9, torch.float64, device_of(backend), weight=True)
+    loss_ref, dx_ref, g = reference(x, t, w, reduction, label_smoothing=0.1)
+    loss = cross_entropy(xf, tf.to(torch.uint8), wf, reduction=reduction, label_smoothing=0.1, backend=backend)
+    assert_rel_close(loss.detach().cpu(), loss_ref, 1e-10, "loss")
+    assert_rel_close(torch.autograd.grad(loss, xf, g.to(xf.device))[0].cpu(), dx_ref, 1e-10, "grad")
+    (h, lw, b, t, _), (hf, lwf, bf, tf, _) = make_linear_case(6, 4, 9, torch.float64, device_of(backend))
+    ref = F.cross_entropy(F.linear(h, lw, b), t, reduction=reduction)
+    loss = linear_cross_entropy(hf, lwf, tf.to(torch.uint8), bf, reduction=reduction, chunk_size=4, backend=backend)
+    assert_rel_close(loss.detach().cpu(), ref, 1e-10, "linear loss")
+
+
+def test_autocast_runs_in_float32_as_f_cross_entropy():
+    """Under CPU autocast, F.cross_entropy is on the float32 list: bfloat16 logits give a float32 loss (not a
+    bfloat16-rounded one), and the gradient reaches the logits in bfloat16. Ours the same, to float32 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 50, generator=gen) * 3).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, 50, (16,), generator=gen)
+    w = torch.rand(50, generator=gen).to(torch.bfloat16)
+    for reduction in REDUCTIONS:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = F.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1)
+            loss = cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1)
+            module_loss = FusedCrossEntropyLoss(w, reduction=reduction, label_smoothing=0.1)(x, t)
+        assert ref.dtype == loss.dtype == module_loss.dtype == torch.float32
+        assert_rel_close(loss.detach().double(), ref.detach().double(), 1e-5, "loss")
+        assert torch.equal(module_loss, loss)
+        g = torch.ones_like(ref)
+        (dx_ref,), (dx,) = torch.autograd.grad(ref, x, g), torch.autograd.grad(loss, x, g)
+        assert dx.dtype == torch.bfloat16
+        assert (dx.double() - dx_ref.double()).abs().max() <= 2 ** -8 * dx_ref.double().abs().max()  # bf16 rounding
+    hidden, lw = torch.randn(16, 8, generator=gen).to(torch.bfloat16), torch.randn(50, 8, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(hidden, lw.to(torch.bfloat16)), t)
+        loss = linear_cross_entropy(hidden, lw.to(torch.bfloat16), t)
+    assert ref.dtype == loss.dtype == torch.float32
+    assert_rel_close(loss.double(), ref.double(), 1e-2, "linear loss")  # bf16 logits, rounded differently
+
+
 def test_empty_batch(backend):
     xf = torch.randn(0, 7, dtype=torch.float64, device=device_of(backend), requires_grad=True)
     tf = torch.zeros(0, dtype=torch.long, device=xf.device)
@@ -650,11 +708,30 @@ def test_linear_bad_input(backend):
         linear_cross_entropy(h, w, t.int(), backend=backend)
     with pytest.raises(ValueError, match="chunk_size must be positive"):
         linear_cross_entropy(h, w, t, chunk_size=0, backend=backend)
+    # class_weight is F.cross_entropy's weight: the messages name it, not the linear layer's weight
+    with pytest.raises(RuntimeError, match=r"expected class_weight of shape \(7,\)"):
+        linear_cross_entropy(h, w, t, class_weight=torch.ones(5, device=dev), backend=backend)
+    with pytest.raises(RuntimeError, match="expected class_weight to have the dtype of hidden"):
+        linear_cross_entropy(h, w, t, class_weight=torch.ones(7, device=dev, dtype=torch.float64), backend=backend)
     with pytest.raises(IndexError, match="target 7 is out of bounds"):
         linear_cross_entropy(h, w, torch.tensor([0, 7, 2, 3], device=dev), backend=backend)
     with pytest.raises(RuntimeError, match="expected weight on the device of hidden"):
         torch.ops.fusedlayers.linear_cross_entropy_forward(h.to("meta"), w, None, t.to("meta"), None, -100, 0.0, 0.0,
                                                            None, "mean", 2, [False] * 3, "native")
+
+
+def test_linear_zero_hidden_features(backend):
+    """H = 0: the logits are the bias alone, as F.linear gives."""
+    dev = device_of(backend)
+    h, w = torch.zeros(3, 0, dtype=torch.float64), torch.zeros(5, 0, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 4, 1])
+    bf = b.to(dev).requires_grad_()
+    bias = b.clone().requires_grad_()
+    ref = F.cross_entropy(F.linear(h, w, bias), t, label_smoothing=0.1)
+    loss = linear_cross_entropy(h.to(dev), w.to(dev), t.to(dev), bf, label_smoothing=0.1, backend=backend)
+    assert_rel_close(loss.detach().cpu(), ref.detach(), 1e-10, "loss")
+    assert_rel_close(torch.autograd.grad(loss, bf)[0].cpu(), torch.autograd.grad(ref, bias)[0], 1e-10, "d bias")
 
 
 def test_linear_module(backend):
