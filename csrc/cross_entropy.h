@@ -10,6 +10,19 @@
 
 namespace fusedlayers {
 
+// A per-class vector argument (cross_entropy's weight; linear_cross_entropy's bias and class_weight): shape
+// (classes,), the dtype and device of the argument `like`.
+inline void check_per_class(const std::optional<at::Tensor>& v, const char* op, const char* name, int64_t classes,
+                            const at::Tensor& like, const char* like_name) {
+  if (!v.has_value()) return;
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == classes, op, "(): expected ", name, " of shape (", classes,
+              ",) (one per class), got shape ", v->sizes());
+  TORCH_CHECK(v->scalar_type() == like.scalar_type(), op, "(): expected ", name, " to have the dtype of ", like_name,
+              " (", like.scalar_type(), "), got ", v->scalar_type());
+  TORCH_CHECK(v->device() == like.device(), op, "(): expected ", name, " on the device of ", like_name, " (",
+              like.device(), "), got ", v->device());
+}
+
 inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                    double label_smoothing, std::optional<double> softcap) {
   TORCH_CHECK(logits.dim() == 2, "cross_entropy(): expected logits of shape (N, C), got shape ", logits.sizes());
@@ -21,14 +34,7 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target, co
               logits.size(0), ",) for logits of shape ", logits.sizes(), ", got shape ", target.sizes());
   TORCH_CHECK(target.device() == logits.device(), "cross_entropy(): expected target on the device of logits (",
               logits.device(), "), got ", target.device());
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), "cross_entropy(): expected weight of shape (",
-                logits.size(1), ",) (one per class), got shape ", weight->sizes());
-    TORCH_CHECK(weight->scalar_type() == logits.scalar_type(), "cross_entropy(): expected weight to have the dtype "
-                "of logits (", logits.scalar_type(), "), got ", weight->scalar_type());
-    TORCH_CHECK(weight->device() == logits.device(), "cross_entropy(): expected weight on the device of logits (",
-                logits.device(), "), got ", weight->device());
-  }
+  check_per_class(weight, "cross_entropy", "weight", logits.size(1), logits, "logits");
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "cross_entropy(): label_smoothing must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0.0, "cross_entropy(): softcap must be positive, got ",

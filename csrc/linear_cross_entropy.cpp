@@ -19,17 +19,6 @@
 namespace fusedlayers {
 namespace {
 
-// bias and class_weight: one value per class, (V,), in hidden's dtype and on its device.
-void check_per_class(const std::optional<at::Tensor>& v, const char* name, const at::Tensor& hidden, int64_t V) {
-  if (!v.has_value()) return;
-  TORCH_CHECK(v->dim() == 1 && v->size(0) == V, "linear_cross_entropy(): expected ", name, " of shape (", V,
-              ",), got shape ", v->sizes());
-  TORCH_CHECK(v->scalar_type() == hidden.scalar_type(), "linear_cross_entropy(): expected ", name,
-              " to have the dtype of hidden (", hidden.scalar_type(), "), got ", v->scalar_type());
-  TORCH_CHECK(v->device() == hidden.device(), "linear_cross_entropy(): expected ", name, " on the device of hidden (",
-              hidden.device(), "), got ", v->device());
-}
-
 void check_linear_ce_args(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
                           int64_t chunk_size) {
@@ -42,9 +31,9 @@ void check_linear_ce_args(const at::Tensor& hidden, const at::Tensor& weight, co
               "dtype of hidden (", hidden.scalar_type(), "), got ", weight.scalar_type());
   TORCH_CHECK(weight.device() == hidden.device(), "linear_cross_entropy(): expected weight on the device of hidden (",
               hidden.device(), "), got ", weight.device());
-  check_per_class(bias, "bias", hidden, weight.size(0));
+  check_per_class(bias, "linear_cross_entropy", "bias", weight.size(0), hidden, "hidden");
   // checked here, not by the chunks' cross_entropy kernels, whose messages call it "weight"
-  check_per_class(class_weight, "class_weight", hidden, weight.size(0));
+  check_per_class(class_weight, "linear_cross_entropy", "class_weight", weight.size(0), hidden, "hidden");
   TORCH_CHECK(target.dim() == 1 && target.size(0) == hidden.size(0), "linear_cross_entropy(): expected target of "
               "shape (", hidden.size(0), ",), got shape ", target.sizes());
   TORCH_CHECK_VALUE(chunk_size >= 1, "linear_cross_entropy(): chunk_size must be positive, got ", chunk_size);

@@ -177,6 +177,19 @@ for _prefix, _layout in (("", _native_mlp_saved), ("triton_", _triton_mlp_saved)
     torch.library.register_fake(f"fusedlayers::{_prefix}mlp_backward")(_mlp_backward_fake)
 
 
+def check_per_class(v: Tensor | None, op: str, name: str, classes: int, like: Tensor, like_name: str) -> None:
+    """A per-class vector argument (cross_entropy's weight; linear_cross_entropy's bias and class_weight): shape
+    (classes,), the dtype and device of the argument `like`."""
+    if v is None:
+        return
+    torch._check(v.dim() == 1 and v.shape[0] == classes,
+                 lambda: f"{op}(): expected {name} of shape ({classes},) (one per class), got shape {list(v.shape)}")
+    torch._check(v.dtype == like.dtype,
+                 lambda: f"{op}(): expected {name} to have the dtype of {like_name} ({like.dtype}), got {v.dtype}")
+    torch._check(v.device == like.device,
+                 lambda: f"{op}(): expected {name} on the device of {like_name} ({like.device}), got {v.device}")
+
+
 def check_cross_entropy_args(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
                              softcap: float | None) -> None:
     """The checks of csrc/cpu/cross_entropy.cpp, with the same messages, for the fake and Triton kernels."""
@@ -192,16 +205,7 @@ def check_cross_entropy_args(logits: Tensor, target: Tensor, weight: Tensor | No
     torch._check(target.device == logits.device,
                  lambda: f"cross_entropy(): expected target on the device of logits ({logits.device}), got "
                          f"{target.device}")
-    if weight is not None:
-        torch._check(weight.dim() == 1 and weight.shape[0] == logits.shape[1],
-                     lambda: f"cross_entropy(): expected weight of shape ({logits.shape[1]},) (one per class), got "
-                             f"shape {list(weight.shape)}")
-        torch._check(weight.dtype == logits.dtype,
-                     lambda: f"cross_entropy(): expected weight to have the dtype of logits ({logits.dtype}), got "
-                             f"{weight.dtype}")
-        torch._check(weight.device == logits.device,
-                     lambda: f"cross_entropy(): expected weight on the device of logits ({logits.device}), got "
-                             f"{weight.device}")
+    check_per_class(weight, "cross_entropy", "weight", logits.shape[1], logits, "logits")
     torch._check_value(0.0 <= label_smoothing <= 1.0,
                        lambda: f"cross_entropy(): label_smoothing must be in [0, 1], got {label_smoothing}")
     torch._check_value(softcap is None or softcap > 0.0,
@@ -289,20 +293,6 @@ for _prefix in ("", "triton_"):
     torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_backward")(_cross_entropy_backward_fake)
 
 
-def _check_per_class(v: Tensor | None, name: str, hidden: Tensor, classes: int) -> None:
-    """bias and class_weight: (V,), in hidden's dtype and on its device."""
-    if v is None:
-        return
-    torch._check(v.dim() == 1 and v.shape[0] == classes,
-                 lambda: f"linear_cross_entropy(): expected {name} of shape ({classes},), got shape {list(v.shape)}")
-    torch._check(v.dtype == hidden.dtype,
-                 lambda: f"linear_cross_entropy(): expected {name} to have the dtype of hidden ({hidden.dtype}), "
-                         f"got {v.dtype}")
-    torch._check(v.device == hidden.device,
-                 lambda: f"linear_cross_entropy(): expected {name} on the device of hidden ({hidden.device}), got "
-                         f"{v.device}")
-
-
 def check_linear_cross_entropy_args(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                                     class_weight: Tensor | None, chunk_size: int) -> None:
     """The checks of csrc/linear_cross_entropy.cpp, with the same messages."""
@@ -319,8 +309,8 @@ def check_linear_cross_entropy_args(hidden: Tensor, weight: Tensor, bias: Tensor
     torch._check(weight.device == hidden.device,
                  lambda: f"linear_cross_entropy(): expected weight on the device of hidden ({hidden.device}), got "
                          f"{weight.device}")
-    _check_per_class(bias, "bias", hidden, weight.shape[0])
-    _check_per_class(class_weight, "class_weight", hidden, weight.shape[0])
+    for name, v in (("bias", bias), ("class_weight", class_weight)):
+        check_per_class(v, "linear_cross_entropy", name, weight.shape[0], hidden, "hidden")
     torch._check(target.dim() == 1 and target.shape[0] == hidden.shape[0],
                  lambda: f"linear_cross_entropy(): expected target of shape ({hidden.shape[0]},), got shape "
                          f"{list(target.shape)}")
