@@ -95,35 +95,68 @@ def _mlp_case(name, description, sizes, activation, output_activation, batch, dt
     return Case(name, description, DEVICE, dtype, make, reps)
 
 
+def _tanh_taylor2(seq: nn.Sequential, x):
+    """(u, du/dx, d2u/dx2) of an nn.Sequential of Linear and Tanh layers by second-order Taylor mode in plain
+    PyTorch ops: mlp_jet's algorithm without its fusion, to tell what each buys."""
+    h, dh, d2h = x, torch.ones_like(x), torch.zeros_like(x)
+    for m in seq:
+        if isinstance(m, nn.Linear):
+            h, dh, d2h = m(h), dh @ m.weight.T, d2h @ m.weight.T
+        else:
+            t = torch.tanh(h)
+            d1 = 1 - t * t
+            h, dh, d2h = t, d1 * dh, -2 * t * d1 * dh * dh + d1 * d2h
+    return h, dh, d2h
+
+
 def _pinn_case() -> Case:
-    """A physics-informed training step: u'' by two create_graph gradients w.r.t. the input, then the
-    parameter gradient of mean (u'' + u)^2 (third derivatives of tanh). No torch.compile implementation:
-    aot_autograd does not support double backward."""
+    """A physics-informed training step: the parameter gradient of mean (u'' + u)^2, u'' w.r.t. the input.
+    eager is what a user writes: u'' by two create_graph gradients, then a third pass through their graphs
+    (third derivatives of tanh); aot_autograd cannot compile that double backward. eager-taylor and its
+    torch.compile carry (u, u', u'') forward in plain PyTorch ops instead; fused-<backend> is FusedMLP.jet
+    (mlp_jet: the same, as one op with one backward), fused-<backend>-create-graph FusedMLP under eager's
+    create_graph recipe."""
     def make():
         torch.manual_seed(0)
         eager = sequential([1, 32, 32, 32, 1], "tanh")
-        x = torch.linspace(0, 3, 256, device=DEVICE).unsqueeze(1).requires_grad_()
+        x = torch.linspace(0, 3, 256, device=DEVICE).unsqueeze(1)
+        xg = x.clone().requires_grad_()
 
-        def impl(name, net):
+        def residual(u, d2u):
+            return (d2u + u).square().mean()
+
+        def create_graph_loss(net):
+            u = net(xg)
+            (du,) = torch.autograd.grad(u.sum(), xg, create_graph=True)
+            (d2u,) = torch.autograd.grad(du.sum(), xg, create_graph=True)
+            return residual(u, d2u)
+
+        def taylor_loss(net):
+            u, _, d2u = _tanh_taylor2(net, x)
+            return residual(u, d2u)
+
+        def jet_loss(net):
+            u, _, d2u = net.jet(x)
+            return residual(u, d2u)
+
+        def impl(name, net, loss):
             params = list(net.parameters())
 
             def forward():
                 with torch.no_grad():
                     return net(x)
 
-            def forward_backward():
-                u = net(x)
-                (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
-                (d2u,) = torch.autograd.grad(du.sum(), x, create_graph=True)
-                return torch.autograd.grad((d2u + u).square().mean(), params)
+            return Impl(name, forward, lambda: torch.autograd.grad(loss(net), params))
 
-            return Impl(name, forward, forward_backward)
-
-        return [impl("eager", eager)] + [impl(f"fused-{b}", fusedlayers.FusedMLP.from_sequential(eager, backend=b))
-                                         for b in fused_backends()]
+        impls = [impl("eager", eager, create_graph_loss), impl("eager-taylor", eager, taylor_loss),
+                 impl("compile-taylor", eager, torch.compile(taylor_loss))]
+        for b in fused_backends():
+            fused = fusedlayers.FusedMLP.from_sequential(eager, backend=b)
+            impls += [impl(f"fused-{b}", fused, jet_loss), impl(f"fused-{b}-create-graph", fused, create_graph_loss)]
+        return impls
 
     return Case("pinn", "PINN step u'' + u = 0: 1-32-32-32-1 tanh, 256 points, float32: forward = u, "
-                "forward_backward = the parameter gradient of the residual loss (second derivatives)",
+                "forward_backward = the parameter gradient of the residual loss (u'' w.r.t. the input)",
                 DEVICE, torch.float32, make, reps=20)
 
 

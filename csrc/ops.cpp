@@ -841,6 +841,20 @@ TORCH_LIBRARY(fusedlayers, m) {
   FL_DEF_MLP_KERNELS("triton_")
 #undef FL_DEF_MLP_KERNELS
 
+  // The second-order Taylor jet of an mlp along a direction: for u = mlp(x), (u, du, d2u) with, row by row,
+  // du = J u . direction and d2u = direction^T (Hessian of u) direction (one input feature and direction 1:
+  // u, du/dx, d2u/dx2). direction broadcasts to x's shape. One autograd node (csrc/mlp_jet.cpp); the kernels
+  // save [jet of each layer's input, jet of each layer's pre-activation], (3, rows, width) each, and the
+  // backward returns (dx, ddirection, [dW_l], [db_l]), undefined or empty where output_mask (x, direction,
+  // parameters) is false.
+  m.def("mlp_jet(Tensor x, Tensor direction, Tensor[] weights, Tensor[] biases, str[] activations) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("mlp_jet_forward(Tensor x, Tensor direction, Tensor[] weights, Tensor[] biases, str[] activations) "
+        "-> (Tensor, Tensor, Tensor, Tensor[])");
+  m.def("mlp_jet_backward(Tensor? grad_u, Tensor? grad_du, Tensor? grad_d2u, Tensor x, Tensor direction, "
+        "Tensor[] weights, Tensor[] biases, Tensor[] saved, str[] activations, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor[], Tensor[])");
+
   // Higher-order gradients. activation_derivative(z, activation, order) is f^(order)(z) elementwise (order 0
   // is f): orders 0 to 3 from the activation table's kernels, 4 and up (its Autograd kernel routes them)
   // from activation_derivative_formula, the torch formulas of fusedlayers/activations.py differentiated by

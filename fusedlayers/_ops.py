@@ -1,6 +1,7 @@
 """The Python side of the torch.library ops: fake kernels (shapes for torch.compile and meta tensors) and the
 backend registry. The schemas, the autograd and the native kernels are C++ (csrc/)."""
 import importlib.util
+import math
 import os
 
 import torch
@@ -175,6 +176,39 @@ def _mlp_backward_fake(grad_out, x, weights, biases, saved, activations, input_g
 for _prefix, _layout in (("", _native_mlp_saved), ("triton_", _triton_mlp_saved)):
     torch.library.register_fake(f"fusedlayers::{_prefix}mlp_forward")(_mlp_forward_fake(_layout))
     torch.library.register_fake(f"fusedlayers::{_prefix}mlp_backward")(_mlp_backward_fake)
+
+
+def check_jet_args(x: Tensor, direction: Tensor, weights: list[Tensor], biases: list[Tensor],
+                   activations: list[str]) -> None:
+    """The checks of csrc/mlp_jet.cpp, with the same messages."""
+    check_mlp_args(x, weights, biases, activations)
+    torch._check(direction.dtype == x.dtype, lambda: f"mlp_jet(): expected direction to have the dtype of x "
+                                                     f"({x.dtype}), got {direction.dtype}")
+    torch._check(direction.device == x.device, lambda: f"mlp_jet(): expected direction on the device of x "
+                                                       f"({x.device}), got {direction.device}")
+    broadcasts = direction.dim() <= x.dim() and all(d in (1, n) for d, n in zip(reversed(direction.shape),
+                                                                                 reversed(x.shape)))
+    torch._check(broadcasts, lambda: f"mlp_jet(): expected direction of a shape that broadcasts to the shape of x "
+                                     f"{list(x.shape)}, got {list(direction.shape)}")
+
+
+@torch.library.register_fake("fusedlayers::mlp_jet_forward")
+def _mlp_jet_forward_fake(x, direction, weights, biases, activations):
+    check_jet_args(x, direction, weights, biases, activations)
+    rows = math.prod(x.shape[:-1])
+    saved = [x.new_empty((3, rows, w.shape[1])) for w in weights] + [x.new_empty((3, rows, w.shape[0]))
+                                                                     for w in weights]
+    u = x.new_empty((*x.shape[:-1], weights[-1].shape[0]))
+    return u, torch.empty_like(u), torch.empty_like(u), saved
+
+
+@torch.library.register_fake("fusedlayers::mlp_jet_backward")
+def _mlp_jet_backward_fake(grad_u, grad_du, grad_d2u, x, direction, weights, biases, saved, activations,
+                           output_mask):
+    return (x.new_empty(x.shape) if output_mask[0] else None,
+            direction.new_empty(direction.shape) if output_mask[1] else None,
+            [w.new_empty(w.shape) for w in weights] if output_mask[2] else [],
+            [b.new_empty(b.shape) for b in biases] if output_mask[2] else [])
 
 
 def check_per_class(v: Tensor | None, op: str, name: str, classes: int, like: Tensor, like_name: str) -> None:

@@ -33,6 +33,7 @@ _mlp = torch.ops.fusedlayers.mlp.default
 _cross_entropy = torch.ops.fusedlayers.cross_entropy.default
 _cross_entropy_ = torch.ops.fusedlayers.cross_entropy_.default
 _linear_cross_entropy = torch.ops.fusedlayers.linear_cross_entropy.default
+_mlp_jet = torch.ops.fusedlayers.mlp_jet.default
 
 
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "relu", backend: str = "auto",
@@ -75,6 +76,28 @@ def mlp_op(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: 
     if torch.compiler.is_compiling():  # the op is the compiled path; Dynamo cannot trace a custom jvp
         return _mlp(x, weights, biases, activations, save, backend)
     return _func.mlp(x, weights, biases, activations, save, backend)
+
+
+def mlp_jet(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activation: str | list[str],
+            output_activation: str = "identity", direction: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The network of mlp() and its first and second derivatives w.r.t. the input along `direction`, all in
+    one forward pass (second-order Taylor mode) with one autograd node: returns (u, du, d2u), each of shape
+    (..., out_features), with, row by row, du = (du/dx) @ direction and d2u = direction^T (d2u/dx2) direction.
+
+    direction: broadcastable to x's shape (one direction for every row, or one per row); None means 1, for a
+    network of one input feature, whose (u, du, d2u) are then u, du/dx and d2u/dx2. A physics-informed loss
+    built from them needs one backward, not two create_graph gradients and a third pass through their graphs.
+    Differentiable to any order by autograd (create_graph) in x, direction and the parameters; not under
+    torch.func transforms or forward-mode AD (an error). Runs with the C++ kernels on CPU (float32, float64),
+    elsewhere as a composite of ATen ops and the activation kernels.
+    """
+    activations = mlp_activations(len(weights), activation, output_activation)
+    if direction is None:
+        if x.dim() == 0 or x.shape[-1] != 1:
+            raise ValueError(f"mlp_jet(): direction is required unless x has one feature (x.shape[-1] == 1), got "
+                             f"x of shape {list(x.shape)}")
+        direction = x.new_ones(1)
+    return _mlp_jet(x, direction, weights, [] if biases is None else biases, activations)
 
 
 REDUCTIONS = ("none", "mean", "sum")

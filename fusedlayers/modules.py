@@ -112,6 +112,11 @@ class FusedMLP(nn.Module):
         return FL.mlp_op(x, self.weights(), self.biases() or [], self.activations, FL.saves_preact(self.save),
                          backend_for(self.backend, x))
 
+    def jet(self, x: Tensor, direction: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(u, du, d2u): the network's output and its first and second derivatives w.r.t. the input along
+        direction, in one pass (fusedlayers.functional.mlp_jet); direction may be None for one input feature."""
+        return FL.mlp_jet(x, self.weights(), self.biases(), self.activations[:-1], self.activations[-1], direction)
+
     @classmethod
     def from_sequential(cls, seq: nn.Sequential, backend: str = "auto", save: str = "preact") -> "FusedMLP":
         """The FusedMLP computing seq, sharing its Parameters. seq is Linear layers, each optionally followed by

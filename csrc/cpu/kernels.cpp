@@ -44,6 +44,16 @@ void derivative_elements(Activation a, int order, const T* g, const T* z, T* out
   FL_CHOSEN_KERNEL(activation_elements, T)(a, order, g, z, out, n);
 }
 
+template <typename T>
+void jet_forward(Activation a, const T* z, T* h, int64_t n, int64_t plane) {
+  FL_CHOSEN_KERNEL(jet_forward_elements, T)(a, z, h, n, plane);
+}
+
+template <typename T>
+void jet_backward(Activation a, const T* g, const T* z, T* dz, int64_t n, int64_t plane) {
+  FL_CHOSEN_KERNEL(jet_backward_elements, T)(a, g, z, dz, n, plane);
+}
+
 template <typename M>
 void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y) {
   FL_CHOSEN_KERNEL(mlp_tile_forward, M)(net, R, workspace, x, y);
@@ -73,6 +83,10 @@ template void backward_rows<double>(Activation, const double*, const double*, do
                                     int64_t);
 template void derivative_elements<float>(Activation, int, const float*, const float*, float*, int64_t);
 template void derivative_elements<double>(Activation, int, const double*, const double*, double*, int64_t);
+template void jet_forward<float>(Activation, const float*, float*, int64_t, int64_t);
+template void jet_forward<double>(Activation, const double*, double*, int64_t, int64_t);
+template void jet_backward<float>(Activation, const float*, const float*, float*, int64_t, int64_t);
+template void jet_backward<double>(Activation, const double*, const double*, double*, int64_t, int64_t);
 template void mlp_tile_forward<float>(const MlpNet<float>&, int64_t, float*, const float*, float*);
 template void mlp_tile_forward<double>(const MlpNet<double>&, int64_t, double*, const double*, double*);
 template void mlp_tile_backward<float>(const MlpNet<float>&, int64_t, float*, const float*, const float*, float*,

@@ -3,6 +3,7 @@
 //   - the elementwise passes of the dense op over a range of rows of a row-major (rows, cols) matrix;
 //   - the fused mlp: a tile of kMlpTileRows rows through a whole narrow network, feature-major (row index
 //     innermost), so every loop runs across the tile's rows in vector lanes;
+//   - the second-order Taylor jet of an activation (mlp_jet), over three planes of elements;
 //   - softmax cross-entropy, one row of logits at a time.
 #pragma once
 
@@ -62,6 +63,13 @@ struct CeRow {
   /* out = f^(order)(z) for order 0 to 3, over n elements; times g elementwise unless g is null. */          \
   template <typename T>                                                                                          \
   void activation_elements(Activation a, int order, const T* g, const T* z, T* out, int64_t n);               \
+  /* The jet of f along a direction: z and h hold three planes (value, first and second derivative) of n     \
+     elements each, `plane` elements apart: h = (f(z0), f'(z0) z1, f''(z0) z1^2 + f'(z0) z2). */               \
+  template <typename T>                                                                                          \
+  void jet_forward_elements(Activation a, const T* z, T* h, int64_t n, int64_t plane);                          \
+  /* Its vector-Jacobian product: dz = the gradient w.r.t. (z0, z1, z2) of <g, h>, planes as above. */         \
+  template <typename T>                                                                                          \
+  void jet_backward_elements(Activation a, const T* g, const T* z, T* dz, int64_t n, int64_t plane);            \
   /* Tiles are feature-major: x (widths[0] x R), y (widths[L] x R), R <= kMlpTileRows rows. */                 \
   template <typename M>                                                                                          \
   void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y);                       \
@@ -91,6 +99,10 @@ template <typename T>
 void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols);
 template <typename T>
 void derivative_elements(Activation a, int order, const T* g, const T* z, T* out, int64_t n);
+template <typename T>
+void jet_forward(Activation a, const T* z, T* h, int64_t n, int64_t plane);
+template <typename T>
+void jet_backward(Activation a, const T* g, const T* z, T* dz, int64_t n, int64_t plane);
 template <typename M>
 void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y);
 template <typename M>

@@ -1,0 +1,296 @@
+// mlp_jet: an mlp's value and its first and second derivatives along a direction, in one forward pass
+// (second-order Taylor mode) and one backward pass, with one autograd node.
+//
+// A physics-informed loss holds u'' of the network. Reverse mode gets it by two create_graph gradients, whose
+// graphs the training step then differentiates once more: hundreds of small ops. Here every layer carries the
+// jet (h, h', h''): with z = W h + b, z' = W h', z'' = W h'',
+//   f(z),   f'(z) z',   f''(z) z'^2 + f'(z) z''
+// so each layer is one GEMM over the three stacked planes and one elementwise pass, and the backward is the
+// transpose of that: the vector-Jacobian product of the elementwise step needs f''' (activations.h).
+//
+// Layout: a jet is a (3, rows, width) tensor, planes 0, 1, 2 = value, first, second derivative.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+#include "mlp.h"
+
+namespace fusedlayers {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+void check_jet_args(const at::Tensor& x, const at::Tensor& direction, at::TensorList weights, at::TensorList biases,
+                    size_t num_activations) {
+  check_mlp_args(x, weights, biases, num_activations);
+  TORCH_CHECK(direction.scalar_type() == x.scalar_type(), "mlp_jet(): expected direction to have the dtype of x (",
+              x.scalar_type(), "), got ", direction.scalar_type());
+  TORCH_CHECK(direction.device() == x.device(), "mlp_jet(): expected direction on the device of x (", x.device(),
+              "), got ", direction.device());
+  bool broadcasts = direction.dim() <= x.dim();
+  for (int64_t i = 1; broadcasts && i <= direction.dim(); ++i) {
+    broadcasts = direction.size(-i) == 1 || direction.size(-i) == x.size(-i);
+  }
+  TORCH_CHECK(broadcasts, "mlp_jet(): expected direction of a shape that broadcasts to the shape of x ", x.sizes(),
+              ", got ", direction.sizes());
+}
+
+// The fused CPU kernels take float and double on the CPU; anything else goes through the composite.
+bool cpu_kernel(const at::Tensor& t) {
+  return t.is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+}
+
+at::Tensor derivative(const at::Tensor& z, const std::string& activation, int64_t order) {
+  using Fn = at::Tensor(const at::Tensor&, c10::string_view, int64_t);
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_derivative", "").typed<Fn>();
+  return op.call(z, activation, order);
+}
+
+// Elementwise passes split over threads in chunks of at least this many elements of a plane.
+constexpr int64_t kJetGrain = 16384;
+
+// The activation's jet (f(z0), f'(z0) z1, f''(z0) z1^2 + f'(z0) z2). kernel: the CPU kernel; else ATen ops
+// and activation_derivative, differentiable to any order.
+at::Tensor jet_activation(const at::Tensor& z, const std::string& activation, bool kernel) {
+  const Activation a = parse_activation(activation);
+  if (a == Activation::Identity) return z;
+  if (kernel) {
+    at::Tensor h = at::empty_like(z);
+    const int64_t plane = z.size(1) * z.size(2);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_jet", [&] {
+      const scalar_t* zp = z.const_data_ptr<scalar_t>();
+      scalar_t* hp = h.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, plane, kJetGrain, [&](int64_t begin, int64_t end) {
+        cpu::jet_forward(a, zp + begin, hp + begin, end - begin, plane);
+      });
+    });
+    return h;
+  }
+  const at::Tensor z0 = z.select(0, 0), z1 = z.select(0, 1), z2 = z.select(0, 2);
+  const at::Tensor d1 = derivative(z0, activation, 1), d2 = derivative(z0, activation, 2);
+  return at::stack({derivative(z0, activation, 0), d1 * z1, d2 * z1 * z1 + d1 * z2});
+}
+
+// The vector-Jacobian product of jet_activation: the gradient w.r.t. z of <g, jet_activation(z)>.
+at::Tensor jet_activation_backward(const at::Tensor& g, const at::Tensor& z, const std::string& activation,
+                                   bool kernel) {
+  const Activation a = parse_activation(activation);
+  if (a == Activation::Identity) return g;
+  if (kernel) {
+    at::Tensor dz = at::empty_like(z);
+    const int64_t plane = z.size(1) * z.size(2);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_jet_backward", [&] {
+      const at::Tensor gc = g.contiguous();
+      const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+      const scalar_t* zp = z.const_data_ptr<scalar_t>();
+      scalar_t* dp = dz.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, plane, kJetGrain, [&](int64_t begin, int64_t end) {
+        cpu::jet_backward(a, gp + begin, zp + begin, dp + begin, end - begin, plane);
+      });
+    });
+    return dz;
+  }
+  const at::Tensor z0 = z.select(0, 0), z1 = z.select(0, 1), z2 = z.select(0, 2);
+  const at::Tensor g0 = g.select(0, 0), g1 = g.select(0, 1), g2 = g.select(0, 2);
+  const at::Tensor d1 = derivative(z0, activation, 1), d2 = derivative(z0, activation, 2);
+  const at::Tensor d3 = derivative(z0, activation, 3);
+  return at::stack({g0 * d1 + g1 * d2 * z1 + g2 * (d3 * z1 * z1 + d2 * z2), g1 * d1 + 2 * g2 * d2 * z1, g2 * d1});
+}
+
+struct JetLayers {
+  std::vector<at::Tensor> inputs, preacts;  // per layer, (3, rows, in_l) and (3, rows, out_l)
+  at::Tensor out;                           // (3, rows, out)
+};
+
+JetLayers jet_forward(const at::Tensor& x, const at::Tensor& direction, at::TensorList weights,
+                      at::TensorList biases, const std::vector<std::string>& activations, bool kernel) {
+  const int64_t rows = dense_rows(x), in = x.size(-1);
+  JetLayers jet;
+  at::Tensor h = at::stack({x.reshape({rows, in}), direction.expand(x.sizes()).reshape({rows, in}),
+                            at::zeros({rows, in}, x.options())});
+  for (size_t l = 0; l < weights.size(); ++l) {
+    at::Tensor z = at::matmul(h, weights[l].t());
+    if (!biases.empty()) z.select(0, 0).add_(biases[l]);
+    jet.inputs.push_back(h);
+    jet.preacts.push_back(z);
+    h = jet_activation(z, activations[l], kernel);
+  }
+  jet.out = h;
+  return jet;
+}
+
+using JetGrads = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+// grad: (3, rows, out), the gradients of the output jet. mask: x, direction, the parameters.
+JetGrads jet_backward(at::Tensor grad, const at::Tensor& x, const at::Tensor& direction, at::TensorList weights,
+                      bool has_bias, const JetLayers& jet, const std::vector<std::string>& activations,
+                      std::array<bool, 3> mask, bool kernel) {
+  const size_t L = weights.size();
+  std::vector<at::Tensor> dweights(mask[2] ? L : 0), dbiases(mask[2] && has_bias ? L : 0);
+  for (size_t l = L; l-- > 0;) {
+    const at::Tensor dz = jet_activation_backward(grad, jet.preacts[l], activations[l], kernel);
+    const int64_t out = dz.size(2), width = jet.inputs[l].size(2);
+    if (mask[2]) dweights[l] = at::mm(dz.reshape({-1, out}).t(), jet.inputs[l].reshape({-1, width}));
+    if (mask[2] && has_bias) dbiases[l] = dz.select(0, 0).sum(0);
+    if (l > 0 || mask[0] || mask[1]) grad = at::matmul(dz, weights[l]);
+  }
+  at::Tensor dx, ddirection;
+  if (mask[0]) dx = grad.select(0, 0).reshape(x.sizes());
+  if (mask[1]) ddirection = at::sum_to(grad.select(0, 1).reshape(x.sizes()), direction.sizes());
+  return {dx, ddirection, dweights, dbiases};
+}
+
+// The grads of (u, du, d2u), undefined ones as zeros, stacked like a jet.
+at::Tensor stack_grads(const at::Tensor& g0, const at::Tensor& g1, const at::Tensor& g2, const at::Tensor& like) {
+  auto plane = [&](const at::Tensor& g) { return g.defined() ? g.reshape(like.sizes()) : at::zeros_like(like); };
+  return at::stack({plane(g0), plane(g1), plane(g2)});
+}
+
+// (u, du, d2u), copies: views of the jet would alias each other and the saved tensors.
+std::vector<at::Tensor> jet_outputs(const JetLayers& jet, const at::Tensor& x, int64_t out) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(out);
+  return {jet.out.select(0, 0).reshape(shape).clone(), jet.out.select(0, 1).reshape(shape).clone(),
+          jet.out.select(0, 2).reshape(shape).clone()};
+}
+
+// ---- the kernels: CPU loops for float and double, the composite elsewhere ------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_forward(
+    const at::Tensor& x, const at::Tensor& direction, at::TensorList weights, at::TensorList biases,
+    std::vector<std::string> activations) {
+  check_jet_args(x, direction, weights, biases, activations.size());
+  JetLayers jet = jet_forward(x, direction, weights, biases, activations, cpu_kernel(x));
+  auto u = jet_outputs(jet, x, weights.back().size(0));
+  std::vector<at::Tensor> saved = std::move(jet.inputs);
+  saved.insert(saved.end(), jet.preacts.begin(), jet.preacts.end());
+  return {u[0], u[1], u[2], saved};
+}
+
+JetGrads mlp_jet_backward(const std::optional<at::Tensor>& grad_u, const std::optional<at::Tensor>& grad_du,
+                          const std::optional<at::Tensor>& grad_d2u, const at::Tensor& x, const at::Tensor& direction,
+                          at::TensorList weights, at::TensorList biases, at::TensorList saved,
+                          std::vector<std::string> activations, std::array<bool, 3> mask) {
+  check_jet_args(x, direction, weights, biases, activations.size());
+  const size_t L = weights.size();
+  TORCH_CHECK(saved.size() == 2 * L, "mlp_jet_backward(): saved has ", saved.size(), " tensors, expected ", 2 * L);
+  JetLayers jet;
+  jet.inputs.assign(saved.begin(), saved.begin() + L);
+  jet.preacts.assign(saved.begin() + L, saved.end());
+  const at::Tensor like = at::empty({dense_rows(x), weights.back().size(0)}, x.options());
+  const at::Tensor grad = stack_grads(grad_u.value_or(at::Tensor()), grad_du.value_or(at::Tensor()),
+                                      grad_d2u.value_or(at::Tensor()), like);
+  return jet_backward(grad, x, direction, weights, !biases.empty(), jet, activations, mask, cpu_kernel(x));
+}
+
+// ---- autograd -------------------------------------------------------------------------------------------
+
+using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+    const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, std::vector<std::string>);
+using BackwardFn = JetGrads(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, at::TensorList,
+                            at::TensorList, at::TensorList, std::vector<std::string>, std::array<bool, 3>);
+
+std::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
+
+// The backward is the mlp_jet_backward kernel; under create_graph it recomputes the jet with differentiable
+// ops (saved tensors carry no graph) and differentiates that, so every higher order is exact.
+class MlpJetFunction : public torch::autograd::Function<MlpJetFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& direction,
+                               at::TensorList weights, at::TensorList biases, std::vector<std::string> activations) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_jet_forward", "").typed<ForwardFn>();
+    auto [u, du, d2u, saved] = op.call(x, direction, weights, biases, activations);
+    std::vector<at::Tensor> keep{x, direction};
+    keep.insert(keep.end(), weights.begin(), weights.end());
+    keep.insert(keep.end(), biases.begin(), biases.end());
+    keep.insert(keep.end(), saved.begin(), saved.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["biases"] = !biases.empty();
+    ctx->saved_data["activations"] = c10::List<std::string>(activations);
+    ctx->set_materialize_grads(false);
+    return {u, du, d2u};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const size_t L = ctx->saved_data["layers"].toInt();
+    const size_t B = ctx->saved_data["biases"].toBool() ? L : 0;
+    std::vector<std::string> activations;
+    for (const auto& a : ctx->saved_data["activations"].toListRef()) activations.push_back(a.toStringRef());
+    const at::Tensor &x = saved[0], &direction = saved[1];
+    const std::vector<at::Tensor> weights(saved.begin() + 2, saved.begin() + 2 + L);
+    const std::vector<at::Tensor> biases(saved.begin() + 2 + L, saved.begin() + 2 + L + B);
+    bool params = false;
+    for (size_t i = 0; i < L + B; ++i) params = params || ctx->needs_input_grad(2 + i);
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), params};
+    variable_list out(2 + L + B + 1);
+    if (!(grads[0].defined() || grads[1].defined() || grads[2].defined())) return out;
+    at::Tensor dx, ddirection;
+    std::vector<at::Tensor> dweights, dbiases;
+    if (at::GradMode::is_enabled()) {
+      const JetLayers jet = jet_forward(x, direction, weights, biases, activations, /*kernel=*/false);
+      const at::Tensor grad = stack_grads(grads[0], grads[1], grads[2], jet.out.select(0, 0));
+      std::tie(dx, ddirection, dweights, dbiases) =
+          jet_backward(grad, x, direction, weights, B > 0, jet, activations, mask, /*kernel=*/false);
+    } else {
+      static auto op =
+          c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_jet_backward", "").typed<BackwardFn>();
+      const std::vector<at::Tensor> layers(saved.begin() + 2 + L + B, saved.end());
+      std::tie(dx, ddirection, dweights, dbiases) = op.call(opt(grads[0]), opt(grads[1]), opt(grads[2]), x,
+                                                            direction, weights, biases, layers, activations, mask);
+    }
+    out[0] = dx;
+    out[1] = ddirection;
+    for (size_t i = 0; i < dweights.size(); ++i) out[2 + i] = dweights[i];
+    for (size_t i = 0; i < dbiases.size(); ++i) out[2 + L + i] = dbiases[i];
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_no_autograd(const at::Tensor& x, const at::Tensor& direction,
+                                                                    at::TensorList weights, at::TensorList biases,
+                                                                    std::vector<std::string> activations) {
+  auto [u, du, d2u, saved] = mlp_jet_forward(x, direction, weights, biases, std::move(activations));
+  return {u, du, d2u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_autograd(const at::Tensor& x, const at::Tensor& direction,
+                                                                 at::TensorList weights, at::TensorList biases,
+                                                                 std::vector<std::string> activations) {
+  check_jet_args(x, direction, weights, biases, activations.size());
+  TORCH_CHECK(!x._fw_grad(/*level=*/0).defined() && !direction._fw_grad(/*level=*/0).defined(),
+              "mlp_jet(): forward-mode AD (torch.func.jvp, jacfwd, forward_ad) is not supported");
+  bool needs_grad = x.requires_grad() || direction.requires_grad();
+  for (const auto& t : weights) needs_grad = needs_grad || t.requires_grad();
+  for (const auto& t : biases) needs_grad = needs_grad || t.requires_grad();
+  if (!(at::GradMode::is_enabled() && needs_grad)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return mlp_jet_no_autograd(x, direction, weights, biases, std::move(activations));
+  }
+  auto out = MlpJetFunction::apply(x, direction, weights, biases, std::move(activations));
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+}  // namespace fusedlayers
+
+TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
+  m.impl("mlp_jet", &fusedlayers::mlp_jet_autograd);
+  // Not differentiable themselves: higher orders go through MlpJetFunction's composite.
+  m.impl("mlp_jet_forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("mlp_jet_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
+  m.impl("mlp_jet", &fusedlayers::mlp_jet_no_autograd);
+  m.impl("mlp_jet_forward", &fusedlayers::mlp_jet_forward);
+  m.impl("mlp_jet_backward", &fusedlayers::mlp_jet_backward);
+}

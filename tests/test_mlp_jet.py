@@ -1,0 +1,228 @@
+"""mlp_jet (csrc/mlp_jet.cpp): the mlp's value and first and second directional derivatives in one pass,
+against the same network in plain PyTorch, float64: derivatives by nested torch.func.jvp, parameter gradients
+by reverse mode through create_graph gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import jvp
+
+import fusedlayers
+from fusedlayers import FusedMLP
+from fusedlayers.activations import ACTIVATIONS, REFERENCE
+from fusedlayers.functional import mlp_jet
+
+from conftest import assert_rel_close
+
+F64 = torch.float64
+
+
+def _randn(*shape, seed=0, dtype=F64, requires_grad=False):
+    t = torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def _net(sizes, bias=True, seed=1, dtype=F64, requires_grad=False):
+    weights = [_randn(n, m, seed=seed + i, dtype=dtype, requires_grad=requires_grad) / m ** 0.5
+               for i, (m, n) in enumerate(zip(sizes, sizes[1:]))]
+    weights = [w.detach().requires_grad_(requires_grad) for w in weights]
+    biases = [_randn(n, seed=seed + 100 + i, dtype=dtype, requires_grad=requires_grad)
+              for i, n in enumerate(sizes[1:])] if bias else None
+    return weights, biases
+
+
+def mlp_ref(x, weights, biases, activations):
+    h = x
+    for i, (w, a) in enumerate(zip(weights, activations)):
+        h = REFERENCE[a].f(F.linear(h, w, None if biases is None else biases[i]))
+    return h
+
+
+def jet_ref(x, direction, weights, biases, activations):
+    """(u, du, d2u) by forward over forward mode through plain PyTorch."""
+    def f(x):
+        return mlp_ref(x, weights, biases, activations)
+
+    def df(x):
+        return jvp(f, (x,), (direction.expand_as(x),))[1]
+
+    return f(x), df(x), jvp(df, (x,), (direction.expand_as(x),))[1]
+
+
+def _check_jet(got, want, rtol):
+    for g, w, name in zip(got, want, ("u", "du", "d2u")):
+        assert_rel_close(g, w, rtol, name)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_jet_matches_forward_mode(activation, bias):
+    weights, biases = _net([3, 7, 5, 2], bias=bias)
+    acts = [activation, activation, activation]
+    x, direction = _randn(9, 3, seed=2), _randn(3, seed=3)
+    _check_jet(mlp_jet(x, weights, biases, acts[:-1], acts[-1], direction),
+               jet_ref(x, direction, weights, biases, acts), 1e-10)
+
+
+@pytest.mark.parametrize("x_shape,direction_shape", [((3,), (3,)), ((4, 3), (3,)), ((2, 4, 3), (3,)),
+                                                     ((2, 4, 3), (2, 4, 3)), ((2, 4, 3), (4, 1)), ((0, 3), (3,)),
+                                                     ((2, 0, 3), (3,))],
+                         ids=["vector", "rank2", "rank3", "per_row", "broadcast", "empty", "empty_rank3"])
+def test_jet_shapes(x_shape, direction_shape):
+    weights, biases = _net([3, 6, 2])
+    x, direction = _randn(*x_shape, seed=2), _randn(*direction_shape, seed=3)
+    got = mlp_jet(x, weights, biases, "tanh", "sigmoid", direction)
+    for g in got:
+        assert g.shape == (*x_shape[:-1], 2)
+    _check_jet(got, jet_ref(x, direction, weights, biases, ["tanh", "sigmoid"]), 1e-10)
+
+
+def test_jet_one_feature_defaults_to_d_dx_and_takes_non_contiguous_x():
+    weights, biases = _net([1, 8, 8, 1])
+    x = _randn(12, 2, seed=2)[:, 1:]  # (12, 1), every other element
+    assert not x.is_contiguous()
+    _check_jet(mlp_jet(x, weights, biases, "gelu"), jet_ref(x, torch.ones(1, dtype=F64), weights, biases,
+                                                            ["gelu", "gelu", "identity"]), 1e-10)
+
+
+def test_jet_float32_against_float64():
+    weights, biases = _net([2, 16, 16, 3])
+    x, direction = _randn(33, 2, seed=2), _randn(2, seed=3)
+    want = jet_ref(x, direction, weights, biases, ["silu", "silu", "identity"])
+    got = mlp_jet(x.float(), [w.float() for w in weights], [b.float() for b in biases], "silu",
+                  direction=direction.float())
+    for g in got:
+        assert g.dtype == torch.float32
+    _check_jet(got, want, 1e-5)
+
+
+def test_jet_parallel_chunks_match_forward_mode():
+    # Enough elements that the elementwise passes split over threads (csrc/mlp_jet.cpp, kJetGrain).
+    weights, biases = _net([1, 96, 1])
+    x = torch.linspace(-2, 2, 700, dtype=F64).unsqueeze(1)
+    _check_jet(mlp_jet(x, weights, biases, "tanh"), jet_ref(x, torch.ones(1, dtype=F64), weights, biases,
+                                                             ["tanh", "identity"]), 1e-10)
+
+
+# ---- gradients -------------------------------------------------------------------------------------------------
+
+def _pinn_loss_eager(net, x):
+    u = net(x)
+    (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    (d2u,) = torch.autograd.grad(du.sum(), x, create_graph=True)
+    return (d2u + u).square().mean() + (du[0] - 1).square().sum()
+
+
+def _pinn_loss_jet(net, x):
+    u, du, d2u = net.jet(x)
+    return (d2u + u).square().mean() + (du[0] - 1).square().sum()
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sin", "gelu_tanh", "softplus"])
+def test_pinn_parameter_gradient_matches_eager(activation):
+    torch.manual_seed(0)
+    fused = FusedMLP([1, 16, 16, 1], activation, dtype=F64)
+    seq = fused.to_sequential()
+    x = torch.linspace(0, 3, 33, dtype=F64).unsqueeze(1)
+    got = torch.autograd.grad(_pinn_loss_jet(fused, x), list(fused.parameters()))
+    want = torch.autograd.grad(_pinn_loss_eager(seq, x.clone().requires_grad_()), list(seq.parameters()))
+    for g, w in zip(got, want):
+        assert_rel_close(g, w, 1e-9)
+
+
+def _jet_fn(activations, bias=True):
+    def fn(x, direction, *params):
+        n = len(activations)
+        weights, biases = list(params[:n]), list(params[n:]) if bias else None
+        return mlp_jet(x, weights, biases, activations[:-1], activations[-1], direction)
+    return fn
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "elu", "cos"])
+def test_jet_gradcheck(activation):
+    weights, biases = _net([2, 4, 3], requires_grad=True)
+    x, direction = _randn(3, 2, seed=2, requires_grad=True), _randn(2, seed=3, requires_grad=True)
+    assert torch.autograd.gradcheck(_jet_fn([activation, activation]), (x, direction, *weights, *biases))
+
+
+def test_jet_gradcheck_without_bias_and_per_row_direction():
+    weights, _ = _net([2, 4, 3], bias=False, requires_grad=True)
+    x, direction = _randn(3, 2, seed=2, requires_grad=True), _randn(3, 2, seed=3, requires_grad=True)
+    assert torch.autograd.gradcheck(_jet_fn(["sigmoid", "identity"], bias=False), (x, direction, *weights))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "silu"])
+def test_jet_gradgradcheck(activation):
+    # Past the kernels: the backward under create_graph is the composite, whose gradient needs f''''.
+    weights, biases = _net([2, 3, 2], requires_grad=True)
+    x, direction = _randn(2, 2, seed=2, requires_grad=True), _randn(2, seed=3, requires_grad=True)
+    assert torch.autograd.gradgradcheck(_jet_fn([activation, "identity"]), (x, direction, *weights, *biases))
+
+
+def test_jet_only_some_outputs_get_gradients():
+    weights, biases = _net([1, 5, 1], requires_grad=True)
+    x = _randn(4, 1, seed=2)
+    _, _, d2u = mlp_jet(x, weights, biases, "tanh")
+    got = torch.autograd.grad(d2u.sum(), weights + biases)
+    ref = jet_ref(x, torch.ones(1, dtype=F64), weights, biases, ["tanh", "identity"])[2]
+    want = torch.autograd.grad(ref.sum(), weights + biases, allow_unused=True)
+    assert want[-1] is None  # d2u does not depend on the last bias: its gradient is zero
+    assert torch.equal(got[-1], torch.zeros_like(biases[-1]))
+    for g, w in zip(got[:-1], want[:-1]):
+        assert_rel_close(g, w, 1e-10)
+
+
+def test_jet_opcheck():
+    weights, biases = _net([2, 4, 3], requires_grad=True)
+    x, direction = _randn(3, 2, seed=2, requires_grad=True), _randn(2, seed=3)
+    torch.library.opcheck(torch.ops.fusedlayers.mlp_jet.default,
+                          (x, direction, weights, biases, ["tanh", "identity"]))
+
+
+def test_compiled_pinn_step_matches_eager():
+    torch.manual_seed(0)
+    fused = FusedMLP([1, 8, 8, 1], "tanh", dtype=F64)
+    x = torch.linspace(0, 3, 17, dtype=F64).unsqueeze(1)
+    params = list(fused.parameters())
+
+    torch._dynamo.reset()
+    loss = torch.compile(lambda x: _pinn_loss_jet(fused, x), fullgraph=True)(x)
+    got = torch.autograd.grad(loss, params)  # through the compiled backward
+    seq = fused.to_sequential()
+    want = torch.autograd.grad(_pinn_loss_eager(seq, x.clone().requires_grad_()), list(seq.parameters()))
+    for g, w in zip(got, want):
+        assert_rel_close(g, w, 1e-9)
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
+
+def test_jet_errors_name_the_argument():
+    weights, biases = _net([2, 4, 1])
+    x = _randn(5, 2)
+    with pytest.raises(ValueError, match="direction is required"):
+        mlp_jet(x, weights, biases, "tanh")
+    with pytest.raises(RuntimeError, match="direction of a shape that broadcasts"):
+        mlp_jet(x, weights, biases, "tanh", direction=_randn(3))
+    with pytest.raises(RuntimeError, match="direction to have the dtype of x"):
+        mlp_jet(x, weights, biases, "tanh", direction=_randn(2, dtype=torch.float32))
+    with pytest.raises(RuntimeError, match=r"weights\[1\].size\(1\) == 4"):
+        mlp_jet(x, [weights[0], _randn(1, 3)], biases, "tanh", direction=_randn(2))
+    with pytest.raises(ValueError, match="unknown activation"):
+        mlp_jet(x, weights, biases, "tanhh", direction=_randn(2))
+
+
+def test_jet_under_torch_func_or_forward_ad_raises():
+    weights, biases = _net([1, 4, 1])
+    x = _randn(3, 1)
+    with pytest.raises(RuntimeError):
+        torch.func.grad(lambda w: mlp_jet(x, [w, weights[1]], biases, "tanh")[2].sum())(weights[0])
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+        mlp_jet(fwAD.make_dual(x, torch.ones_like(x)), weights, biases, "tanh")
+
+
+def test_module_jet_is_the_functional():
+    torch.manual_seed(0)
+    net = FusedMLP([2, 5, 3], ["cos"], output_activation="sin", dtype=F64)
+    x, direction = _randn(4, 2, seed=2), _randn(2, seed=3)
+    _check_jet(net.jet(x, direction), jet_ref(x, direction, net.weights(), net.biases(), ["cos", "sin"]), 1e-12)
+    assert fusedlayers.functional.mlp_jet is mlp_jet
