@@ -29,8 +29,9 @@ def test_cpu_kernels_under_a_narrower_isa(isa):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                           os.path.join(TESTS, "test_dense.py"), os.path.join(TESTS, "test_mlp.py"),
                           os.path.join(TESTS, "test_cross_entropy.py"), os.path.join(TESTS, "test_higher_order.py"),
+                          os.path.join(TESTS, "test_mlp_jet.py"),
                           "-k", "(cpu and (matches or gradcheck or nan or recompute or threads or rows or softcap or vocab))"
-                                " or float32_sweep"],
+                                " or float32_sweep or jet_matches or jet_float32 or jet_parallel or jet_gradcheck"],
                          env=env, capture_output=True, text=True, cwd=os.path.dirname(TESTS))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
