@@ -92,6 +92,9 @@ def mlp_jet(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activ
     elsewhere as a composite of ATen ops and the activation kernels.
     """
     activations = mlp_activations(len(weights), activation, output_activation)
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError("mlp_jet() does not support torch.func transforms (vmap, grad, jacrev, jvp, ...): "
+                           "differentiate it with torch.autograd, to any order")
     if direction is None:
         if x.dim() == 0 or x.shape[-1] != 1:
             raise ValueError(f"mlp_jet(): direction is required unless x has one feature (x.shape[-1] == 1), got "

@@ -95,6 +95,23 @@ def test_jet_float32_against_float64():
     _check_jet(got, want, 1e-5)
 
 
+def test_jet_bfloat16_takes_the_composite():
+    # No CPU kernel for bfloat16: the forward and backward are the composite of ATen ops.
+    weights, biases = _net([2, 8, 3], requires_grad=False)
+    x, direction = _randn(5, 2, seed=2), _randn(2, seed=3)
+    want = jet_ref(x, direction, weights, biases, ["tanh", "identity"])
+    bf = [t.bfloat16().requires_grad_() for t in weights + biases]
+    got = mlp_jet(x.bfloat16(), bf[:2], bf[2:], "tanh", direction=direction.bfloat16())
+    for g in got:
+        assert g.dtype == torch.bfloat16
+    _check_jet(got, want, 3e-2)
+    sum(g.float().sum() for g in got).backward()
+    ref = [t.detach().requires_grad_() for t in weights + biases]
+    sum(r.sum() for r in jet_ref(x, direction, ref[:2], ref[2:], ["tanh", "identity"])).backward()
+    for b, r in zip(bf, ref):
+        assert_rel_close(b.grad, r.grad, 3e-2)
+
+
 def test_jet_parallel_chunks_match_forward_mode():
     # Enough elements that the elementwise passes split over threads (csrc/mlp_jet.cpp, kJetGrain).
     weights, biases = _net([1, 96, 1])
@@ -213,8 +230,10 @@ def test_jet_errors_name_the_argument():
 def test_jet_under_torch_func_or_forward_ad_raises():
     weights, biases = _net([1, 4, 1])
     x = _randn(3, 1)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="does not support torch.func"):
         torch.func.grad(lambda w: mlp_jet(x, [w, weights[1]], biases, "tanh")[2].sum())(weights[0])
+    with pytest.raises(RuntimeError, match="does not support torch.func"):
+        torch.func.vmap(lambda x: mlp_jet(x, weights, biases, "tanh")[2])(x.unsqueeze(1))
     import torch.autograd.forward_ad as fwAD
     with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
         mlp_jet(fwAD.make_dual(x, torch.ones_like(x)), weights, biases, "tanh")
