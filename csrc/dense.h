@@ -64,6 +64,10 @@ inline void check_dense_args(const at::Tensor& x, const at::Tensor& weight, cons
 }
 
 // The number of rows of x seen as a (rows, in_features) matrix.
+// f^(order)(z) through the dispatcher (activation_derivative): differentiable to any order, in reverse and
+// forward mode; orders past the activation table's come from the torch formulas (csrc/ops.cpp).
+at::Tensor derivative(const at::Tensor& z, c10::string_view activation, int64_t order);
+
 inline int64_t dense_rows(const at::Tensor& x) {
   int64_t rows = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);

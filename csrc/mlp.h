@@ -23,36 +23,37 @@ inline std::vector<Activation> parse_activations(const std::vector<std::string>&
   return acts;
 }
 
-// The checks of every mlp kernel, with the same messages as check_mlp_args in _ops.py.
-inline void check_mlp_args(const at::Tensor& x, at::TensorList weights, at::TensorList biases, size_t num_activations) {
+// The checks of every mlp kernel, with the same messages as check_mlp_args in _ops.py; op names the caller.
+inline void check_mlp_args(const at::Tensor& x, at::TensorList weights, at::TensorList biases, size_t num_activations,
+                           const char* op = "mlp") {
   const size_t L = weights.size();
-  TORCH_CHECK(L >= 1, "mlp(): expected at least one layer, got an empty weights list");
-  TORCH_CHECK(biases.empty() || biases.size() == L, "mlp(): expected biases to be empty or one per layer (", L,
+  TORCH_CHECK(L >= 1, op, "(): expected at least one layer, got an empty weights list");
+  TORCH_CHECK(biases.empty() || biases.size() == L, op, "(): expected biases to be empty or one per layer (", L,
               "), got ", biases.size());
-  TORCH_CHECK(num_activations == L, "mlp(): expected one activation per layer (", L, "), got ", num_activations);
-  TORCH_CHECK(x.dim() >= 1, "mlp(): expected x to have at least 1 dimension, got a 0-dimensional tensor");
+  TORCH_CHECK(num_activations == L, op, "(): expected one activation per layer (", L, "), got ", num_activations);
+  TORCH_CHECK(x.dim() >= 1, op, "(): expected x to have at least 1 dimension, got a 0-dimensional tensor");
   int64_t width = x.size(-1);
   for (size_t i = 0; i < L; ++i) {
     const auto& w = weights[i];
-    TORCH_CHECK(w.dim() == 2, "mlp(): expected weights[", i, "] to be 2-D, got shape ", w.sizes());
-    TORCH_CHECK(w.size(1) == width, "mlp(): expected weights[", i, "].size(1) == ", width,
+    TORCH_CHECK(w.dim() == 2, op, "(): expected weights[", i, "] to be 2-D, got shape ", w.sizes());
+    TORCH_CHECK(w.size(1) == width, op, "(): expected weights[", i, "].size(1) == ", width,
                 " (the width of the layer's input), got shape ", w.sizes());
-    TORCH_CHECK(w.scalar_type() == x.scalar_type(), "mlp(): expected weights[", i, "] to have the dtype of x (",
+    TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, "(): expected weights[", i, "] to have the dtype of x (",
                 x.scalar_type(), "), got ", w.scalar_type());
-    TORCH_CHECK(w.device() == x.device(), "mlp(): expected weights[", i, "] on the device of x (", x.device(),
+    TORCH_CHECK(w.device() == x.device(), op, "(): expected weights[", i, "] on the device of x (", x.device(),
                 "), got ", w.device());
     if (!biases.empty()) {
       const auto& b = biases[i];
-      TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), "mlp(): expected biases[", i, "] of shape [", w.size(0),
+      TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), op, "(): expected biases[", i, "] of shape [", w.size(0),
                   "], got ", b.sizes());
-      TORCH_CHECK(b.scalar_type() == x.scalar_type(), "mlp(): expected biases[", i, "] to have the dtype of x (",
+      TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, "(): expected biases[", i, "] to have the dtype of x (",
                   x.scalar_type(), "), got ", b.scalar_type());
-      TORCH_CHECK(b.device() == x.device(), "mlp(): expected biases[", i, "] on the device of x (", x.device(),
+      TORCH_CHECK(b.device() == x.device(), op, "(): expected biases[", i, "] on the device of x (", x.device(),
                   "), got ", b.device());
     }
     width = w.size(0);
   }
-  TORCH_CHECK(x.is_floating_point(), "mlp(): expected x to be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.is_floating_point(), op, "(): expected x to be a floating-point tensor, got ", x.scalar_type());
 }
 
 using MlpForwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>>;

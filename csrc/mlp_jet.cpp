@@ -27,7 +27,7 @@ using torch::autograd::variable_list;
 
 void check_jet_args(const at::Tensor& x, const at::Tensor& direction, at::TensorList weights, at::TensorList biases,
                     size_t num_activations) {
-  check_mlp_args(x, weights, biases, num_activations);
+  check_mlp_args(x, weights, biases, num_activations, "mlp_jet");
   TORCH_CHECK(direction.scalar_type() == x.scalar_type(), "mlp_jet(): expected direction to have the dtype of x (",
               x.scalar_type(), "), got ", direction.scalar_type());
   TORCH_CHECK(direction.device() == x.device(), "mlp_jet(): expected direction on the device of x (", x.device(),
@@ -43,13 +43,6 @@ void check_jet_args(const at::Tensor& x, const at::Tensor& direction, at::Tensor
 // The fused CPU kernels take float and double on the CPU; anything else goes through the composite.
 bool cpu_kernel(const at::Tensor& t) {
   return t.is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
-}
-
-at::Tensor derivative(const at::Tensor& z, const std::string& activation, int64_t order) {
-  using Fn = at::Tensor(const at::Tensor&, c10::string_view, int64_t);
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::activation_derivative", "").typed<Fn>();
-  return op.call(z, activation, order);
 }
 
 // Elementwise passes split over threads in chunks of at least this many elements of a plane.
@@ -133,16 +126,19 @@ JetGrads jet_backward(at::Tensor grad, const at::Tensor& x, const at::Tensor& di
                       std::array<bool, 3> mask, bool kernel) {
   const size_t L = weights.size();
   std::vector<at::Tensor> dweights(mask[2] ? L : 0), dbiases(mask[2] && has_bias ? L : 0);
+  at::Tensor dx, ddirection;
   for (size_t l = L; l-- > 0;) {
     const at::Tensor dz = jet_activation_backward(grad, jet.preacts[l], activations[l], kernel);
     const int64_t out = dz.size(2), width = jet.inputs[l].size(2);
     if (mask[2]) dweights[l] = at::mm(dz.reshape({-1, out}).t(), jet.inputs[l].reshape({-1, width}));
     if (mask[2] && has_bias) dbiases[l] = dz.select(0, 0).sum(0);
-    if (l > 0 || mask[0] || mask[1]) grad = at::matmul(dz, weights[l]);
+    if (l > 0) {
+      grad = at::matmul(dz, weights[l]);
+    } else {  // the input's jet is (x, direction, 0): two GEMMs of their own, so dx and ddirection do not alias
+      if (mask[0]) dx = at::mm(dz.select(0, 0), weights[0]).reshape(x.sizes());
+      if (mask[1]) ddirection = at::sum_to(at::mm(dz.select(0, 1), weights[0]).reshape(x.sizes()), direction.sizes());
+    }
   }
-  at::Tensor dx, ddirection;
-  if (mask[0]) dx = grad.select(0, 0).reshape(x.sizes());
-  if (mask[1]) ddirection = at::sum_to(grad.select(0, 1).reshape(x.sizes()), direction.sizes());
   return {dx, ddirection, dweights, dbiases};
 }
 
@@ -170,6 +166,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_
   auto u = jet_outputs(jet, x, weights.back().size(0));
   std::vector<at::Tensor> saved = std::move(jet.inputs);
   saved.insert(saved.end(), jet.preacts.begin(), jet.preacts.end());
+  // After a hidden identity layer the next input is that layer's pre-activation: outputs of an op must not alias.
+  for (size_t i = 0; i < saved.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      if (saved[i].is_same(saved[j])) saved[i] = saved[i].clone();
+    }
+  }
   return {u[0], u[1], u[2], saved};
 }
 
@@ -265,12 +267,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_no_autograd(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_autograd(const at::Tensor& x, const at::Tensor& direction,
                                                                  at::TensorList weights, at::TensorList biases,
                                                                  std::vector<std::string> activations) {
-  check_jet_args(x, direction, weights, biases, activations.size());
-  TORCH_CHECK(!x._fw_grad(/*level=*/0).defined() && !direction._fw_grad(/*level=*/0).defined(),
-              "mlp_jet(): forward-mode AD (torch.func.jvp, jacfwd, forward_ad) is not supported");
+  bool dual = x._fw_grad(/*level=*/0).defined() || direction._fw_grad(/*level=*/0).defined();
   bool needs_grad = x.requires_grad() || direction.requires_grad();
-  for (const auto& t : weights) needs_grad = needs_grad || t.requires_grad();
-  for (const auto& t : biases) needs_grad = needs_grad || t.requires_grad();
+  for (at::TensorList list : {weights, biases}) {
+    for (const auto& t : list) {
+      dual = dual || t._fw_grad(/*level=*/0).defined();
+      needs_grad = needs_grad || t.requires_grad();
+    }
+  }
+  TORCH_CHECK(!dual, "mlp_jet(): forward-mode AD (torch.func.jvp, jacfwd, forward_ad) is not supported");
   if (!(at::GradMode::is_enabled() && needs_grad)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return mlp_jet_no_autograd(x, direction, weights, biases, std::move(activations));

@@ -61,10 +61,14 @@ c10::TypedOperatorHandle<DerivativeFn> derivative_op(int64_t order) {
   return order <= kMaxTableOrder ? table : formula;
 }
 
-// f^(order)(z) through the dispatcher: differentiable to any order, in reverse and forward mode.
+}  // namespace
+
+// Declared in dense.h.
 at::Tensor derivative(const at::Tensor& z, c10::string_view activation, int64_t order) {
   return derivative_op(order).call(z, activation, order);
 }
+
+namespace {
 
 using GradTimesFn = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, int64_t);
 

@@ -118,34 +118,36 @@ for _prefix in ("", "triton_"):
     torch.library.register_fake(f"fusedlayers::{_prefix}dense_backward")(_dense_backward_fake)
 
 
-def check_mlp_args(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: list[str]) -> None:
-    """The checks of csrc/mlp.h, with the same messages: every layer as dense's, and the chain's shapes."""
-    torch._check(len(weights) >= 1, lambda: "mlp(): expected at least one layer, got an empty weights list")
+def check_mlp_args(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: list[str],
+                   op: str = "mlp") -> None:
+    """The checks of csrc/mlp.h, with the same messages: every layer as dense's, and the chain's shapes; op names
+    the caller."""
+    torch._check(len(weights) >= 1, lambda: f"{op}(): expected at least one layer, got an empty weights list")
     torch._check(len(biases) in (0, len(weights)),
-                 lambda: f"mlp(): expected biases to be empty or one per layer ({len(weights)}), got {len(biases)}")
+                 lambda: f"{op}(): expected biases to be empty or one per layer ({len(weights)}), got {len(biases)}")
     torch._check(len(activations) == len(weights),
-                 lambda: f"mlp(): expected one activation per layer ({len(weights)}), got {len(activations)}")
-    torch._check(x.dim() >= 1, lambda: "mlp(): expected x to have at least 1 dimension, got a 0-dimensional tensor")
+                 lambda: f"{op}(): expected one activation per layer ({len(weights)}), got {len(activations)}")
+    torch._check(x.dim() >= 1, lambda: f"{op}(): expected x to have at least 1 dimension, got a 0-dimensional tensor")
     width = x.shape[-1]
     for i, w in enumerate(weights):
-        torch._check(w.dim() == 2, lambda: f"mlp(): expected weights[{i}] to be 2-D, got shape {list(w.shape)}")
+        torch._check(w.dim() == 2, lambda: f"{op}(): expected weights[{i}] to be 2-D, got shape {list(w.shape)}")
         torch._check(w.shape[1] == width,
-                     lambda: f"mlp(): expected weights[{i}].size(1) == {width} (the width of the layer's input), "
+                     lambda: f"{op}(): expected weights[{i}].size(1) == {width} (the width of the layer's input), "
                              f"got shape {list(w.shape)}")
-        torch._check(w.dtype == x.dtype, lambda: f"mlp(): expected weights[{i}] to have the dtype of x ({x.dtype}), "
+        torch._check(w.dtype == x.dtype, lambda: f"{op}(): expected weights[{i}] to have the dtype of x ({x.dtype}), "
                                                  f"got {w.dtype}")
-        torch._check(w.device == x.device, lambda: f"mlp(): expected weights[{i}] on the device of x ({x.device}), "
+        torch._check(w.device == x.device, lambda: f"{op}(): expected weights[{i}] on the device of x ({x.device}), "
                                                    f"got {w.device}")
         if biases:
             b = biases[i]
             torch._check(b.dim() == 1 and b.shape[0] == w.shape[0],
-                         lambda: f"mlp(): expected biases[{i}] of shape [{w.shape[0]}], got {list(b.shape)}")
-            torch._check(b.dtype == x.dtype, lambda: f"mlp(): expected biases[{i}] to have the dtype of x ({x.dtype}), "
+                         lambda: f"{op}(): expected biases[{i}] of shape [{w.shape[0]}], got {list(b.shape)}")
+            torch._check(b.dtype == x.dtype, lambda: f"{op}(): expected biases[{i}] to have the dtype of x ({x.dtype}), "
                                                      f"got {b.dtype}")
-            torch._check(b.device == x.device, lambda: f"mlp(): expected biases[{i}] on the device of x ({x.device}), "
+            torch._check(b.device == x.device, lambda: f"{op}(): expected biases[{i}] on the device of x ({x.device}), "
                                                        f"got {b.device}")
         width = w.shape[0]
-    torch._check(x.dtype.is_floating_point, lambda: f"mlp(): expected x to be a floating-point tensor, got {x.dtype}")
+    torch._check(x.dtype.is_floating_point, lambda: f"{op}(): expected x to be a floating-point tensor, got {x.dtype}")
 
 
 def _native_mlp_saved(x, weights, activations):
@@ -181,7 +183,7 @@ for _prefix, _layout in (("", _native_mlp_saved), ("triton_", _triton_mlp_saved)
 def check_jet_args(x: Tensor, direction: Tensor, weights: list[Tensor], biases: list[Tensor],
                    activations: list[str]) -> None:
     """The checks of csrc/mlp_jet.cpp, with the same messages."""
-    check_mlp_args(x, weights, biases, activations)
+    check_mlp_args(x, weights, biases, activations, "mlp_jet")
     torch._check(direction.dtype == x.dtype, lambda: f"mlp_jet(): expected direction to have the dtype of x "
                                                      f"({x.dtype}), got {direction.dtype}")
     torch._check(direction.device == x.device, lambda: f"mlp_jet(): expected direction on the device of x "

@@ -96,7 +96,7 @@ def mlp_jet(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activ
         raise RuntimeError("mlp_jet() does not support torch.func transforms (vmap, grad, jacrev, jvp, ...): "
                            "differentiate it with torch.autograd, to any order")
     if direction is None:
-        if x.dim() == 0 or x.shape[-1] != 1:
+        if x.dim() > 0 and x.shape[-1] != 1:  # a 0-d x gets the op's own error
             raise ValueError(f"mlp_jet(): direction is required unless x has one feature (x.shape[-1] == 1), got "
                              f"x of shape {list(x.shape)}")
         direction = x.new_ones(1)

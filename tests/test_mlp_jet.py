@@ -112,12 +112,24 @@ def test_jet_bfloat16_takes_the_composite():
         assert_rel_close(b.grad, r.grad, 3e-2)
 
 
-def test_jet_parallel_chunks_match_forward_mode():
-    # Enough elements that the elementwise passes split over threads (csrc/mlp_jet.cpp, kJetGrain).
-    weights, biases = _net([1, 96, 1])
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_jet_parallel_chunks_match_forward_mode(two_threads):
+    # Enough elements that the elementwise passes split over the threads (csrc/mlp_jet.cpp, kJetGrain).
+    weights, biases = _net([1, 96, 1], requires_grad=True)
     x = torch.linspace(-2, 2, 700, dtype=F64).unsqueeze(1)
-    _check_jet(mlp_jet(x, weights, biases, "tanh"), jet_ref(x, torch.ones(1, dtype=F64), weights, biases,
-                                                             ["tanh", "identity"]), 1e-10)
+    got = mlp_jet(x, weights, biases, "tanh")
+    want = jet_ref(x, torch.ones(1, dtype=F64), weights, biases, ["tanh", "identity"])
+    _check_jet(got, want, 1e-10)
+    g = [torch.randn(700, 1, dtype=F64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for a, b in zip(torch.autograd.grad(got, weights + biases, g), torch.autograd.grad(want, weights + biases, g)):
+        assert_rel_close(a, b, 1e-10)
 
 
 # ---- gradients -------------------------------------------------------------------------------------------------
@@ -161,9 +173,11 @@ def test_jet_gradcheck(activation):
     assert torch.autograd.gradcheck(_jet_fn([activation, activation]), (x, direction, *weights, *biases))
 
 
-def test_jet_gradcheck_without_bias_and_per_row_direction():
+@pytest.mark.parametrize("x_shape,direction_shape", [((3, 2), (3, 2)), ((2, 4, 2), (4, 1))],
+                         ids=["per_row", "broadcast"])
+def test_jet_gradcheck_without_bias_and_other_directions(x_shape, direction_shape):
     weights, _ = _net([2, 4, 3], bias=False, requires_grad=True)
-    x, direction = _randn(3, 2, seed=2, requires_grad=True), _randn(3, 2, seed=3, requires_grad=True)
+    x, direction = _randn(*x_shape, seed=2, requires_grad=True), _randn(*direction_shape, seed=3, requires_grad=True)
     assert torch.autograd.gradcheck(_jet_fn(["sigmoid", "identity"], bias=False), (x, direction, *weights))
 
 
@@ -173,6 +187,33 @@ def test_jet_gradgradcheck(activation):
     weights, biases = _net([2, 3, 2], requires_grad=True)
     x, direction = _randn(2, 2, seed=2, requires_grad=True), _randn(2, seed=3, requires_grad=True)
     assert torch.autograd.gradgradcheck(_jet_fn([activation, "identity"]), (x, direction, *weights, *biases))
+
+
+def test_jet_float32_gradients_against_float64():
+    weights, biases = _net([2, 16, 16, 1], requires_grad=True)
+    x, direction = _randn(40, 2, seed=2, requires_grad=True), _randn(2, seed=3, requires_grad=True)
+    inputs = [x, direction] + weights + biases
+    g = [torch.randn(40, 1, dtype=F64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    want = torch.autograd.grad(jet_ref(x, direction, weights, biases, ["tanh", "tanh", "identity"]), inputs, g)
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs]
+    out = mlp_jet(inputs32[0], inputs32[2:5], inputs32[5:], "tanh", direction=inputs32[1])
+    got = torch.autograd.grad(out, inputs32, [t.float() for t in g])
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        assert_rel_close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("x_shape", [(2,), (0, 2), (3, 0, 2)], ids=["vector", "empty", "empty_rank3"])
+def test_jet_gradients_of_a_vector_and_of_an_empty_batch(x_shape):
+    weights, biases = _net([2, 4, 3], requires_grad=True)
+    x, direction = _randn(*x_shape, seed=2, requires_grad=True), _randn(2, seed=3, requires_grad=True)
+    inputs = [x, direction] + weights + biases
+    got = torch.autograd.grad([o.sum() for o in mlp_jet(x, weights[:2], biases, "gelu", direction=direction)],
+                              inputs)
+    ref = jet_ref(x, direction, weights, biases, ["gelu", "identity"])
+    want = torch.autograd.grad([o.sum() for o in ref], inputs, allow_unused=True, materialize_grads=True)
+    for a, b in zip(got, want):
+        assert_rel_close(a, b, 1e-10)
 
 
 def test_jet_only_some_outputs_get_gradients():
@@ -188,11 +229,20 @@ def test_jet_only_some_outputs_get_gradients():
         assert_rel_close(g, w, 1e-10)
 
 
-def test_jet_opcheck():
+@pytest.mark.parametrize("activations", [["tanh", "identity"], ["identity", "tanh"]],
+                         ids=["tanh", "identity_hidden"])
+def test_jet_opcheck(activations):
+    # A hidden identity layer: its pre-activation is the next layer's input, saved once (no aliased outputs).
     weights, biases = _net([2, 4, 3], requires_grad=True)
-    x, direction = _randn(3, 2, seed=2, requires_grad=True), _randn(2, seed=3)
-    torch.library.opcheck(torch.ops.fusedlayers.mlp_jet.default,
-                          (x, direction, weights, biases, ["tanh", "identity"]))
+    x, direction = _randn(3, 2, seed=2, requires_grad=True), _randn(2, seed=3, requires_grad=True)
+    torch.library.opcheck(torch.ops.fusedlayers.mlp_jet.default, (x, direction, weights, biases, activations))
+    # The kernels are not differentiable (higher orders go through the composite): checked without grad.
+    x, direction, weights, biases = x.detach(), direction.detach(), [w.detach() for w in weights], \
+        [b.detach() for b in biases]
+    saved = torch.ops.fusedlayers.mlp_jet_forward(x, direction, weights, biases, activations)[3]
+    grads = [_randn(3, 3, seed=4 + i) for i in range(3)]
+    torch.library.opcheck(torch.ops.fusedlayers.mlp_jet_backward.default,
+                          (*grads, x, direction, weights, biases, saved, activations, [True, True, True]))
 
 
 def test_compiled_pinn_step_matches_eager():
@@ -221,8 +271,15 @@ def test_jet_errors_name_the_argument():
         mlp_jet(x, weights, biases, "tanh", direction=_randn(3))
     with pytest.raises(RuntimeError, match="direction to have the dtype of x"):
         mlp_jet(x, weights, biases, "tanh", direction=_randn(2, dtype=torch.float32))
-    with pytest.raises(RuntimeError, match=r"weights\[1\].size\(1\) == 4"):
+    with pytest.raises(RuntimeError, match=r"mlp_jet\(\): expected weights\[1\].size\(1\) == 4"):
         mlp_jet(x, [weights[0], _randn(1, 3)], biases, "tanh", direction=_randn(2))
+    with pytest.raises(RuntimeError, match=r"mlp_jet\(\): expected biases\[0\] of shape \[4\]"):
+        mlp_jet(x, weights, [_randn(5), biases[1]], "tanh", direction=_randn(2))
+    with pytest.raises(RuntimeError, match=r"mlp_jet\(\): expected x to have at least 1 dimension"):
+        mlp_jet(_randn(()), [_randn(4, 1), _randn(1, 4)], None, "tanh")
+    with pytest.raises(RuntimeError, match="expected x to be a floating-point tensor"):
+        mlp_jet(torch.ones(5, 2, dtype=torch.int64), [w.long() for w in weights], None, "tanh",
+                direction=torch.ones(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="unknown activation"):
         mlp_jet(x, weights, biases, "tanhh", direction=_randn(2))
 
@@ -237,6 +294,8 @@ def test_jet_under_torch_func_or_forward_ad_raises():
     import torch.autograd.forward_ad as fwAD
     with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
         mlp_jet(fwAD.make_dual(x, torch.ones_like(x)), weights, biases, "tanh")
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):  # a tangent on a parameter
+        mlp_jet(x, [weights[0], fwAD.make_dual(weights[1], torch.ones_like(weights[1]))], biases, "tanh")
 
 
 def test_module_jet_is_the_functional():
