@@ -109,7 +109,11 @@ JetLayers jet_forward(const at::Tensor& x, const at::Tensor& direction, at::Tens
                             at::zeros({rows, in}, x.options())});
   for (size_t l = 0; l < weights.size(); ++l) {
     at::Tensor z = at::matmul(h, weights[l].t());
-    if (!biases.empty()) z.select(0, 0).add_(biases[l]);
+    if (!biases.empty() && kernel) {
+      z.select(0, 0).add_(biases[l]);
+    } else if (!biases.empty()) {  // out of place: vmap cannot add a batched bias into an unbatched z in place
+      z = at::cat({(z.select(0, 0) + biases[l]).unsqueeze(0), z.narrow(0, 1, 2)});
+    }
     jet.inputs.push_back(h);
     jet.preacts.push_back(z);
     h = jet_activation(z, activations[l], kernel);
@@ -189,6 +193,17 @@ JetGrads mlp_jet_backward(const std::optional<at::Tensor>& grad_u, const std::op
   const at::Tensor grad = stack_grads(grad_u.value_or(at::Tensor()), grad_du.value_or(at::Tensor()),
                                       grad_d2u.value_or(at::Tensor()), like);
   return jet_backward(grad, x, direction, weights, !biases.empty(), jet, activations, mask, cpu_kernel(x));
+}
+
+// Under torch.func transforms and forward-mode AD (fusedlayers.functional routes those calls here): the jet in
+// ATen ops and activation_derivative, which every transform composes through (vmap by their batching rules).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_composite(const at::Tensor& x, const at::Tensor& direction,
+                                                                  at::TensorList weights, at::TensorList biases,
+                                                                  std::vector<std::string> activations) {
+  check_jet_args(x, direction, weights, biases, activations.size());
+  const JetLayers jet = jet_forward(x, direction, weights, biases, activations, /*kernel=*/false);
+  auto u = jet_outputs(jet, x, weights.back().size(0));
+  return {u[0], u[1], u[2]};
 }
 
 // ---- autograd -------------------------------------------------------------------------------------------
@@ -275,7 +290,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_autograd(const at::Tensor
       needs_grad = needs_grad || t.requires_grad();
     }
   }
-  TORCH_CHECK(!dual, "mlp_jet(): forward-mode AD (torch.func.jvp, jacfwd, forward_ad) is not supported");
+  TORCH_CHECK(!dual, "the raw mlp_jet op does not support forward-mode AD (torch.func.jvp, jacfwd, forward_ad): call "
+              "it through fusedlayers.functional.mlp_jet or FusedMLP.jet, which do");
   if (!(at::GradMode::is_enabled() && needs_grad)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return mlp_jet_no_autograd(x, direction, weights, biases, std::move(activations));
@@ -292,6 +308,14 @@ TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   // Not differentiable themselves: higher orders go through MlpJetFunction's composite.
   m.impl("mlp_jet_forward", torch::autograd::autogradNotImplementedFallback());
   m.impl("mlp_jet_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, CompositeImplicitAutograd, m) {
+  m.impl("mlp_jet_composite", &fusedlayers::mlp_jet_composite);
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, FuncTorchBatchedDecomposition, m) {
+  m.impl("mlp_jet_composite", &fusedlayers::mlp_jet_composite);
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {

@@ -858,6 +858,9 @@ TORCH_LIBRARY(fusedlayers, m) {
   m.def("mlp_jet_backward(Tensor? grad_u, Tensor? grad_du, Tensor? grad_d2u, Tensor x, Tensor direction, "
         "Tensor[] weights, Tensor[] biases, Tensor[] saved, str[] activations, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor[], Tensor[])");
+  // The same jet as a composite of ATen ops and activation_derivative: what torch.func and forward-mode AD run.
+  m.def("mlp_jet_composite(Tensor x, Tensor direction, Tensor[] weights, Tensor[] biases, str[] activations) "
+        "-> (Tensor, Tensor, Tensor)");
 
   // Higher-order gradients. activation_derivative(z, activation, order) is f^(order)(z) elementwise (order 0
   // is f): orders 0 to 3 from the activation table's kernels, 4 and up (its Autograd kernel routes them)

@@ -34,6 +34,7 @@ _cross_entropy = torch.ops.fusedlayers.cross_entropy.default
 _cross_entropy_ = torch.ops.fusedlayers.cross_entropy_.default
 _linear_cross_entropy = torch.ops.fusedlayers.linear_cross_entropy.default
 _mlp_jet = torch.ops.fusedlayers.mlp_jet.default
+_mlp_jet_composite = torch.ops.fusedlayers.mlp_jet_composite.default
 
 
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "relu", backend: str = "auto",
@@ -87,20 +88,20 @@ def mlp_jet(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activ
     direction: broadcastable to x's shape (one direction for every row, or one per row); None means 1, for a
     network of one input feature, whose (u, du, d2u) are then u, du/dx and d2u/dx2. A physics-informed loss
     built from them needs one backward, not two create_graph gradients and a third pass through their graphs.
-    Differentiable to any order by autograd (create_graph) in x, direction and the parameters; not under
-    torch.func transforms or forward-mode AD (an error). Runs with the C++ kernels on CPU (float32, float64),
-    elsewhere as a composite of ATen ops and the activation kernels.
+    Differentiable to any order by autograd (create_graph) in x, direction and the parameters. Runs with the C++
+    kernels on CPU (float32, float64), elsewhere as a composite of ATen ops and the activation kernels; under
+    torch.func transforms (vmap, grad, jacrev, jvp, hessian, ...) and forward-mode AD always that composite.
     """
     activations = mlp_activations(len(weights), activation, output_activation)
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
-        raise RuntimeError("mlp_jet() does not support torch.func transforms (vmap, grad, jacrev, jvp, ...): "
-                           "differentiate it with torch.autograd, to any order")
+    biases = [] if biases is None else biases
     if direction is None:
         if x.dim() > 0 and x.shape[-1] != 1:  # a 0-d x gets the op's own error
             raise ValueError(f"mlp_jet(): direction is required unless x has one feature (x.shape[-1] == 1), got "
                              f"x of shape {list(x.shape)}")
         direction = x.new_ones(1)
-    return _mlp_jet(x, direction, weights, [] if biases is None else biases, activations)
+    if not torch.compiler.is_compiling() and _func.needs_function(x, direction, *weights, *biases):
+        return _mlp_jet_composite(x, direction, weights, biases, activations)  # the op's autograd is not functorch's
+    return _mlp_jet(x, direction, weights, biases, activations)
 
 
 REDUCTIONS = ("none", "mean", "sum")

@@ -284,18 +284,66 @@ def test_jet_errors_name_the_argument():
         mlp_jet(x, weights, biases, "tanhh", direction=_randn(2))
 
 
-def test_jet_under_torch_func_or_forward_ad_raises():
-    weights, biases = _net([1, 4, 1])
-    x = _randn(3, 1)
-    with pytest.raises(RuntimeError, match="does not support torch.func"):
-        torch.func.grad(lambda w: mlp_jet(x, [w, weights[1]], biases, "tanh")[2].sum())(weights[0])
-    with pytest.raises(RuntimeError, match="does not support torch.func"):
-        torch.func.vmap(lambda x: mlp_jet(x, weights, biases, "tanh")[2])(x.unsqueeze(1))
+# ---- torch.func and forward-mode AD: the composite route -------------------------------------------------------
+
+def _jet_sum(x, direction, weights, biases):
+    """A scalar of all three jet outputs, for grad and hessian."""
+    u, du, d2u = mlp_jet(x, weights, biases, "tanh", direction=direction)
+    return u.sum() + (du * u).sum() + d2u.square().sum()
+
+
+def _jet_sum_ref(x, direction, weights, biases):
+    u, du, d2u = jet_ref(x, direction, weights, biases, ["tanh", "identity"])
+    return u.sum() + (du * u).sum() + d2u.square().sum()
+
+
+def test_jet_vmap_over_rows_and_over_parameters():
+    weights, biases = _net([2, 5, 3])
+    x, direction = _randn(4, 6, 2, seed=2), _randn(2, seed=3)
+    got = torch.func.vmap(lambda x: mlp_jet(x, weights, biases, "tanh", direction=direction))(x)
+    _check_jet(got, jet_ref(x, direction, weights, biases, ["tanh", "identity"]), 1e-10)
+    stacked = [torch.stack([w, 2 * w]) for w in weights]  # two networks, one vmapped call
+    got = torch.func.vmap(lambda w0, w1: mlp_jet(x[0], [w0, w1], biases, "tanh", direction=direction))(*stacked)
+    for k in range(2):
+        want = jet_ref(x[0], direction, [w[k] for w in stacked], biases, ["tanh", "identity"])
+        _check_jet([g[k] for g in got], want, 1e-10)
+
+
+def test_jet_grad_jacrev_jacfwd_jvp_match_the_reference():
+    weights, biases = _net([2, 3, 1])
+    x, direction = _randn(3, 2, seed=2), _randn(2, seed=3)
+    args = (x, direction, weights, biases)
+    for transform in (torch.func.grad, torch.func.jacrev, torch.func.jacfwd):
+        for argnums in (0, 1, 2):
+            got = transform(_jet_sum, argnums=argnums)(*args)
+            want = transform(_jet_sum_ref, argnums=argnums)(*args)
+            for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                assert_rel_close(g, w, 1e-10, f"{transform.__name__} {argnums}")
+    # The hessian of d2u needs the fourth derivative: past the table, the torch formulas differentiate with
+    # autograd, which functorch refuses: an error, never a wrong number.
+    with pytest.raises(RuntimeError, match="functorch transform"):
+        torch.func.hessian(_jet_sum, argnums=2)(*args)
+    tangents = (_randn(3, 2, seed=5), _randn(2, seed=6), [_randn(3, 2, seed=7), _randn(1, 3, seed=8)],
+                [_randn(3, seed=9), _randn(1, seed=10)])
+    got = torch.func.jvp(_jet_sum, args, tangents)
+    want = torch.func.jvp(_jet_sum_ref, args, tangents)
+    for g, w in zip(got, want):
+        assert_rel_close(g, w, 1e-10, "jvp")
+
+
+def test_jet_forward_mode_ad_through_the_functional():
     import torch.autograd.forward_ad as fwAD
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
-        mlp_jet(fwAD.make_dual(x, torch.ones_like(x)), weights, biases, "tanh")
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):  # a tangent on a parameter
-        mlp_jet(x, [weights[0], fwAD.make_dual(weights[1], torch.ones_like(weights[1]))], biases, "tanh")
+    weights, biases = _net([1, 4, 1])
+    x, tangent = _randn(3, 1), _randn(4, 1, seed=5)
+    want = torch.func.jvp(lambda w: jet_ref(x, torch.ones(1, dtype=F64), [w, weights[1]], biases,
+                                            ["tanh", "identity"]), (weights[0],), (tangent,))[1]
+    with fwAD.dual_level():
+        out = mlp_jet(x, [fwAD.make_dual(weights[0], tangent), weights[1]], biases, "tanh")
+        got = [fwAD.unpack_dual(o).tangent for o in out]
+    _check_jet(got, want, 1e-10)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="raw mlp_jet op does not support forward-mode AD"):
+        torch.ops.fusedlayers.mlp_jet(x, torch.ones(1, dtype=F64), [fwAD.make_dual(weights[0], tangent),
+                                                                    weights[1]], biases, ["tanh", "identity"])
 
 
 def test_module_jet_is_the_functional():
