@@ -168,7 +168,13 @@ def _derivative_of(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]
         # inference_mode(False): autograd records nothing under inference mode, and an inference tensor is
         # cloned into a normal one.
         with torch.inference_mode(False), torch.enable_grad():
-            zz = z if differentiable else (z.clone() if z.is_inference() else z.detach()).requires_grad_()
+            try:
+                zz = z if differentiable else (z.clone() if z.is_inference() else z.detach()).requires_grad_()
+            except RuntimeError as e:  # functorch refuses requires_grad_() below a forward-mode level
+                raise RuntimeError(
+                    "fusedlayers: activation derivatives past the third are autograd of torch formulas, which "
+                    "torch.func refuses under a forward-mode transform of a differentiated function (hessian = "
+                    "jacfwd(jacrev(...)), jacfwd(jacfwd(...))); jacrev(jacrev(...)) works to any order") from e
             out = fn(zz)
             return torch.autograd.grad(out, zz, torch.ones_like(out), create_graph=differentiable)[0]
     return derivative

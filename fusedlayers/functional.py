@@ -90,7 +90,8 @@ def mlp_jet(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activ
     built from them needs one backward, not two create_graph gradients and a third pass through their graphs.
     Differentiable to any order by autograd (create_graph) in x, direction and the parameters. Runs with the C++
     kernels on CPU (float32, float64), elsewhere as a composite of ATen ops and the activation kernels; under
-    torch.func transforms (vmap, grad, jacrev, jvp, hessian, ...) and forward-mode AD always that composite.
+    torch.func transforms (vmap, grad, jacrev, jacfwd, jvp) and forward-mode AD always that composite, except that
+    a forward-mode transform of a differentiated jet (hessian) raises: use jacrev(jacrev(...)).
     """
     activations = mlp_activations(len(weights), activation, output_activation)
     biases = [] if biases is None else biases

@@ -319,10 +319,16 @@ def test_jet_grad_jacrev_jacfwd_jvp_match_the_reference():
             want = transform(_jet_sum_ref, argnums=argnums)(*args)
             for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
                 assert_rel_close(g, w, 1e-10, f"{transform.__name__} {argnums}")
-    # The hessian of d2u needs the fourth derivative: past the table, the torch formulas differentiate with
-    # autograd, which functorch refuses: an error, never a wrong number.
-    with pytest.raises(RuntimeError, match="functorch transform"):
-        torch.func.hessian(_jet_sum, argnums=2)(*args)
+    # Second derivatives by reverse over reverse, to the fourth of the activation (d2u's f'' twice more).
+    for argnums in (0, 2):
+        got = torch.func.jacrev(torch.func.jacrev(_jet_sum, argnums=argnums), argnums=argnums)(*args)
+        want = torch.func.hessian(_jet_sum_ref, argnums=argnums)(*args)
+        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            assert_rel_close(g, w, 1e-10, f"jacrev(jacrev) {argnums}")
+    # Forward mode over that needs f'''' from autograd of the torch formulas, which functorch refuses there:
+    # an error that says what works instead, never a wrong number.
+    with pytest.raises(RuntimeError, match=r"jacrev\(jacrev\(\.\.\.\)\) works"):
+        torch.func.hessian(_jet_sum, argnums=0)(*args)
     tangents = (_randn(3, 2, seed=5), _randn(2, seed=6), [_randn(3, 2, seed=7), _randn(1, 3, seed=8)],
                 [_randn(3, seed=9), _randn(1, seed=10)])
     got = torch.func.jvp(_jet_sum, args, tangents)
