@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "cross_entropy.h"
+#include "dense.h"
 
 namespace fusedlayers {
 
@@ -41,10 +42,6 @@ inline c10::TypedOperatorHandle<CeForwardGradFn> ce_forward_grad_op(bool triton)
   static auto native = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::cross_entropy_forward_grad", "").typed<CeForwardGradFn>();
   static auto tri = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::triton_cross_entropy_forward_grad", "").typed<CeForwardGradFn>();
   return triton ? tri : native;
-}
-
-inline std::optional<at::Tensor> opt(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
 // The class weight of each row's target, 0 for ignored rows (1 for kept rows without weights), in `dtype`:

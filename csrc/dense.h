@@ -63,11 +63,16 @@ inline void check_dense_args(const at::Tensor& x, const at::Tensor& weight, cons
   }
 }
 
-// The number of rows of x seen as a (rows, in_features) matrix.
 // f^(order)(z) through the dispatcher (activation_derivative): differentiable to any order, in reverse and
 // forward mode; orders past the activation table's come from the torch formulas (csrc/ops.cpp).
 at::Tensor derivative(const at::Tensor& z, c10::string_view activation, int64_t order);
 
+// An undefined tensor (a gradient autograd did not materialize) as an empty optional argument.
+inline std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The number of rows of x seen as a (rows, in_features) matrix.
 inline int64_t dense_rows(const at::Tensor& x) {
   int64_t rows = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);

@@ -146,9 +146,12 @@ JetGrads jet_backward(at::Tensor grad, const at::Tensor& x, const at::Tensor& di
   return {dx, ddirection, dweights, dbiases};
 }
 
-// The grads of (u, du, d2u), undefined ones as zeros, stacked like a jet.
-at::Tensor stack_grads(const at::Tensor& g0, const at::Tensor& g1, const at::Tensor& g2, const at::Tensor& like) {
-  auto plane = [&](const at::Tensor& g) { return g.defined() ? g.reshape(like.sizes()) : at::zeros_like(like); };
+// The grads of (u, du, d2u), undefined ones as zeros, stacked like a jet of `rows` rows and `out` columns.
+at::Tensor stack_grads(const at::Tensor& g0, const at::Tensor& g1, const at::Tensor& g2, int64_t rows, int64_t out,
+                       const at::TensorOptions& options) {
+  auto plane = [&](const at::Tensor& g) {
+    return g.defined() ? g.reshape({rows, out}) : at::zeros({rows, out}, options);
+  };
   return at::stack({plane(g0), plane(g1), plane(g2)});
 }
 
@@ -189,9 +192,9 @@ JetGrads mlp_jet_backward(const std::optional<at::Tensor>& grad_u, const std::op
   JetLayers jet;
   jet.inputs.assign(saved.begin(), saved.begin() + L);
   jet.preacts.assign(saved.begin() + L, saved.end());
-  const at::Tensor like = at::empty({dense_rows(x), weights.back().size(0)}, x.options());
   const at::Tensor grad = stack_grads(grad_u.value_or(at::Tensor()), grad_du.value_or(at::Tensor()),
-                                      grad_d2u.value_or(at::Tensor()), like);
+                                      grad_d2u.value_or(at::Tensor()), dense_rows(x), weights.back().size(0),
+                                      x.options());
   return jet_backward(grad, x, direction, weights, !biases.empty(), jet, activations, mask, cpu_kernel(x));
 }
 
@@ -213,8 +216,6 @@ using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at:
 using BackwardFn = JetGrads(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, at::TensorList,
                             at::TensorList, at::TensorList, std::vector<std::string>, std::array<bool, 3>);
-
-std::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
 
 // The backward is the mlp_jet_backward kernel; under create_graph it recomputes the jet with differentiable
 // ops (saved tensors carry no graph) and differentiates that, so every higher order is exact.
@@ -254,7 +255,8 @@ class MlpJetFunction : public torch::autograd::Function<MlpJetFunction> {
     std::vector<at::Tensor> dweights, dbiases;
     if (at::GradMode::is_enabled()) {
       const JetLayers jet = jet_forward(x, direction, weights, biases, activations, /*kernel=*/false);
-      const at::Tensor grad = stack_grads(grads[0], grads[1], grads[2], jet.out.select(0, 0));
+      const at::Tensor grad = stack_grads(grads[0], grads[1], grads[2], jet.out.size(1), jet.out.size(2),
+                                          jet.out.options());
       std::tie(dx, ddirection, dweights, dbiases) =
           jet_backward(grad, x, direction, weights, B > 0, jet, activations, mask, /*kernel=*/false);
     } else {
