@@ -76,8 +76,39 @@ def _dense_case(name, description, batch, n_in, n_out, activation, dtype, reps, 
     return Case(name, description, DEVICE, dtype, make, reps)
 
 
+def gemm_floor(sizes, batch, dtype, wrt_input) -> Impl:
+    """The bare GEMMs of an MLP of these widths, on stand-in activations and gradients: forward h_l @ W_l.T,
+    backward g_l.T @ h_l and, where a gradient flows below layer l, g_l @ W_l. No implementation of the network
+    does less arithmetic; eager's time over this one bounds any speedup."""
+    gen = torch.Generator().manual_seed(2)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype).to(DEVICE)  # noqa: E731
+    rows = int(torch.Size(batch).numel())
+    hs = [rand(rows, n) for n in sizes[:-1]]  # each layer's input
+    gs = [rand(rows, n) for n in sizes[1:]]   # the gradient of each layer's pre-activation
+    ws = [rand(n, m) for m, n in zip(sizes, sizes[1:])]
+
+    def forward():
+        return [h @ w.T for h, w in zip(hs, ws)]
+
+    def forward_backward():
+        out = forward() + [g.T @ h for g, h in zip(gs, hs)]
+        return out + [g @ w for i, (g, w) in enumerate(zip(gs, ws)) if i > 0 or wrt_input]
+
+    return Impl("gemm-floor", forward, forward_backward)
+
+
+def call_floor_net(sizes, activation, output_activation="identity", bias=True, dtype=torch.float32):
+    """The "call-floor" of a fused case: FusedMLP with the case's input and output widths and every hidden width
+    1: the same op, as many parameters, the same input and output, next to no arithmetic. What a fused call
+    costs before its kernels do any work (Python, the dispatcher, the autograd graph and engine): eager's time
+    over this one bounds what faster kernels can buy."""
+    widths = [sizes[0]] + [1] * (len(sizes) - 2) + [sizes[-1]]
+    return fusedlayers.FusedMLP(widths, activation, output_activation, bias=bias, device=DEVICE, dtype=dtype)
+
+
 def _mlp_case(name, description, sizes, activation, output_activation, batch, dtype, reps, bias=True,
-              loss=None, target=None, wrt_input=True, fused_loss=None) -> Case:
+              loss=None, target=None, wrt_input=True, fused_loss=None, floor=None) -> Case:
+    """floor: None, "gemm" (gemm_floor) or "call" (call_floor_net; for a case without a loss)."""
     def make():
         torch.manual_seed(0)
         eager = sequential(sizes, activation, output_activation, bias=bias, dtype=dtype)
@@ -90,7 +121,13 @@ def _mlp_case(name, description, sizes, activation, output_activation, batch, dt
             kw["loss"] = lambda out: loss(out, y)
             if fused_loss:
                 kw["fused_loss"] = lambda b: lambda out: fused_loss(out, y, backend=b)
-        return model_impls(eager, lambda b: fusedlayers.FusedMLP.from_sequential(eager, backend=b), x, **kw)
+        impls = model_impls(eager, lambda b: fusedlayers.FusedMLP.from_sequential(eager, backend=b), x, **kw)
+        if floor == "gemm":
+            impls.append(gemm_floor(sizes, batch, dtype, wrt_input))
+        elif floor == "call":
+            impls.append(model_impl("call-floor", call_floor_net(sizes, activation, output_activation, bias, dtype),
+                                    x, kw["grad_out"]))
+        return impls
 
     return Case(name, description, DEVICE, dtype, make, reps)
 
@@ -272,13 +309,14 @@ def all_cases(quick: bool = False) -> list[Case]:
 def _seed_and_layer_cases(quick: bool) -> list[Case]:
     return [
         _mlp_case("seed000", "6 x 12x12 cos chain, no bias, one vector, float64: gradient w.r.t. input and "
-                  "parameters (seed 000)", [12] * 7, "cos", "cos", (), torch.float64, reps=40, bias=False),
+                  "parameters (seed 000)", [12] * 7, "cos", "cos", (), torch.float64, reps=40, bias=False,
+                  floor="call"),
         _mlp_case("seed002", "784-300-100-10 relu + cross-entropy, batch 256, float32: parameter gradients "
                   "(seed 002; eager and compile: F.cross_entropy, fused: fusedlayers' cross_entropy)",
                   [784, 300, 100, 10], "relu", "identity", (256,), torch.float32, reps=20,
                   loss=F.cross_entropy, target=_classes, wrt_input=False,
-                  fused_loss=fusedlayers.functional.cross_entropy),
-        *neural_ode.cases(DEVICE, fused_backends(), quick),
+                  fused_loss=fusedlayers.functional.cross_entropy, floor="gemm"),
+        *neural_ode.cases(DEVICE, fused_backends(), quick, call_floor_net),
         _mlp_case("seed004", "1-1000-20-1 identity, batch 10,000, float64, loss sum of squares: parameter "
                   "gradients (seed 004)", [1, 1000, 20, 1], "identity", "identity", (10_000,), torch.float64,
                   reps=12, loss=lambda out, _: out.square().sum(), wrt_input=False),

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from bench.cases import call_floor_net, gemm_floor, sequential
 from bench.neural_ode import FieldClock
 from examples.neural_ode import ControlledField, eager_net, loss_fn, make_problem, solve
 from fusedlayers import FusedMLP
@@ -35,6 +36,11 @@ def test_quick_run_writes_results_and_plots(tmp_path):
                                              if case == "pinn" else {"compile"})
         assert {r["impl"] for r in records if r["case"] == case} >= expected, case
     assert {r["impl"] for r in records if r["case"] == "linear_ce"} >= {"torch-lce", "torch-lce-chunked"}
+    floors = {"dense_large": "gemm-floor", "seed002": "gemm-floor", "seed000": "call-floor",
+              "seed003_field": "call-floor"}
+    for case, floor in floors.items():
+        assert floor in {r["impl"] for r in records if r["case"] == case}, case
+    assert all(r["cold_ms"] is None for r in records if r["impl"].endswith("-floor"))
     for r in records:
         assert RECORD_FIELDS <= r.keys()
         assert 0 < r["fwd_ms_spread"]["min"] <= r["fwd_ms"] <= r["fwd_ms_spread"]["max"]
@@ -71,3 +77,21 @@ def test_field_clock_leaves_gradients_unchanged():
                 assert clock.calls > calls and clock.vjps == clock.calls - calls
             else:  # autograd runs the VJP of every differentiable call of the forward solve
                 assert clock.calls == calls and 0 < clock.vjps <= calls
+
+
+def test_floors_match_the_networks_they_bound():
+    """gemm-floor runs one GEMM per product of the network's forward and backward, shaped as they are; the
+    call-floor network has the case network's parameter count and input and output shapes."""
+    sizes, rows = [7, 5, 4, 3], 6
+    seq = sequential(sizes, "relu", dtype=torch.float64)
+    weights = [m.weight for m in seq if isinstance(m, torch.nn.Linear)]
+    for wrt_input in (False, True):
+        impl = gemm_floor(sizes, (rows,), torch.float64, wrt_input)
+        forward, backward = impl.forward(), impl.forward_backward()[len(sizes) - 1:]
+        assert [o.shape for o in forward] == [(rows, n) for n in sizes[1:]]
+        assert [o.shape for o in backward[:3]] == [w.shape for w in weights]  # weight gradients
+        assert [o.shape for o in backward[3:]] == [(rows, n) for n in sizes[:-1]][0 if wrt_input else 1:]
+    floor = call_floor_net(sizes, "relu", dtype=torch.float64)
+    assert len(list(floor.parameters())) == len(list(seq.parameters()))
+    x = torch.randn(rows, sizes[0], dtype=torch.float64)
+    assert floor(x).shape == seq(x).shape
