@@ -7,7 +7,7 @@ from torch import nn
 import fusedlayers
 from fusedlayers.activations import REFERENCE
 
-from . import neural_ode
+from . import floors, neural_ode
 from .harness import Case, Impl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,7 +58,8 @@ def model_impls(eager, fused_for_backend, x, fused_loss=None, **kw) -> list[Impl
     return impls
 
 
-def _dense_case(name, description, batch, n_in, n_out, activation, dtype, reps, gemm_floor=False) -> Case:
+def _dense_case(name, description, batch, n_in, n_out, activation, dtype, reps, floor=False) -> Case:
+    """floor: add the gemm-floor (the three bare GEMMs x @ W.T, g.T @ x, g @ W)."""
     def make():
         torch.manual_seed(0)
         eager = sequential([n_in, n_out], None, activation, dtype=dtype)
@@ -67,48 +68,19 @@ def _dense_case(name, description, batch, n_in, n_out, activation, dtype, reps, 
         g = torch.randn(*batch, n_out, device=DEVICE, dtype=dtype)
         impls = model_impls(eager, lambda b: fusedlayers.FusedDense.from_linear(linear, activation, backend=b), x,
                             grad_out=g)
-        if gemm_floor:
-            # The three bare GEMMs a dense layer's forward and backward cannot do without.
-            xd, w = x.detach(), linear.weight.detach()
-            impls.append(Impl("gemm-floor", lambda: xd @ w.T, lambda: (xd @ w.T, g @ w, g.T @ xd)))
+        if floor:
+            impls.append(floors.gemm_floor([n_in, n_out], batch, dtype, True, DEVICE))
         return impls
 
     return Case(name, description, DEVICE, dtype, make, reps)
 
 
-def gemm_floor(sizes, batch, dtype, wrt_input) -> Impl:
-    """The bare GEMMs of an MLP of these widths, on stand-in activations and gradients: forward h_l @ W_l.T,
-    backward g_l.T @ h_l and, where a gradient flows below layer l, g_l @ W_l. No implementation of the network
-    does less arithmetic; eager's time over this one bounds any speedup."""
-    gen = torch.Generator().manual_seed(2)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype).to(DEVICE)  # noqa: E731
-    rows = int(torch.Size(batch).numel())
-    hs = [rand(rows, n) for n in sizes[:-1]]  # each layer's input
-    gs = [rand(rows, n) for n in sizes[1:]]   # the gradient of each layer's pre-activation
-    ws = [rand(n, m) for m, n in zip(sizes, sizes[1:])]
-
-    def forward():
-        return [h @ w.T for h, w in zip(hs, ws)]
-
-    def forward_backward():
-        out = forward() + [g.T @ h for g, h in zip(gs, hs)]
-        return out + [g @ w for i, (g, w) in enumerate(zip(gs, ws)) if i > 0 or wrt_input]
-
-    return Impl("gemm-floor", forward, forward_backward)
-
-
-def call_floor_net(sizes, activation, output_activation="identity", bias=True, dtype=torch.float32):
-    """The "call-floor" of a fused case: FusedMLP with the case's input and output widths and every hidden width
-    1: the same op, as many parameters, the same input and output, next to no arithmetic. What a fused call
-    costs before its kernels do any work (Python, the dispatcher, the autograd graph and engine): eager's time
-    over this one bounds what faster kernels can buy."""
-    widths = [sizes[0]] + [1] * (len(sizes) - 2) + [sizes[-1]]
-    return fusedlayers.FusedMLP(widths, activation, output_activation, bias=bias, device=DEVICE, dtype=dtype)
-
-
 def _mlp_case(name, description, sizes, activation, output_activation, batch, dtype, reps, bias=True,
               loss=None, target=None, wrt_input=True, fused_loss=None, floor=None) -> Case:
-    """floor: None, "gemm" (gemm_floor) or "call" (call_floor_net; for a case without a loss)."""
+    """floor: None, "gemm" (floors.gemm_floor) or "call" (floors.call_floor_net; for a case without a loss)."""
+    if floor == "call" and loss is not None:
+        raise ValueError(f"{name}: a call-floor times the network alone, for a case without a loss")
+
     def make():
         torch.manual_seed(0)
         eager = sequential(sizes, activation, output_activation, bias=bias, dtype=dtype)
@@ -123,10 +95,10 @@ def _mlp_case(name, description, sizes, activation, output_activation, batch, dt
                 kw["fused_loss"] = lambda b: lambda out: fused_loss(out, y, backend=b)
         impls = model_impls(eager, lambda b: fusedlayers.FusedMLP.from_sequential(eager, backend=b), x, **kw)
         if floor == "gemm":
-            impls.append(gemm_floor(sizes, batch, dtype, wrt_input))
+            impls.append(floors.gemm_floor(sizes, batch, dtype, wrt_input, DEVICE))
         elif floor == "call":
-            impls.append(model_impl("call-floor", call_floor_net(sizes, activation, output_activation, bias, dtype),
-                                    x, kw["grad_out"]))
+            net = floors.call_floor_net(sizes, activation, output_activation, bias, dtype, DEVICE)
+            impls.append(model_impl("call-floor", net, x, **kw))
         return impls
 
     return Case(name, description, DEVICE, dtype, make, reps)
@@ -316,12 +288,12 @@ def _seed_and_layer_cases(quick: bool) -> list[Case]:
                   [784, 300, 100, 10], "relu", "identity", (256,), torch.float32, reps=20,
                   loss=F.cross_entropy, target=_classes, wrt_input=False,
                   fused_loss=fusedlayers.functional.cross_entropy, floor="gemm"),
-        *neural_ode.cases(DEVICE, fused_backends(), quick, call_floor_net),
+        *neural_ode.cases(DEVICE, fused_backends(), quick),
         _mlp_case("seed004", "1-1000-20-1 identity, batch 10,000, float64, loss sum of squares: parameter "
                   "gradients (seed 004)", [1, 1000, 20, 1], "identity", "identity", (10_000,), torch.float64,
                   reps=12, loss=lambda out, _: out.square().sum(), wrt_input=False),
         _dense_case("dense_large", "4096 x 1024 -> 1024, gelu, float32: the GEMM-bound regime",
-                    (4096,), 1024, 1024, "gelu", torch.float32, reps=12, gemm_floor=True),
+                    (4096,), 1024, 1024, "gelu", torch.float32, reps=12, floor=True),
         _dense_case("dense_tiny", "one vector, 12 -> 12, cos, float64: the per-call-overhead regime",
                     (), 12, 12, "cos", torch.float64, reps=40),
         _pinn_case(),

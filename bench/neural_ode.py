@@ -20,6 +20,7 @@ from torch import nn
 import fusedlayers
 from examples.neural_ode import SIZES, ControlledField, eager_net, loss_fn, make_problem, solve
 
+from . import floors
 from .harness import Case, Impl
 
 
@@ -94,13 +95,13 @@ def _problem(device: str, backends: tuple[str, ...]):
     return data, nets
 
 
-def field_impls(device, backends, floor_net) -> list[Impl]:
+def field_impls(device, backends) -> list[Impl]:
     (y0, control, t, _), nets = _problem(device, backends)
     y = y0.clone().requires_grad_()
     v = torch.randn(y0.shape, generator=torch.Generator().manual_seed(1), dtype=y0.dtype).to(device)
     t0 = t[1]
     impls = []
-    floor = {"call-floor": floor_net(SIZES, "selu")}
+    floor = {"call-floor": floors.call_floor_net(SIZES, "selu", "identity", True, torch.float32, device)}
     for name, net in {**nets, **floor}.items():
         field = ControlledField(net, control)
         wrt = [y, *net.parameters()]
@@ -180,16 +181,16 @@ def step_impls(device, backends, adjoint: bool, quick: bool) -> list[Impl]:
     return impls
 
 
-def cases(device: str, backends: list[str], quick: bool, floor_net) -> list[Case]:
+def cases(device: str, backends: list[str], quick: bool) -> list[Case]:
     """seed003_field and the two training steps (few reps: a step is a solve of a thousand field calls), with
-    eager, compile and fused-<backend> for each of `backends` (timed on `device`); seed003_field also with the
-    "call-floor", the field of floor_net(sizes, activation) (bench/cases.py's call_floor_net)."""
+    eager, compile and fused-<backend> for each of `backends` (timed on `device`); seed003_field also with its
+    call-floor (bench/floors.py)."""
     desc = "controlled neural ODE, 3-10-10-10-2 selu field, 100 trajectories x 100 save points, dopri5, float32"
     backends = tuple(backends)
     return [
         Case("seed003_field", f"{desc}: the field as the solver calls it, field(t, y) = net([y, control]), and "
              "its VJP w.r.t. state and parameters (seed 003)", device, torch.float32,
-             lambda: field_impls(device, backends, floor_net), reps=40),
+             lambda: field_impls(device, backends), reps=40),
         Case("seed003_odeint", f"{desc}: training step (solve + loss + parameter gradients) by backpropagation "
              "through odeint (seed 003)", device, torch.float32,
              lambda: step_impls(device, backends, False, quick), reps=8),

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from bench.cases import call_floor_net, gemm_floor, sequential
+from bench.cases import sequential
+from bench.floors import call_floor_net, gemm_floor
 from bench.neural_ode import FieldClock
 from examples.neural_ode import ControlledField, eager_net, loss_fn, make_problem, solve
 from fusedlayers import FusedMLP
@@ -80,18 +81,21 @@ def test_field_clock_leaves_gradients_unchanged():
 
 
 def test_floors_match_the_networks_they_bound():
-    """gemm-floor runs one GEMM per product of the network's forward and backward, shaped as they are; the
-    call-floor network has the case network's parameter count and input and output shapes."""
+    """gemm-floor runs one GEMM per product of the network's forward and backward, shaped as they are; a
+    call-floor network has the case network's activations, bias, parameter count and input and output shapes."""
     sizes, rows = [7, 5, 4, 3], 6
     seq = sequential(sizes, "relu", dtype=torch.float64)
     weights = [m.weight for m in seq if isinstance(m, torch.nn.Linear)]
     for wrt_input in (False, True):
-        impl = gemm_floor(sizes, (rows,), torch.float64, wrt_input)
+        impl = gemm_floor(sizes, (rows,), torch.float64, wrt_input, "cpu")
         forward, backward = impl.forward(), impl.forward_backward()[len(sizes) - 1:]
         assert [o.shape for o in forward] == [(rows, n) for n in sizes[1:]]
         assert [o.shape for o in backward[:3]] == [w.shape for w in weights]  # weight gradients
         assert [o.shape for o in backward[3:]] == [(rows, n) for n in sizes[:-1]][0 if wrt_input else 1:]
-    floor = call_floor_net(sizes, "relu", dtype=torch.float64)
-    assert len(list(floor.parameters())) == len(list(seq.parameters()))
-    x = torch.randn(rows, sizes[0], dtype=torch.float64)
-    assert floor(x).shape == seq(x).shape
+    for bias, acts in ((True, ("relu", "identity")), (False, ("cos", "cos"))):  # seed003's and seed000's kinds
+        seq = sequential(sizes, acts[0], acts[1], bias=bias, dtype=torch.float64)
+        floor = call_floor_net(sizes, acts[0], acts[1], bias, torch.float64, "cpu")
+        assert floor.activations == [acts[0]] * (len(sizes) - 2) + [acts[1]]
+        assert [p.dim() for p in floor.parameters()] == [p.dim() for p in seq.parameters()]
+        x = torch.randn(rows, sizes[0], dtype=torch.float64)
+        assert floor(x).shape == seq(x).shape and floor(x).dtype == torch.float64
