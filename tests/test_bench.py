@@ -84,14 +84,15 @@ def test_floors_match_the_networks_they_bound():
     """gemm-floor runs one GEMM per product of the network's forward and backward, shaped as they are; a
     call-floor network has the case network's activations, bias, parameter count and input and output shapes."""
     sizes, rows = [7, 5, 4, 3], 6
+    layers = len(sizes) - 1
     seq = sequential(sizes, "relu", dtype=torch.float64)
     weights = [m.weight for m in seq if isinstance(m, torch.nn.Linear)]
     for wrt_input in (False, True):
         impl = gemm_floor(sizes, (rows,), torch.float64, wrt_input, "cpu")
-        forward, backward = impl.forward(), impl.forward_backward()[len(sizes) - 1:]
+        forward, backward = impl.forward(), impl.forward_backward()[layers:]
         assert [o.shape for o in forward] == [(rows, n) for n in sizes[1:]]
-        assert [o.shape for o in backward[:3]] == [w.shape for w in weights]  # weight gradients
-        assert [o.shape for o in backward[3:]] == [(rows, n) for n in sizes[:-1]][0 if wrt_input else 1:]
+        assert [o.shape for o in backward[:layers]] == [w.shape for w in weights]  # weight gradients
+        assert [o.shape for o in backward[layers:]] == [(rows, n) for n in sizes[:-1]][0 if wrt_input else 1:]
     for bias, acts in ((True, ("relu", "identity")), (False, ("cos", "cos"))):  # seed003's and seed000's kinds
         seq = sequential(sizes, acts[0], acts[1], bias=bias, dtype=torch.float64)
         floor = call_floor_net(sizes, acts[0], acts[1], bias, torch.float64, "cpu")
