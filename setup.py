@@ -57,7 +57,7 @@ def _cublas_dirs():
 
 
 def _extension():
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/ops/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-DCPU_CAPABILITY=DEFAULT"]
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     if not _want_cuda():
@@ -68,7 +68,7 @@ def _extension():
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--resource-usage"]
     return CUDAExtension(
         "fusedlayers._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
         extra_compile_args={"cxx": cxx + ["-DFUSEDLAYERS_WITH_CUDA"], "nvcc": nvcc},
         **kwargs,
     )

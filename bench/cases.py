@@ -26,7 +26,7 @@ def sequential(sizes, activation, output_activation="identity", bias=True, dtype
         mods.append(nn.Linear(m, n, bias=bias, device=DEVICE, dtype=dtype))
         act = activation if i < len(sizes) - 2 else output_activation
         if act != "identity":
-            mods.append(REFERENCE[act].module())
+            mods.append(REFERENCE[act].make_module())
     return nn.Sequential(*mods)
 
 

@@ -23,7 +23,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature
 
 import fusedlayers
-from fusedlayers._ops import HAS_NATIVE_CUDA
+from fusedlayers.backends import HAS_NATIVE_CUDA
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_report.json")
@@ -219,7 +219,7 @@ def cross_entropy_cost(N: int, C: int, dtype: torch.dtype, weight: bool, smoothi
 def _cross_entropy_launches(case: str, dtype: torch.dtype, weight: bool, label_smoothing: float, z_loss: float,
                             softcap: float | None, grad_lse: bool) -> list[dict]:
     """Both cross-entropy kernels as fusedlayers/triton/cross_entropy.py launches them on a GPU."""
-    from fusedlayers._ops import ce_math_dtype
+    from fusedlayers.ops.cross_entropy import ce_math_dtype
     from fusedlayers.triton import cross_entropy as ce
 
     N, C = CE_SHAPE["N"], CE_SHAPE["C"]

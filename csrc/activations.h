@@ -6,8 +6,9 @@
 // kernels, at::vec::Vectorized<float|double> in the CPU kernels. They use only arithmetic, T(constant) and the
 // helpers of Math<T>, which cpu/vec_math.h specializes for Vectorized.
 //
-// The order of `Activation` is the order of fusedlayers.ACTIVATIONS (fusedlayers/activations.py), and the
-// name table below is checked against it by the tests.
+// The list below is the C++ side of the one activation table; fusedlayers/activations.py is the Python side, in
+// the same order, and a test compares the two through the activation_table op. Adding an activation is one row
+// here and its functor below.
 #pragma once
 
 #include <cmath>
@@ -19,28 +20,42 @@
 #define FL_HOST_DEVICE inline
 #endif
 
+// X(functor in namespace act, name, f' is constant: the backward needs no saved pre-activation)
+#define FL_ACTIVATIONS(X)               \
+  X(Identity, "identity", true)         \
+  X(ReLU, "relu", false)                \
+  X(LeakyReLU, "leaky_relu", false)     \
+  X(GELU, "gelu", false)                \
+  X(GELUTanh, "gelu_tanh", false)       \
+  X(SiLU, "silu", false)                \
+  X(Sigmoid, "sigmoid", false)          \
+  X(Tanh, "tanh", false)                \
+  X(Softplus, "softplus", false)        \
+  X(SELU, "selu", false)                \
+  X(ELU, "elu", false)                  \
+  X(Cos, "cos", false)                  \
+  X(Sin, "sin", false)
+
 namespace fusedlayers {
 
-enum class Activation : int32_t {
-  Identity = 0,
-  ReLU,
-  LeakyReLU,
-  GELU,
-  GELUTanh,
-  SiLU,
-  Sigmoid,
-  Tanh,
-  Softplus,
-  SELU,
-  ELU,
-  Cos,
-  Sin,
-};
+#define FL_ENUMERATOR(E, name, constant_df) E,
+enum class Activation : int32_t { FL_ACTIVATIONS(FL_ENUMERATOR) };
+#undef FL_ENUMERATOR
 
-constexpr int kNumActivations = 13;
-constexpr const char* kActivationNames[kNumActivations] = {
-    "identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid",
-    "tanh",     "softplus", "selu", "elu",  "cos",  "sin"};
+#define FL_COUNT(E, name, constant_df) +1
+constexpr int kNumActivations = 0 FL_ACTIVATIONS(FL_COUNT);
+#undef FL_COUNT
+
+#define FL_NAME(E, name, constant_df) name,
+constexpr const char* kActivationNames[kNumActivations] = {FL_ACTIVATIONS(FL_NAME)};
+#undef FL_NAME
+
+#define FL_CONSTANT_DF(E, name, constant_df) constant_df,
+constexpr bool kConstantDerivative[kNumActivations] = {FL_ACTIVATIONS(FL_CONSTANT_DF)};
+#undef FL_CONSTANT_DF
+
+// f' of the activation is constant: the backward needs no saved pre-activation.
+constexpr bool derivative_is_constant(Activation a) { return kConstantDerivative[static_cast<int>(a)]; }
 
 // Host code takes std:: overloads (float stays float); device code the CUDA math library's.
 #if defined(__CUDA_ARCH__)
@@ -226,24 +241,13 @@ struct Sin {
 template <typename Fn>
 inline decltype(auto) dispatch_activation(Activation a, Fn&& fn) {
   switch (a) {
-    case Activation::Identity: return fn(act::Identity{});
-    case Activation::ReLU: return fn(act::ReLU{});
-    case Activation::LeakyReLU: return fn(act::LeakyReLU{});
-    case Activation::GELU: return fn(act::GELU{});
-    case Activation::GELUTanh: return fn(act::GELUTanh{});
-    case Activation::SiLU: return fn(act::SiLU{});
-    case Activation::Sigmoid: return fn(act::Sigmoid{});
-    case Activation::Tanh: return fn(act::Tanh{});
-    case Activation::Softplus: return fn(act::Softplus{});
-    case Activation::SELU: return fn(act::SELU{});
-    case Activation::ELU: return fn(act::ELU{});
-    case Activation::Cos: return fn(act::Cos{});
-    case Activation::Sin: break;
+#define FL_CASE(E, name, constant_df) \
+  case Activation::E:                 \
+    return fn(act::E{});
+    FL_ACTIVATIONS(FL_CASE)
+#undef FL_CASE
   }
-  return fn(act::Sin{});
+  __builtin_unreachable();
 }
-
-// f' of these activations is constant: the backward needs no saved pre-activation.
-inline bool derivative_is_constant(Activation a) { return a == Activation::Identity; }
 
 }  // namespace fusedlayers

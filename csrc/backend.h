@@ -1,16 +1,96 @@
-// The kernel family a differentiable op's `backend` argument names.
+// The kernel backends, as data. A differentiable op's `backend` argument names one; its kernels are the ops
+// `<prefix><kernel>` (an op family defines their schemas once for every backend with def_kernels). Adding a
+// backend is one row here and one in fusedlayers/backends.py, plus the folder that registers its kernels.
 #pragma once
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <type_traits>
+#include <utility>
 
 namespace fusedlayers {
 
-// "native": the C++ CPU or CUDA kernels, picked by the dispatcher from the device; "triton": the triton_* ops.
-inline bool is_triton(c10::string_view backend) {
-  if (backend == "triton") return true;
-  TORCH_CHECK_VALUE(backend == "native", "unknown kernel family '", backend, "'; expected 'native' or 'triton'");
-  return false;
+enum class Backend : int8_t { Native, Triton };
+
+struct BackendInfo {
+  Backend backend;
+  const char* name;    // the `backend` argument of the differentiable ops
+  const char* prefix;  // of its kernel ops
+};
+
+// native: the C++ CPU and CUDA kernels, chosen by the dispatcher from the device; triton: registered from Python
+// (fusedlayers/triton/).
+constexpr std::array<BackendInfo, 2> kBackends = {{{Backend::Native, "native", ""}, {Backend::Triton, "triton", "triton_"}}};
+
+inline const BackendInfo& info(Backend b) { return kBackends[static_cast<size_t>(b)]; }
+
+inline Backend parse_backend(c10::string_view name) {
+  std::string known;
+  for (const auto& b : kBackends) {
+    if (name == b.name) return b.backend;
+    known += std::string(known.empty() ? "" : ", ") + b.name;
+  }
+  TORCH_CHECK_VALUE(false, "unknown kernel backend '", name, "'; expected one of: ", known);
+}
+
+inline std::string kernel_name(Backend b, const char* kernel) { return std::string(info(b).prefix) + kernel; }
+
+// The schema `schema` (which starts with the kernel's name) for every backend, and an Autograd kernel that raises:
+// kernels are not differentiable (a family's differentiable op is), so backpropagating through one never gives
+// a silent zero.
+inline void def_kernels(torch::Library& m, std::initializer_list<const char*> schemas) {
+  for (const auto& b : kBackends) {
+    for (const char* schema : schemas) m.def((std::string(b.prefix) + schema).c_str());
+  }
+}
+
+inline void not_differentiable(torch::Library& m, std::initializer_list<const char*> kernels) {
+  for (const auto& b : kBackends) {
+    for (const char* kernel : kernels) {
+      m.impl(kernel_name(b.backend, kernel).c_str(), torch::autograd::autogradNotImplementedFallback());
+    }
+  }
+}
+
+// One kernel op in every backend: op(backend) is the typed handle of `<prefix><kernel>`, every backend's
+// looked up once (the schemas are all C++; the Triton kernels behind them are registered later, from Python).
+template <typename Fn>
+class KernelOp {
+ public:
+  explicit KernelOp(const char* kernel) : handles_(lookup(kernel, std::make_index_sequence<kBackends.size()>{})) {}
+  const c10::TypedOperatorHandle<Fn>& operator()(Backend b) const { return handles_[static_cast<size_t>(b)]; }
+
+ private:
+  using Handle = c10::TypedOperatorHandle<Fn>;
+  template <size_t... I>
+  static std::array<Handle, sizeof...(I)> lookup(const char* kernel, std::index_sequence<I...>) {
+    return {find(kBackends[I].backend, kernel)...};
+  }
+  static Handle find(Backend b, const char* kernel) {
+    const std::string name = "fusedlayers::" + kernel_name(b, kernel);
+    return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").template typed<Fn>();
+  }
+  std::array<Handle, kBackends.size()> handles_;
+};
+
+// Calls fn(std::integral_constant<Backend, B>{}) for every backend B: to register a kernel templated on the
+// backend (a device-generic kernel that calls another family's kernels of its backend) under each prefix.
+template <typename Fn, size_t... I>
+void for_each_backend(Fn&& fn, std::index_sequence<I...>) {
+  (fn(std::integral_constant<Backend, kBackends[I].backend>{}), ...);
+}
+
+template <typename Fn>
+void for_each_backend(Fn&& fn) {
+  for_each_backend(fn, std::make_index_sequence<kBackends.size()>{});
 }
 
 }  // namespace fusedlayers

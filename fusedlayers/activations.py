@@ -2,7 +2,7 @@
 
 Each activation has f, f' and f'' written with differentiable torch ops: they are the oracle the tests
 compare every backend against, and the exact composite that higher-order gradients can fall back on.
-The order of ACTIVATIONS is the order of the C++ table in csrc/activations.h.
+The table (_TABLE) is the Python side of the one activation table; csrc/activations.h is the C++ side.
 """
 import math
 from typing import Callable, NamedTuple
@@ -19,11 +19,22 @@ _GELU_TANH_BETA = 0.044715
 
 
 class Activation(NamedTuple):
+    """A row of the table: the formulas, the module that computes f, and the properties the ops key on."""
     name: str
     f: Callable[[Tensor], Tensor]
     df: Callable[[Tensor], Tensor]
     d2f: Callable[[Tensor], Tensor]
-    module: Callable[[], nn.Module]  # a module that computes f: torch.nn's, or ActivationModule
+    module: type  # the module class that computes f (torch.nn's, or ActivationModule) ...
+    params: dict  # ... with these attribute values (its constructor's keyword arguments)
+    constant_derivative: bool = False  # f' is constant: a backward needs no saved pre-activation
+    piecewise_linear: bool = False  # f'' is zero wherever it is defined, and so is every higher derivative
+
+    def make_module(self) -> nn.Module:
+        return self.module(**self.params)
+
+    def is_module(self, m: nn.Module) -> bool:
+        """Whether m computes exactly f: its class, with these parameters (a LeakyReLU of another slope is not)."""
+        return type(m) is self.module and all(getattr(m, k) == v for k, v in self.params.items())
 
 
 class ActivationModule(nn.Module):
@@ -118,27 +129,33 @@ def _ones(z):
     return torch.ones_like(z)
 
 
+# The Python side of the one activation table, in the order of the C++ side (FL_ACTIVATIONS in
+# csrc/activations.h; tests/test_activations.py compares them); fusedlayers/triton/activations.py has the
+# Triton formulas of each row. Adding an activation is one row here, one there, and one in activations.h.
 _TABLE = (
-    Activation("identity", lambda z: z, _ones, _zeros, nn.Identity),
-    Activation("relu", F.relu, lambda z: _pos(z, 1.0, 0.0), _zeros, nn.ReLU),
-    Activation("leaky_relu", F.leaky_relu, lambda z: _pos(z, 1.0, 0.01), _zeros, nn.LeakyReLU),
-    Activation("gelu", F.gelu, _gelu_df, _gelu_d2f, nn.GELU),
-    Activation("gelu_tanh", lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_df, _gelu_tanh_d2f,
-               lambda: nn.GELU(approximate="tanh")),
-    Activation("silu", F.silu, _silu_df, _silu_d2f, nn.SiLU),
-    Activation("sigmoid", torch.sigmoid, _sigmoid_df, _sigmoid_d2f, nn.Sigmoid),
-    Activation("tanh", torch.tanh, _tanh_df, _tanh_d2f, nn.Tanh),
-    Activation("softplus", F.softplus, _softplus_df, _softplus_d2f, nn.Softplus),
+    Activation("identity", lambda z: z, _ones, _zeros, nn.Identity, {}, constant_derivative=True,
+               piecewise_linear=True),
+    Activation("relu", F.relu, lambda z: _pos(z, 1.0, 0.0), _zeros, nn.ReLU, {}, piecewise_linear=True),
+    Activation("leaky_relu", F.leaky_relu, lambda z: _pos(z, 1.0, 0.01), _zeros, nn.LeakyReLU,
+               {"negative_slope": 0.01}, piecewise_linear=True),
+    Activation("gelu", F.gelu, _gelu_df, _gelu_d2f, nn.GELU, {"approximate": "none"}),
+    Activation("gelu_tanh", lambda z: F.gelu(z, approximate="tanh"), _gelu_tanh_df, _gelu_tanh_d2f, nn.GELU,
+               {"approximate": "tanh"}),
+    Activation("silu", F.silu, _silu_df, _silu_d2f, nn.SiLU, {}),
+    Activation("sigmoid", torch.sigmoid, _sigmoid_df, _sigmoid_d2f, nn.Sigmoid, {}),
+    Activation("tanh", torch.tanh, _tanh_df, _tanh_d2f, nn.Tanh, {}),
+    Activation("softplus", F.softplus, _softplus_df, _softplus_d2f, nn.Softplus, {"beta": 1.0, "threshold": 20.0}),
     Activation("selu", F.selu, lambda z: _SELU_SCALE * torch.where(z > 0, torch.ones_like(z), _SELU_ALPHA * torch.exp(z)),
-               lambda z: _SELU_SCALE * torch.where(z > 0, torch.zeros_like(z), _SELU_ALPHA * torch.exp(z)), nn.SELU),
+               lambda z: _SELU_SCALE * torch.where(z > 0, torch.zeros_like(z), _SELU_ALPHA * torch.exp(z)), nn.SELU, {}),
     Activation("elu", F.elu, lambda z: torch.where(z > 0, torch.ones_like(z), torch.exp(z)),
-               lambda z: torch.where(z > 0, torch.zeros_like(z), torch.exp(z)), nn.ELU),
-    Activation("cos", torch.cos, lambda z: -torch.sin(z), lambda z: -torch.cos(z), lambda: ActivationModule("cos")),
-    Activation("sin", torch.sin, torch.cos, lambda z: -torch.sin(z), lambda: ActivationModule("sin")),
+               lambda z: torch.where(z > 0, torch.zeros_like(z), torch.exp(z)), nn.ELU, {"alpha": 1.0}),
+    Activation("cos", torch.cos, lambda z: -torch.sin(z), lambda z: -torch.cos(z), ActivationModule, {"name": "cos"}),
+    Activation("sin", torch.sin, torch.cos, lambda z: -torch.sin(z), ActivationModule, {"name": "sin"}),
 )
-
 ACTIVATIONS = tuple(a.name for a in _TABLE)
 REFERENCE = {a.name: a for a in _TABLE}
+CONSTANT_DERIVATIVE = frozenset(a.name for a in _TABLE if a.constant_derivative)
+PIECEWISE_LINEAR = frozenset(a.name for a in _TABLE if a.piecewise_linear)
 
 
 def derivative_formula(z: Tensor, name: str, order: int) -> Tensor:
@@ -149,16 +166,12 @@ def derivative_formula(z: Tensor, name: str, order: int) -> Tensor:
     if order < 0:
         raise ValueError(f"expected a derivative order >= 0, got {order}")
     act = REFERENCE[check_activation(name)]
-    if order > 2 and name in _PIECEWISE_LINEAR:
+    if order > 2 and name in PIECEWISE_LINEAR:
         return torch.zeros_like(z)
     fn = (act.f, act.df, act.d2f)[min(order, 2)]
     for _ in range(order - 2):
         fn = _derivative_of(fn)
     return fn(z)
-
-
-# f'' is zero wherever it is defined: so is every higher derivative.
-_PIECEWISE_LINEAR = ("identity", "relu", "leaky_relu")
 
 
 def _derivative_of(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -188,25 +201,10 @@ def check_activation(name: str) -> str:
 
 
 def name_of_module(module: nn.Module) -> str:
-    """The table's name for a torch.nn activation module that computes exactly that function, else ValueError:
-    a module with other parameters (a LeakyReLU slope other than 0.01, say) is never silently replaced."""
-    checks = (
-        (nn.Identity, "identity", lambda m: True),
-        (nn.ReLU, "relu", lambda m: True),
-        (nn.LeakyReLU, "leaky_relu", lambda m: m.negative_slope == 0.01),
-        (nn.GELU, "gelu", lambda m: m.approximate == "none"),
-        (nn.GELU, "gelu_tanh", lambda m: m.approximate == "tanh"),
-        (nn.SiLU, "silu", lambda m: True),
-        (nn.Sigmoid, "sigmoid", lambda m: True),
-        (nn.Tanh, "tanh", lambda m: True),
-        (nn.Softplus, "softplus", lambda m: m.beta == 1 and m.threshold == 20),
-        (nn.SELU, "selu", lambda m: True),
-        (nn.ELU, "elu", lambda m: m.alpha == 1.0),
-    )
-    if type(module) is ActivationModule:
-        return module.name
-    for cls, name, same_function in checks:
-        if type(module) is cls and same_function(module):
-            return name
+    """The table's name for an activation module that computes exactly that function, else ValueError: a module
+    with other parameters (a LeakyReLU slope other than 0.01, say) is never silently replaced."""
+    for a in _TABLE:
+        if a.is_module(module):
+            return a.name
     raise ValueError(f"{module!r} has no fused equivalent: the fused activations are "
                      f"{', '.join(ACTIVATIONS)} with torch's default parameters")

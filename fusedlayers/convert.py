@@ -13,7 +13,6 @@ import copy
 from torch import Tensor, nn
 
 from . import functional as FL
-from ._ops import backend_for
 from .activations import name_of_module
 from .modules import FusedCrossEntropyLoss, FusedDense
 
@@ -22,8 +21,8 @@ def mlp_is_faster(sizes: list[int]) -> bool:
     """Whether one mlp op call beats a FusedDense module per layer, forward and backward, for a run of layers
     with these widths ([in, h1, ..., out]). Measured on the CPU (one thread, float32, batch 1 to 1024, widths
     2 to 784; ratio of the 10th percentiles, interleaved): the op was 1.03x to 3.6x faster for every run of
-    two or more layers. Narrow ones (widths <= 16) take the op's fused path; wider ones go through the same
-    dense kernels as FusedDense, but with one autograd node and one call for the whole run."""
+    two or more layers. Narrow ones (widths <= 32, few multiply-adds) take the op's fused path; wider ones go
+    through the same dense kernels as FusedDense, but with one autograd node and one call for the whole run."""
     return len(sizes) >= 3
 
 
@@ -69,7 +68,7 @@ class FusedSequential(nn.Sequential):
             weights = [m._parameters["weight"] for m in layers]
             biases = [m._parameters["bias"] for m in layers] if head.bias is not None else []
             input = FL.mlp_op(input, weights, biases, activations, FL.saves_preact(head.save),
-                              backend_for(head.backend, input))
+                              FL.backend_for(head.backend, input))
             i = last + 1
         for module in children[i:]:
             input = module(input)

@@ -1,12 +1,30 @@
-"""Functional forms of the fused layers, in the style of torch.nn.functional."""
+"""Functional forms of the fused layers, in the style of torch.nn.functional: they check and normalize the
+arguments, choose the backend, and call the op families (fusedlayers/ops/)."""
 import math
 
 import torch
 from torch import Tensor
 
-from . import _func
-from ._ops import AUTOCAST_DEVICE_TYPES, backend_for
 from .activations import check_activation
+from .backends import resolve_backend
+from .ops.common import AUTOCAST_DEVICE_TYPES, needs_function
+from .ops.cross_entropy import cross_entropy_function
+from .ops.dense import dense_op
+from .ops.mlp import mlp_op
+
+__all__ = ["cross_entropy", "dense", "linear_cross_entropy", "mlp", "mlp_jet"]
+
+
+def backend_for(backend: str, x: Tensor) -> str:
+    """The kernel backend (the ops' `backend` argument) that runs the user's choice for x's device, loading its
+    kernels at first use. The common case (a CPU tensor, "auto" or "cpu") first: a tiny network's call feels each
+    attribute lookup (x.device.type alone costs a third of a microsecond)."""
+    if x.is_cpu and (backend == "auto" or backend == "cpu"):
+        return "native"
+    b = resolve_backend(backend, x.device)
+    if b.load is not None:
+        b.load()
+    return b.kernels
 
 SAVE_POLICIES = ("preact", "recompute")
 
@@ -28,8 +46,6 @@ def mlp_activations(layers: int, activation: str | list[str], output_activation:
     return [check_activation(a) for a in hidden] + [check_activation(output_activation)]
 
 
-_dense = torch.ops.fusedlayers.dense.default
-_mlp = torch.ops.fusedlayers.mlp.default
 _cross_entropy = torch.ops.fusedlayers.cross_entropy.default
 _cross_entropy_ = torch.ops.fusedlayers.cross_entropy_.default
 _linear_cross_entropy = torch.ops.fusedlayers.linear_cross_entropy.default
@@ -50,14 +66,6 @@ def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str
     return dense_op(x, weight, bias, check_activation(activation), saves_preact(save), backend_for(backend, x))
 
 
-def dense_op(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, save_preact: bool,
-             backend: str) -> Tensor:
-    """The dense op with checked arguments: the op itself when compiling, else through torch.func's route."""
-    if torch.compiler.is_compiling():  # the op is the compiled path; Dynamo cannot trace a custom jvp
-        return _dense(x, weight, bias, activation, save_preact, backend)
-    return _func.dense(x, weight, bias, activation, save_preact, backend)
-
-
 def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activation: str | list[str],
         output_activation: str = "identity", backend: str = "auto", save: str = "preact") -> Tensor:
     """A whole network of dense layers as one op with one autograd node:
@@ -69,14 +77,6 @@ def mlp(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activatio
     activations = mlp_activations(len(weights), activation, output_activation)
     return mlp_op(x, weights, [] if biases is None else biases, activations, saves_preact(save),
                   backend_for(backend, x))
-
-
-def mlp_op(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: list[str], save: bool,
-           backend: str) -> Tensor:
-    """The mlp op with checked arguments: the op itself when compiling, else through torch.func's route."""
-    if torch.compiler.is_compiling():  # the op is the compiled path; Dynamo cannot trace a custom jvp
-        return _mlp(x, weights, biases, activations, save, backend)
-    return _func.mlp(x, weights, biases, activations, save, backend)
 
 
 def mlp_jet(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activation: str | list[str],
@@ -100,7 +100,7 @@ def mlp_jet(x: Tensor, weights: list[Tensor], biases: list[Tensor] | None, activ
             raise ValueError(f"mlp_jet(): direction is required unless x has one feature (x.shape[-1] == 1), got "
                              f"x of shape {list(x.shape)}")
         direction = x.new_ones(1)
-    if not torch.compiler.is_compiling() and _func.needs_function(x, direction, *weights, *biases):
+    if not torch.compiler.is_compiling() and needs_function(x, direction, *weights, *biases):
         return _mlp_jet_composite(x, direction, weights, biases, activations)  # the op's autograd is not functorch's
     return _mlp_jet(x, direction, weights, biases, activations)
 
@@ -174,14 +174,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     args = (rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
             None if softcap is None else float(softcap), reduction, backend_for(backend, input))
     # the op itself when compiling (as in dense()), torch.func's route where a transform or a tangent needs it
-    function = not torch.compiler.is_compiling() and _func.needs_function(input, weight)
+    function = not torch.compiler.is_compiling() and needs_function(input, weight)
     if inplace_backward and torch.is_grad_enabled() and input.requires_grad:
         if function:
             raise RuntimeError("cross_entropy(): inplace_backward=True is not supported under torch.func transforms "
                                "or forward-mode AD; use inplace_backward=False")
         loss, lse = _cross_entropy_(logits, *args)
     else:
-        loss, lse = (_func.cross_entropy if function else _cross_entropy)(logits, *args)
+        loss, lse = (cross_entropy_function if function else _cross_entropy)(logits, *args)
     if shape is not None and reduction == "none":
         loss = loss.reshape(shape)
     loss = loss if loss.dtype == input.dtype else loss.to(input.dtype)

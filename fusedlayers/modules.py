@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torch.nn import _reduction
 
 from . import functional as FL
-from ._ops import backend_for, check_backend
+from .backends import check_backend
 from .activations import REFERENCE, check_activation, name_of_module
 
 
@@ -58,7 +58,7 @@ class FusedDense(nn.Module):
         # module was built, and for a tiny layer the per-call Python work is a visible part of the time.
         params = self._parameters
         return FL.dense_op(x, params["weight"], params["bias"], self.activation, FL.saves_preact(self.save),
-                           backend_for(self.backend, x))
+                           FL.backend_for(self.backend, x))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -110,7 +110,7 @@ class FusedMLP(nn.Module):
         # The op directly: the names were checked when the module was built, and for tiny networks the
         # per-call Python work is a visible part of the time.
         return FL.mlp_op(x, self.weights(), self.biases() or [], self.activations, FL.saves_preact(self.save),
-                         backend_for(self.backend, x))
+                         FL.backend_for(self.backend, x))
 
     def jet(self, x: Tensor, direction: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(u, du, d2u): the network's output and its first and second derivatives w.r.t. the input along
@@ -162,7 +162,7 @@ class FusedMLP(nn.Module):
                     linear.bias.copy_(b)
             modules.append(linear)
             if act != "identity":
-                modules.append(REFERENCE[act].module())
+                modules.append(REFERENCE[act].make_module())
         return nn.Sequential(*modules)
 
     def extra_repr(self) -> str:

@@ -1,9 +1,11 @@
-"""The reference table itself: f' and f'' are the derivatives of f, checked by autograd in float64."""
+"""The activation table itself: f' and f'' are the derivatives of f (checked by autograd in float64), its
+columns say what the formulas do, and the C++ side is the same table."""
 import pytest
 import torch
+from torch import nn
 
 import fusedlayers
-from fusedlayers.activations import ACTIVATIONS, REFERENCE, check_activation
+from fusedlayers.activations import ACTIVATIONS, REFERENCE, check_activation, name_of_module
 
 from conftest import assert_rel_close
 
@@ -29,13 +31,32 @@ def test_derivatives_match_autograd(name):
 def test_module_computes_f(name):
     act = REFERENCE[name]
     z = _points()
-    assert torch.equal(act.module()(z), act.f(z))
+    assert torch.equal(act.make_module()(z), act.f(z))
 
 
-def test_public_names():
-    assert fusedlayers.ACTIVATIONS == ACTIVATIONS
-    assert ACTIVATIONS == ("identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh",
-                           "softplus", "selu", "elu", "cos", "sin")
+def test_cpp_table_is_the_python_table():
+    """The C++ side of the table (FL_ACTIVATIONS in csrc/activations.h, through the extension) has the Python
+    side's rows in its order, with the same constant-derivative column."""
+    names, constant = torch.ops.fusedlayers.activation_table()
+    assert tuple(names) == ACTIVATIONS == fusedlayers.ACTIVATIONS
+    assert [REFERENCE[n].constant_derivative for n in names] == list(constant)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_columns_match_the_formulas(name):
+    """constant_derivative: f'' is zero everywhere; piecewise_linear: f'' is zero away from the kinks."""
+    act = REFERENCE[name]
+    z = _points()
+    if act.constant_derivative:
+        assert torch.equal(act.df(z), torch.full_like(z, act.df(z)[0].item()))
+    assert torch.equal(act.d2f(z), torch.zeros_like(z)) == act.piecewise_linear
+    assert name_of_module(act.make_module()) == name
+
+
+def test_name_of_module_refuses_other_parameters():
+    for module in (nn.LeakyReLU(0.2), nn.Softplus(beta=2.0), nn.ELU(alpha=0.5), nn.Hardtanh()):
+        with pytest.raises(ValueError, match="has no fused equivalent"):
+            name_of_module(module)
 
 
 def test_unknown_name_lists_known_ones():

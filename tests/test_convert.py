@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 import fusedlayers
 from fusedlayers import ActivationModule, FusedDense
 from fusedlayers.convert import FoldedActivation, FusedSequential, mlp_is_faster
+from fusedlayers.activations import ACTIVATIONS, REFERENCE
 
 from conftest import assert_rel_close
 
@@ -31,15 +32,20 @@ class Layers(nn.Sequential):
 
 
 # How the fused model computes its runs of layers: as one mlp op through the op's fused CPU path (widths
-# <= 16), as one mlp op layer by layer inside (wider), or as one FusedDense module per layer.
-CONFIGS = {"narrow": (8, nn.Sequential), "wide": (24, nn.Sequential), "per_layer": (24, Layers)}
+# <= 32, csrc/cpu/mlp.cpp's kMaxFusedWidth), as one mlp op layer by layer inside (wider), or as one FusedDense
+# module per layer.
+CONFIGS = {"narrow": (8, nn.Sequential), "wide": (40, nn.Sequential), "per_layer": (40, Layers)}
+
+
+# The table's activations that fuse() folds into a Linear (an nn.Identity after a Linear is left as it is), then
+# the ones whose modules take an inplace flag, with it.
+FOLDED = [n for n in ACTIVATIONS if n != "identity"] + ["relu", "leaky_relu", "elu"]
 
 
 def supported():
-    """One module of every activation the fused table has, inplace flags included."""
-    return [nn.ReLU(), nn.ReLU(inplace=True), nn.LeakyReLU(), nn.LeakyReLU(0.01, inplace=True), nn.GELU(),
-            nn.GELU(approximate="tanh"), nn.SiLU(), nn.Sigmoid(), nn.Tanh(), nn.Softplus(), nn.SELU(), nn.ELU(),
-            nn.ELU(1.0, inplace=True), ActivationModule("cos"), ActivationModule("sin")]
+    """One module of every activation the fused table has, inplace flags included (in FOLDED's order)."""
+    return [REFERENCE[n].make_module() for n in ACTIVATIONS if n != "identity"] + [
+        nn.ReLU(inplace=True), nn.LeakyReLU(0.01, inplace=True), nn.ELU(1.0, inplace=True)]
 
 
 def unsupported():
@@ -129,9 +135,7 @@ def test_what_is_swapped(config):
     dense = [m for m in fused.modules() if type(m) is FusedDense]
     folded = [m for m in fused.modules() if type(m) is FoldedActivation]
     assert len(dense) == len(folded) == n_supported
-    assert [m.activation for m in dense][:len(supported())] == [
-        "relu", "relu", "leaky_relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "softplus",
-        "selu", "elu", "elu", "cos", "sin"]
+    assert [m.activation for m in dense][:len(supported())] == FOLDED
     # Unsupported activations stay, as do the Linear layers before them, and bare Linear layers.
     for got, want in zip(fused.odd, model.odd):
         assert type(got) is type(want) and repr(got) == repr(want)
@@ -390,7 +394,7 @@ def test_autocast_cpu_bfloat16_matches_eager(config, activations):
     torch.manual_seed(0)
     layers = [nn.Linear(IN, width)]
     for a in activations:
-        layers += [fusedlayers.activations.REFERENCE[a].module(), nn.Linear(width, width)]
+        layers += [fusedlayers.activations.REFERENCE[a].make_module(), nn.Linear(width, width)]
     layers[-1] = nn.Linear(width, OUT)
     model = seq(*layers)
     fused = fusedlayers.fuse(model)
@@ -447,7 +451,7 @@ def REFERENCE_DENSE(x, w, b, activation):
 def test_autocast_float32_activation_rule(monkeypatch):
     """Where eager autocast runs the activation in float32 (softplus on CUDA), the op returns float32. No GPU
     here: the rule is checked on the CPU table."""
-    monkeypatch.setitem(fusedlayers._ops._FLOAT32_ACTIVATIONS_UNDER_AUTOCAST, "cpu", ("softplus",))
+    monkeypatch.setitem(fusedlayers.ops.common.FLOAT32_ACTIVATIONS_UNDER_AUTOCAST, "cpu", ("softplus",))
     x, w = torch.randn(6, 5), torch.randn(4, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fusedlayers.functional.dense(x, w, None, "softplus").dtype == torch.float32

@@ -270,7 +270,7 @@ def test_op_refuses_forward_mode_ad(backend):
     """The raw op has no forward-mode formula and says so; cross_entropy() takes the torch.func route
     (tests/test_higher_order.py checks its tangents)."""
     _, (x, t, _) = make_case(4, 5, torch.float64, device_of(backend))
-    kind = fusedlayers._ops.resolve_backend(backend, x.device)
+    kind = fusedlayers.functional.backend_for(backend, x)
     with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
         torch.ops.fusedlayers.cross_entropy(fwAD.make_dual(x.detach(), torch.ones_like(x)), t, None, -100, 0.0, 0.0,
                                             None, "mean", kind)
@@ -283,7 +283,7 @@ def _prefix(backend):
 def test_opcheck(backend):
     p = _prefix(backend)
     fl = torch.ops.fusedlayers
-    kind = fusedlayers._ops.resolve_backend(backend, torch.device(device_of(backend)))
+    kind = fusedlayers.functional.backend_for(backend, torch.empty(0, device=device_of(backend)))
     for weight, reduction in ((False, "none"), (True, "mean"), (True, "sum")):
         for ls, zl, cap in ((0.0, 0.0, None), (0.1, 0.05, 3.0)):
             _, (x, t, w) = make_case(5, 7, torch.float64, device_of(backend), weight, ignored=1)
@@ -661,18 +661,19 @@ def test_linear_gradcheck_and_no_double_backward(backend, reduction):
 
 def test_linear_opcheck(backend):
     fl = torch.ops.fusedlayers
-    kind = fusedlayers._ops.resolve_backend(backend, torch.device(device_of(backend)))
+    kind = fusedlayers.functional.backend_for(backend, torch.empty(0, device=device_of(backend)))
+    prefix = fusedlayers.backends.KERNELS[kind]
+    forward, backward = (getattr(fl, f"{prefix}linear_cross_entropy_{k}") for k in ("forward", "backward"))
     _, (h, w, b, t, cw) = make_linear_case(5, 3, 4, torch.float64, device_of(backend), class_weight=True, ignored=1)
     for reduction in REDUCTIONS:
         args = (-100, 0.1, 0.05, 2.0, reduction, 2, kind)
         torch.library.opcheck(fl.linear_cross_entropy.default, (h, w, b, t, cw, *args))
         hd, wd, bd = h.detach(), w.detach(), b.detach()
         mask = [False] * 3 if reduction == "none" else [True] * 3
-        torch.library.opcheck(fl.linear_cross_entropy_forward.default, (hd, wd, bd, t, cw, *args[:5], 2, mask, kind))
-    _, lse, *_ = fl.linear_cross_entropy_forward(hd, wd, bd, t, cw, -100, 0.1, 0.05, 2.0, "none", 2, [False] * 3, kind)
+        torch.library.opcheck(forward.default, (hd, wd, bd, t, cw, *args[:5], 2, mask))
+    _, lse, *_ = forward(hd, wd, bd, t, cw, -100, 0.1, 0.05, 2.0, "none", 2, [False] * 3)
     for gl, glse in ((torch.randn(5, dtype=torch.float64), None), (None, torch.randn(5, dtype=torch.float64))):
-        torch.library.opcheck(fl.linear_cross_entropy_backward.default,
-                              (gl, glse, hd, wd, bd, t, cw, lse, -100, 0.1, 0.05, 2.0, 2, [True, True, True], kind))
+        torch.library.opcheck(backward.default, (gl, glse, hd, wd, bd, t, cw, lse, -100, 0.1, 0.05, 2.0, 2, [True] * 3))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -717,7 +718,7 @@ def test_linear_bad_input(backend):
         linear_cross_entropy(h, w, torch.tensor([0, 7, 2, 3], device=dev), backend=backend)
     with pytest.raises(RuntimeError, match="expected weight on the device of hidden"):
         torch.ops.fusedlayers.linear_cross_entropy_forward(h.to("meta"), w, None, t.to("meta"), None, -100, 0.0, 0.0,
-                                                           None, "mean", 2, [False] * 3, "native")
+                                                           None, "mean", 2, [False] * 3)
 
 
 def test_linear_zero_hidden_features(backend):

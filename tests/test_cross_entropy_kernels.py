@@ -1,5 +1,5 @@
 """The cross-entropy kernel ops (cross_entropy_forward / _backward and their triton_ twins) on every runnable
-backend, against a plain-PyTorch float64 implementation of the per-row formulas of csrc/ops.cpp."""
+backend, against a plain-PyTorch float64 implementation of the per-row formulas of csrc/ops/cross_entropy.cpp."""
 import functools
 import itertools
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 import fusedlayers
-from fusedlayers._ops import HAS_NATIVE_CUDA
+from fusedlayers.backends import HAS_NATIVE_CUDA
 
 
 def _cuobjdump():

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from bench import gpu_report
-from fusedlayers._ops import HAS_NATIVE_CUDA
+from fusedlayers.backends import HAS_NATIVE_CUDA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -316,6 +316,18 @@ def no_vmap_fallback(capfd):
     assert "performance drop" not in err, err
 
 
+_CONTROL = torch.library.Library("fusedlayers_test", "DEF")
+_CONTROL.define("twice(Tensor x) -> Tensor")
+_CONTROL.impl("twice", lambda x: x * 2, "CPU")
+
+
+def test_the_fallback_detector_sees_the_fallback(capfd):
+    """Positive control of no_vmap_fallback: an op with no batching rule takes vmap's fallback, and it fails."""
+    with pytest.raises(AssertionError, match="performance drop"):
+        with no_vmap_fallback(capfd):
+            vmap(torch.ops.fusedlayers_test.twice)(torch.randn(3, 2))
+
+
 def test_vmap_takes_the_batching_rule_not_the_fallback(backend, capfd):
     device = device_of(backend)
     f, _ = _dense_pair(backend)

@@ -276,7 +276,7 @@ def _sequential(sizes, acts, bias=True):
     for (m, n), a in zip(zip(sizes, sizes[1:]), acts):
         mods.append(nn.Linear(m, n, bias=bias))
         if a != "identity":
-            mods.append(REFERENCE[a].module())
+            mods.append(REFERENCE[a].make_module())
     return nn.Sequential(*mods)
 
 

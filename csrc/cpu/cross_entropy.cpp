@@ -1,5 +1,5 @@
 // Softmax cross-entropy on the CPU: the kernels of `cross_entropy_forward` and `cross_entropy_backward`
-// (formulas in csrc/ops.cpp), parallel over rows, one vectorized pass per row (cpu/kernels_impl.h).
+// (formulas in csrc/ops/cross_entropy.cpp), parallel over rows, one vectorized pass per row (cpu/kernels_impl.h).
 //
 // float32 and float64 logits are read and the gradient written directly; float16 and bfloat16 rows go
 // through a float32 copy of one row at a time (the dispatch lambdas are not templates, so both branches
@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
-#include "cross_entropy.h"
+#include "ops/cross_entropy.h"
 
 namespace fusedlayers::cpu {
 namespace {

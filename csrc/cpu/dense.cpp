@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
-#include "dense.h"
+#include "ops/dense.h"
 
 namespace fusedlayers::cpu {
 

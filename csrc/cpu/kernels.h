@@ -35,7 +35,7 @@ struct MlpNet {
   MlpNetSizes sizes;
 };
 
-// One row of softmax cross-entropy in the math type M (the formulas of csrc/ops.cpp): x holds the row's C
+// One row of softmax cross-entropy in the math type M (the formulas of csrc/ops/cross_entropy.cpp): x holds the row's C
 // logits; weight is null (every class weighs 1) or holds C class weights summing to weight_sum; softcap 0
 // means none; target is the row's class, or -1 when the row is ignored.
 template <typename M>

@@ -8,7 +8,7 @@
 // Wider networks with few multiply-adds per hidden element (memory-bound ones: wide layers fed by narrow ones)
 // take the wide path: row tiles sized for L2 through every layer with BLAS GEMMs, one parallel region, the
 // backward again recomputing each tile's forward, so no (rows x width) intermediate is ever materialized.
-// The rest go layer by layer through the dense kernels (mlp_chain.cpp), saving what eager PyTorch saves.
+// The rest go layer by layer through the dense kernels (ops/mlp_chain.cpp), saving what eager PyTorch saves.
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
-#include "mlp.h"
+#include "ops/mlp.h"
 
 namespace fusedlayers::cpu {
 namespace {

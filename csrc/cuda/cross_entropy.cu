@@ -1,6 +1,6 @@
 // Softmax cross-entropy on CUDA: the kernels of cross_entropy_forward, cross_entropy_forward_grad and
-// cross_entropy_backward, with the per-row formulas of csrc/ops.cpp ("Softmax cross-entropy"); the reductions are
-// ATen ops around them (cross_entropy_ops.h).
+// cross_entropy_backward, with the per-row formulas of csrc/ops/cross_entropy.cpp ("Softmax cross-entropy"); the reductions are
+// ATen ops around them (ops/cross_entropy.h).
 //
 // One block per row. Forward: every thread runs an online max / sum of exponentials over its share of the row (one
 // exp per logit: its sum is rescaled only when its max grows), with label smoothing also sum w[c] * (z[c] - max)
@@ -28,7 +28,7 @@
 #include <limits>
 #include <optional>
 
-#include "cross_entropy_ops.h"
+#include "ops/cross_entropy.h"
 
 namespace fusedlayers::cuda {
 namespace {

@@ -31,7 +31,7 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "dense.h"
+#include "ops/dense.h"
 
 // Every cuBLASLt call's status is checked, and a failure names the call and the status.
 #define FL_CUBLASLT_CHECK(expr)                                                                               \

@@ -1,9 +1,9 @@
-"""The activation table of fusedlayers in Triton: f, f' and f'' of every activation, for kernels to fuse.
+"""The activation table of fusedlayers in Triton: f and f' of every activation, for kernels to fuse.
 
 ACT is the index of the activation's name in fusedlayers.activations.ACTIVATIONS (see activation_code), a
 constexpr, so each kernel is compiled for one activation and its per-element code has no branch on it.
-The formulas are those of csrc/activations.h. They use only core tl ops (exp, log, erf, cos, sin), not
-libdevice, so that they also run under the interpreter; tanh, sigmoid, expm1 and log1p are built from exp
+The formulas are those of csrc/activations.h; a row of the table with no formula here fails to compile. They
+use only core tl ops (exp, log, erf, cos, sin), not libdevice, so that they also run under the interpreter; tanh, sigmoid, expm1 and log1p are built from exp
 and log in forms accurate to a few ulp. z may be float32 or float64; the results have z's dtype.
 """
 import triton
@@ -17,19 +17,9 @@ def activation_code(name: str) -> int:
     return ACTIVATIONS.index(check_activation(name))
 
 
-IDENTITY = tl.constexpr(ACTIVATIONS.index("identity"))
-RELU = tl.constexpr(ACTIVATIONS.index("relu"))
-LEAKY_RELU = tl.constexpr(ACTIVATIONS.index("leaky_relu"))
-GELU = tl.constexpr(ACTIVATIONS.index("gelu"))
-GELU_TANH = tl.constexpr(ACTIVATIONS.index("gelu_tanh"))
-SILU = tl.constexpr(ACTIVATIONS.index("silu"))
-SIGMOID = tl.constexpr(ACTIVATIONS.index("sigmoid"))
-TANH = tl.constexpr(ACTIVATIONS.index("tanh"))
-SOFTPLUS = tl.constexpr(ACTIVATIONS.index("softplus"))
-SELU = tl.constexpr(ACTIVATIONS.index("selu"))
-ELU = tl.constexpr(ACTIVATIONS.index("elu"))
-COS = tl.constexpr(ACTIVATIONS.index("cos"))
-SIN = tl.constexpr(ACTIVATIONS.index("sin"))
+# ACT codes by name, from the table: IDENTITY, RELU, ..., one per row of ACTIVATIONS.
+for _code, _name in enumerate(ACTIVATIONS):
+    globals()[_name.upper()] = tl.constexpr(_code)
 
 _LEAKY_SLOPE = tl.constexpr(0.01)
 _SELU_SCALE = tl.constexpr(1.0507009873554804934193349852946)
@@ -38,7 +28,6 @@ _INV_SQRT_2PI = tl.constexpr(0.39894228040143267794)
 _GELU_TANH_ALPHA = tl.constexpr(0.79788456080286535588)  # sqrt(2/pi)
 _GELU_TANH_BETA = tl.constexpr(0.044715)
 _GELU_TANH_3BETA = tl.constexpr(3 * 0.044715)
-_GELU_TANH_6ALPHA_BETA = tl.constexpr(6 * 0.79788456080286535588 * 0.044715)
 _SELU_SCALE_ALPHA = tl.constexpr(1.0507009873554804934193349852946 * 1.6732632423543772848170429916717)
 _SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
@@ -137,9 +126,10 @@ def act_f(z, ACT: tl.constexpr):
         return tl.where(z > 0.0, z, _expm1(_min(z, 0.0)))
     elif ACT == COS:
         return tl.cos(z)
-    else:
-        tl.static_assert(ACT == SIN, "unknown activation code")
+    elif ACT == SIN:
         return tl.sin(z)
+    else:
+        tl.static_assert(False, "an activation of the table has no Triton formula (act_f)")
 
 
 @triton.jit
@@ -173,41 +163,7 @@ def act_df(z, ACT: tl.constexpr):
         return tl.where(z > 0.0, _const(z, 1.0), tl.exp(_min(z, 0.0)))
     elif ACT == COS:
         return -tl.sin(z)
-    else:
-        tl.static_assert(ACT == SIN, "unknown activation code")
+    elif ACT == SIN:
         return tl.cos(z)
-
-
-@triton.jit
-def act_d2f(z, ACT: tl.constexpr):
-    """f''(z)."""
-    if (ACT == IDENTITY) or (ACT == RELU) or (ACT == LEAKY_RELU):
-        return _const(z, 0.0)
-    elif ACT == GELU:
-        return _gelu_pdf(z) * (2.0 - z * z)
-    elif ACT == GELU_TANH:
-        t = _gelu_tanh_t(z)
-        du = _gelu_tanh_du(z)
-        d2u = z * _GELU_TANH_6ALPHA_BETA
-        return (1.0 - t * t) * (du + 0.5 * z * (d2u - 2.0 * t * du * du))
-    elif ACT == SILU:
-        s = _sigmoid(z)
-        return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
-    elif ACT == SIGMOID:
-        s = _sigmoid(z)
-        return s * (1.0 - s) * (1.0 - 2.0 * s)
-    elif ACT == TANH:
-        t = _tanh(z)
-        return -2.0 * t * (1.0 - t * t)
-    elif ACT == SOFTPLUS:
-        s = _sigmoid(z)
-        return tl.where(z > _SOFTPLUS_THRESHOLD, _const(z, 0.0), s * (1.0 - s))
-    elif ACT == SELU:
-        return tl.where(z > 0.0, _const(z, 0.0), tl.exp(_min(z, 0.0)) * _SELU_SCALE_ALPHA)
-    elif ACT == ELU:
-        return tl.where(z > 0.0, _const(z, 0.0), tl.exp(_min(z, 0.0)))
-    elif ACT == COS:
-        return -tl.cos(z)
     else:
-        tl.static_assert(ACT == SIN, "unknown activation code")
-        return -tl.sin(z)
+        tl.static_assert(False, "an activation of the table has no Triton formula (act_df)")

@@ -1,5 +1,6 @@
 """The softmax cross-entropy op family in Triton: the kernels of the triton_cross_entropy_* ops, with the per-row
-formulas of csrc/ops.cpp ("Softmax cross-entropy"); the reductions are torch ops around them (_ops.py).
+formulas of csrc/ops/cross_entropy.cpp ("Softmax cross-entropy"); the reductions are torch ops around them
+(fusedlayers/ops/cross_entropy.py).
 
 One program per row, looping over the classes in BLOCK-sized chunks. Forward: one pass with an online max and
 sum of exponentials (one exp per logit); with label smoothing the same pass also sums w[c] * (z[c] - max), kept
@@ -21,7 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._ops import ce_math_dtype, ce_reduce_rows, ce_row_grad_loss, check_ce_reduction, check_cross_entropy_args
+from ..ops.cross_entropy import (ce_math_dtype, ce_reduce_rows, ce_row_grad_loss, check_ce_backward_rows,
+                                 check_ce_reduction, check_cross_entropy_args)
 from .activations import _tanh
 
 # Classes per chunk, by math dtype: the largest block a program loops with (smaller C use the next power of two
@@ -184,18 +186,6 @@ def _check_args(logits: Tensor, target: Tensor, weight: Tensor | None, label_smo
                          f"logits, got {logits.dtype}")
 
 
-def _check_row_tensor(name: str, t: Tensor, logits: Tensor) -> None:
-    """A per-row input of the backward (grad_loss, grad_lse, lse): floating, (N,), on the logits' device."""
-    torch._check(t.dim() == 1 and t.shape[0] == logits.shape[0],
-                 lambda: f"cross_entropy_backward(): expected {name} of shape ({logits.shape[0]},), got shape "
-                         f"{list(t.shape)}")
-    torch._check(t.dtype.is_floating_point,
-                 lambda: f"cross_entropy_backward(): expected {name} to be floating-point, got {t.dtype}")
-    torch._check(t.device == logits.device,
-                 lambda: f"cross_entropy_backward(): expected {name} on the device of logits ({logits.device}), got "
-                         f"{t.device}")
-
-
 def _check_targets_in_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
     """Host check of the kept targets, for CPU tensors only (the interpreter ignores tl.device_assert); on a GPU
     the kernels assert on the device, since reading the targets here would synchronize."""
@@ -285,14 +275,10 @@ def cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, logits: T
     """The kernel of fusedlayers::triton_cross_entropy_backward: the gradient (N, C) in the logits' dtype."""
     _check_args(logits, target, weight, label_smoothing, softcap)
     check_ce_reduction(reduction)
-    if reduction == "none":
-        _check_row_tensor("grad_loss", grad_loss, logits)
-    else:
-        torch._check(grad_loss.dim() == 0, lambda: f"cross_entropy_backward(): expected a 0-d grad_loss for a "
-                                                   f"reduced loss, got shape {list(grad_loss.shape)}")
-    for name, t in (("grad_lse", grad_lse), ("lse", lse)):
-        if t is not None:
-            _check_row_tensor(name, t, logits)
+    check_ce_backward_rows(grad_loss, grad_lse, lse, logits, reduction)
+    for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse)):
+        torch._check(t is None or t.dtype.is_floating_point,
+                     lambda: f"cross_entropy_backward(): expected {name} to be floating-point, got {t.dtype}")
     math_dtype = ce_math_dtype(logits.dtype)
     torch._check(lse.dtype == math_dtype,
                  lambda: f"cross_entropy_backward(): expected lse of dtype {math_dtype}, got {lse.dtype}")

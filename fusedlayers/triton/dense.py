@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._ops import check_dense_args, saves_preact
+from ..ops.dense import check_dense_args, saves_preact
 from .activations import IDENTITY, act_df, act_f, activation_code
 
 # Tile sizes (BLOCK_M, BLOCK_N, BLOCK_K) per kernel and compute dtype; fixed, so that the kernels can be

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._ops import check_mlp_args
+from ..ops.mlp import check_mlp_args
 from .activations import IDENTITY, act_df, act_f, activation_code
 from .dense import _DTYPES, NUM_WARPS, _as_rows, _compute, _forward_2d, _launch, dense_backward
 

@@ -4,7 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "mlp.h"
+#include "ops/mlp.h"
 
 namespace fusedlayers {
 namespace {
@@ -32,7 +32,7 @@ MlpForwardResult mlp_chain_forward(const at::Tensor& x, at::TensorList weights, 
   for (size_t l = 0; l < L; ++l) {
     auto [y, z] = forward.call(h, weights[l], bias_of(biases, l), activations[l], save);
     if (save && l + 1 < L) hs.push_back(y);
-    if (save && parse_activation(activations[l]) != Activation::Identity) zs.push_back(z);
+    if (save && !derivative_is_constant(parse_activation(activations[l]))) zs.push_back(z);
     h = y;
   }
   hs.insert(hs.end(), zs.begin(), zs.end());
@@ -47,7 +47,7 @@ MlpBackwardResult mlp_chain_backward(const at::Tensor& grad_out, const at::Tenso
   check_mlp_args(x, weights, biases, activations.size());
   const size_t L = weights.size();
   size_t layout = L - 1;  // saved = [h_1..h_{L-1}, z of each non-identity layer]
-  for (const auto& a : activations) layout += parse_activation(a) != Activation::Identity;
+  for (const auto& a : activations) layout += !derivative_is_constant(parse_activation(a));
   if (saved.empty() && layout > 0) {  // recompute: the forward again, keeping what the backward needs
     auto again = std::get<1>(mlp_chain_forward(x, weights, biases, activations, true));
     return mlp_chain_backward(grad_out, x, weights, biases, again, activations, input_grad);
@@ -57,7 +57,7 @@ MlpBackwardResult mlp_chain_backward(const at::Tensor& grad_out, const at::Tenso
   inputs.insert(inputs.end(), saved.begin(), saved.begin() + (L - 1));
   size_t next = L - 1;
   for (size_t l = 0; l < L; ++l) {
-    if (parse_activation(activations[l]) != Activation::Identity) preacts[l] = saved[next++];
+    if (!derivative_is_constant(parse_activation(activations[l]))) preacts[l] = saved[next++];
   }
   std::vector<at::Tensor> dweights(L), dbiases(biases.empty() ? 0 : L);
   at::Tensor g = grad_out;
@@ -75,8 +75,3 @@ MlpBackwardResult mlp_chain_backward(const at::Tensor& grad_out, const at::Tenso
 }
 
 }  // namespace fusedlayers
-
-TORCH_LIBRARY_IMPL(fusedlayers, CUDA, m) {
-  m.impl("mlp_forward", &fusedlayers::mlp_chain_forward);
-  m.impl("mlp_backward", &fusedlayers::mlp_chain_backward);
-}

@@ -1,9 +1,9 @@
-// The mlp op family: argument checks, the layout of what the native forward saves, and the layer-by-layer
-// chain through the dense kernels (mlp_chain.cpp) that CUDA uses always and the CPU for large layers.
+// The mlp family's argument contract, the layout of what the native forward saves, and the layer-by-layer
+// chain through the dense kernels (ops/mlp_chain.cpp) that CUDA uses always and the CPU for large layers.
 //
-// Native saved layout (what mlp_forward returns with save, and the fake kernel in _ops.py mirrors):
+// Native saved layout (what mlp_forward returns with save, and the fake kernel in fusedlayers/ops/mlp.py mirrors):
 //   [h_1, ..., h_{L-1}]  the inputs of layers 1..L-1 (layer 0's is x), then
-//   [z_l for every layer l whose activation is not identity]  the pre-activations.
+//   [z_l for every layer l whose f' is not constant]  the pre-activations.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,18 +12,12 @@
 #include <tuple>
 #include <vector>
 
-#include "dense.h"
+#include "ops/dense.h"
 
 namespace fusedlayers {
 
-inline std::vector<Activation> parse_activations(const std::vector<std::string>& names) {
-  std::vector<Activation> acts;
-  acts.reserve(names.size());
-  for (const auto& n : names) acts.push_back(parse_activation(n));
-  return acts;
-}
-
-// The checks of every mlp kernel, with the same messages as check_mlp_args in _ops.py; op names the caller.
+// The checks of every mlp kernel, with the messages of check_mlp_args in fusedlayers/ops/mlp.py; op names the
+// caller.
 inline void check_mlp_args(const at::Tensor& x, at::TensorList weights, at::TensorList biases, size_t num_activations,
                            const char* op = "mlp") {
   const size_t L = weights.size();
@@ -39,7 +33,7 @@ inline void check_mlp_args(const at::Tensor& x, at::TensorList weights, at::Tens
     TORCH_CHECK(w.size(1) == width, op, "(): expected weights[", i, "].size(1) == ", width,
                 " (the width of the layer's input), got shape ", w.sizes());
     TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, "(): expected weights[", i, "] to have the dtype of x (",
-                x.scalar_type(), "), got ", w.scalar_type());
+                py(x.scalar_type()), "), got ", py(w.scalar_type()));
     TORCH_CHECK(w.device() == x.device(), op, "(): expected weights[", i, "] on the device of x (", x.device(),
                 "), got ", w.device());
     if (!biases.empty()) {
@@ -47,13 +41,13 @@ inline void check_mlp_args(const at::Tensor& x, at::TensorList weights, at::Tens
       TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), op, "(): expected biases[", i, "] of shape [", w.size(0),
                   "], got ", b.sizes());
       TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, "(): expected biases[", i, "] to have the dtype of x (",
-                  x.scalar_type(), "), got ", b.scalar_type());
+                  py(x.scalar_type()), "), got ", py(b.scalar_type()));
       TORCH_CHECK(b.device() == x.device(), op, "(): expected biases[", i, "] on the device of x (", x.device(),
                   "), got ", b.device());
     }
     width = w.size(0);
   }
-  TORCH_CHECK(x.is_floating_point(), op, "(): expected x to be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.is_floating_point(), op, "(): expected x to be a floating-point tensor, got ", py(x.scalar_type()));
 }
 
 using MlpForwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>>;

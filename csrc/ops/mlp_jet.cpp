@@ -17,7 +17,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
-#include "mlp.h"
+#include "ops/mlp.h"
 
 namespace fusedlayers {
 namespace {
@@ -29,7 +29,7 @@ void check_jet_args(const at::Tensor& x, const at::Tensor& direction, at::Tensor
                     size_t num_activations) {
   check_mlp_args(x, weights, biases, num_activations, "mlp_jet");
   TORCH_CHECK(direction.scalar_type() == x.scalar_type(), "mlp_jet(): expected direction to have the dtype of x (",
-              x.scalar_type(), "), got ", direction.scalar_type());
+              py(x.scalar_type()), "), got ", py(direction.scalar_type()));
   TORCH_CHECK(direction.device() == x.device(), "mlp_jet(): expected direction on the device of x (", x.device(),
               "), got ", direction.device());
   bool broadcasts = direction.dim() <= x.dim();
@@ -304,6 +304,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_autograd(const at::Tensor
 
 }  // namespace
 }  // namespace fusedlayers
+
+TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
+  // The second-order Taylor jet of an mlp along a direction: for u = mlp(x), (u, du, d2u) with, row by row,
+  // du = J u . direction and d2u = direction^T (Hessian of u) direction (one input feature and direction 1:
+  // u, du/dx, d2u/dx2). direction broadcasts to x's shape. One autograd node; the kernels
+  // save [jet of each layer's input, jet of each layer's pre-activation], (3, rows, width) each, and the
+  // backward returns (dx, ddirection, [dW_l], [db_l]), undefined or empty where output_mask (x, direction,
+  // parameters) is false.
+  m.def("mlp_jet(Tensor x, Tensor direction, Tensor[] weights, Tensor[] biases, str[] activations) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("mlp_jet_forward(Tensor x, Tensor direction, Tensor[] weights, Tensor[] biases, str[] activations) "
+        "-> (Tensor, Tensor, Tensor, Tensor[])");
+  m.def("mlp_jet_backward(Tensor? grad_u, Tensor? grad_du, Tensor? grad_d2u, Tensor x, Tensor direction, "
+        "Tensor[] weights, Tensor[] biases, Tensor[] saved, str[] activations, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor[], Tensor[])");
+  // The same jet as a composite of ATen ops and activation_derivative: what torch.func and forward-mode AD run.
+  m.def("mlp_jet_composite(Tensor x, Tensor direction, Tensor[] weights, Tensor[] biases, str[] activations) "
+        "-> (Tensor, Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
   m.impl("mlp_jet", &fusedlayers::mlp_jet_autograd);

@@ -1,0 +1,194 @@
+// The mlp family: a whole network of dense layers as one op with one autograd node, its kernels' schemas
+// (every backend's), and its differentiable gradient for create_graph and torch.func.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "backend.h"
+#include "ops/mlp.h"
+
+namespace fusedlayers {
+namespace {
+
+using torch::autograd::variable_list;
+
+// The same gradients as the mlp_backward kernels, as a composite of ATen ops and activation_derivative (see
+// dense_grad, ops/dense.cpp): differentiable again to any order.
+MlpBackwardResult mlp_grad(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                           at::TensorList biases, std::vector<std::string> activations, bool input_grad,
+                           bool params_grad) {
+  check_mlp_args(x, weights, biases, activations.size());
+  const size_t L = weights.size();
+  const int64_t rows = dense_rows(x);
+  std::vector<bool> linear(L);
+  for (size_t l = 0; l < L; ++l) linear[l] = derivative_is_constant(parse_activation(activations[l]));
+  std::vector<at::Tensor> hs{x.reshape({rows, x.size(-1)})}, zs(L);
+  for (size_t l = 0; l < L; ++l) {
+    zs[l] = biases.empty() ? at::mm(hs[l], weights[l].t()) : at::addmm(biases[l], hs[l], weights[l].t());
+    if (l + 1 < L) hs.push_back(linear[l] ? zs[l] : derivative(zs[l], activations[l], 0));
+  }
+  std::vector<at::Tensor> dweights(params_grad ? L : 0), dbiases(params_grad ? biases.size() : 0);
+  at::Tensor g = grad_out.reshape({rows, weights[L - 1].size(0)});
+  for (size_t l = L; l-- > 0;) {
+    const at::Tensor dz = linear[l] ? g : derivative_times(g, zs[l], activations[l], 1);
+    if (params_grad) dweights[l] = at::mm(dz.t(), hs[l]);
+    if (params_grad && !biases.empty()) dbiases[l] = dz.sum(0);
+    if (l > 0 || input_grad) g = at::mm(dz, weights[l]);
+  }
+  return {input_grad ? g.reshape(x.sizes()) : at::Tensor(), dweights, dbiases};
+}
+
+
+using MlpGradFn = MlpBackwardResult(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
+                                    std::vector<std::string>, bool, bool);
+
+using MlpForwardFn = MlpForwardResult(const at::Tensor&, at::TensorList, at::TensorList, std::vector<std::string>, bool);
+using MlpBackwardFn = MlpBackwardResult(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
+                                        at::TensorList, std::vector<std::string>, bool);
+
+const KernelOp<MlpForwardFn>& mlp_forward_op() {
+  static const KernelOp<MlpForwardFn> op("mlp_forward");
+  return op;
+}
+
+const KernelOp<MlpBackwardFn>& mlp_backward_op() {
+  static const KernelOp<MlpBackwardFn> op("mlp_backward");
+  return op;
+}
+
+// One autograd node for the whole network. Its backward is the mlp_backward kernel, or under create_graph
+// the mlp_grad composite, which autograd differentiates again. A plain Node (as every node of fusedlayers) rather
+// than a torch::autograd::Function: the Function's per-call bookkeeping (a context of named IValues, per-input
+// metadata, output wrapping) costs more than a tiny network's arithmetic. Its outputs (next edges) are the
+// gradients of x, weights..., biases....
+struct MLPBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x;
+  std::vector<torch::autograd::SavedVariable> weights, biases, saved;
+  std::vector<std::string> activations;
+  Backend backend = Backend::Native;
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // as PyTorch's generated nodes: a retained graph can run twice at once
+    const size_t L = weights.size();
+    variable_list out(num_outputs());
+    const bool input_grad = task_should_compute_output(0);
+    bool params_grad = false;
+    for (size_t i = 1; i < out.size(); ++i) params_grad = params_grad || task_should_compute_output(i);
+    if (!grads[0].defined() || !(input_grad || params_grad)) return out;
+    const at::Tensor x_ = x.unpack();
+    std::vector<at::Tensor> ws, bs, ss;
+    ws.reserve(L);
+    for (const auto& v : weights) ws.push_back(v.unpack());
+    for (const auto& v : biases) bs.push_back(v.unpack());
+    for (const auto& v : saved) ss.push_back(v.unpack());
+    at::Tensor dx;
+    std::vector<at::Tensor> dweights, dbiases;
+    if (at::GradMode::is_enabled()) {
+      static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_grad", "").typed<MlpGradFn>();
+      std::tie(dx, dweights, dbiases) = composite.call(grads[0], x_, ws, bs, activations, input_grad, params_grad);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseBackward::apply (ops/dense.cpp)
+      std::tie(dx, dweights, dbiases) =
+          mlp_backward_op()(backend).call(grads[0], x_, ws, bs, ss, activations, input_grad);
+    }
+    out[0] = dx;
+    for (size_t i = 0; i < dweights.size(); ++i) {
+      if (task_should_compute_output(1 + i)) out[1 + i] = dweights[i];
+    }
+    for (size_t i = 0; i < dbiases.size(); ++i) {
+      if (task_should_compute_output(1 + L + i)) out[1 + L + i] = dbiases[i];
+    }
+    return out;
+  }
+
+  std::string name() const override { return "MLPBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x.reset_data();
+    for (auto* list : {&weights, &biases, &saved}) {
+      for (auto& v : *list) v.reset_data();
+    }
+  }
+};
+
+at::Tensor mlp_no_autograd(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                           std::vector<std::string> activations, bool /*save*/, c10::string_view backend) {
+  return std::get<0>(mlp_forward_op()(parse_backend(backend)).call(x, weights, biases, activations, false));
+}
+
+at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                        std::vector<std::string> activations, bool save, c10::string_view backend) {
+  check_mlp_args(x, weights, biases, activations.size());  // before anything reads the shapes
+  check_no_forward_grad({&x}, weights);
+  check_no_forward_grad({}, biases);
+  bool needs_grad = x.requires_grad();
+  for (const auto& t : weights) needs_grad = needs_grad || t.requires_grad();
+  for (const auto& t : biases) needs_grad = needs_grad || t.requires_grad();
+  if (!(at::GradMode::is_enabled() && needs_grad)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return mlp_no_autograd(x, weights, biases, activations, save, backend);
+  }
+  const Backend kernels = parse_backend(backend);
+  save = save && !(kernels == Backend::Native && cpu::mlp_cpu_recomputes(x, weights));
+  auto node = c10::make_intrusive<MLPBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, weights, biases));
+  at::Tensor y;
+  std::vector<at::Tensor> saved;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in dense_autograd (ops/dense.cpp)
+    std::tie(y, saved) = mlp_forward_op()(kernels).call(x, weights, biases, activations, save);
+  }
+  node->x = torch::autograd::SavedVariable(x, /*is_output=*/false);
+  for (const auto& w : weights) node->weights.emplace_back(w, /*is_output=*/false);
+  for (const auto& b : biases) node->biases.emplace_back(b, /*is_output=*/false);
+  for (const auto& t : saved) node->saved.emplace_back(t, /*is_output=*/false);
+  node->activations = std::move(activations);
+  node->backend = kernels;
+  torch::autograd::set_history(y, node);
+  return y;
+}
+
+}  // namespace
+}  // namespace fusedlayers
+
+TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
+  // A whole network of dense layers: layer l computes h_{l+1} = activations[l](h_l @ weights[l].T + biases[l]),
+  // h_0 = x. biases is empty (no biases) or has one per layer.
+  m.def("mlp(Tensor x, Tensor[] weights, Tensor[] biases, str[] activations, bool save, str backend) -> Tensor");
+  // Returns (y, saved): with save, saved = [z_0, ..., z_{L-1}], the pre-activation of every layer (shape
+  // (*batch, out_l)), from which the backward gets h_l = f(z_{l-1}); without, saved is empty and the backward
+  // recomputes the forward. Backward returns (dx or undefined without input_grad, [dW_l], [db_l] or []).
+  fusedlayers::def_kernels(m, {"mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, str[] activations, bool save) "
+                               "-> (Tensor, Tensor[])",
+                               "mlp_backward(Tensor grad_out, Tensor x, Tensor[] weights, Tensor[] biases, "
+                               "Tensor[] saved, str[] activations, bool input_grad) -> (Tensor, Tensor[], Tensor[])"});
+  // The gradient as a composite of differentiable ops (see dense_grad); the lists are empty without params_grad.
+  m.def("mlp_grad(Tensor grad_out, Tensor x, Tensor[] weights, Tensor[] biases, str[] activations, "
+        "bool input_grad, bool params_grad) -> (Tensor, Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
+  m.impl("mlp", &fusedlayers::mlp_autograd);
+  fusedlayers::not_differentiable(m, {"mlp_forward", "mlp_backward"});
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
+  m.impl("mlp", &fusedlayers::mlp_no_autograd);
+}
+
+// As dense_grad's (ops/dense.cpp).
+TORCH_LIBRARY_IMPL(fusedlayers, CompositeImplicitAutograd, m) {
+  m.impl("mlp_grad", &fusedlayers::mlp_grad);
+}
+
+TORCH_LIBRARY_IMPL(fusedlayers, FuncTorchBatchedDecomposition, m) {
+  m.impl("mlp_grad", &fusedlayers::mlp_grad);
+}

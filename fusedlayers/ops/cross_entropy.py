@@ -1,0 +1,245 @@
+"""The cross-entropy family's Python side (its schemas, autograd, formulas and C++ contract:
+csrc/ops/cross_entropy.{h,cpp}): the argument contract, the reductions as torch ops (no host synchronization),
+the kernels' fakes (every backend's) and the torch.func route."""
+import torch
+from torch import Tensor
+
+from .common import KERNELS, batch_first, function_op
+
+_ops = torch.ops.fusedlayers
+_cross_entropy = _ops.cross_entropy.default
+
+
+def check_per_class(v: Tensor | None, op: str, name: str, classes: int, like: Tensor, like_name: str) -> None:
+    """A per-class vector argument (cross_entropy's weight; linear_cross_entropy's bias and class_weight): shape
+    (classes,), the dtype and device of the argument `like`."""
+    if v is None:
+        return
+    torch._check(v.dim() == 1 and v.shape[0] == classes,
+                 lambda: f"{op}(): expected {name} of shape ({classes},) (one per class), got shape {list(v.shape)}")
+    torch._check(v.dtype == like.dtype,
+                 lambda: f"{op}(): expected {name} to have the dtype of {like_name} ({like.dtype}), got {v.dtype}")
+    torch._check(v.device == like.device,
+                 lambda: f"{op}(): expected {name} on the device of {like_name} ({like.device}), got {v.device}")
+
+
+def check_cross_entropy_args(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
+                             softcap: float | None) -> None:
+    """The cross-entropy contract: the checks of every cross-entropy kernel, the fakes' and the Triton
+    kernels' here, the C++ kernels' in csrc/ops/cross_entropy.h with the same messages."""
+    torch._check(logits.dim() == 2, lambda: f"cross_entropy(): expected logits of shape (N, C), got shape "
+                                            f"{list(logits.shape)}")
+    torch._check(logits.dtype.is_floating_point,
+                 lambda: f"cross_entropy(): expected floating-point logits, got {logits.dtype}")
+    torch._check(target.dtype == torch.int64,
+                 lambda: f"cross_entropy(): expected target of dtype int64 (long), got {target.dtype}")
+    torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0],
+                 lambda: f"cross_entropy(): expected target of shape ({logits.shape[0]},) for logits of shape "
+                         f"{list(logits.shape)}, got shape {list(target.shape)}")
+    torch._check(target.device == logits.device,
+                 lambda: f"cross_entropy(): expected target on the device of logits ({logits.device}), got "
+                         f"{target.device}")
+    check_per_class(weight, "cross_entropy", "weight", logits.shape[1], logits, "logits")
+    torch._check_value(0.0 <= label_smoothing <= 1.0,
+                       lambda: f"cross_entropy(): label_smoothing must be in [0, 1], got {label_smoothing}")
+    torch._check_value(softcap is None or softcap > 0.0,
+                       lambda: f"cross_entropy(): softcap must be positive, got {softcap}")
+
+
+def ce_math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the cross-entropy kernels compute and return loss and lse in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+CE_REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_ce_reduction(reduction: str, op: str = "cross_entropy") -> None:
+    torch._check_value(reduction in CE_REDUCTIONS,
+                       lambda: f"{op}(): '{reduction}' is not a valid value for reduction; expected one of: "
+                               f"{', '.join(CE_REDUCTIONS)}")
+
+
+def check_ce_backward_rows(grad_loss: Tensor, grad_lse: Tensor | None, lse: Tensor, logits: Tensor,
+                           reduction: str) -> None:
+    """The per-row inputs of every backward kernel: (N,) each (grad_loss 0-d for "mean" and "sum"), on the
+    logits' device."""
+    n = logits.shape[0]
+    torch._check(lse.dim() == 1 and lse.shape[0] == n,
+                 lambda: f"cross_entropy_backward(): expected lse of shape ({n},), got shape {list(lse.shape)}")
+    if reduction == "none":
+        torch._check(grad_loss.dim() == 1 and grad_loss.shape[0] == n,
+                     lambda: f"cross_entropy_backward(): expected grad_loss of shape ({n},) for reduction 'none', got "
+                             f"shape {list(grad_loss.shape)}")
+    else:
+        torch._check(grad_loss.dim() == 0, lambda: f"cross_entropy_backward(): expected a 0-d grad_loss for a reduced "
+                                                   f"loss, got shape {list(grad_loss.shape)}")
+    torch._check(grad_lse is None or (grad_lse.dim() == 1 and grad_lse.shape[0] == n),
+                 lambda: f"cross_entropy_backward(): expected grad_lse of shape ({n},), got shape "
+                         f"{list(grad_lse.shape)}")
+    for v in (grad_loss, lse, grad_lse):
+        torch._check(v is None or v.device == logits.device,
+                     lambda: f"cross_entropy_backward(): expected grad_loss, grad_lse and lse on the device of logits "
+                             f"({logits.device}), got {v.device}")
+
+
+def _kept_weights(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
+    """The class weight of each row's target, 0 for ignored rows (1 for kept rows without weights)."""
+    kept = target != ignore_index
+    if weight is None:
+        return kept.to(dtype)
+    safe = torch.where(kept, target, 0).clamp(0, weight.shape[0] - 1)  # the kernels reject kept strays
+    return torch.where(kept, weight.to(dtype).gather(0, safe), 0)
+
+
+def ce_reduce_rows(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str) -> Tensor:
+    """PyTorch's reductions of per-row losses, as torch ops (no host synchronization): "mean" divides by the summed
+    class weights of the kept rows (their count without weights), nan when every row is ignored."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return ce_mean(loss.sum(), _kept_weights(target, weight, ignore_index, loss.dtype).sum())
+
+
+def ce_mean(total: Tensor, denominator: Tensor) -> Tensor:
+    """A "mean" reduction: nan when the kept rows' weights sum to 0, as PyTorch's (its NLL part is 0/0), even
+    where label smoothing's part of the total is not 0."""
+    return torch.where(denominator == 0, float("nan"), total / denominator)
+
+
+def ce_row_grad_loss(grad_loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
+                     dtype: torch.dtype) -> Tensor:
+    """The per-row grad_loss of a backward: grad_loss itself for "none"; for a reduced loss its 0-d grad_loss
+    (divided by ce_reduce_rows' denominator for "mean") expanded to (N,)."""
+    g = grad_loss.to(dtype)
+    if reduction == "none":
+        return g.contiguous()
+    if reduction == "mean":
+        g = g / _kept_weights(target, weight, ignore_index, dtype).sum()
+    return g.expand(target.shape[0]).contiguous()
+
+
+def _cross_entropy_forward_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction):
+    check_cross_entropy_args(logits, target, weight, label_smoothing, softcap)
+    check_ce_reduction(reduction)
+    math = ce_math_dtype(logits.dtype)
+    loss_shape = (logits.shape[0],) if reduction == "none" else ()
+    return logits.new_empty(loss_shape, dtype=math), logits.new_empty(logits.shape[0], dtype=math)
+
+
+def _cross_entropy_forward_grad_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                     reduction, grad):
+    torch._check(grad.shape == logits.shape and grad.dtype == logits.dtype,
+                 lambda: f"cross_entropy_forward_grad(): expected grad shaped as logits {list(logits.shape)} of dtype "
+                         f"{logits.dtype}, got {list(grad.shape)} {grad.dtype}")
+    return _cross_entropy_forward_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                       reduction)
+
+
+def _cross_entropy_backward_fake(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing,
+                                 z_loss, softcap, reduction):
+    check_cross_entropy_args(logits, target, weight, label_smoothing, softcap)
+    check_ce_reduction(reduction)
+    check_ce_backward_rows(grad_loss, grad_lse, lse, logits, reduction)
+    return logits.new_empty(logits.shape)
+
+
+for _prefix in KERNELS.values():
+    torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_forward")(_cross_entropy_forward_fake)
+    torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_forward_grad")(_cross_entropy_forward_grad_fake)
+    torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_backward")(_cross_entropy_backward_fake)
+
+
+# ---- torch.func ------------------------------------------------------------------------------------------
+# The per-row (loss, lse) op; the formulas are the contract's ("Softmax cross-entropy" in csrc/ops/cross_entropy.cpp), in
+# torch ops that batch under vmap (the one-hot by a comparison) and differentiate again.
+
+_CE_WEIGHT_GRAD = ("cross_entropy(): the gradient with respect to the class weight is not implemented (neither is "
+                   "it in F.cross_entropy); pass weight.detach()")
+
+
+def _ce_forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return _cross_entropy(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, "none", backend)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, target, weight, ctx.ignore_index, ctx.eps, ctx.z_loss, ctx.softcap, _ = inputs
+    ctx.save_for_backward(logits, target, weight)
+    ctx.save_for_forward(logits, target, weight)
+    ctx.set_materialize_grads(False)  # a weight without a tangent gets None, not zeros (a tangent raises)
+
+
+def _ce_terms(ctx):
+    """(x, lse, p, kept, w (None: ones), w[t] of the kept rows, onehot(t), C) in the math dtype."""
+    logits, target, weight = ctx.saved_tensors
+    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    z = x if ctx.softcap is None else ctx.softcap * torch.tanh(x / ctx.softcap)
+    lse = z.logsumexp(-1)
+    kept = target != ctx.ignore_index
+    onehot = (torch.arange(x.shape[-1], device=x.device) == target.unsqueeze(-1)).to(x.dtype)
+    w = None if weight is None else weight.to(x.dtype)
+    wt = kept.to(x.dtype) if w is None else torch.where(kept, (onehot * w).sum(-1), 0)
+    return x, lse, (z - lse.unsqueeze(-1)).exp(), kept, w, wt, onehot, x.shape[-1]
+
+
+def _ce_backward(ctx, grad_loss, grad_lse):
+    logits = ctx.saved_tensors[0]
+    x, lse, p, kept, w, wt, onehot, C = _ce_terms(ctx)
+    eps = ctx.eps
+    # where: an all-ignored mean's grad_loss is inf. An output without a gradient gets None.
+    gl = torch.where(kept, 0 if grad_loss is None else grad_loss.to(x.dtype), 0)
+    W = C if w is None else w.sum()
+    a = gl * (wt * ((1 - eps) + 2 * ctx.z_loss * lse) + eps / C * W)
+    if grad_lse is not None:
+        a = a + grad_lse.to(x.dtype)
+    dz = a.unsqueeze(-1) * p - (gl * wt * (1 - eps)).unsqueeze(-1) * onehot
+    if eps:
+        dz = dz - (gl * (eps / C)).unsqueeze(-1) * (1 if w is None else w)
+    if ctx.softcap is not None:
+        dz = dz * (1 - torch.tanh(x / ctx.softcap).square())
+    return dz.to(logits.dtype), None, None, None, None, None, None, None
+
+
+def _ce_jvp(ctx, tlogits, _target, tweight, *_):
+    # dlse = <p, dz>, dloss = kept * (w[t] * ((1 - eps) * (dlse - dz[t]) + 2 z_loss lse dlse)
+    #                                 + eps / C * (W dlse - <w, dz>)), dz the tangent of the (capped) logits.
+    if tweight is not None:
+        raise RuntimeError(_CE_WEIGHT_GRAD)
+    x, lse, p, kept, w, wt, onehot, C = _ce_terms(ctx)
+    eps = ctx.eps
+    dz = tlogits.to(x.dtype)
+    if ctx.softcap is not None:
+        dz = dz * (1 - torch.tanh(x / ctx.softcap).square())
+    dlse = (p * dz).sum(-1)
+    smooth = C * dlse - dz.sum(-1) if w is None else w.sum() * dlse - (w * dz).sum(-1)
+    dloss = wt * ((1 - eps) * (dlse - (onehot * dz).sum(-1)) + 2 * ctx.z_loss * lse * dlse) + eps / C * smooth
+    return torch.where(kept, dloss, 0), dlse
+
+
+def _ce_vmap(info, in_dims, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend):
+    ld, td, wd = in_dims[:3]
+    n = info.batch_size
+    args = ignore_index, label_smoothing, z_loss, softcap, "none", backend
+    if wd is not None:  # a class weight per batch entry: one call each
+        pick = lambda t, d, i: t if d is None else t.select(d, i)  # noqa: E731
+        outs = [cross_entropy_function(pick(logits, ld, i), pick(target, td, i), weight.select(wd, i), *args) for i in range(n)]
+        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+    # The op takes rows: the batch entries become more rows.
+    logits, target = batch_first(logits, ld, n), batch_first(target, td, n)
+    loss, lse = cross_entropy_function(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight, *args)
+    return (loss.reshape(n, logits.shape[1]), lse.reshape(n, logits.shape[1])), (0, 0)
+
+
+_ce_function = function_op("CrossEntropyFunction", _ce_forward, _ce_setup_context, _ce_backward, _ce_jvp, _ce_vmap)
+
+
+def cross_entropy_function(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                           label_smoothing: float, z_loss: float, softcap: float | None, reduction: str,
+                           backend: str) -> tuple[Tensor, Tensor]:
+    """The cross_entropy op as the autograd.Function, for a torch.func transform or a tangent (not compiling):
+    per-row losses, reduced by torch ops."""
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():  # as the op refuses it
+        raise RuntimeError(_CE_WEIGHT_GRAD)
+    loss, lse = _ce_function(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
+    return ce_reduce_rows(loss, target, weight, ignore_index, reduction), lse
