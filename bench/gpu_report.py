@@ -1,13 +1,16 @@
 """GPU resource report of every fusedlayers kernel, made without a GPU: `python -m bench.gpu_report [--json FILE]`.
 
-Triton kernels are compiled ahead of time for sm_80 and sm_90 at their benchmark configuration (the cases of
-bench/cases.py) and their PTX is assembled by Triton's bundled ptxas -v for registers and spills. The CUDA
-kernels' usage is read from the built extension with cuobjdump -res-usage. Each kernel also gets the bytes it
+Triton kernels are captured as the library launches them in a training step of their benchmark configuration
+(the cases of bench/cases.py): the triton_* ops run on CPU tensors with Triton's launch intercepted, nothing
+executed. Each captured launch is compiled ahead of time for sm_80 and sm_90 and its PTX is assembled by
+Triton's bundled ptxas -v for registers and spills. The CUDA kernels' usage is read from the built extension with
+cuobjdump -res-usage. Each kernel also gets the bytes it
 must move and the FLOPs it must do at its benchmark shape, and the roofline time these give on an H100 SXM.
 """
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -15,15 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 import fusedlayers
 from fusedlayers.backends import HAS_NATIVE_CUDA
+
+ops = torch.ops.fusedlayers  # the op names and schemas are the stable interface; Python module paths may move
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_report.json")
@@ -73,24 +79,28 @@ FORMULAS = {
                               "(weight, with one)",
 }
 
-# The benchmark configurations of bench/cases.py whose kernels these are. rows: the flattened batch.
+# The benchmark configurations of bench/cases.py whose kernels these are, each captured in a training step
+# (_capture). rows: the flattened batch.
 DENSE_CASES = {
     "dense_large": dict(rows=4096, n_in=1024, n_out=1024, activation="gelu", dtype=torch.float32),
     "dense_tiny": dict(rows=1, n_in=12, n_out=12, activation="cos", dtype=torch.float64),
 }
 MLP_CASES = {
     "seed003_field": dict(rows=100, widths=(3, 10, 10, 10, 2), activations=("selu",) * 3 + ("identity",),
-                          dtype=torch.float32, bias=True),
-    "seed000": dict(rows=1, widths=(12,) * 7, activations=("cos",) * 6, dtype=torch.float64, bias=False),
+                          dtype=torch.float32, bias=True, input_grad=True),
+    "seed000": dict(rows=1, widths=(12,) * 7, activations=("cos",) * 6, dtype=torch.float64, bias=False,
+                    input_grad=True),
+    # The activation kernel runs only in the layer-by-layer backward of networks too wide to fuse: seed002's,
+    # reported at its widest hidden layer (its dense kernels at the dense cases).
+    "seed002": dict(rows=256, widths=(784, 300, 100, 10), activations=("relu", "relu", "identity"),
+                    dtype=torch.float32, bias=True, input_grad=False),
 }
-# The activation kernel runs only in the layer-by-layer backward of networks too wide to fuse: seed002's
-# (784-300-100-10 relu, batch 256), at its widest hidden layer.
-ACTIVATION_CASE = ("seed002", dict(n=256 * 300, activation="relu", dtype=torch.float32))
 # The CUDA elementwise kernels are timed by dense_large; every instantiation is rated at its output size.
 CUDA_REFERENCE_ELEMENTS = 4096 * 1024
 # The benchmark shape of the cross-entropy kernels (bench case `ce`): the defaults of F.cross_entropy, and every
-# option at once (the most registers); exp and tanh count as activations (a FLOPs each). The CUDA kernels take
-# their options at run time: one binary per dtype, rated at the defaults.
+# option at once (the most registers; with a gradient of lse, through the backward op); exp and tanh count as
+# activations (a FLOPs each). The CUDA kernels take their options at run time: one binary per dtype, rated at
+# the defaults.
 CE_SHAPE = dict(N=4096, C=32000)
 CE_CASES = {
     "ce": dict(dtype=torch.float32, weight=False, label_smoothing=0.0, z_loss=0.0, softcap=None, grad_lse=False),
@@ -130,79 +140,111 @@ def _act_flops(activation: str) -> int:
 
 
 # ---- Triton -----------------------------------------------------------------------------------------------
-# fusedlayers.triton is imported inside the functions: this module is also imported by the tests, which run with
-# TRITON_INTERPRET=1, and kernels imported under it are interpreted functions that cannot be compiled.
+# The launches are captured from the library's own code path: each case runs a training step through the Triton
+# ops (torch.ops.fusedlayers.triton_*) on CPU tensors of its benchmark shapes, with JITFunction.run replaced by a
+# recorder that runs nothing. The wrappers thus choose every kernel, argument, constexpr, num_warps and grid as on
+# a GPU; the tensors (torch.empty: allocated, never touched) are kept for the JIT's binder. The raw ops take CPU
+# tensors without TRITON_INTERPRET (only backend='triton' asks for it); under it the kernels would be interpreted
+# functions, which cannot be compiled. fusedlayers.triton is imported inside the functions: the tests import this
+# module with TRITON_INTERPRET=1.
 
-def _dense_launches(case: str, rows: int, n_in: int, n_out: int, activation: str, dtype: torch.dtype) -> list[dict]:
-    """The three dense kernels as fusedlayers/triton/dense.py launches them in a training step of the case."""
-    from fusedlayers.triton import dense
-    from fusedlayers.triton.activations import activation_code
+def _capture(step, **cfg) -> list[dict]:
+    """The Triton launches of step(**cfg), in order, each {fn, args, meta (keywords), grid}; none runs."""
+    launches = []
 
+    def record(fn, *args, grid, warmup, **meta):
+        if callable(grid):
+            grid = grid(dict(zip(fn.arg_names, args), **meta))
+        launches.append(dict(fn=fn, args=args, meta=meta, grid=tuple(grid)))
+
+    with mock.patch.object(JITFunction, "run", record):
+        step(**cfg)
+    return launches
+
+
+def _dense_step(rows, n_in, n_out, activation, dtype):
+    """One layer's training step: the forward saving z, then every gradient from it."""
+    x, w, b = (torch.empty(*shape, dtype=dtype) for shape in ((rows, n_in), (n_out, n_in), (n_out,)))
+    y, z = ops.triton_dense_forward(x, w, b, activation, True)
+    ops.triton_dense_backward(torch.empty_like(y), x, w, b, z, activation, [True, True, True])
+
+
+def _mlp_step(rows, widths, activations, dtype, bias, input_grad):
+    """A network's training step: the forward saving every z, then the gradients from them."""
+    x = torch.empty(rows, widths[0], dtype=dtype)
+    ws = [torch.empty(n_out, n_in, dtype=dtype) for n_in, n_out in zip(widths, widths[1:])]
+    bs = [torch.empty(n_out, dtype=dtype) for n_out in widths[1:]] if bias else []
+    y, saved = ops.triton_mlp_forward(x, ws, bs, list(activations), True)
+    ops.triton_mlp_backward(torch.empty_like(y), x, ws, bs, saved, list(activations), input_grad)
+
+
+def _cross_entropy_step(dtype, weight, label_smoothing, z_loss, softcap, grad_lse):
+    """The mean loss and its gradient at CE_SHAPE: in one call (bench case `ce`, in place), or with a gradient of
+    lse through the forward and backward ops. The logits (524 MB of float32) are allocated, never touched."""
+    logits = torch.empty(CE_SHAPE["N"], CE_SHAPE["C"], dtype=dtype)
+    target = torch.zeros(CE_SHAPE["N"], dtype=torch.int64)  # in range: the CPU path checks the targets
+    w = torch.empty(CE_SHAPE["C"], dtype=dtype) if weight else None
+    options = (-100, label_smoothing, z_loss, softcap, "mean")
+    if not grad_lse:
+        ops.triton_cross_entropy_forward_grad(logits, target, w, *options, logits)
+    else:
+        loss, lse = ops.triton_cross_entropy_forward(logits, target, w, *options)
+        ops.triton_cross_entropy_backward(torch.empty_like(loss), torch.empty_like(lse), logits, target, w, lse,
+                                          *options)
+
+
+def _import_kernels() -> None:
+    """Registers the kernels of the triton_* ops, refusing interpreted ones."""
+    from fusedlayers.triton import cross_entropy, dense, mlp  # noqa: F401
+
+    if not isinstance(dense._dense_forward_kernel, JITFunction):
+        raise RuntimeError("fusedlayers' Triton kernels were imported with TRITON_INTERPRET set; run "
+                           "`python -m bench.gpu_report` in a process without it")
+
+
+def capture_cases() -> dict[str, list[dict]]:
+    """Every case's captured launches (_capture), by case."""
+    _import_kernels()
+    steps = [(DENSE_CASES, _dense_step), (MLP_CASES, _mlp_step), (CE_CASES, _cross_entropy_step)]
+    return {case: _capture(step, **cfg) for cases, step in steps for case, cfg in cases.items()}
+
+
+def _arg(launch: dict, name: str):
+    """A captured launch's argument by its parameter name."""
+    return dict(zip(launch["fn"].arg_names, launch["args"]), **launch["meta"])[name]
+
+
+def _dense_costs(launches, rows: int, n_in: int, n_out: int, activation: str, dtype: torch.dtype):
     M, N, K, a, i = rows, n_out, n_in, _act_flops(activation), dtype.itemsize
-    T = lambda: MockTensor(dtype)  # noqa: E731
-    act = activation_code(activation)
-    common = dict(case=case, family="dense", dtype=dtype, activations=[activation], shape={"M": M, "N": N, "K": K})
-
-    def blocks(table):
-        return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), dense._blocks(table, dtype)))
-
-    return [
-        dict(common, fn=dense._dense_forward_kernel, args=(T(), T(), T(), T(), T(), M, N, K),
-             meta=dict(HAS_BIAS=True, STORE_Z=True, ACT=act, **blocks(dense.FORWARD_BLOCKS)),
-             flops=2 * M * N * K + M * N + a * M * N, bytes=(M * K + N * K + N + 2 * M * N) * i),
-        dict(common, fn=dense._dense_backward_dx_kernel, args=(T(), T(), T(), T(), M, N, K),
-             meta=dict(ACT=act, **blocks(dense.DX_BLOCKS)),
-             flops=2 * M * N * K + (a + 1) * M * N, bytes=(2 * M * N + N * K + M * K) * i),
-        dict(common, fn=dense._dense_backward_dw_kernel, args=(T(), T(), T(), T(), T(), M, N, K),
-             meta=dict(ACT=act, STORE_DW=True, STORE_DB=True, **blocks(dense.DW_BLOCKS)),
-             flops=2 * M * N * K + (a + 2) * M * N, bytes=(2 * M * N + M * K + N * K + N) * i),
-    ]
+    costs = {"_dense_forward_kernel": (2 * M * N * K + M * N + a * M * N, (M * K + N * K + N + 2 * M * N) * i),
+             "_dense_backward_dx_kernel": (2 * M * N * K + (a + 1) * M * N, (2 * M * N + N * K + M * K) * i),
+             "_dense_backward_dw_kernel": (2 * M * N * K + (a + 2) * M * N, (2 * M * N + M * K + N * K + N) * i)}
+    return costs, dict(activations=[activation], shape={"M": M, "N": N, "K": K}), set()
 
 
-def _mlp_launches(case: str, rows: int, widths: tuple, activations: tuple, dtype: torch.dtype,
-                  bias: bool) -> list[dict]:
-    """The fused mlp kernels as fusedlayers/triton/mlp.py launches them in a training step of the case (z saved)."""
-    from fusedlayers.triton import mlp
-    from fusedlayers.triton.activations import activation_code
-
-    compute = mlp._compute_dtype(dtype)
-    meta = mlp._fused_meta(widths, tuple(activation_code(a) for a in activations), bias, dtype)
-    programs = min(triton.cdiv(rows, meta["BLOCK_M"]), mlp.BACKWARD_MAX_PROGRAMS)
-    layers = range(len(activations))
-    T = lambda: MockTensor(dtype)  # noqa: E731
-    per_layer = lambda: tuple(T() for _ in layers)  # noqa: E731
-    parts = lambda: tuple(MockTensor(compute) for _ in layers)  # noqa: E731
+def _mlp_costs(launches, rows: int, widths: tuple, activations: tuple, dtype: torch.dtype, bias: bool,
+               input_grad: bool):
+    """The fused kernels' costs (z saved); or, for a network the wrappers run layer by layer, the activation
+    kernel's at the widest hidden layer (the dense kernels it also launches are reported at the dense cases)."""
     M, w, a, i = rows, widths, [_act_flops(act) for act in activations], dtype.itemsize
+    layers = range(len(activations))
+    if not any(launch["fn"].__name__ == "_fused_mlp_backward_kernel" for launch in launches):
+        l = max(range(len(w) - 2), key=lambda l: w[l + 1])
+        n = M * w[l + 1]
+        return ({"_mlp_activation_kernel": (a[l] * n, 2 * n * i)}, dict(activations=[activations[l]], shape={"n": n}),
+                {"_dense_forward_kernel", "_dense_backward_dx_kernel", "_dense_backward_dw_kernel"})
+    (backward,) = [launch for launch in launches if launch["fn"].__name__ == "_fused_mlp_backward_kernel"]
+    programs, compute = backward["grid"][0], _arg(backward, "dw_ptrs")[0].dtype  # the dW, db partial sums
     params = sum(w[l] * w[l + 1] + bias * w[l + 1] for l in layers)
-    common = dict(case=case, family="mlp", dtype=dtype, activations=list(activations),
-                  shape={"M": M, "widths": list(widths)})
-
     forward_flops = sum(2 * M * w[l] * w[l + 1] + (bias + a[l]) * M * w[l + 1] for l in layers)
     forward_bytes = (M * w[0] + params + sum(M * w[l + 1] for l in layers) + M * w[-1]) * i
     backward_flops = sum((a[l] + 1 + bias) * M * w[l + 1] + 4 * M * w[l] * w[l + 1] + (a[l - 1] * M * w[l] if l else 0)
                          for l in layers)
     backward_bytes = ((M * w[-1] + sum(M * w[l + 1] for l in layers) + sum(w[l] * w[l + 1] for l in layers)
                        + 2 * M * w[0]) * i + programs * params * compute.itemsize)
-    return [
-        dict(common, fn=mlp._fused_mlp_forward_kernel,
-             args=(T(), per_layer(), per_layer() if bias else None, T(), per_layer(), M),
-             meta=dict(STORE_Z=True, **meta), flops=forward_flops, bytes=forward_bytes),
-        dict(common, fn=mlp._fused_mlp_backward_kernel,
-             args=(T(), T(), per_layer(), per_layer() if bias else None, per_layer(), T(), parts(),
-                   parts() if bias else None, M),
-             meta=dict(RECOMPUTE=False, STORE_DX=True, DW_CHUNK=mlp.DW_CHUNK, **meta),
-             flops=backward_flops, bytes=backward_bytes),
-    ]
-
-
-def _activation_launch(case: str, n: int, activation: str, dtype: torch.dtype) -> dict:
-    from fusedlayers.triton import mlp
-    from fusedlayers.triton.activations import activation_code
-
-    return dict(case=case, family="mlp", dtype=dtype, activations=[activation], shape={"n": n},
-                fn=mlp._mlp_activation_kernel, args=(MockTensor(dtype), MockTensor(dtype), n),
-                meta=dict(ACT=activation_code(activation), BLOCK=mlp.ACTIVATION_BLOCK),
-                flops=_act_flops(activation) * n, bytes=2 * n * dtype.itemsize)
+    costs = {"_fused_mlp_forward_kernel": (forward_flops, forward_bytes),
+             "_fused_mlp_backward_kernel": (backward_flops, backward_bytes)}
+    return costs, dict(activations=list(activations), shape={"M": M, "widths": list(widths)}), set()
 
 
 def cross_entropy_cost(N: int, C: int, dtype: torch.dtype, weight: bool, smoothing: bool, softcap: bool,
@@ -216,62 +258,49 @@ def cross_entropy_cost(N: int, C: int, dtype: torch.dtype, weight: bool, smoothi
             "backward": (backward_flops, 2 * N * C * i + 8 * N + (2 + grad_lse) * N * mi + w_bytes)}
 
 
-def _cross_entropy_launches(case: str, dtype: torch.dtype, weight: bool, label_smoothing: float, z_loss: float,
-                            softcap: float | None, grad_lse: bool) -> list[dict]:
-    """Both cross-entropy kernels as fusedlayers/triton/cross_entropy.py launches them on a GPU."""
-    from fusedlayers.ops.cross_entropy import ce_math_dtype
-    from fusedlayers.triton import cross_entropy as ce
-
-    N, C = CE_SHAPE["N"], CE_SHAPE["C"]
-    block, num_warps = ce.launch_config(C, dtype)
-    math = ce_math_dtype(dtype)
-    T = lambda dt=dtype: MockTensor(dt)  # noqa: E731
-    target, w = MockTensor(torch.int64), T() if weight else None
-    options = (-100, label_smoothing, z_loss, 1.0 if softcap is None else softcap)
-    flags = dict(HAS_WEIGHT=weight, HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z_LOSS=z_loss != 0.0,
-                 HAS_SOFTCAP=softcap is not None, BLOCK=block, **ce.COMPILE_OPTIONS)
-    cost = cross_entropy_cost(N, C, dtype, weight, label_smoothing != 0.0, softcap is not None, grad_lse)
-    common = dict(case=case, family="cross_entropy", dtype=dtype, activations=[], shape=dict(CE_SHAPE),
-                  num_warps=num_warps)
-    w_sum = T(math) if weight and label_smoothing != 0.0 else None
-    return [
-        dict(common, fn=ce._cross_entropy_forward_kernel, args=(T(), target, w, T(math), T(math), C, *options),
-             meta=flags, flops=cost["forward"][0], bytes=cost["forward"][1]),
-        dict(common, fn=ce._cross_entropy_backward_kernel,
-             args=(T(math), T(math) if grad_lse else None, T(), target, w, w_sum, T(math), T(), C, *options),
-             meta=dict(flags, HAS_GRAD_LSE=grad_lse), flops=cost["backward"][0], bytes=cost["backward"][1]),
-    ]
+def _cross_entropy_costs(launches, dtype: torch.dtype, weight: bool, label_smoothing: float, z_loss: float,
+                         softcap: float | None, grad_lse: bool):
+    cost = cross_entropy_cost(**CE_SHAPE, dtype=dtype, weight=weight, smoothing=label_smoothing != 0.0,
+                              softcap=softcap is not None, grad_lse=grad_lse)
+    return ({"_cross_entropy_forward_kernel": cost["forward"], "_cross_entropy_backward_kernel": cost["backward"]},
+            dict(activations=[], shape=dict(CE_SHAPE)), set())
 
 
 def triton_launches() -> list[dict]:
-    """Every Triton kernel of the project at its benchmark configuration, each named family/kernel[case]."""
-    from fusedlayers.triton import dense
+    """Every Triton kernel of the project at its benchmark configuration, each named family/kernel[case]: a
+    captured launch with its case's costs. A family's cost function gives (FLOPs and bytes by kernel, the entries'
+    fields, the kernels a case launches that other cases report); a case launching other kernels is an error. A
+    kernel launched more than once in a case is reported at its largest grid."""
+    captured = capture_cases()
+    families = [("dense", DENSE_CASES, _dense_costs), ("mlp", MLP_CASES, _mlp_costs),
+                ("cross_entropy", CE_CASES, _cross_entropy_costs)]
+    reported = []
+    for family, cases, cost_of in families:
+        for case, cfg in cases.items():
+            launches = captured[case]
+            costs, info, elsewhere = cost_of(launches, **cfg)
+            launched = {launch["fn"].__name__ for launch in launches}
+            if launched != set(costs) | elsewhere:
+                raise RuntimeError(f"case {case} launches {sorted(launched)}, but bench/gpu_report.py describes "
+                                   f"{sorted(set(costs) | elsewhere)}: update its cost formulas")
+            for kernel, (flops, nbytes) in costs.items():
+                launch = max((l for l in launches if l["fn"].__name__ == kernel), key=lambda l: math.prod(l["grid"]))
+                reported.append(dict(launch, name=f"{family}/{kernel}[{case}]", case=case, family=family,
+                                     dtype=cfg["dtype"], flops=flops, bytes=nbytes, **info))
+    return reported
 
-    # Imported under TRITON_INTERPRET=1, @triton.jit makes interpreted functions, which cannot be compiled.
-    if not isinstance(dense._dense_forward_kernel, JITFunction):
-        raise RuntimeError("fusedlayers' Triton kernels were imported with TRITON_INTERPRET set; run "
-                           "`python -m bench.gpu_report` in a process without it")
-    launches = [launch for case, cfg in DENSE_CASES.items() for launch in _dense_launches(case, **cfg)]
-    launches += [launch for case, cfg in MLP_CASES.items() for launch in _mlp_launches(case, **cfg)]
-    launches.append(_activation_launch(ACTIVATION_CASE[0], **ACTIVATION_CASE[1]))
-    for launch in launches:
-        launch["num_warps"] = launch["meta"].pop("num_warps", dense.NUM_WARPS)  # as dense.py's _launch
-    launches += [launch for case, cfg in CE_CASES.items() for launch in _cross_entropy_launches(case, **cfg)]
-    for launch in launches:
-        launch["name"] = f"{launch['family']}/{launch['fn'].__name__}[{launch['case']}]"
-    return launches
 
-
-def _specialize(fn: JITFunction, backend, args: tuple, meta: dict) -> tuple:
-    """(options, signature, constexprs, attrs) as the JIT computes them when it launches fn(*args, **meta).
-
-    Through the JIT's own binder, not a hand-written signature: at a launch it also specializes pointers to
-    16-byte alignment, integers divisible by 16 and integers equal to 1 (a constexpr then), and the report must
-    describe the kernel the benchmark actually runs.
-    """
+def compile_launch(launch: dict, arch: str):
+    """(compiled kernel, options) of a captured launch for arch, specialized by the JIT's own binder as at a
+    launch: it also specializes pointers to 16-byte alignment, integers divisible by 16 and integers equal to 1
+    (a constexpr then), and the report must describe the kernel the benchmark actually runs."""
+    fn, target = launch["fn"], GPUTarget("cuda", ARCHS[arch], 32)
+    backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(*args, **meta)
-    return fn._pack_args(backend, meta, bound, specialization, options)
+    bound, specialization, options = binder(*launch["args"], **launch["meta"])
+    options, signature, constexprs, attrs = fn._pack_args(backend, launch["meta"], bound, specialization, options)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return kernel, options
 
 
 def ptxas_usage(ptx: str, arch: str, enable_fp_fusion: bool = True) -> dict:
@@ -299,12 +328,7 @@ def ptxas_usage(ptx: str, arch: str, enable_fp_fusion: bool = True) -> dict:
 
 def triton_report(launch: dict, arch: str) -> dict:
     """Compiles one launch for arch and returns its report entry."""
-    target = GPUTarget("cuda", ARCHS[arch], 32)
-    backend = make_backend(target)
-    options, signature, constexprs, attrs = _specialize(launch["fn"], backend, launch["args"],
-                                                       dict(launch["meta"], num_warps=launch["num_warps"]))
-    kernel = triton.compile(ASTSource(launch["fn"], signature, constexprs, attrs), target=target,
-                            options=options.__dict__)
+    kernel, options = compile_launch(launch, arch)
     # kernel.n_regs and n_spills are set only once a GPU loads the binary; ptxas gives the same registers.
     ptx = kernel.asm["ptx"]
     usage = ptxas_usage(ptx, arch, options.enable_fp_fusion)
@@ -315,7 +339,7 @@ def triton_report(launch: dict, arch: str) -> dict:
     return {
         "name": launch["name"], "family": launch["family"], "backend": "triton", "arch": arch, "case": launch["case"],
         "dtype": str(launch["dtype"]).removeprefix("torch."), "activations": launch["activations"],
-        "config": dict(launch["meta"], num_warps=options.num_warps),
+        "config": {**{k: v for k, v in launch["meta"].items() if k != "num_warps"}, "num_warps": options.num_warps},
         "registers": usage["registers"], "spill_bytes": usage["spill_bytes"], "spill_stores": usage["spill_stores"],
         "spill_loads": usage["spill_loads"], "stack_bytes": usage["stack_bytes"],
         # dynamic shared memory, which ptxas does not see: Triton's own allocation
