@@ -1,5 +1,6 @@
 // Softmax cross-entropy on the CPU: the kernels of `cross_entropy_forward` and `cross_entropy_backward`
-// (formulas in csrc/ops/cross_entropy.cpp), parallel over rows, one vectorized pass per row (cpu/kernels_impl.h).
+// (formulas in csrc/ops/cross_entropy.cpp), parallel over rows, one vectorized pass per row
+// (cpu/isa/cross_entropy.h).
 //
 // float32 and float64 logits are read and the gradient written directly; float16 and bfloat16 rows go
 // through a float32 copy of one row at a time (the dispatch lambdas are not templates, so both branches
@@ -77,9 +78,9 @@ const M* math_row(const scalar_t* xr, std::vector<M>& in) {
 template <typename scalar_t, typename M>
 void store_backward_row(const CeRow<M>& row, M lse, M g_loss, M g_lse, scalar_t* gr, std::vector<M>& out) {
   if constexpr (std::is_same_v<scalar_t, M>) {
-    ce_backward_row(row, lse, g_loss, g_lse, gr);
+    kernels<M>().ce_backward_row(row, lse, g_loss, g_lse, gr);
   } else {
-    ce_backward_row(row, lse, g_loss, g_lse, out.data());
+    kernels<M>().ce_backward_row(row, lse, g_loss, g_lse, out.data());
     for (size_t c = 0; c < out.size(); ++c) gr[c] = static_cast<scalar_t>(out[c]);
   }
 }
@@ -97,7 +98,7 @@ void ce_rows(const scalar_t* xp, const int64_t* tp, const CeRow<M>& proto, int64
     for (int64_t r = begin; r < end; ++r) {
       row.x = math_row(xp + r * C, in);
       row.target = kept_target(tp[r], ignore_index, C);
-      const M loss = ce_forward_row(row, &lsep[r]);
+      const M loss = kernels<M>().ce_forward_row(row, &lsep[r]);
       if (loss_rows) loss_rows[r] = loss;
       if (grad) store_backward_row(row, lsep[r], row_scale, M(0), grad + r * C, out);
     }

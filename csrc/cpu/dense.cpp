@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::
         scalar_t* zp = z.data_ptr<scalar_t>();
         scalar_t* yp = y.data_ptr<scalar_t>();
         at::parallel_for(0, rows, grain_rows(out), [&](int64_t begin, int64_t end) {
-          forward_rows<scalar_t>(a, bp, zp, yp, begin, end, out, store_z);
+          kernels<scalar_t>().dense_forward_rows(a, bp, zp, yp, begin, end, out, store_z);
         });
       });
     }
@@ -219,9 +219,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
     const scalar_t* gp = gm.data_ptr<scalar_t>();
     const scalar_t* zp = zm.data_ptr<scalar_t>();
     scalar_t* dzp = dz.data_ptr<scalar_t>();
-    if (one_chunk) return backward_rows<scalar_t>(a, gp, zp, dzp, pp, 0, rows, out);
+    if (one_chunk) return kernels<scalar_t>().dense_backward_rows(a, gp, zp, dzp, pp, 0, rows, out);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      backward_rows<scalar_t>(a, gp, zp, dzp, pp ? pp + at::get_thread_num() * out : nullptr, begin, end, out);
+      scalar_t* db_part = pp ? pp + at::get_thread_num() * out : nullptr;
+      kernels<scalar_t>().dense_backward_rows(a, gp, zp, dzp, db_part, begin, end, out);
     });
   });
   if (need_db) db = (one_chunk ? partial : partial.sum(0)).to(x.scalar_type());
@@ -247,8 +248,8 @@ at::Tensor derivative_times(const at::Tensor& grad, const at::Tensor& z, c10::st
     const scalar_t* zp = zm.const_data_ptr<scalar_t>();
     scalar_t* outp = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, zm.numel(), kElementsPerTask, [&](int64_t begin, int64_t end) {
-      derivative_elements<scalar_t>(a, static_cast<int>(order), gp ? gp + begin : nullptr, zp + begin, outp + begin,
-                                    end - begin);
+      kernels<scalar_t>().activation_elements(a, static_cast<int>(order), gp ? gp + begin : nullptr, zp + begin,
+                                              outp + begin, end - begin);
     });
   });
   return out.to(z.scalar_type());

@@ -24,79 +24,16 @@ Isa cpu_isa() {
   return isa;
 }
 
-// The kernel `name` instantiated for T, in the chosen instruction set's namespace.
-#define FL_CHOSEN_KERNEL(name, T)                                                                  \
-  (cpu_isa() == Isa::AVX512 ? isa_avx512::name<T> : cpu_isa() == Isa::AVX2 ? isa_avx2::name<T> \
-                                                                           : isa_default::name<T>)
-
 template <typename T>
-void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z) {
-  FL_CHOSEN_KERNEL(dense_forward_rows, T)(a, bias, z, y, begin, end, cols, store_z);
+const Kernels<T>& kernels() {
+  static const Kernels<T>& chosen = cpu_isa() == Isa::AVX512 ? isa_avx512::table<T>()
+                                    : cpu_isa() == Isa::AVX2 ? isa_avx2::table<T>()
+                                                             : isa_default::table<T>();
+  return chosen;
 }
 
-template <typename T>
-void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols) {
-  FL_CHOSEN_KERNEL(dense_backward_rows, T)(a, g, z, dz, db, begin, end, cols);
-}
-
-template <typename T>
-void derivative_elements(Activation a, int order, const T* g, const T* z, T* out, int64_t n) {
-  FL_CHOSEN_KERNEL(activation_elements, T)(a, order, g, z, out, n);
-}
-
-template <typename T>
-void jet_forward(Activation a, const T* z, T* h, int64_t n, int64_t plane) {
-  FL_CHOSEN_KERNEL(jet_forward_elements, T)(a, z, h, n, plane);
-}
-
-template <typename T>
-void jet_backward(Activation a, const T* g, const T* z, T* dz, int64_t n, int64_t plane) {
-  FL_CHOSEN_KERNEL(jet_backward_elements, T)(a, g, z, dz, n, plane);
-}
-
-template <typename M>
-void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y) {
-  FL_CHOSEN_KERNEL(mlp_tile_forward, M)(net, R, workspace, x, y);
-}
-
-template <typename M>
-void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, const M* g, M* dx, M* dw, M* db) {
-  FL_CHOSEN_KERNEL(mlp_tile_backward, M)(net, R, workspace, x, g, dx, dw, db);
-}
-
-template <typename M>
-M ce_forward_row(const CeRow<M>& row, M* lse) {
-  return FL_CHOSEN_KERNEL(ce_forward_row, M)(row, lse);
-}
-
-template <typename M>
-void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* grad) {
-  FL_CHOSEN_KERNEL(ce_backward_row, M)(row, lse, grad_loss, grad_lse, grad);
-}
-
-#undef FL_CHOSEN_KERNEL
-
-template void forward_rows<float>(Activation, const float*, float*, float*, int64_t, int64_t, int64_t, bool);
-template void forward_rows<double>(Activation, const double*, double*, double*, int64_t, int64_t, int64_t, bool);
-template void backward_rows<float>(Activation, const float*, const float*, float*, float*, int64_t, int64_t, int64_t);
-template void backward_rows<double>(Activation, const double*, const double*, double*, double*, int64_t, int64_t,
-                                    int64_t);
-template void derivative_elements<float>(Activation, int, const float*, const float*, float*, int64_t);
-template void derivative_elements<double>(Activation, int, const double*, const double*, double*, int64_t);
-template void jet_forward<float>(Activation, const float*, float*, int64_t, int64_t);
-template void jet_forward<double>(Activation, const double*, double*, int64_t, int64_t);
-template void jet_backward<float>(Activation, const float*, const float*, float*, int64_t, int64_t);
-template void jet_backward<double>(Activation, const double*, const double*, double*, int64_t, int64_t);
-template void mlp_tile_forward<float>(const MlpNet<float>&, int64_t, float*, const float*, float*);
-template void mlp_tile_forward<double>(const MlpNet<double>&, int64_t, double*, const double*, double*);
-template void mlp_tile_backward<float>(const MlpNet<float>&, int64_t, float*, const float*, const float*, float*,
-                                       float*, float*);
-template void mlp_tile_backward<double>(const MlpNet<double>&, int64_t, double*, const double*, const double*,
-                                        double*, double*, double*);
-template float ce_forward_row<float>(const CeRow<float>&, float*);
-template double ce_forward_row<double>(const CeRow<double>&, double*);
-template void ce_backward_row<float>(const CeRow<float>&, float, float, float, float*);
-template void ce_backward_row<double>(const CeRow<double>&, double, double, double, double*);
+template const Kernels<float>& kernels<float>();
+template const Kernels<double>& kernels<double>();
 
 }  // namespace fusedlayers::cpu
 

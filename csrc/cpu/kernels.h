@@ -50,68 +50,60 @@ struct CeRow {
   M softcap;
 };
 
-#define FL_DECLARE_CPU_KERNELS(ISA)                                                                              \
-  namespace ISA {                                                                                                \
-  /* y = f(z + bias); z + bias is written back into z when store_z (z and y may alias when not). */             \
-  template <typename T>                                                                                          \
-  void dense_forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols,   \
-                          bool store_z);                                                                         \
-  /* dz = g * f'(z); db[c] += sum over the rows of dz[., c] when db is not null. */                            \
-  template <typename T>                                                                                          \
-  void dense_backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end,      \
-                           int64_t cols);                                                                        \
-  /* out = f^(order)(z) for order 0 to 3, over n elements; times g elementwise unless g is null. */          \
-  template <typename T>                                                                                          \
-  void activation_elements(Activation a, int order, const T* g, const T* z, T* out, int64_t n);               \
-  /* The jet of f along a direction: z and h hold three planes (value, first and second derivative) of n     \
-     elements each, `plane` elements apart: h = (f(z0), f'(z0) z1, f''(z0) z1^2 + f'(z0) z2). */               \
-  template <typename T>                                                                                          \
-  void jet_forward_elements(Activation a, const T* z, T* h, int64_t n, int64_t plane);                          \
-  /* Its vector-Jacobian product: dz = the gradient w.r.t. (z0, z1, z2) of <g, h>, planes as above. */         \
-  template <typename T>                                                                                          \
-  void jet_backward_elements(Activation a, const T* g, const T* z, T* dz, int64_t n, int64_t plane);            \
-  /* Tiles are feature-major: x (widths[0] x R), y (widths[L] x R), R <= kMlpTileRows rows. */                 \
-  template <typename M>                                                                                          \
-  void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y);                       \
-  /* Adds the tile's weight and bias gradients into dw (all layers' dW flat, layer after layer) and db (null   \
-     without biases); writes dx (widths[0] x R) unless null. Rows of g that are zero contribute nothing. */     \
-  template <typename M>                                                                                          \
-  void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, const M* g, M* dx, M* dw,   \
-                         M* db);                                                                                 \
-  /* Returns the row's loss and stores its logsumexp in *lse: one pass, online max. */                        \
-  template <typename M>                                                                                          \
-  M ce_forward_row(const CeRow<M>& row, M* lse);                                                                 \
-  /* grad (C values) = d(grad_loss * loss + grad_lse * lse) / dx, one pass; grad may be row.x itself. */       \
-  template <typename M>                                                                                          \
-  void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* grad);                           \
-  }
+// One instruction set's CPU kernels for the math type T (float or double), a function pointer each: every
+// instruction set fills one such table, isa_X::table<T>() (kernels_isa.h), and kernels<T>() is this CPU's.
+// A new kernel is a member here, its definition in its family's cpu/isa/*.h and its entry in that table.
+template <typename T>
+struct Kernels {
+  // The dense op (cpu/isa/dense.h), over the rows [begin, end) of row-major (rows, cols) matrices.
+  // y = f(z + bias); z + bias is written back into z when store_z (z and y may alias when not).
+  void (*dense_forward_rows)(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols,
+                             bool store_z);
+  // dz = g * f'(z); db[c] += sum over the rows of dz[., c] when db is not null.
+  void (*dense_backward_rows)(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end,
+                              int64_t cols);
+  // out = f^(order)(z) for order 0 to 3, over n elements; times g elementwise unless g is null.
+  void (*activation_elements)(Activation a, int order, const T* g, const T* z, T* out, int64_t n);
 
-FL_DECLARE_CPU_KERNELS(isa_default)
-FL_DECLARE_CPU_KERNELS(isa_avx2)
-FL_DECLARE_CPU_KERNELS(isa_avx512)
-#undef FL_DECLARE_CPU_KERNELS
+  // The jet of f along a direction (cpu/isa/jet.h): z and h hold three planes (value, first and second
+  // derivative) of n elements each, `plane` elements apart: h = (f(z0), f'(z0) z1, f''(z0) z1^2 + f'(z0) z2).
+  void (*jet_forward_elements)(Activation a, const T* z, T* h, int64_t n, int64_t plane);
+  // Its vector-Jacobian product: dz = the gradient w.r.t. (z0, z1, z2) of <g, h>, planes as above.
+  void (*jet_backward_elements)(Activation a, const T* g, const T* z, T* dz, int64_t n, int64_t plane);
 
-// The kernels of the widest instruction set this CPU runs (capped by FUSEDLAYERS_CPU_ISA), for float and
-// double; defined in kernels.cpp.
-template <typename T>
-void forward_rows(Activation a, const T* bias, T* z, T* y, int64_t begin, int64_t end, int64_t cols, bool store_z);
-template <typename T>
-void backward_rows(Activation a, const T* g, const T* z, T* dz, T* db, int64_t begin, int64_t end, int64_t cols);
-template <typename T>
-void derivative_elements(Activation a, int order, const T* g, const T* z, T* out, int64_t n);
-template <typename T>
-void jet_forward(Activation a, const T* z, T* h, int64_t n, int64_t plane);
-template <typename T>
-void jet_backward(Activation a, const T* g, const T* z, T* dz, int64_t n, int64_t plane);
-template <typename M>
-void mlp_tile_forward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, M* y);
-template <typename M>
-void mlp_tile_backward(const MlpNet<M>& net, int64_t R, M* workspace, const M* x, const M* g, M* dx, M* dw, M* db);
+  // The fused mlp (cpu/isa/mlp_tile.h). Tiles are feature-major: x (widths[0] x R), y (widths[L] x R),
+  // R <= kMlpTileRows rows.
+  void (*mlp_tile_forward)(const MlpNet<T>& net, int64_t R, T* workspace, const T* x, T* y);
+  // Adds the tile's weight and bias gradients into dw (all layers' dW flat, layer after layer) and db (null
+  // without biases); writes dx (widths[0] x R) unless null. Rows of g that are zero contribute nothing.
+  void (*mlp_tile_backward)(const MlpNet<T>& net, int64_t R, T* workspace, const T* x, const T* g, T* dx, T* dw,
+                            T* db);
 
-template <typename M>
-M ce_forward_row(const CeRow<M>& row, M* lse);
-template <typename M>
-void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* grad);
+  // Softmax cross-entropy (cpu/isa/cross_entropy.h). Returns the row's loss and stores its logsumexp in *lse:
+  // one pass, online max.
+  T (*ce_forward_row)(const CeRow<T>& row, T* lse);
+  // grad (C values) = d(grad_loss * loss + grad_lse * lse) / dx, one pass; grad may be row.x itself.
+  void (*ce_backward_row)(const CeRow<T>& row, T lse, T grad_loss, T grad_lse, T* grad);
+};
+
+// Each instruction set's table, for T = float and double (defined by kernels_{default,avx2,avx512}.cpp).
+namespace isa_default {
+template <typename T>
+const Kernels<T>& table();
+}
+namespace isa_avx2 {
+template <typename T>
+const Kernels<T>& table();
+}
+namespace isa_avx512 {
+template <typename T>
+const Kernels<T>& table();
+}
+
+// The table of the widest instruction set this CPU runs (capped by FUSEDLAYERS_CPU_ISA), chosen once at first
+// use; defined in kernels.cpp for float and double.
+template <typename T>
+const Kernels<T>& kernels();
 
 // True when this CPU runs the kernels of that instruction set.
 bool cpu_has_avx2();

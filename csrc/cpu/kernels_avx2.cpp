@@ -1,4 +1,4 @@
-// The dense epilogues for AVX2+FMA CPUs.
+// The CPU kernels for AVX2+FMA CPUs.
 #define FL_TARGET_AVX2
 #include "cpu/kernels_isa.h"
 

@@ -1,4 +1,4 @@
-// The dense epilogues for AVX-512 CPUs (F, BW, VL, DQ: what ATen's AVX512 Vectorized needs).
+// The CPU kernels for AVX-512 CPUs (F, BW, VL, DQ: what ATen's AVX512 Vectorized needs).
 #define FL_TARGET_AVX512
 #include "cpu/kernels_isa.h"
 

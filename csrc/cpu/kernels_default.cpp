@@ -1,3 +1,3 @@
-// The dense epilogues for any CPU: ATen's portable Vectorized (CPU_CAPABILITY=DEFAULT from setup.py).
-#define FL_ISA isa_default
-#include "cpu/kernels_impl.h"
+// The CPU kernels for any CPU: ATen's portable Vectorized (CPU_CAPABILITY=DEFAULT from setup.py), no pragma.
+#define FL_TARGET_DEFAULT
+#include "cpu/kernels_isa.h"

@@ -1,7 +1,7 @@
 // The mlp op family on the CPU.
 //
 // Narrow, small networks (takes_fused_path) run the whole chain in one call: a tile of kMlpTileRows rows at a
-// time through every layer (the kernels in kernels_impl.h), its activations in a small workspace that stays
+// time through every layer (the kernels in cpu/isa/mlp_tile.h), its activations in a small workspace that stays
 // in L1, no ATen call but the output allocations. Their backward recomputes each tile's forward rather than
 // saving it: for such layers the recompute costs less than allocating and reading back the saved
 // activations. One thread: the path is chosen only for work too small to split (see the rule below).
@@ -134,7 +134,7 @@ void fused_forward(const Shape& s, const Net<T>& net, const T* x, T* y) {
   for (int64_t r0 = 0; r0 < s.rows; r0 += R) {
     const int64_t count = std::min(R, s.rows - r0);
     load_tile(x, r0, count, in, R, xt);
-    mlp_tile_forward<M>(view, R, ws, xt, yt);
+    kernels<M>().mlp_tile_forward(view, R, ws, xt, yt);
     store_tile(yt, r0, count, out, R, y);
   }
 }
@@ -162,7 +162,7 @@ void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad
     const int64_t count = std::min(R, s.rows - r0);
     load_tile(x, r0, count, in, R, xt);
     load_tile(grad_out, r0, count, out, R, gt);  // zero rows past count: they add nothing
-    mlp_tile_backward<M>(view, R, ws, xt, gt, dx ? dxt : nullptr, acc, db.empty() ? nullptr : acc + w_size);
+    kernels<M>().mlp_tile_backward(view, R, ws, xt, gt, dx ? dxt : nullptr, acc, db.empty() ? nullptr : acc + w_size);
     if (dx) store_tile(dxt, r0, count, in, R, dx);
   }
   int64_t w_off = 0, b_off = w_size;
@@ -330,7 +330,8 @@ void wide_tile_forward(const Shape& s, const WideNet<T>& net, const std::vector<
     T* z = lay.z[l] >= 0 && !(last && out) ? ws + lay.z[l] : y;
     const T* bias = net.b.empty() ? nullptr : net.b[l];
     tile_linear(h, net.w[l], z, count, n_in, n_out);
-    if (bias || acts[l] != Activation::Identity) forward_rows<T>(acts[l], bias, z, y, 0, count, n_out, z != y);
+    if (bias || acts[l] != Activation::Identity)
+      kernels<T>().dense_forward_rows(acts[l], bias, z, y, 0, count, n_out, z != y);
     h = y;
   }
 }
@@ -379,7 +380,7 @@ void wide_tile_backward(const Shape& s, const WideNet<T>& net, const std::vector
       if (!db.empty()) add_column_sums(g, db[l], count, n_out);
     } else {
       T* d = g == buf[0] ? buf[1] : buf[0];
-      backward_rows<T>(acts[l], g, ws + lay.z[l], d, db.empty() ? nullptr : db[l], 0, count, n_out);
+      kernels<T>().dense_backward_rows(acts[l], g, ws + lay.z[l], d, db.empty() ? nullptr : db[l], 0, count, n_out);
       dz = d;
     }
     // dW (n_out x n_in, row-major) += dz^T h: column-major dW^T = h^T dz.

@@ -60,7 +60,7 @@ at::Tensor jet_activation(const at::Tensor& z, const std::string& activation, bo
       const scalar_t* zp = z.const_data_ptr<scalar_t>();
       scalar_t* hp = h.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, plane, kJetGrain, [&](int64_t begin, int64_t end) {
-        cpu::jet_forward(a, zp + begin, hp + begin, end - begin, plane);
+        cpu::kernels<scalar_t>().jet_forward_elements(a, zp + begin, hp + begin, end - begin, plane);
       });
     });
     return h;
@@ -84,7 +84,7 @@ at::Tensor jet_activation_backward(const at::Tensor& g, const at::Tensor& z, con
       const scalar_t* zp = z.const_data_ptr<scalar_t>();
       scalar_t* dp = dz.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, plane, kJetGrain, [&](int64_t begin, int64_t end) {
-        cpu::jet_backward(a, gp + begin, zp + begin, dp + begin, end - begin, plane);
+        cpu::kernels<scalar_t>().jet_backward_elements(a, gp + begin, zp + begin, dp + begin, end - begin, plane);
       });
     });
     return dz;

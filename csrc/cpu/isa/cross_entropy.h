@@ -1,0 +1,129 @@
+// The kernels of softmax cross-entropy (cpu/cross_entropy.cpp), one row of logits at a time.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu/isa/common.h"
+#include "cpu/kernels.h"
+
+namespace fusedlayers::cpu::FL_ISA {
+namespace {
+
+template <typename M>
+at::vec::Vectorized<M> ce_logits(const CeRow<M>& row, int64_t c, int n) {
+  using V = at::vec::Vectorized<M>;
+  const V x = V::loadu(row.x + c, n);  // lanes past n are zero
+  if (row.softcap == M(0)) return x;
+  return V(row.softcap) * (x * V(M(1) / row.softcap)).tanh();
+}
+
+template <typename M>
+M ce_scalar_logit(const CeRow<M>& row, int64_t c) {
+  return row.softcap == M(0) ? row.x[c] : row.softcap * std::tanh(row.x[c] / row.softcap);
+}
+
+}  // namespace
+
+// Online logsumexp per lane over blocks of four vectors: the running sum is rescaled once per block, so a
+// logit costs about one exp. The running max starts at the lowest finite value, not -inf, so that lanes
+// with nothing yet (or masked-off tail lanes, set to -inf) never compute -inf - -inf.
+template <typename M>
+M ce_forward_row(const CeRow<M>& row, M* lse_out) {
+  using V = at::vec::Vectorized<M>;
+  constexpr int64_t L = V::size();
+  const int64_t C = row.C;
+  const bool smooth = row.label_smoothing != M(0);
+  // The smoothing sum is taken relative to a logit of the row (ref), and the loss from log(sum) and z - max:
+  // with large logits (1e4 in float32) lse - z[t] would cancel to a thousandth.
+  const M ref = C > 0 ? ce_scalar_logit(row, 0) : M(0);
+  const V vref(ref);
+  V vmax(std::numeric_limits<M>::lowest()), vsum(M(0)), vzw(M(0));
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) {
+    const V z0 = ce_logits(row, c, L), z1 = ce_logits(row, c + L, L), z2 = ce_logits(row, c + 2 * L, L),
+            z3 = ce_logits(row, c + 3 * L, L);
+    const V m = at::vec::maximum(vmax, at::vec::maximum(at::vec::maximum(z0, z1), at::vec::maximum(z2, z3)));
+    vsum = vsum * (vmax - m).exp_u20() + (z0 - m).exp_u20() + (z1 - m).exp_u20() + (z2 - m).exp_u20() +
+           (z3 - m).exp_u20();
+    vmax = m;
+    if (smooth && row.weight) {
+      const M* w = row.weight + c;
+      vzw = vzw + (z0 - vref) * V::loadu(w) + (z1 - vref) * V::loadu(w + L) + (z2 - vref) * V::loadu(w + 2 * L) +
+            (z3 - vref) * V::loadu(w + 3 * L);
+    } else if (smooth) {
+      vzw = vzw + (((z0 - vref) + (z1 - vref)) + ((z2 - vref) + (z3 - vref)));
+    }
+  }
+  for (; c < C; c += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, C - c));
+    const V z = ce_logits(row, c, n);
+    if (smooth) {
+      const V zr = V::set(V(M(0)), z - vref, n);  // lanes past n add nothing
+      vzw = vzw + (row.weight ? zr * V::loadu(row.weight + c, n) : zr);
+    }
+    const V zm = n == L ? z : V::set(V(-std::numeric_limits<M>::infinity()), z, n);
+    const V m = at::vec::maximum(vmax, zm);
+    vsum = vsum * (vmax - m).exp_u20() + (zm - m).exp_u20();
+    vmax = m;
+  }
+  // The lanes merged in vectors: one exp per lane written out costs more than a short row (C = 10: 16 exps)
+  M lane_max[L];
+  vmax.store(lane_max);
+  M mx = lane_max[0];
+  for (int64_t l = 1; l < L; ++l) mx = std::max(mx, lane_max[l]);
+  const M sum = lane_sum(vsum * (vmax - V(mx)).exp());
+  const M zw = smooth ? lane_sum(vzw) : M(0);
+  const M log_sum = std::log(sum), lse = mx + log_sum;
+  *lse_out = lse;
+  if (row.target < 0) return M(0);
+  const M eps = row.label_smoothing;
+  const M wt = row.weight ? row.weight[row.target] : M(1);
+  const M W = row.weight ? row.weight_sum : M(C);
+  M loss = wt * ((M(1) - eps) * (log_sum - (ce_scalar_logit(row, row.target) - mx)) + row.z_loss * lse * lse);
+  if (smooth) loss += eps / M(C) * (W * (log_sum + (mx - ref)) - zw);  // sum_c w_c (lse - z_c)
+  return loss;
+}
+
+// grad = a * p - b * w (w = 1 without weights), minus bt at the target, times dz/dx with a softcap.
+template <typename M>
+void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* grad) {
+  using V = at::vec::Vectorized<M>;
+  constexpr int64_t L = V::size();
+  const int64_t C = row.C;
+  const bool kept = row.target >= 0;
+  const M eps = row.label_smoothing;
+  const M gl = kept ? grad_loss : M(0);
+  const M wt = !kept ? M(0) : row.weight ? row.weight[row.target] : M(1);
+  const M W = row.weight ? row.weight_sum : M(C);
+  const M a = gl * (wt * ((M(1) - eps) + M(2) * row.z_loss * lse) + eps / M(C) * W) + grad_lse;
+  const M b = gl * eps / M(C);
+  const bool cap = row.softcap != M(0);
+  const V va(a), vb(b), vlse(lse), one(M(1)), vs(row.softcap), inv_s(cap ? M(1) / row.softcap : M(0));
+  // read before the loop: grad may be the row's logits (the in-place forward)
+  const M x_t = kept ? row.x[row.target] : M(0);
+  for (int64_t c = 0; c < C; c += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, C - c));
+    const V x = V::loadu(row.x + c, n);
+    V th, z = x;
+    if (cap) {
+      th = (x * inv_s).tanh();
+      z = vs * th;
+    }
+    V g = va * (z - vlse).exp_u20();
+    if (b != M(0)) g = g - (row.weight ? vb * V::loadu(row.weight + c, n) : vb);
+    if (cap) g = g * (one - th * th);
+    g.store(grad + c, n);
+  }
+  if (kept) {
+    const M dz = cap ? M(1) - std::tanh(x_t / row.softcap) * std::tanh(x_t / row.softcap) : M(1);
+    grad[row.target] -= gl * wt * (M(1) - eps) * dz;
+  }
+}
+
+}  // namespace fusedlayers::cpu::FL_ISA
