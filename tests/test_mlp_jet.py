@@ -1,4 +1,4 @@
-"""mlp_jet (csrc/mlp_jet.cpp): the mlp's value and first and second directional derivatives in one pass,
+"""mlp_jet (csrc/ops/mlp_jet.cpp, csrc/cpu/mlp_jet.cpp): the mlp's value and first and second directional derivatives in one pass,
 against the same network in plain PyTorch, float64: derivatives by nested torch.func.jvp, parameter gradients
 by reverse mode through create_graph gradients."""
 import pytest
@@ -95,6 +95,19 @@ def test_jet_float32_against_float64():
     _check_jet(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("dtype,fused", [(F64, True), (torch.float32, True), (torch.bfloat16, False)])
+def test_cpu_kernels_fuse_the_elementwise_step(dtype, fused):
+    # The CPU kernels (csrc/cpu/mlp_jet.cpp) run each layer's elementwise step as one pass for float and
+    # double; the composite, which calls activation_derivative for f, f' and f'', runs every other dtype.
+    weights, biases = _net([2, 4, 1], dtype=dtype)
+    x, direction = _randn(3, 2, dtype=dtype), _randn(2, seed=3, dtype=dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        mlp_jet(x, weights, biases, "tanh", direction=direction)
+    called = {e.name for e in prof.events()}
+    assert "fusedlayers::mlp_jet_forward" in called
+    assert ("fusedlayers::activation_derivative" in called) is not fused, sorted(called)
+
+
 def test_jet_bfloat16_takes_the_composite():
     # No CPU kernel for bfloat16: the forward and backward are the composite of ATen ops.
     weights, biases = _net([2, 8, 3], requires_grad=False)
@@ -121,7 +134,7 @@ def two_threads():
 
 
 def test_jet_parallel_chunks_match_forward_mode(two_threads):
-    # Enough elements that the elementwise passes split over the threads (csrc/mlp_jet.cpp, kJetGrain).
+    # Enough elements that the elementwise passes split over the threads (csrc/cpu/mlp_jet.cpp, kJetGrain).
     weights, biases = _net([1, 96, 1], requires_grad=True)
     x = torch.linspace(-2, 2, 700, dtype=F64).unsqueeze(1)
     got = mlp_jet(x, weights, biases, "tanh")

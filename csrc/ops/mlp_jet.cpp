@@ -7,23 +7,17 @@
 //   f(z),   f'(z) z',   f''(z) z'^2 + f'(z) z''
 // so each layer is one GEMM over the three stacked planes and one elementwise pass, and the backward is the
 // transpose of that: the vector-Jacobian product of the elementwise step needs f''' (activations.h).
-//
-// Layout: a jet is a (3, rows, width) tensor, planes 0, 1, 2 = value, first, second derivative.
+// This file holds the device-generic kernels (ATen ops; the CPU's fused elementwise loops are in
+// csrc/cpu/mlp_jet.cpp), the composite for torch.func and the autograd.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
-#include "cpu/kernels.h"
-#include "ops/mlp.h"
+#include "ops/mlp_jet.h"
 
 namespace fusedlayers {
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 void check_jet_args(const at::Tensor& x, const at::Tensor& direction, at::TensorList weights, at::TensorList biases,
                     size_t num_activations) {
@@ -40,55 +34,20 @@ void check_jet_args(const at::Tensor& x, const at::Tensor& direction, at::Tensor
               ", got ", direction.sizes());
 }
 
-// The fused CPU kernels take float and double on the CPU; anything else goes through the composite.
-bool cpu_kernel(const at::Tensor& t) {
-  return t.is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
-}
+namespace {
 
-// Elementwise passes split over threads in chunks of at least this many elements of a plane.
-constexpr int64_t kJetGrain = 16384;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
-// The activation's jet (f(z0), f'(z0) z1, f''(z0) z1^2 + f'(z0) z2). kernel: the CPU kernel; else ATen ops
-// and activation_derivative, differentiable to any order.
-at::Tensor jet_activation(const at::Tensor& z, const std::string& activation, bool kernel) {
-  const Activation a = parse_activation(activation);
-  if (a == Activation::Identity) return z;
-  if (kernel) {
-    at::Tensor h = at::empty_like(z);
-    const int64_t plane = z.size(1) * z.size(2);
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_jet", [&] {
-      const scalar_t* zp = z.const_data_ptr<scalar_t>();
-      scalar_t* hp = h.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, plane, kJetGrain, [&](int64_t begin, int64_t end) {
-        cpu::kernels<scalar_t>().jet_forward_elements(a, zp + begin, hp + begin, end - begin, plane);
-      });
-    });
-    return h;
-  }
+at::Tensor composite_jet_activation(const at::Tensor& z, const std::string& activation) {
+  if (parse_activation(activation) == Activation::Identity) return z;
   const at::Tensor z0 = z.select(0, 0), z1 = z.select(0, 1), z2 = z.select(0, 2);
   const at::Tensor d1 = derivative(z0, activation, 1), d2 = derivative(z0, activation, 2);
   return at::stack({derivative(z0, activation, 0), d1 * z1, d2 * z1 * z1 + d1 * z2});
 }
 
-// The vector-Jacobian product of jet_activation: the gradient w.r.t. z of <g, jet_activation(z)>.
-at::Tensor jet_activation_backward(const at::Tensor& g, const at::Tensor& z, const std::string& activation,
-                                   bool kernel) {
-  const Activation a = parse_activation(activation);
-  if (a == Activation::Identity) return g;
-  if (kernel) {
-    at::Tensor dz = at::empty_like(z);
-    const int64_t plane = z.size(1) * z.size(2);
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_jet_backward", [&] {
-      const at::Tensor gc = g.contiguous();
-      const scalar_t* gp = gc.const_data_ptr<scalar_t>();
-      const scalar_t* zp = z.const_data_ptr<scalar_t>();
-      scalar_t* dp = dz.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, plane, kJetGrain, [&](int64_t begin, int64_t end) {
-        cpu::kernels<scalar_t>().jet_backward_elements(a, gp + begin, zp + begin, dp + begin, end - begin, plane);
-      });
-    });
-    return dz;
-  }
+at::Tensor composite_jet_activation_backward(const at::Tensor& g, const at::Tensor& z, const std::string& activation) {
+  if (parse_activation(activation) == Activation::Identity) return g;
   const at::Tensor z0 = z.select(0, 0), z1 = z.select(0, 1), z2 = z.select(0, 2);
   const at::Tensor g0 = g.select(0, 0), g1 = g.select(0, 1), g2 = g.select(0, 2);
   const at::Tensor d1 = derivative(z0, activation, 1), d2 = derivative(z0, activation, 2);
@@ -102,37 +61,35 @@ struct JetLayers {
 };
 
 JetLayers jet_forward(const at::Tensor& x, const at::Tensor& direction, at::TensorList weights,
-                      at::TensorList biases, const std::vector<std::string>& activations, bool kernel) {
+                      at::TensorList biases, const std::vector<std::string>& activations, const JetStep& step) {
   const int64_t rows = dense_rows(x), in = x.size(-1);
   JetLayers jet;
   at::Tensor h = at::stack({x.reshape({rows, in}), direction.expand(x.sizes()).reshape({rows, in}),
                             at::zeros({rows, in}, x.options())});
   for (size_t l = 0; l < weights.size(); ++l) {
     at::Tensor z = at::matmul(h, weights[l].t());
-    if (!biases.empty() && kernel) {
+    if (!biases.empty() && step.bias_in_place) {
       z.select(0, 0).add_(biases[l]);
     } else if (!biases.empty()) {  // out of place: vmap cannot add a batched bias into an unbatched z in place
       z = at::cat({(z.select(0, 0) + biases[l]).unsqueeze(0), z.narrow(0, 1, 2)});
     }
     jet.inputs.push_back(h);
     jet.preacts.push_back(z);
-    h = jet_activation(z, activations[l], kernel);
+    h = step.forward(z, activations[l]);
   }
   jet.out = h;
   return jet;
 }
 
-using JetGrads = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
-
 // grad: (3, rows, out), the gradients of the output jet. mask: x, direction, the parameters.
 JetGrads jet_backward(at::Tensor grad, const at::Tensor& x, const at::Tensor& direction, at::TensorList weights,
                       bool has_bias, const JetLayers& jet, const std::vector<std::string>& activations,
-                      std::array<bool, 3> mask, bool kernel) {
+                      std::array<bool, 3> mask, const JetStep& step) {
   const size_t L = weights.size();
   std::vector<at::Tensor> dweights(mask[2] ? L : 0), dbiases(mask[2] && has_bias ? L : 0);
   at::Tensor dx, ddirection;
   for (size_t l = L; l-- > 0;) {
-    const at::Tensor dz = jet_activation_backward(grad, jet.preacts[l], activations[l], kernel);
+    const at::Tensor dz = step.backward(grad, jet.preacts[l], activations[l]);
     const int64_t out = dz.size(2), width = jet.inputs[l].size(2);
     if (mask[2]) dweights[l] = at::mm(dz.reshape({-1, out}).t(), jet.inputs[l].reshape({-1, width}));
     if (mask[2] && has_bias) dbiases[l] = dz.select(0, 0).sum(0);
@@ -163,13 +120,18 @@ std::vector<at::Tensor> jet_outputs(const JetLayers& jet, const at::Tensor& x, i
           jet.out.select(0, 2).reshape(shape).clone()};
 }
 
-// ---- the kernels: CPU loops for float and double, the composite elsewhere ------------------------------
+}  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_forward(
-    const at::Tensor& x, const at::Tensor& direction, at::TensorList weights, at::TensorList biases,
-    std::vector<std::string> activations) {
+// ---- the kernels: the composite step here (any device), the CPU's fused loops in csrc/cpu/mlp_jet.cpp ------
+
+const JetStep kCompositeJetStep{&composite_jet_activation, &composite_jet_activation_backward,
+                                /*bias_in_place=*/false};
+
+JetForwardResult jet_forward_kernel(const at::Tensor& x, const at::Tensor& direction, at::TensorList weights,
+                                    at::TensorList biases, const std::vector<std::string>& activations,
+                                    const JetStep& step) {
   check_jet_args(x, direction, weights, biases, activations.size());
-  JetLayers jet = jet_forward(x, direction, weights, biases, activations, cpu_kernel(x));
+  JetLayers jet = jet_forward(x, direction, weights, biases, activations, step);
   auto u = jet_outputs(jet, x, weights.back().size(0));
   std::vector<at::Tensor> saved = std::move(jet.inputs);
   saved.insert(saved.end(), jet.preacts.begin(), jet.preacts.end());
@@ -182,10 +144,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_jet_
   return {u[0], u[1], u[2], saved};
 }
 
-JetGrads mlp_jet_backward(const std::optional<at::Tensor>& grad_u, const std::optional<at::Tensor>& grad_du,
-                          const std::optional<at::Tensor>& grad_d2u, const at::Tensor& x, const at::Tensor& direction,
-                          at::TensorList weights, at::TensorList biases, at::TensorList saved,
-                          std::vector<std::string> activations, std::array<bool, 3> mask) {
+JetGrads jet_backward_kernel(const std::optional<at::Tensor>& grad_u, const std::optional<at::Tensor>& grad_du,
+                             const std::optional<at::Tensor>& grad_d2u, const at::Tensor& x,
+                             const at::Tensor& direction, at::TensorList weights, at::TensorList biases,
+                             at::TensorList saved, const std::vector<std::string>& activations,
+                             std::array<bool, 3> mask, const JetStep& step) {
   check_jet_args(x, direction, weights, biases, activations.size());
   const size_t L = weights.size();
   TORCH_CHECK(saved.size() == 2 * L, "mlp_jet_backward(): saved has ", saved.size(), " tensors, expected ", 2 * L);
@@ -195,7 +158,22 @@ JetGrads mlp_jet_backward(const std::optional<at::Tensor>& grad_u, const std::op
   const at::Tensor grad = stack_grads(grad_u.value_or(at::Tensor()), grad_du.value_or(at::Tensor()),
                                       grad_d2u.value_or(at::Tensor()), dense_rows(x), weights.back().size(0),
                                       x.options());
-  return jet_backward(grad, x, direction, weights, !biases.empty(), jet, activations, mask, cpu_kernel(x));
+  return jet_backward(grad, x, direction, weights, !biases.empty(), jet, activations, mask, step);
+}
+
+namespace {
+
+JetForwardResult mlp_jet_forward(const at::Tensor& x, const at::Tensor& direction, at::TensorList weights,
+                                 at::TensorList biases, std::vector<std::string> activations) {
+  return jet_forward_kernel(x, direction, weights, biases, activations, kCompositeJetStep);
+}
+
+JetGrads mlp_jet_backward(const std::optional<at::Tensor>& grad_u, const std::optional<at::Tensor>& grad_du,
+                          const std::optional<at::Tensor>& grad_d2u, const at::Tensor& x, const at::Tensor& direction,
+                          at::TensorList weights, at::TensorList biases, at::TensorList saved,
+                          std::vector<std::string> activations, std::array<bool, 3> mask) {
+  return jet_backward_kernel(grad_u, grad_du, grad_d2u, x, direction, weights, biases, saved, activations, mask,
+                             kCompositeJetStep);
 }
 
 // Under torch.func transforms and forward-mode AD (fusedlayers.functional routes those calls here): the jet in
@@ -204,18 +182,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_composite(const at::Tenso
                                                                   at::TensorList weights, at::TensorList biases,
                                                                   std::vector<std::string> activations) {
   check_jet_args(x, direction, weights, biases, activations.size());
-  const JetLayers jet = jet_forward(x, direction, weights, biases, activations, /*kernel=*/false);
+  const JetLayers jet = jet_forward(x, direction, weights, biases, activations, kCompositeJetStep);
   auto u = jet_outputs(jet, x, weights.back().size(0));
   return {u[0], u[1], u[2]};
 }
 
 // ---- autograd -------------------------------------------------------------------------------------------
 
-using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+using ForwardFn = JetForwardResult(
     const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, std::vector<std::string>);
 using BackwardFn = JetGrads(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, at::TensorList,
                             at::TensorList, at::TensorList, std::vector<std::string>, std::array<bool, 3>);
+
+// The kernels through the dispatcher, which picks the device's (csrc/cpu/mlp_jet.cpp, else the composite here).
+const c10::TypedOperatorHandle<ForwardFn>& jet_forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_jet_forward", "").typed<ForwardFn>();
+  return op;
+}
 
 // The backward is the mlp_jet_backward kernel; under create_graph it recomputes the jet with differentiable
 // ops (saved tensors carry no graph) and differentiates that, so every higher order is exact.
@@ -223,8 +208,7 @@ class MlpJetFunction : public torch::autograd::Function<MlpJetFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& direction,
                                at::TensorList weights, at::TensorList biases, std::vector<std::string> activations) {
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_jet_forward", "").typed<ForwardFn>();
-    auto [u, du, d2u, saved] = op.call(x, direction, weights, biases, activations);
+    auto [u, du, d2u, saved] = jet_forward_op().call(x, direction, weights, biases, activations);
     std::vector<at::Tensor> keep{x, direction};
     keep.insert(keep.end(), weights.begin(), weights.end());
     keep.insert(keep.end(), biases.begin(), biases.end());
@@ -254,11 +238,11 @@ class MlpJetFunction : public torch::autograd::Function<MlpJetFunction> {
     at::Tensor dx, ddirection;
     std::vector<at::Tensor> dweights, dbiases;
     if (at::GradMode::is_enabled()) {
-      const JetLayers jet = jet_forward(x, direction, weights, biases, activations, /*kernel=*/false);
+      const JetLayers jet = jet_forward(x, direction, weights, biases, activations, kCompositeJetStep);
       const at::Tensor grad = stack_grads(grads[0], grads[1], grads[2], jet.out.size(1), jet.out.size(2),
                                           jet.out.options());
       std::tie(dx, ddirection, dweights, dbiases) =
-          jet_backward(grad, x, direction, weights, B > 0, jet, activations, mask, /*kernel=*/false);
+          jet_backward(grad, x, direction, weights, B > 0, jet, activations, mask, kCompositeJetStep);
     } else {
       static auto op =
           c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_jet_backward", "").typed<BackwardFn>();
@@ -277,7 +261,7 @@ class MlpJetFunction : public torch::autograd::Function<MlpJetFunction> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_jet_no_autograd(const at::Tensor& x, const at::Tensor& direction,
                                                                     at::TensorList weights, at::TensorList biases,
                                                                     std::vector<std::string> activations) {
-  auto [u, du, d2u, saved] = mlp_jet_forward(x, direction, weights, biases, std::move(activations));
+  auto [u, du, d2u, saved] = jet_forward_op().call(x, direction, weights, biases, std::move(activations));
   return {u, du, d2u};
 }
 
@@ -322,25 +306,17 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   // The same jet as a composite of ATen ops and activation_derivative: what torch.func and forward-mode AD run.
   m.def("mlp_jet_composite(Tensor x, Tensor direction, Tensor[] weights, Tensor[] biases, str[] activations) "
         "-> (Tensor, Tensor, Tensor)");
-}
 
-TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
-  m.impl("mlp_jet", &fusedlayers::mlp_jet_autograd);
+  fusedlayers::impl_differentiable(m, "mlp_jet", &fusedlayers::mlp_jet_autograd, &fusedlayers::mlp_jet_no_autograd);
   // Not differentiable themselves: higher orders go through MlpJetFunction's composite.
-  m.impl("mlp_jet_forward", torch::autograd::autogradNotImplementedFallback());
-  m.impl("mlp_jet_backward", torch::autograd::autogradNotImplementedFallback());
+  for (const char* kernel : {"mlp_jet_forward", "mlp_jet_backward"}) {
+    m.impl(kernel, torch::dispatch(c10::DispatchKey::Autograd, torch::autograd::autogradNotImplementedFallback()));
+  }
+  fusedlayers::impl_composite(m, "mlp_jet_composite", &fusedlayers::mlp_jet_composite);
 }
 
-TORCH_LIBRARY_IMPL(fusedlayers, CompositeImplicitAutograd, m) {
-  m.impl("mlp_jet_composite", &fusedlayers::mlp_jet_composite);
-}
-
-TORCH_LIBRARY_IMPL(fusedlayers, FuncTorchBatchedDecomposition, m) {
-  m.impl("mlp_jet_composite", &fusedlayers::mlp_jet_composite);
-}
-
+// The kernels for any device without kernels of its own (the CPU's: csrc/cpu/mlp_jet.cpp).
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
-  m.impl("mlp_jet", &fusedlayers::mlp_jet_no_autograd);
   m.impl("mlp_jet_forward", &fusedlayers::mlp_jet_forward);
   m.impl("mlp_jet_backward", &fusedlayers::mlp_jet_backward);
 }

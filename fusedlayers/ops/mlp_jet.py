@@ -10,7 +10,7 @@ from .mlp import check_mlp_args
 
 def check_jet_args(x: Tensor, direction: Tensor, weights: list[Tensor], biases: list[Tensor],
                    activations: list[str]) -> None:
-    """The mlp_jet contract (C++: csrc/ops/mlp_jet.cpp, the same messages)."""
+    """The mlp_jet contract (C++: check_jet_args in csrc/ops/mlp_jet.cpp, the same messages)."""
     check_mlp_args(x, weights, biases, activations, "mlp_jet")
     torch._check(direction.dtype == x.dtype, lambda: f"mlp_jet(): expected direction to have the dtype of x "
                                                      f"({x.dtype}), got {direction.dtype}")

@@ -1,4 +1,4 @@
-// The kernels of mlp_jet (csrc/mlp_jet.cpp): an activation's second-order jet and its vector-Jacobian product,
+// The kernels of mlp_jet (csrc/cpu/mlp_jet.cpp): an activation's second-order jet and its vector-Jacobian product,
 // every element through Vectorized as in dense.h.
 #pragma once
 
