@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -29,6 +30,15 @@ struct BackendInfo {
 // native: the C++ CPU and CUDA kernels, chosen by the dispatcher from the device; triton: registered from Python
 // (fusedlayers/triton/).
 constexpr std::array<BackendInfo, 2> kBackends = {{{Backend::Native, "native", ""}, {Backend::Triton, "triton", "triton_"}}};
+
+// Rows in the enum's order: info() and KernelOp index the table by the enumerator.
+constexpr bool rows_in_enum_order() {
+  for (size_t i = 0; i < kBackends.size(); ++i) {
+    if (static_cast<size_t>(kBackends[i].backend) != i) return false;
+  }
+  return true;
+}
+static_assert(rows_in_enum_order(), "kBackends: one row per Backend, in the enum's order");
 
 inline const BackendInfo& info(Backend b) { return kBackends[static_cast<size_t>(b)]; }
 
@@ -55,30 +65,47 @@ inline void def_kernels(torch::Library& m, std::initializer_list<const char*> sc
 inline void not_differentiable(torch::Library& m, std::initializer_list<const char*> kernels) {
   for (const auto& b : kBackends) {
     for (const char* kernel : kernels) {
-      m.impl(kernel_name(b.backend, kernel).c_str(), torch::autograd::autogradNotImplementedFallback());
+      m.impl(kernel_name(b.backend, kernel).c_str(),
+             torch::dispatch(c10::DispatchKey::Autograd, torch::autograd::autogradNotImplementedFallback()));
     }
   }
 }
 
-// One kernel op in every backend: op(backend) is the typed handle of `<prefix><kernel>`, every backend's
-// looked up once (the schemas are all C++; the Triton kernels behind them are registered later, from Python).
+// One kernel op in every backend: op(backend) is the typed handle of `<prefix><kernel>`. Declared as a constant
+// beside the family's code (constinit: no static-initialization order); every backend's handle is looked up at
+// the first call, when the schemas are all registered (the Triton kernels behind them come later, from Python),
+// and kept for the life of the process.
 template <typename Fn>
 class KernelOp {
  public:
-  explicit KernelOp(const char* kernel) : handles_(lookup(kernel, std::make_index_sequence<kBackends.size()>{})) {}
-  const c10::TypedOperatorHandle<Fn>& operator()(Backend b) const { return handles_[static_cast<size_t>(b)]; }
+  constexpr explicit KernelOp(const char* kernel) : kernel_(kernel) {}
+
+  const c10::TypedOperatorHandle<Fn>& operator()(Backend b) const {
+    const Handles* h = handles_.load(std::memory_order_acquire);
+    if (h == nullptr) {
+      Handles* found = new Handles(lookup(std::make_index_sequence<kBackends.size()>{}));
+      if (handles_.compare_exchange_strong(h, found, std::memory_order_acq_rel)) {
+        h = found;
+      } else {
+        delete found;  // another thread's lookup won; h is now its table
+      }
+    }
+    return (*h)[static_cast<size_t>(b)];
+  }
 
  private:
   using Handle = c10::TypedOperatorHandle<Fn>;
+  using Handles = std::array<Handle, kBackends.size()>;
   template <size_t... I>
-  static std::array<Handle, sizeof...(I)> lookup(const char* kernel, std::index_sequence<I...>) {
-    return {find(kBackends[I].backend, kernel)...};
+  Handles lookup(std::index_sequence<I...>) const {
+    return {find(kBackends[I].backend)...};
   }
-  static Handle find(Backend b, const char* kernel) {
-    const std::string name = "fusedlayers::" + kernel_name(b, kernel);
+  Handle find(Backend b) const {
+    const std::string name = "fusedlayers::" + kernel_name(b, kernel_);
     return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").template typed<Fn>();
   }
-  std::array<Handle, kBackends.size()> handles_;
+  const char* kernel_;
+  mutable std::atomic<const Handles*> handles_{nullptr};
 };
 
 // Calls fn(std::integral_constant<Backend, B>{}) for every backend B: to register a kernel templated on the

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <charconv>
 #include <initializer_list>
@@ -74,6 +75,22 @@ inline int64_t dense_rows(const at::Tensor& x) {
   int64_t rows = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
   return rows;
+}
+
+// A differentiable op's two kernels, registered from its family's TORCH_LIBRARY_FRAGMENT: the Autograd one
+// (records the family's node) and, below autograd, the one that only computes.
+template <typename Autograd, typename NoAutograd>
+void impl_differentiable(torch::Library& m, const char* op, Autograd* autograd, NoAutograd* no_autograd) {
+  m.impl(op, torch::dispatch(c10::DispatchKey::Autograd, autograd));
+  m.impl(op, torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd, no_autograd));
+}
+
+// A gradient written as a composite of ATen ops: differentiable again, and under vmap it decomposes too (as
+// functorch does for ATen's composites), so its ops batch by their own rules instead of a per-sample loop.
+template <typename Fn>
+void impl_composite(torch::Library& m, const char* op, Fn* fn) {
+  m.impl(op, torch::dispatch(c10::DispatchKey::CompositeImplicitAutograd, fn));
+  m.impl(op, torch::dispatch(c10::DispatchKey::FuncTorchBatchedDecomposition, fn));
 }
 
 }  // namespace fusedlayers

@@ -77,11 +77,11 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     at::Tensor loss, lse;
     if (red != CeReduction::None && !traced(logits)) {
       at::Tensor grad = at::empty(logits.sizes(), logits.options());
-      std::tie(loss, lse) = ce_forward_grad_op()(kernels).call(logits, target, weight, ignore_index, label_smoothing,
+      std::tie(loss, lse) = ce_forward_grad_op(kernels).call(logits, target, weight, ignore_index, label_smoothing,
                                                             z_loss, softcap, reduction, grad);
       ctx->saved_data["grad"] = std::move(grad);
     } else {
-      std::tie(loss, lse) = ce_forward_op()(kernels).call(logits, target, weight, ignore_index, label_smoothing, z_loss,
+      std::tie(loss, lse) = ce_forward_op(kernels).call(logits, target, weight, ignore_index, label_smoothing, z_loss,
                                                        softcap, reduction);
     }
     ctx->save_for_backward({logits, target, weight.value_or(at::Tensor()), lse});
@@ -119,7 +119,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
                                                 softcap);
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in dense_autograd (ops/dense.cpp)
-      out[0] = ce_backward_op()(static_cast<Backend>(o[5].toInt())).call(grad_loss, opt(grads[1]), logits, target, opt(weight), lse,
+      out[0] = ce_backward_op(static_cast<Backend>(o[5].toInt())).call(grad_loss, opt(grads[1]), logits, target, opt(weight), lse,
                                                    ignore_index, eps, z_loss, softcap, reduction_name(red));
     }
     return out;
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_no_autograd(const at::Tensor& l
                                                              int64_t ignore_index, double label_smoothing,
                                                              double z_loss, std::optional<double> softcap,
                                                              c10::string_view reduction, c10::string_view backend) {
-  return ce_forward_op()(parse_backend(backend)).call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+  return ce_forward_op(parse_backend(backend)).call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
                                                 reduction);
 }
 
@@ -166,7 +166,7 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
                                c10::string_view backend) {
     at::Tensor written = logits;
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in dense_autograd (ops/dense.cpp)
-    auto [loss, lse] = ce_forward_grad_op()(parse_backend(backend))
+    auto [loss, lse] = ce_forward_grad_op(parse_backend(backend))
                            .call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
                                  written);
     torch::autograd::impl::bump_version(logits);
@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_inplace_no_autograd(
     at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, double z_loss, std::optional<double> softcap, c10::string_view reduction,
     c10::string_view backend) {
-  return ce_forward_grad_op()(parse_backend(backend))
+  return ce_forward_grad_op(parse_backend(backend))
       .call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, logits);
 }
 
@@ -274,15 +274,10 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
         "float z_loss, float? softcap, str reduction, str backend) -> (Tensor, Tensor)");
   m.def("cross_entropy_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index, "
         "float label_smoothing, float z_loss, float? softcap, str reduction, str backend) -> (Tensor, Tensor)");
-}
 
-TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
-  m.impl("cross_entropy", &fusedlayers::cross_entropy_autograd);
-  m.impl("cross_entropy_", &fusedlayers::cross_entropy_inplace_autograd);
+  fusedlayers::impl_differentiable(m, "cross_entropy", &fusedlayers::cross_entropy_autograd,
+                                   &fusedlayers::cross_entropy_no_autograd);
+  fusedlayers::impl_differentiable(m, "cross_entropy_", &fusedlayers::cross_entropy_inplace_autograd,
+                                   &fusedlayers::cross_entropy_inplace_no_autograd);
   fusedlayers::not_differentiable(m, {"cross_entropy_forward", "cross_entropy_forward_grad", "cross_entropy_backward"});
-}
-
-TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
-  m.impl("cross_entropy", &fusedlayers::cross_entropy_no_autograd);
-  m.impl("cross_entropy_", &fusedlayers::cross_entropy_inplace_no_autograd);
 }

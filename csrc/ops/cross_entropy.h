@@ -93,20 +93,11 @@ using CeForwardGradFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, co
                                                            const std::optional<at::Tensor>&, int64_t, double, double,
                                                            std::optional<double>, c10::string_view, at::Tensor&);
 
-inline const KernelOp<CeForwardFn>& ce_forward_op() {
-  static const KernelOp<CeForwardFn> op("cross_entropy_forward");
-  return op;
-}
+inline constinit const KernelOp<CeForwardFn> ce_forward_op("cross_entropy_forward");
 
-inline const KernelOp<CeBackwardFn>& ce_backward_op() {
-  static const KernelOp<CeBackwardFn> op("cross_entropy_backward");
-  return op;
-}
+inline constinit const KernelOp<CeBackwardFn> ce_backward_op("cross_entropy_backward");
 
-inline const KernelOp<CeForwardGradFn>& ce_forward_grad_op() {
-  static const KernelOp<CeForwardGradFn> op("cross_entropy_forward_grad");
-  return op;
-}
+inline constinit const KernelOp<CeForwardGradFn> ce_forward_grad_op("cross_entropy_forward_grad");
 
 // The class weight of each row's target, 0 for ignored rows (1 for kept rows without weights), in `dtype`:
 // the summands of a "mean" reduction's denominator.

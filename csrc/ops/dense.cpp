@@ -55,15 +55,9 @@ using DenseGradFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
     std::array<bool, 3>);
 
-const KernelOp<DenseForwardFn>& dense_forward_op() {
-  static const KernelOp<DenseForwardFn> op("dense_forward");
-  return op;
-}
+constinit const KernelOp<DenseForwardFn> dense_forward_op("dense_forward");
 
-const KernelOp<DenseBackwardFn>& dense_backward_op() {
-  static const KernelOp<DenseBackwardFn> op("dense_backward");
-  return op;
-}
+constinit const KernelOp<DenseBackwardFn> dense_backward_op("dense_backward");
 
 // One autograd node per dense layer (a plain Node, as MLPBackward in ops/mlp.cpp explains). It saves x, weight, bias
 // and (unless recomputing) the pre-activation. The backward is the dense_backward kernel; under create_graph
@@ -89,7 +83,7 @@ struct DenseBackward : public torch::autograd::Node {
     } else {
       // Without create_graph nothing records the kernel's outputs: skip its Autograd key (see dense_autograd).
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(dx, dw, db) = dense_backward_op()(backend).call(
+      std::tie(dx, dw, db) = dense_backward_op(backend).call(
           grads[0], x_, w_, b_opt, z_.defined() ? std::optional<at::Tensor>(z_) : std::nullopt, activation, mask);
     }
     out[0] = dx;
@@ -109,7 +103,7 @@ struct DenseBackward : public torch::autograd::Node {
 // Without autograd (inference mode, no grad needed, or below Autograd in a compiled graph) nothing is saved.
 at::Tensor dense_no_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              c10::string_view activation, bool /*save_preact*/, c10::string_view backend) {
-  return std::get<0>(dense_forward_op()(parse_backend(backend)).call(x, weight, bias, activation, false));
+  return std::get<0>(dense_forward_op(parse_backend(backend)).call(x, weight, bias, activation, false));
 }
 
 at::Tensor dense_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -132,7 +126,7 @@ at::Tensor dense_autograd(const at::Tensor& x, const at::Tensor& weight, const s
     // Straight to the backend kernel: through the kernel op's Autograd key (the boxed not-implemented
     // fallback) the call would cost more than a small layer's arithmetic.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::tie(y, preact) = dense_forward_op()(kernels).call(x, weight, bias, activation, save_preact);
+    std::tie(y, preact) = dense_forward_op(kernels).call(x, weight, bias, activation, save_preact);
   }
   node->x = torch::autograd::SavedVariable(x, /*is_output=*/false);
   node->weight = torch::autograd::SavedVariable(weight, /*is_output=*/false);
@@ -163,23 +157,8 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   // Unwanted outputs are undefined (None).
   m.def("dense_grad(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, str activation, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)");
-}
 
-TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
-  m.impl("dense", &fusedlayers::dense_autograd);
+  fusedlayers::impl_differentiable(m, "dense", &fusedlayers::dense_autograd, &fusedlayers::dense_no_autograd);
   fusedlayers::not_differentiable(m, {"dense_forward", "dense_backward"});
-}
-
-TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
-  m.impl("dense", &fusedlayers::dense_no_autograd);
-}
-
-// The gradient is a composite of ATen ops: differentiable again, and under vmap it decomposes too (as functorch
-// does for ATen's), so its ops batch with their own rules instead of a per-sample loop.
-TORCH_LIBRARY_IMPL(fusedlayers, CompositeImplicitAutograd, m) {
-  m.impl("dense_grad", &fusedlayers::dense_grad);
-}
-
-TORCH_LIBRARY_IMPL(fusedlayers, FuncTorchBatchedDecomposition, m) {
-  m.impl("dense_grad", &fusedlayers::dense_grad);
+  fusedlayers::impl_composite(m, "dense_grad", &fusedlayers::dense_grad);
 }

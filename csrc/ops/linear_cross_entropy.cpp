@@ -93,7 +93,7 @@ void run_chunks(const LinearCe& a, const at::Tensor& loss, const at::Tensor& lse
     }
     at::Tensor lse_c;
     if (loss.defined()) {
-      auto [l, row_lse] = ce_forward_op()(a.backend).call(logits, t, a.class_weight, a.ignore_index, a.label_smoothing,
+      auto [l, row_lse] = ce_forward_op(a.backend).call(logits, t, a.class_weight, a.ignore_index, a.label_smoothing,
                                                        a.z_loss, a.softcap, "none");
       loss.narrow(0, s, n).copy_(l);
       lse.narrow(0, s, n).copy_(row_lse);
@@ -103,7 +103,7 @@ void run_chunks(const LinearCe& a, const at::Tensor& loss, const at::Tensor& lse
     }
     if (!backward) continue;
     const at::Tensor gl = grad_loss.dim() == 0 ? grad_loss.expand({n}) : grad_loss.narrow(0, s, n);
-    const at::Tensor g = ce_backward_op()(a.backend).call(gl, grad_lse.defined() ? opt(grad_lse.narrow(0, s, n))
+    const at::Tensor g = ce_backward_op(a.backend).call(gl, grad_lse.defined() ? opt(grad_lse.narrow(0, s, n))
                                                                                : std::nullopt,
                                                        logits, t, a.class_weight, lse_c, a.ignore_index,
                                                        a.label_smoothing, a.z_loss, a.softcap, "none");
@@ -175,15 +175,9 @@ using LinearCeBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t,
     double, double, std::optional<double>, int64_t, std::array<bool, 3>);
 
-const KernelOp<LinearCeForwardFn>& linear_ce_forward_op() {
-  static const KernelOp<LinearCeForwardFn> op("linear_cross_entropy_forward");
-  return op;
-}
+constinit const KernelOp<LinearCeForwardFn> linear_ce_forward_op("linear_cross_entropy_forward");
 
-const KernelOp<LinearCeBackwardFn>& linear_ce_backward_op() {
-  static const KernelOp<LinearCeBackwardFn> op("linear_cross_entropy_backward");
-  return op;
-}
+constinit const KernelOp<LinearCeBackwardFn> linear_ce_backward_op("linear_cross_entropy_backward");
 
 // One autograd node. For "mean"/"sum" the forward also computes the gradients of the loss (the logits are
 // computed once) and the backward scales them by the upstream scalar; per-row upstream gradients ("none",
@@ -199,7 +193,7 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     const std::array<bool, 3> mask = {precompute && hidden.requires_grad(), precompute && weight.requires_grad(),
                                       precompute && bias.has_value() && bias->requires_grad()};
     const Backend kernels = parse_backend(backend);
-    auto [loss, lse, dh, dw, db] = linear_ce_forward_op()(kernels).call(hidden, weight, bias, target, class_weight,
+    auto [loss, lse, dh, dw, db] = linear_ce_forward_op(kernels).call(hidden, weight, bias, target, class_weight,
                                                                         ignore_index, label_smoothing, z_loss,
                                                                         softcap, reduction, chunk_size, mask);
     ctx->save_for_backward({hidden, weight, bias.value_or(at::Tensor()), target, class_weight.value_or(at::Tensor()),
@@ -235,7 +229,7 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     if (grads[1].defined() || (!precompute && grads[0].defined())) {
       const auto& cap = ctx->saved_data["softcap"];
       const auto kernels = static_cast<Backend>(ctx->saved_data["backend"].toInt());
-      auto [rh, rw, rb] = linear_ce_backward_op()(kernels).call(
+      auto [rh, rw, rb] = linear_ce_backward_op(kernels).call(
           precompute ? std::nullopt : opt(grads[0]), opt(grads[1]), hidden, weight, opt(bias), target,
           opt(class_weight), lse, ctx->saved_data["ignore_index"].toInt(),
           ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
@@ -257,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_no_autograd(
     const at::Tensor& target, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
     double label_smoothing, double z_loss, std::optional<double> softcap, c10::string_view reduction,
     int64_t chunk_size, c10::string_view backend) {
-  auto out = linear_ce_forward_op()(parse_backend(backend))
+  auto out = linear_ce_forward_op(parse_backend(backend))
                  .call(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing, z_loss, softcap,
                        reduction, chunk_size, {false, false, false});
   return {std::get<0>(out), std::get<1>(out)};
@@ -305,15 +299,15 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
           "linear_cross_entropy_backward(Tensor? grad_loss, Tensor? grad_lse, Tensor hidden, Tensor weight, "
           "Tensor? bias, Tensor target, Tensor? class_weight, Tensor lse, int ignore_index, float label_smoothing, "
           "float z_loss, float? softcap, int chunk_size, bool[3] output_mask) -> (Tensor, Tensor, Tensor)"});
-}
 
-TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
-  m.impl("linear_cross_entropy", &fusedlayers::linear_cross_entropy_autograd);
+  fusedlayers::impl_differentiable(m, "linear_cross_entropy", &fusedlayers::linear_cross_entropy_autograd,
+                                   &fusedlayers::linear_cross_entropy_no_autograd);
   fusedlayers::not_differentiable(m, {"linear_cross_entropy_forward", "linear_cross_entropy_backward"});
 }
 
+// Every backend's kernels are one device-generic loop over chunks, calling that backend's dense and
+// cross-entropy kernels.
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
-  m.impl("linear_cross_entropy", &fusedlayers::linear_cross_entropy_no_autograd);
   fusedlayers::for_each_backend([&](auto b) {
     constexpr fusedlayers::Backend B = decltype(b)::value;
     m.impl(fusedlayers::kernel_name(B, "linear_cross_entropy_forward").c_str(),

@@ -53,15 +53,9 @@ using MlpForwardFn = MlpForwardResult(const at::Tensor&, at::TensorList, at::Ten
 using MlpBackwardFn = MlpBackwardResult(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
                                         at::TensorList, std::vector<std::string>, bool);
 
-const KernelOp<MlpForwardFn>& mlp_forward_op() {
-  static const KernelOp<MlpForwardFn> op("mlp_forward");
-  return op;
-}
+constinit const KernelOp<MlpForwardFn> mlp_forward_op("mlp_forward");
 
-const KernelOp<MlpBackwardFn>& mlp_backward_op() {
-  static const KernelOp<MlpBackwardFn> op("mlp_backward");
-  return op;
-}
+constinit const KernelOp<MlpBackwardFn> mlp_backward_op("mlp_backward");
 
 // One autograd node for the whole network. Its backward is the mlp_backward kernel, or under create_graph
 // the mlp_grad composite, which autograd differentiates again. A plain Node (as every node of fusedlayers) rather
@@ -96,7 +90,7 @@ struct MLPBackward : public torch::autograd::Node {
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in DenseBackward::apply (ops/dense.cpp)
       std::tie(dx, dweights, dbiases) =
-          mlp_backward_op()(backend).call(grads[0], x_, ws, bs, ss, activations, input_grad);
+          mlp_backward_op(backend).call(grads[0], x_, ws, bs, ss, activations, input_grad);
     }
     out[0] = dx;
     for (size_t i = 0; i < dweights.size(); ++i) {
@@ -121,7 +115,7 @@ struct MLPBackward : public torch::autograd::Node {
 
 at::Tensor mlp_no_autograd(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                            std::vector<std::string> activations, bool /*save*/, c10::string_view backend) {
-  return std::get<0>(mlp_forward_op()(parse_backend(backend)).call(x, weights, biases, activations, false));
+  return std::get<0>(mlp_forward_op(parse_backend(backend)).call(x, weights, biases, activations, false));
 }
 
 at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
@@ -144,7 +138,7 @@ at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorL
   std::vector<at::Tensor> saved;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in dense_autograd (ops/dense.cpp)
-    std::tie(y, saved) = mlp_forward_op()(kernels).call(x, weights, biases, activations, save);
+    std::tie(y, saved) = mlp_forward_op(kernels).call(x, weights, biases, activations, save);
   }
   node->x = torch::autograd::SavedVariable(x, /*is_output=*/false);
   for (const auto& w : weights) node->weights.emplace_back(w, /*is_output=*/false);
@@ -173,22 +167,8 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   // The gradient as a composite of differentiable ops (see dense_grad); the lists are empty without params_grad.
   m.def("mlp_grad(Tensor grad_out, Tensor x, Tensor[] weights, Tensor[] biases, str[] activations, "
         "bool input_grad, bool params_grad) -> (Tensor, Tensor[], Tensor[])");
-}
 
-TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {
-  m.impl("mlp", &fusedlayers::mlp_autograd);
+  fusedlayers::impl_differentiable(m, "mlp", &fusedlayers::mlp_autograd, &fusedlayers::mlp_no_autograd);
   fusedlayers::not_differentiable(m, {"mlp_forward", "mlp_backward"});
-}
-
-TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
-  m.impl("mlp", &fusedlayers::mlp_no_autograd);
-}
-
-// As dense_grad's (ops/dense.cpp).
-TORCH_LIBRARY_IMPL(fusedlayers, CompositeImplicitAutograd, m) {
-  m.impl("mlp_grad", &fusedlayers::mlp_grad);
-}
-
-TORCH_LIBRARY_IMPL(fusedlayers, FuncTorchBatchedDecomposition, m) {
-  m.impl("mlp_grad", &fusedlayers::mlp_grad);
+  fusedlayers::impl_composite(m, "mlp_grad", &fusedlayers::mlp_grad);
 }

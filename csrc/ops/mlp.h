@@ -61,8 +61,9 @@ MlpBackwardResult mlp_chain_backward(const at::Tensor& grad_out, const at::Tenso
                                      std::vector<std::string> activations, bool input_grad);
 
 namespace cpu {
-// True where the CPU's fused path runs x through these weights: its backward recomputes the forward, so the
-// autograd does not ask the forward to save anything.
+// True where the CPU's own paths (the fused tiles, the wide path) run x through these weights: their backward
+// recomputes the forward, so the autograd does not ask the forward to save anything. Asked before the call,
+// from concrete shapes, because the fake kernels must know at trace time what the forward saves.
 bool mlp_cpu_recomputes(const at::Tensor& x, at::TensorList weights);
 }  // namespace cpu
 
