@@ -13,9 +13,8 @@ BACKENDS = fusedlayers.available_backends()
 
 def device_of(backend: str) -> str:
     """The device a backend's tests run on: the GPU when there is one, else the CPU (Triton interpreted)."""
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
+    devices = fusedlayers.backends.BY_NAME[backend].devices
+    return next(d for d in devices if d == "cpu" or getattr(torch, d).is_available())
 
 
 @pytest.fixture(params=BACKENDS)

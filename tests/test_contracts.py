@@ -109,11 +109,15 @@ def _kernel(kernels: str, name: str):
 
 
 def _runs():
-    """(label, kernel backend) of every backend this machine runs: real tensors on the CPU."""
-    runs = [("cpu", "native")]
-    if "triton" in BACKENDS:
-        import fusedlayers.triton  # noqa: F401  (registers the Triton kernels)
-        runs.append(("triton", "triton"))
+    """(label, kernel backend) of every available backend that runs CPU tensors here (the cases are CPU
+    tensors: a GPU-only backend's kernels run where there is a GPU)."""
+    runs = []
+    for name in BACKENDS:
+        b = backends.BY_NAME[name]
+        if "cpu" in b.devices and b.missing("cpu") is None:
+            if b.load is not None:
+                b.load()
+            runs.append((name, b.kernels))
     return runs
 
 
