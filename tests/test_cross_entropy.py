@@ -153,6 +153,34 @@ def test_mean_over_zero_kept_weight_is_nan(backend, label_smoothing):
     assert ref.isnan() and loss.isnan()
 
 
+@pytest.mark.parametrize("create_graph", [False, True], ids=["kernel", "composite"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_inf_weight_of_an_absent_class(backend, reduction, create_graph):
+    """Inverse-frequency weights make an absent class's weight inf. Without label smoothing no term reads it:
+    F.cross_entropy's loss and gradient stay finite, and so must these (the kernel's backward and, under
+    create_graph, the composite)."""
+    dev = device_of(backend)
+    w = 1 / torch.tensor([10.0, 0.0, 5.0], dtype=torch.float64)
+    t = torch.tensor([0, 2, 0, 2])
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ref = F.cross_entropy(x, t, w, reduction=reduction)
+    g = torch.rand(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    (dx_ref,) = torch.autograd.grad(ref, x, g)
+    assert torch.isfinite(dx_ref).all()
+    xf = x.detach().to(dev).requires_grad_()
+    loss = cross_entropy(xf, t.to(dev), w.to(dev), reduction=reduction, backend=backend)
+    (dx,) = torch.autograd.grad(loss, xf, g.to(dev), create_graph=create_graph)
+    assert_rel_close(loss.detach().cpu(), ref.detach(), 1e-12, "loss")
+    assert_rel_close(dx.detach().cpu(), dx_ref, 1e-12, "grad")
+    (h, lw, b, _, _), (hf, lwf, bf, _, _) = make_linear_case(4, 5, 3, torch.float64, dev)
+    ref = F.cross_entropy(F.linear(h.requires_grad_(), lw, b), t, w, reduction=reduction)
+    loss = linear_cross_entropy(hf, lwf, t.to(dev), bf, w.to(dev), reduction=reduction, chunk_size=3,
+                                backend=backend)
+    assert_rel_close(loss.detach().cpu(), ref.detach(), 1e-12, "linear loss")
+    assert_rel_close(torch.autograd.grad(loss, hf, g.to(dev))[0].cpu(), torch.autograd.grad(ref, h, g)[0], 1e-12,
+                     "linear grad")
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_uint8_target(backend, reduction):
     """uint8 class indices, which F.cross_entropy accepts too."""

@@ -39,7 +39,9 @@ at::Tensor cross_entropy_backward_composite(const at::Tensor& grad_loss, const a
   // where, not a product: an all-ignored mean's grad_loss is inf on every (ignored) row.
   const at::Tensor gl = at::where(kept, grad_loss.to(math), 0);
   const at::Tensor W = w.defined() ? w.sum() : at::scalar_tensor(static_cast<double>(C), x.options());
-  at::Tensor a = gl * (wt * ((1.0 - eps) + 2.0 * z_loss * lse) + eps / C * W);
+  at::Tensor a = wt * ((1.0 - eps) + 2.0 * z_loss * lse);
+  if (eps != 0.0) a = a + eps / C * W;  // only with smoothing, as the kernels: an absent class's inf weight
+  a = gl * a;                           // would make 0 * inf a NaN in every gradient
   if (grad_lse.defined()) a = a + grad_lse.to(math);
   at::Tensor grad = a.unsqueeze(1) * p - (gl * wt * (1.0 - eps)).unsqueeze(1) * at::one_hot(safe_t, C).to(math);
   if (eps != 0.0) grad = grad - (gl * (eps / C)).unsqueeze(1) * (w.defined() ? w.unsqueeze(0) : at::ones({1, 1}, x.options()));

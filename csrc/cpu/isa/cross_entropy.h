@@ -101,7 +101,9 @@ void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* gra
   const M gl = kept ? grad_loss : M(0);
   const M wt = !kept ? M(0) : row.weight ? row.weight[row.target] : M(1);
   const M W = row.weight ? row.weight_sum : M(C);
-  const M a = gl * (wt * ((M(1) - eps) + M(2) * row.z_loss * lse) + eps / M(C) * W) + grad_lse;
+  // W only with smoothing: an absent class's inf weight would make eps * W = 0 * inf a NaN in every gradient.
+  const M smooth_w = eps != M(0) ? eps / M(C) * W : M(0);
+  const M a = gl * (wt * ((M(1) - eps) + M(2) * row.z_loss * lse) + smooth_w) + grad_lse;
   const M b = gl * eps / M(C);
   const bool cap = row.softcap != M(0);
   const V va(a), vb(b), vlse(lse), one(M(1)), vs(row.softcap), inv_s(cap ? M(1) / row.softcap : M(0));
