@@ -158,8 +158,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     input: (C,), (N, C) or (N, C, d1, ...); target: class indices, int64, of shape (), (N,) or (N, d1, ...).
     weight, ignore_index, reduction, label_smoothing: as in F.cross_entropy. Beyond it: z_loss adds
     z_loss * lse**2 per kept sample (weighted and reduced like the loss), with lse the logsumexp of the
-    sample's logits; softcap replaces the logits z by softcap * tanh(z / softcap) first. return_lse=True
-    returns (loss, lse), lse per sample (shape of reduction="none"). A kept target outside [0, C) raises.
+    sample's logits; softcap (positive, finite) replaces the logits z by softcap * tanh(z / softcap) first.
+    return_lse=True returns (loss, lse), lse per sample (shape of reduction="none"). A kept target outside
+    [0, C) raises.
 
     inplace_backward=True saves the memory (and time) of the gradient: when autograd records the call, the
     forward overwrites `input` with its gradient (backward only scales it by the upstream gradient). The

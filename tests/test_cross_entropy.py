@@ -520,6 +520,9 @@ def test_bad_input(backend):
         cross_entropy(x, t, label_smoothing=1.5, backend=backend)
     with pytest.raises(ValueError, match="softcap must be positive"):
         cross_entropy(x, t, softcap=0.0, backend=backend)
+    for cap in (float("inf"), float("nan")):  # inf would give NaN losses (inf * tanh(z / inf)), not "no cap"
+        with pytest.raises(ValueError, match=f"softcap must be positive and finite \\(None for no cap\\), got {cap}"):
+            cross_entropy(x, t, softcap=cap, backend=backend)
     with pytest.raises(ValueError, match="not a valid value for reduction"):
         cross_entropy(x, t, reduction="avg", backend=backend)
     with pytest.raises(ValueError, match="0-d"):

@@ -8,6 +8,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -45,7 +46,8 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target, co
   check_per_class(weight, "cross_entropy", "weight", logits.size(1), logits, "logits");
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "cross_entropy(): label_smoothing must be in [0, 1], got ", py(label_smoothing));
-  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0.0, "cross_entropy(): softcap must be positive, got ",
+  TORCH_CHECK_VALUE(!softcap.has_value() || (*softcap > 0.0 && std::isfinite(*softcap)),
+                    "cross_entropy(): softcap must be positive and finite (None for no cap), got ",
                     py(softcap.value_or(0.0)));
 }
 

@@ -1,6 +1,8 @@
 """The cross-entropy family's Python side (its schemas, autograd, formulas and C++ contract:
 csrc/ops/cross_entropy.{h,cpp}): the argument contract, the reductions as torch ops (no host synchronization),
 the kernels' fakes (every backend's) and the torch.func route."""
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,8 +44,8 @@ def check_cross_entropy_args(logits: Tensor, target: Tensor, weight: Tensor | No
     check_per_class(weight, "cross_entropy", "weight", logits.shape[1], logits, "logits")
     torch._check_value(0.0 <= label_smoothing <= 1.0,
                        lambda: f"cross_entropy(): label_smoothing must be in [0, 1], got {label_smoothing}")
-    torch._check_value(softcap is None or softcap > 0.0,
-                       lambda: f"cross_entropy(): softcap must be positive, got {softcap}")
+    torch._check_value(softcap is None or 0.0 < softcap < math.inf,
+                       lambda: f"cross_entropy(): softcap must be positive and finite (None for no cap), got {softcap}")
 
 
 def ce_math_dtype(dtype: torch.dtype) -> torch.dtype:
