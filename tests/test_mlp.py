@@ -384,3 +384,19 @@ def test_compile_fullgraph(backend, net):
     params = [x, *model.parameters()]
     for got, want in zip(torch.autograd.grad(y.square().sum(), params), torch.autograd.grad(y_ref.square().sum(), params)):
         assert_rel_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("sizes,rows,recomputes", [([3, 10, 10, 2], 4, True), ([1, 1000, 20, 1], 3000, True),
+                                                   ([64, 256, 256, 8], 300, False)],
+                         ids=["fused-tiles", "wide", "chain"])
+def test_cpu_paths_that_recompute_save_only_the_inputs(sizes, rows, recomputes):
+    # The CPU's fused tiles and wide path recompute the forward in their backward, and csrc/cpu/mlp.cpp registers
+    # that (register_mlp_recomputes): the autograd then saves x and the parameters only. The chain saves the
+    # hidden layers' inputs and pre-activations.
+    net = FusedMLP(sizes, activation="tanh")
+    x = torch.randn(rows, sizes[0], requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        net(x)
+    inputs = [x.shape] + [p.shape for p in net.parameters()]
+    assert (sorted(packed) == sorted(inputs)) is recomputes, packed

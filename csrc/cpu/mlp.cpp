@@ -193,16 +193,17 @@ MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, 
   return {dx, dweights, dbiases};
 }
 
-}  // namespace
-
 // The fused and wide CPU paths recompute in their backward whatever the forward would save: the autograd asks this
-// before deciding to save.
-bool mlp_cpu_recomputes(const at::Tensor& x, at::TensorList weights) {
-  if (!x.is_cpu() || x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
+// before deciding to save (ops/mlp.h).
+bool recomputes(const at::Tensor& x, at::TensorList weights) {
+  if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
   const Shape s = shape_of(x, weights);
   return takes_fused_path(s) || takes_wide_path(s, x.scalar_type());
 }
 
+const bool kRecomputesRegistered = register_mlp_recomputes(Backend::Native, c10::DeviceType::CPU, &recomputes);
+
+}  // namespace
 }  // namespace fusedlayers::cpu
 
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {

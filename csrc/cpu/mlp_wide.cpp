@@ -5,8 +5,9 @@
 // materializes every (rows x width) intermediate, and its cost is then the memory, not the arithmetic (a fresh
 // 80 MB tensor costs ~40 ms of page faults here, more than the GEMM that fills it). Here each thread takes whole tiles of rows through every
 // layer with its activations in a per-thread workspace sized to stay in L2, and the backward recomputes a
-// tile's forward from x (the autograd saves nothing: mlp_cpu_recomputes), accumulating the weight and bias
-// gradients per thread, reduced at the end. Float and double only (bfloat16 takes the chain).
+// tile's forward from x (the autograd saves nothing: csrc/cpu/mlp.cpp registers that it recomputes),
+// accumulating the weight and bias gradients per thread, reduced at the end. Float and double only (bfloat16
+// takes the chain).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 

@@ -131,7 +131,7 @@ at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorL
     return mlp_no_autograd(x, weights, biases, activations, save, backend);
   }
   const Backend kernels = parse_backend(backend);
-  save = save && !(kernels == Backend::Native && cpu::mlp_cpu_recomputes(x, weights));
+  save = save && !mlp_recomputes(kernels, x, weights);
   auto node = c10::make_intrusive<MLPBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(x, weights, biases));
   at::Tensor y;
@@ -150,7 +150,26 @@ at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorL
   return y;
 }
 
+// Few rows, all registered at static initialization, before any call reads them.
+std::vector<std::tuple<Backend, c10::DeviceType, MlpRecomputesFn>>& recomputes_table() {
+  static std::vector<std::tuple<Backend, c10::DeviceType, MlpRecomputesFn>> table;
+  return table;
+}
+
 }  // namespace
+
+bool register_mlp_recomputes(Backend backend, c10::DeviceType device, MlpRecomputesFn fn) {
+  recomputes_table().emplace_back(backend, device, fn);
+  return true;
+}
+
+bool mlp_recomputes(Backend backend, const at::Tensor& x, at::TensorList weights) {
+  for (const auto& [b, device, fn] : recomputes_table()) {
+    if (b == backend && device == x.device().type()) return fn(x, weights);
+  }
+  return false;
+}
+
 }  // namespace fusedlayers
 
 TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {

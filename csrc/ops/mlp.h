@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "backend.h"
 #include "ops/dense.h"
 
 namespace fusedlayers {
@@ -60,11 +61,12 @@ MlpBackwardResult mlp_chain_backward(const at::Tensor& grad_out, const at::Tenso
                                      at::TensorList biases, at::TensorList saved,
                                      std::vector<std::string> activations, bool input_grad);
 
-namespace cpu {
-// True where the CPU's own paths (the fused tiles, the wide path) run x through these weights: their backward
-// recomputes the forward, so the autograd does not ask the forward to save anything. Asked before the call,
-// from concrete shapes, because the fake kernels must know at trace time what the forward saves.
-bool mlp_cpu_recomputes(const at::Tensor& x, at::TensorList weights);
-}  // namespace cpu
+// Whether a backend's kernels for x's device recompute the forward in their backward for this network: the
+// autograd then does not ask the forward to save anything. Asked before the call, from concrete shapes, because
+// the fake kernels must know at trace time what the forward saves. A backend's folder registers its answer at
+// static initialization (csrc/cpu/mlp.cpp); a (backend, device) with none saves as asked.
+using MlpRecomputesFn = bool (*)(const at::Tensor& x, at::TensorList weights);
+bool register_mlp_recomputes(Backend backend, c10::DeviceType device, MlpRecomputesFn fn);
+bool mlp_recomputes(Backend backend, const at::Tensor& x, at::TensorList weights);
 
 }  // namespace fusedlayers
