@@ -152,26 +152,35 @@ def _autocast_runs_in_float32(t: Tensor) -> bool:
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                   softcap: float | None = None, return_lse: bool = False, backend: str = "auto",
-                  inplace_backward: bool = False):
+                  inplace_backward: bool = False, return_argmax: bool = False):
     """F.cross_entropy with class-index targets as one fused op with a hand-written gradient.
 
     input: (C,), (N, C) or (N, C, d1, ...); target: class indices, int64, of shape (), (N,) or (N, d1, ...).
     weight, ignore_index, reduction, label_smoothing: as in F.cross_entropy. Beyond it: z_loss adds
     z_loss * lse**2 per kept sample (weighted and reduced like the loss), with lse the logsumexp of the
     sample's logits; softcap (positive, finite) replaces the logits z by softcap * tanh(z / softcap) first.
-    return_lse=True returns (loss, lse), lse per sample (shape of reduction="none"). A kept target outside
-    [0, C) raises.
+    return_lse=True returns (loss, lse), lse per sample (shape of reduction="none"); return_argmax=True also
+    returns each sample's predicted class, input.argmax over the classes (shape of reduction="none"), read
+    before the call writes anything: (loss, argmax), or (loss, lse, argmax). A kept target outside [0, C)
+    raises.
 
     inplace_backward=True saves the memory (and time) of the gradient: when autograd records the call, the
-    forward overwrites `input` with its gradient (backward only scales it by the upstream gradient). The
-    mutation is declared to autograd: any other use of the old input that needs its values in a backward (or
-    any use of it after this call) raises instead of reading the gradient. `input` must not be a leaf that
-    requires grad; lse gets no gradient, there is no create_graph, and a second backward of the graph raises.
+    forward overwrites the logits with the gradient of the loss for an upstream gradient of 1 ("mean"'s
+    division included), in input's dtype, and backward scales that in place by the actual upstream gradient
+    and passes it on. Which memory: `input`'s own when it is (C,) or (N, C) (a (B*T, V) view of a (B, T, V)
+    output included: then the base holds it too); with (N, C, d1, ...) the classes are moved last into a copy,
+    and that copy is overwritten while `input` keeps its values. The mutation is declared to autograd: a use
+    of the old logits that saved them for its backward, and any differentiable use of them after this call,
+    raise instead of reading the gradient. Reads outside autograd (under no_grad, .detach(), printing) cannot
+    be caught: they see the gradient, not the logits, so take what you need from the logits first
+    (return_argmax=True for predictions or accuracy). `input` must not be a leaf that requires grad; lse gets
+    no gradient, there is no create_graph, and a second backward of the graph raises.
     """
     check_reduction(reduction)
     if _autocast_runs_in_float32(input):
         input, weight = input.float(), None if weight is None else weight.float()
     logits, rows_target, shape = _rows(input, _class_indices(target), "cross_entropy")
+    argmax = logits.detach().argmax(-1) if return_argmax else None  # before an in-place call overwrites them
     args = (rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
             None if softcap is None else float(softcap), reduction, backend_for(backend, input))
     # the op itself when compiling (as in dense()), torch.func's route where a transform or a tangent needs it
@@ -186,9 +195,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     if shape is not None and reduction == "none":
         loss = loss.reshape(shape)
     loss = loss if loss.dtype == input.dtype else loss.to(input.dtype)
-    if not return_lse:
-        return loss
-    return loss, (lse if shape is None else lse.reshape(shape)).to(input.dtype)
+    out = (loss,)
+    if return_lse:
+        out += ((lse if shape is None else lse.reshape(shape)).to(input.dtype),)
+    if return_argmax:
+        out += (argmax if shape is None else argmax.reshape(shape),)
+    return out[0] if len(out) == 1 else out
 
 
 # linear_cross_entropy's default chunk: rows whose logits hold about this many elements (64 MiB in float32):

@@ -181,6 +181,79 @@ def test_inf_weight_of_an_absent_class(backend, reduction, create_graph):
                      "linear grad")
 
 
+def _ce_paths(backend, x, t, reduction, g, **kw):
+    """The gradient of cross_entropy(x, t) on each backward path: the kernel (reduced losses compute it in their
+    forward, "none" runs the backward kernel), the composite (create_graph), the in-place forward."""
+    out = {}
+    for path in ("kernel", "create_graph", "inplace"):
+        leaf = x.detach().clone().requires_grad_()
+        logits = leaf * 1 if path == "inplace" else leaf
+        loss = cross_entropy(logits, t, reduction=reduction, backend=backend, inplace_backward=path == "inplace",
+                             **kw)
+        out[path] = torch.autograd.grad(loss, leaf, g, create_graph=path == "create_graph")[0].detach()
+    return out
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradient_exact_at_any_logit_scale(backend, reduction):
+    """The gradient is softmax - onehot with the softmax exact, not exp(z - lse) with lse rounded at the scale
+    of the largest logit: three equal logits of -1e30 have the gradient (-2/3, 1/3, 1/3), and float32 logits
+    offset by 1e4 and 1e6 are as accurate as F.cross_entropy's in float32."""
+    dev = device_of(backend)
+    x = torch.full((1, 3), -1e30, dtype=torch.float64, device=dev)
+    t = torch.tensor([0], device=dev)
+    g = torch.ones(1 if reduction == "none" else (), dtype=torch.float64, device=dev)
+    expected = torch.tensor([[-2 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
+    for path, dx in _ce_paths(backend, x, t, reduction, g).items():
+        assert_rel_close(dx.cpu(), expected, 1e-12, f"-1e30 logits, {path}")
+    gen = torch.Generator().manual_seed(0)
+    for offset in (1e4, 1e6):
+        x64 = torch.randn(8, 50, dtype=torch.float64, generator=gen) * 3 + offset
+        x32 = x64.float()  # the float32 logits are the inputs; the reference is exact arithmetic on them
+        t = torch.randint(0, 50, (8,), generator=gen)
+        g = torch.rand(8 if reduction == "none" else (), dtype=torch.float64, generator=gen) + 0.5
+        xr = x32.double().requires_grad_()
+        (dx_ref,) = torch.autograd.grad(F.cross_entropy(xr, t, reduction=reduction), xr, g)
+        xt = x32.clone().requires_grad_()
+        (dx_torch,) = torch.autograd.grad(F.cross_entropy(xt, t, reduction=reduction), xt, g.float())
+        torch_err = (dx_torch.double() - dx_ref).abs().max().item()
+        for path, dx in _ce_paths(backend, x32.to(dev), t.to(dev), reduction, g.float().to(dev)).items():
+            err = (dx.cpu().double() - dx_ref).abs().max().item()
+            assert err <= 2 * torch_err + 1e-7 * dx_ref.abs().max().item(), (offset, path, err, torch_err)
+
+
+def test_gradient_exact_at_any_logit_scale_linear(backend):
+    # linear_cross_entropy's backward recomputes each chunk's logits and runs the backward kernel: logits of
+    # -1e30 (the bias) have the gradient (-2/3, 1/3, 1/3) there too
+    dev = device_of(backend)
+    h = torch.zeros(2, 4, dtype=torch.float64, device=dev, requires_grad=True)
+    w = torch.zeros(3, 4, dtype=torch.float64, device=dev, requires_grad=True)
+    b = torch.full((3,), -1e30, dtype=torch.float64, device=dev, requires_grad=True)
+    t = torch.tensor([0, 0], device=dev)
+    for reduction in REDUCTIONS:
+        loss = linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=1, backend=backend)
+        (db,) = torch.autograd.grad(loss.sum(), b)
+        scale = 1 if reduction == "mean" else 2
+        assert_rel_close(db.cpu(), scale * torch.tensor([-2 / 3, 1 / 3, 1 / 3], dtype=torch.float64), 1e-12,
+                         reduction)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_softcap_confident_rows_lose_nothing_below_zero(backend, reduction):
+    # the target logit is capped by the same tanh as the row: a second tanh implementation for it made
+    # confident float32 rows' losses negative (-7.6e-6 with softcap=50), where PyTorch gives 0
+    dev = device_of(backend)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 10, generator=gen) * 3
+    t = torch.randint(0, 10, (64,), generator=gen)
+    x[torch.arange(64), t] += torch.rand(64, generator=gen) * 60 + 20  # capped target logits 20 to 45
+    loss = cross_entropy(x.to(dev), t.to(dev), softcap=50.0, reduction="none", backend=backend).cpu()
+    capped = 50.0 * torch.tanh(x / 50.0)
+    ref = F.cross_entropy(capped.double(), t, reduction="none")
+    assert (loss >= 0).all(), loss.min()
+    assert (loss.double() - ref).abs().max() <= 4 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max())
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_uint8_target(backend, reduction):
     """uint8 class indices, which F.cross_entropy accepts too."""
@@ -441,6 +514,33 @@ def test_inplace_backward_later_use_raises(backend):
             (loss + later(logits, tf)).backward()
 
 
+@pytest.mark.parametrize("use", ["base", "view", "other_view"])
+def test_inplace_backward_on_a_view_later_use_raises(backend, use):
+    # the README's (B, T, V) -> (B*T, V) case: a later use of the base (or of another view of it) raised
+    # PyTorch's "INTERNAL ASSERT FAILED ... report a bug" instead of this error
+    dev = device_of(backend)
+    lin = nn.Linear(8, 5, dtype=torch.float64).to(dev)
+    l3 = lin(torch.randn(2, 3, 8, dtype=torch.float64, device=dev))
+    t = torch.randint(0, 5, (6,), device=dev)
+    loss = cross_entropy(l3.view(-1, 5), t, backend=backend, inplace_backward=True)
+    later = {"base": l3, "view": l3.view(-1, 5), "other_view": l3[0]}[use]
+    with pytest.raises(RuntimeError, match="overwritten with their gradient"):
+        (loss + later.sum()).backward()
+
+
+def test_inplace_backward_on_a_view_is_exact(backend):
+    dev = device_of(backend)
+    lin = nn.Linear(8, 5, dtype=torch.float64).to(dev)
+    h = torch.randn(2, 3, 8, dtype=torch.float64, device=dev)
+    t = torch.randint(0, 5, (6,), device=dev)
+    cross_entropy(lin(h).view(-1, 5), t, backend=backend, inplace_backward=True).backward()
+    ref = nn.Linear(8, 5, dtype=torch.float64).to(dev)
+    ref.load_state_dict(lin.state_dict())
+    F.cross_entropy(ref(h).view(-1, 5), t).backward()
+    assert_rel_close(lin.weight.grad.cpu(), ref.weight.grad.cpu(), 1e-10, "weight grad")
+    assert_rel_close(lin.bias.grad.cpu(), ref.bias.grad.cpu(), 1e-10, "bias grad")
+
+
 def test_inplace_backward_refuses_leaves_lse_and_double_backward(backend):
     _, (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
     with pytest.raises(RuntimeError, match="leaf tensor that requires grad"):
@@ -454,13 +554,45 @@ def test_inplace_backward_refuses_leaves_lse_and_double_backward(backend):
         torch.autograd.grad(loss, leaf, create_graph=True)
 
 
-def test_inplace_backward_second_backward(backend):
-    # upstream 0.7 scales the gradient in place: a second backward of the same graph raises, never rescales
-    _, (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
-    loss = cross_entropy(logits, tf, backend=backend, inplace_backward=True) * 0.7
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+@pytest.mark.parametrize("scale", [0.7, 1.0])
+@pytest.mark.parametrize("retain_graph", [True, False])
+def test_inplace_backward_second_backward(backend, scale, retain_graph):
+    # a second backward of the same graph raises, never passes the gradient on again: with an upstream gradient
+    # of 1 (nothing rescaled in place) it used to double leaf.grad
+    (x, t, _), (leaf, logits, tf, _) = inplace_case(backend, 4, 7, torch.float64)
+    loss = cross_entropy(logits, tf, backend=backend, inplace_backward=True) * scale
+    loss.backward(retain_graph=retain_graph)
+    # without retain_graph PyTorch's own error may come first (a node before ours freed what it saved)
+    with pytest.raises(RuntimeError, match="second backward through a cross_entropy|through the graph a second time"):
         loss.backward()
+    assert_rel_close(leaf.grad.cpu(), scale * reference(x, t, None, "mean", grad=torch.tensor(1.0, dtype=x.dtype))[1], 1e-10, "grad")
+
+
+@pytest.mark.parametrize("layout", ["rows", "view", "spatial"])
+def test_inplace_backward_what_the_logits_hold_and_return_argmax(backend, layout):
+    # the documented contract: (N, C) logits and a (B*T, V) view of a (B, T, V) output hold the gradient for an
+    # upstream gradient of 1 after the call, a (N, C, d) input keeps its values (a copy is overwritten), and
+    # return_argmax gives the predictions of the logits as they were
+    extra = (3,) if layout == "spatial" else ()
+    (x, t, w), (leaf, logits, tf, wf) = inplace_case(backend, 6, 5, torch.float64, weight=True, ignored=1,
+                                                     extra=extra)
+    if layout == "view":
+        logits = (leaf * 1).view(2, 3, 5)
+        rows = logits.view(-1, 5)
+    else:
+        rows = logits
+    before = rows.detach().clone()
+    loss, argmax = cross_entropy(rows, tf, wf, label_smoothing=0.1, backend=backend, inplace_backward=True,
+                                 return_argmax=True)
+    assert torch.equal(argmax.cpu(), before.argmax(1).cpu())
+    one = torch.tensor(1.0, dtype=torch.float64)
+    dx_ref = reference(x, t, w, "mean", grad=one, label_smoothing=0.1)[1]
+    if layout == "spatial":
+        assert torch.equal(rows.detach(), before)
+    else:
+        assert_rel_close(rows.detach().cpu(), dx_ref, 1e-10, "logits after the call")
+    if layout == "view":
+        assert_rel_close(logits.detach().reshape(-1, 5).cpu(), dx_ref, 1e-10, "the base after the call")
 
 
 def test_inplace_backward_without_a_graph_leaves_the_logits(backend):

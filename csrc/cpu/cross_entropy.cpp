@@ -76,11 +76,12 @@ const M* math_row(const scalar_t* xr, std::vector<M>& in) {
 // The row's gradient, computed in the math dtype and stored into gr (through `out`, C elements, when the
 // dtypes differ).
 template <typename scalar_t, typename M>
-void store_backward_row(const CeRow<M>& row, M lse, M g_loss, M g_lse, scalar_t* gr, std::vector<M>& out) {
+void store_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M g_loss, M g_lse, scalar_t* gr,
+                        std::vector<M>& out) {
   if constexpr (std::is_same_v<scalar_t, M>) {
-    kernels<M>().ce_backward_row(row, lse, g_loss, g_lse, gr);
+    kernels<M>().ce_backward_row(row, softmax, g_loss, g_lse, gr);
   } else {
-    kernels<M>().ce_backward_row(row, lse, g_loss, g_lse, out.data());
+    kernels<M>().ce_backward_row(row, softmax, g_loss, g_lse, out.data());
     for (size_t c = 0; c < out.size(); ++c) gr[c] = static_cast<scalar_t>(out[c]);
   }
 }
@@ -98,9 +99,11 @@ void ce_rows(const scalar_t* xp, const int64_t* tp, const CeRow<M>& proto, int64
     for (int64_t r = begin; r < end; ++r) {
       row.x = math_row(xp + r * C, in);
       row.target = kept_target(tp[r], ignore_index, C);
-      const M loss = kernels<M>().ce_forward_row(row, &lsep[r]);
+      CeSoftmax<M> softmax;
+      const M loss = kernels<M>().ce_forward_row(row, &softmax);
+      lsep[r] = softmax.shift + softmax.log_norm;
       if (loss_rows) loss_rows[r] = loss;
-      if (grad) store_backward_row(row, lsep[r], row_scale, M(0), grad + r * C, out);
+      if (grad) store_backward_row(row, softmax, row_scale, M(0), grad + r * C, out);
     }
   });
 }
@@ -193,7 +196,6 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
   const at::Tensor w = weight.has_value() ? as_math(*weight, math) : at::Tensor();
   const at::Tensor gl = as_math(grad_loss, math);
   const at::Tensor glse = grad_lse.has_value() ? as_math(*grad_lse, math) : at::Tensor();
-  const at::Tensor l = as_math(lse, math);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_backward", [&] {
     using M = at::opmath_type<scalar_t>;
     const M* wp = w.defined() ? w.const_data_ptr<M>() : nullptr;
@@ -206,7 +208,6 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
                     : red == CeReduction::Mean ? *gl.const_data_ptr<M>() / kept_weight_sum<M>(tp, N, wp, ignore_index, C)
                                                : *gl.const_data_ptr<M>();
     const M* glsep = glse.defined() ? glse.const_data_ptr<M>() : nullptr;
-    const M* lsep = l.const_data_ptr<M>();
     scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, grain(C), [&](int64_t begin, int64_t end) {
       constexpr bool same = std::is_same_v<scalar_t, M>;
@@ -215,7 +216,11 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
       for (int64_t r = begin; r < end; ++r) {
         row.x = math_row(xp + r * C, in);
         row.target = kept_target(tp[r], ignore_index, C);
-        store_backward_row(row, lsep[r], glp ? glp[r] : g_all, glsep ? glsep[r] : M(0), gp + r * C, out);
+        // the forward's own softmax, recomputed (lse is rounded at the scale of the largest logit): the same
+        // bits as the gradient a reduced loss computes in its forward
+        CeSoftmax<M> softmax;
+        kernels<M>().ce_forward_row(row, &softmax);
+        store_backward_row(row, softmax, glp ? glp[r] : g_all, glsep ? glsep[r] : M(0), gp + r * C, out);
       }
     });
   });

@@ -50,6 +50,14 @@ struct CeRow {
   M softcap;
 };
 
+// The row's softmax as p = exp((z - shift) - log_norm): the forward's (max, log of the sum of exp(z - max)),
+// exact at any logit scale, where lse = shift + log_norm is rounded at the scale of the max.
+template <typename M>
+struct CeSoftmax {
+  M shift;
+  M log_norm;
+};
+
 // One instruction set's CPU kernels for the math type T (float or double), a function pointer each: every
 // instruction set fills one such table, isa_X::table<T>() (kernels_isa.h), and kernels<T>() is this CPU's.
 // A new kernel is a member here, its definition in its family's cpu/isa/*.h and its entry in that table.
@@ -79,11 +87,11 @@ struct Kernels {
   void (*mlp_tile_backward)(const MlpNet<T>& net, int64_t R, T* workspace, const T* x, const T* g, T* dx, T* dw,
                             T* db);
 
-  // Softmax cross-entropy (cpu/isa/cross_entropy.h). Returns the row's loss and stores its logsumexp in *lse:
-  // one pass, online max.
-  T (*ce_forward_row)(const CeRow<T>& row, T* lse);
+  // Softmax cross-entropy (cpu/isa/cross_entropy.h). Returns the row's loss and stores its softmax's (max,
+  // log-sum), whose sum is its logsumexp, in *softmax: one pass, online max.
+  T (*ce_forward_row)(const CeRow<T>& row, CeSoftmax<T>* softmax);
   // grad (C values) = d(grad_loss * loss + grad_lse * lse) / dx, one pass; grad may be row.x itself.
-  void (*ce_backward_row)(const CeRow<T>& row, T lse, T grad_loss, T grad_lse, T* grad);
+  void (*ce_backward_row)(const CeRow<T>& row, CeSoftmax<T> softmax, T grad_loss, T grad_lse, T* grad);
 };
 
 // Each instruction set's table, for T = float and double (defined by kernels_{default,avx2,avx512}.cpp).

@@ -5,8 +5,9 @@
 // One block per row. Forward: every thread runs an online max / sum of exponentials over its share of the row (one
 // exp per logit: its sum is rescaled only when its max grows), with label smoothing also sum w[c] * (z[c] - max)
 // kept relative to its max, so that no large terms cancel; the block then merges the threads' states with warp
-// shuffles and one shared-memory step. Backward: one pass writing scale * (softmax - smoothed onehot), softmax
-// recomputed as exp(z - lse) from the forward's lse.
+// shuffles and one shared-memory step. Backward: the same merge of the row's (max, sum), then one pass writing
+// scale * (softmax - smoothed onehot): exp(z - lse) from the forward's lse would carry lse's rounding, at the scale
+// of the largest logit, into every probability.
 //
 // Rows are read (and the gradient written) as 16-byte vectors from their first aligned element on, with scalar
 // heads and tails. Math in at::opmath_type (float for half, bfloat16 and float; double for double); loss and lse
@@ -229,8 +230,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   lse[row] = row_lse;
 }
 
-// grad[row] = a * p - b * onehot(t) - e * w, times 1 - tanh(logits / softcap)^2 with a softcap, where p = exp(z - lse)
-// and, with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
+// grad[row] = a * p - b * onehot(t) - e * w, times 1 - tanh(logits / softcap)^2 with a softcap, where p = softmax(z)
+// as exp(z - m - log s) from the row's (m, s), recomputed (not exp(z - lse): lse is rounded at the scale of m) and with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
 // a = g * (w[t] * ((1 - eps) + 2 z_loss lse) + eps / C * W) + grad_lse[row], b = g w[t] (1 - eps), e = g eps / C.
 // grad may be logits (the in-place forward): each thread reads an element before it writes it.
 template <typename scalar_t>
@@ -255,10 +256,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   a = g * a + (grad_lse == nullptr ? acc_t(0) : grad_lse[row]);
   const acc_t b = tg.valid ? g * w_t * p.keep : acc_t(0);
   const acc_t e = g * p.eps_over_c;
+  auto st = OnlineState<acc_t>::empty();
+  for_each_logit<scalar_t, acc_t>(logits + row * p.C, p.C, [&](int64_t, acc_t v) { st.add(capped(v, p), 0, false); });
+  st = block_merge(st);  // every read of the row happens before the first write: grad may be logits
+  const acc_t log_s = ::log(st.s);
   map_logits<scalar_t, acc_t>(logits + row * p.C, grad + row * p.C, p.C, vectorize, [&](int64_t c, acc_t v) {
     acc_t th = 0;
     const acc_t z = capped(v, p, th);
-    acc_t d = a * ::exp(z - row_lse) - (c == tg.t ? b : acc_t(0));
+    acc_t d = a * ::exp((z - st.m) - log_s) - (c == tg.t ? b : acc_t(0));
     if (smoothing) d -= e * (weight == nullptr ? acc_t(1) : acc_t(weight[c]));
     if (p.inv_softcap != acc_t(0)) d *= acc_t(1) - th * th;
     return d;

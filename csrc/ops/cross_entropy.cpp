@@ -31,7 +31,7 @@ at::Tensor cross_entropy_backward_composite(const at::Tensor& grad_loss, const a
   const at::Tensor x = logits.to(math);
   const at::Tensor z = softcap ? x.div(*softcap).tanh().mul(*softcap) : x;
   const at::Tensor lse = z.logsumexp({1});
-  const at::Tensor p = (z - lse.unsqueeze(1)).exp();
+  const at::Tensor p = z.softmax(1);  // not exp(z - lse): lse is rounded at the scale of the largest logit
   const at::Tensor kept = target != ignore_index;
   const at::Tensor safe_t = at::where(kept, target, 0);
   const at::Tensor w = weight.defined() ? weight.to(math) : at::Tensor();
@@ -186,10 +186,17 @@ class CrossEntropyInplaceFunction : public torch::autograd::Function<CrossEntrop
                 "differentiable backward (create_graph=True); use inplace_backward=False");
     variable_list out(9);
     if (!grads[0].defined()) return out;
-    at::Tensor grad = ctx->saved_data["grad"].toTensor();
+    // handed on by the first backward: a second one (retain_graph or not) would pass it on again, or a tensor
+    // that autograd has since accumulated into
+    const auto saved = ctx->saved_data.find("grad");
+    TORCH_CHECK(saved != ctx->saved_data.end(), "cross_entropy(): a second backward through a "
+                "cross_entropy(..., inplace_backward=True) call is not supported: the first backward handed on the "
+                "gradient it wrote over the logits; use inplace_backward=False to backward more than once");
+    at::Tensor grad = saved->second.toTensor();
+    ctx->saved_data.erase(saved);
     TORCH_CHECK(grad._version() == ctx->saved_data["version"].toInt(), "cross_entropy(): the gradient that "
                 "inplace_backward=True wrote over the logits, needed for gradient computation, has been modified by "
-                "an inplace operation (a second backward of the graph, or a write to the logits)");
+                "an inplace operation (a write to the logits after the call)");
     const at::Tensor& g = grads[0];
     if (ctx->saved_data["rows"].toBool()) {
       grad.mul_(g.unsqueeze(1));
@@ -230,10 +237,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_inplace_autograd(
               "from it (e.g. a layer's output) or use inplace_backward=False");
   auto out = CrossEntropyInplaceFunction::apply(logits, target, weight, ignore_index, label_smoothing, z_loss,
                                                 softcap, reduction, backend);
+  // One next edge, the logits' own: for a view, autograd rebases the base's history onto a CopySlices of this
+  // node, which must have the view's one output.
   auto overwritten = c10::make_intrusive<torch::autograd::Error>(
       "cross_entropy(): the logits were overwritten with their gradient by cross_entropy(..., "
       "inplace_backward=True) and cannot be differentiated through after that call",
-      torch::autograd::edge_list{});
+      torch::autograd::edge_list{torch::autograd::impl::gradient_edge(logits)});
   overwritten->add_input_metadata(logits);
   torch::autograd::impl::rebase_history(logits, torch::autograd::Edge(overwritten, 0));
   return {out[0], out[1]};
@@ -255,7 +264,9 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   // grad_lse[i] * lse[i]) / d logits, (N, C) in the logits' dtype, with p = softmax(z[i]):
   //   kept * grad_loss[i] * (w[t] * ((1 - eps) * (p - onehot(t)) + 2 * z_loss * lse[i] * p)
   //                          + eps / C * (W * p - w)) + grad_lse[i] * p,
-  // times 1 - tanh(logits / softcap)^2 with a softcap. grad_lse None means zero.
+  // times 1 - tanh(logits / softcap)^2 with a softcap. grad_lse None means zero. p is the softmax to the last bit
+  // at any logit scale, not exp(z - lse): lse is rounded at the scale of the row's largest logit (1e-3 at 1e4 in
+  // float32), so the kernels recompute the row's max and sum (CPU, CUDA) or renormalize exp(z - lse) (Triton).
   // reduction ("none", "mean" or "sum") reduces the loss as F.cross_entropy does: "mean" divides the sum by the
   // summed class weights of the kept rows (their count without weights; nan when none is kept). The forward
   // returns (loss, lse), loss (N,) or 0-d; the backward takes grad_loss of that shape. cross_entropy_forward_grad

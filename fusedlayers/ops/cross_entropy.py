@@ -182,7 +182,8 @@ def _ce_terms(ctx):
     onehot = (torch.arange(x.shape[-1], device=x.device) == target.unsqueeze(-1)).to(x.dtype)
     w = None if weight is None else weight.to(x.dtype)
     wt = kept.to(x.dtype) if w is None else torch.where(kept, (onehot * w).sum(-1), 0)
-    return x, lse, (z - lse.unsqueeze(-1)).exp(), kept, w, wt, onehot, x.shape[-1]
+    # softmax, not exp(z - lse): lse is rounded at the scale of the largest logit
+    return x, lse, z.softmax(-1), kept, w, wt, onehot, x.shape[-1]
 
 
 def _ce_backward(ctx, grad_loss, grad_lse):
@@ -191,8 +192,10 @@ def _ce_backward(ctx, grad_loss, grad_lse):
     eps = ctx.eps
     # where: an all-ignored mean's grad_loss is inf. An output without a gradient gets None.
     gl = torch.where(kept, 0 if grad_loss is None else grad_loss.to(x.dtype), 0)
-    W = C if w is None else w.sum()
-    a = gl * (wt * ((1 - eps) + 2 * ctx.z_loss * lse) + eps / C * W)
+    a = wt * ((1 - eps) + 2 * ctx.z_loss * lse)
+    if eps:  # only with smoothing: an absent class's inf weight would make 0 * inf a NaN in every gradient
+        a = a + eps / C * (C if w is None else w.sum())
+    a = gl * a
     if grad_lse is not None:
         a = a + grad_lse.to(x.dtype)
     dz = a.unsqueeze(-1) * p - (gl * wt * (1 - eps)).unsqueeze(-1) * onehot
@@ -214,8 +217,9 @@ def _ce_jvp(ctx, tlogits, _target, tweight, *_):
     if ctx.softcap is not None:
         dz = dz * (1 - torch.tanh(x / ctx.softcap).square())
     dlse = (p * dz).sum(-1)
-    smooth = C * dlse - dz.sum(-1) if w is None else w.sum() * dlse - (w * dz).sum(-1)
-    dloss = wt * ((1 - eps) * (dlse - (onehot * dz).sum(-1)) + 2 * ctx.z_loss * lse * dlse) + eps / C * smooth
+    dloss = wt * ((1 - eps) * (dlse - (onehot * dz).sum(-1)) + 2 * ctx.z_loss * lse * dlse)
+    if eps:
+        dloss = dloss + eps / C * (C * dlse - dz.sum(-1) if w is None else w.sum() * dlse - (w * dz).sum(-1))
     return torch.where(kept, dloss, 0), dlse
 
 

@@ -4,8 +4,9 @@ formulas of csrc/ops/cross_entropy.cpp ("Softmax cross-entropy"); the reductions
 
 One program per row, looping over the classes in BLOCK-sized chunks. Forward: one pass with an online max and
 sum of exponentials (one exp per logit); with label smoothing the same pass also sums w[c] * (z[c] - max), kept
-relative to the running max so that no large terms cancel. Backward: one pass writing
-scale * (softmax - smoothed onehot), softmax recomputed as exp(z - lse) from the forward's lse.
+relative to the running max so that no large terms cancel. Backward: a pass summing
+exp(z - lse), whose log is lse's rounding error (at the scale of the largest logit), then one writing
+scale * (softmax - smoothed onehot) with softmax = exp(z - lse - that log).
 
 Math in float32 for float16/bfloat16/float32 logits (loaded and converted) and float64 for float64; loss and lse
 in that math dtype, the gradient in the logits' dtype. The float options arrive as float64 kernel arguments and
@@ -90,7 +91,8 @@ def _cross_entropy_forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, 
         z = tl.where(mask, z, float("-inf"))
         m = tl.maximum(m, tl.max(z, axis=0))
         new_ref = tl.where(m == float("-inf"), 0.0, m)
-        s = s * tl.exp(ref - new_ref) + tl.sum(tl.exp(z - new_ref), axis=0)
+        # s == 0 until a finite logit: its rescale from ref = 0 to a max below -88 (-709) would be 0 * inf
+        s = tl.where(s == 0.0, 0.0, s * tl.exp(ref - new_ref)) + tl.sum(tl.exp(z - new_ref), axis=0)
         if HAS_SMOOTHING:
             shifted = tl.where(mask, z - new_ref, 0.0)  # masked lanes: 0, not -inf
             if HAS_WEIGHT:
@@ -130,7 +132,7 @@ def _cross_entropy_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, targ
                                    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
                                    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
     """grad[row] = a * p - b * onehot(t) - e * w, times 1 - tanh(logits / softcap)^2 with a softcap, where
-    p = exp(z - lse) and, with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
+    p = exp((z - lse) - log sum exp(z - lse)) and, with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
     a = g * (w[t] * ((1 - eps) + 2 z_loss lse) + eps / C * W) + grad_lse[row], b = g w[t] (1 - eps), e = g eps / C.
     """
     MATH: tl.constexpr = lse_ptr.dtype.element_ty  # float32, or float64 for float64 logits
@@ -159,6 +161,17 @@ def _cross_entropy_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, targ
     b = tl.where(valid, g * b, 0.0)
     row_ptr = logits_ptr + row * C  # int64: N * C can pass 2^31
     grad_row = grad_ptr + row * C
+    # log sum exp(z - lse): lse's rounding at the scale of the largest logit, which exp(z - lse) alone would carry
+    # into every probability; z <= lse, so no term overflows
+    s = tl.full((), 0.0, MATH)
+    for c0 in range(0, C, BLOCK):
+        cs = c0 + cols
+        mask = cs < C
+        z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
+        if HAS_SOFTCAP:
+            z = cap * _tanh(z / cap)
+        s += tl.sum(tl.where(mask, tl.exp(z - lse), 0.0), axis=0)
+    log_norm = tl.log(s)
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
         mask = cs < C
@@ -166,7 +179,7 @@ def _cross_entropy_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, targ
         if HAS_SOFTCAP:
             th = _tanh(z / cap)
             z = cap * th
-        grad = a * tl.exp(z - lse) - tl.where(cs == t, b, 0.0)
+        grad = a * tl.exp((z - lse) - log_norm) - tl.where(cs == t, b, 0.0)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 grad -= e * tl.load(weight_ptr + cs, mask=mask, other=0.0).to(MATH)

@@ -23,9 +23,19 @@ at::vec::Vectorized<M> ce_logits(const CeRow<M>& row, int64_t c, int n) {
   return V(row.softcap) * (x * V(M(1) / row.softcap)).tanh();
 }
 
+// tanh(x[c] / softcap) by the vector code's tanh, so that a logit read alone (the target's) equals its value
+// in the row: a capped target logit through std::tanh could pass the row's max and make a loss negative.
+template <typename M>
+M ce_scalar_tanh(const CeRow<M>& row, int64_t c) {
+  using V = at::vec::Vectorized<M>;
+  M lanes[V::size()];
+  (V::loadu(row.x + c, 1) * V(M(1) / row.softcap)).tanh().store(lanes);
+  return lanes[0];
+}
+
 template <typename M>
 M ce_scalar_logit(const CeRow<M>& row, int64_t c) {
-  return row.softcap == M(0) ? row.x[c] : row.softcap * std::tanh(row.x[c] / row.softcap);
+  return row.softcap == M(0) ? row.x[c] : row.softcap * ce_scalar_tanh(row, c);
 }
 
 }  // namespace
@@ -34,7 +44,7 @@ M ce_scalar_logit(const CeRow<M>& row, int64_t c) {
 // logit costs about one exp. The running max starts at the lowest finite value, not -inf, so that lanes
 // with nothing yet (or masked-off tail lanes, set to -inf) never compute -inf - -inf.
 template <typename M>
-M ce_forward_row(const CeRow<M>& row, M* lse_out) {
+M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
   using V = at::vec::Vectorized<M>;
   constexpr int64_t L = V::size();
   const int64_t C = row.C;
@@ -80,7 +90,7 @@ M ce_forward_row(const CeRow<M>& row, M* lse_out) {
   const M sum = lane_sum(vsum * (vmax - V(mx)).exp());
   const M zw = smooth ? lane_sum(vzw) : M(0);
   const M log_sum = std::log(sum), lse = mx + log_sum;
-  *lse_out = lse;
+  *softmax = {mx, log_sum};
   if (row.target < 0) return M(0);
   const M eps = row.label_smoothing;
   const M wt = row.weight ? row.weight[row.target] : M(1);
@@ -92,12 +102,13 @@ M ce_forward_row(const CeRow<M>& row, M* lse_out) {
 
 // grad = a * p - b * w (w = 1 without weights), minus bt at the target, times dz/dx with a softcap.
 template <typename M>
-void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* grad) {
+void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M grad_lse, M* grad) {
   using V = at::vec::Vectorized<M>;
   constexpr int64_t L = V::size();
   const int64_t C = row.C;
   const bool kept = row.target >= 0;
   const M eps = row.label_smoothing;
+  const M lse = softmax.shift + softmax.log_norm;
   const M gl = kept ? grad_loss : M(0);
   const M wt = !kept ? M(0) : row.weight ? row.weight[row.target] : M(1);
   const M W = row.weight ? row.weight_sum : M(C);
@@ -106,9 +117,10 @@ void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* gra
   const M a = gl * (wt * ((M(1) - eps) + M(2) * row.z_loss * lse) + smooth_w) + grad_lse;
   const M b = gl * eps / M(C);
   const bool cap = row.softcap != M(0);
-  const V va(a), vb(b), vlse(lse), one(M(1)), vs(row.softcap), inv_s(cap ? M(1) / row.softcap : M(0));
+  const V va(a), vb(b), vshift(softmax.shift), vlog(softmax.log_norm), one(M(1)), vs(row.softcap),
+      inv_s(cap ? M(1) / row.softcap : M(0));
   // read before the loop: grad may be the row's logits (the in-place forward)
-  const M x_t = kept ? row.x[row.target] : M(0);
+  const M th_t = kept && cap ? ce_scalar_tanh(row, row.target) : M(0);
   for (int64_t c = 0; c < C; c += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, C - c));
     const V x = V::loadu(row.x + c, n);
@@ -117,15 +129,12 @@ void ce_backward_row(const CeRow<M>& row, M lse, M grad_loss, M grad_lse, M* gra
       th = (x * inv_s).tanh();
       z = vs * th;
     }
-    V g = va * (z - vlse).exp_u20();
+    V g = va * ((z - vshift) - vlog).exp_u20();
     if (b != M(0)) g = g - (row.weight ? vb * V::loadu(row.weight + c, n) : vb);
     if (cap) g = g * (one - th * th);
     g.store(grad + c, n);
   }
-  if (kept) {
-    const M dz = cap ? M(1) - std::tanh(x_t / row.softcap) * std::tanh(x_t / row.softcap) : M(1);
-    grad[row.target] -= gl * wt * (M(1) - eps) * dz;
-  }
+  if (kept) grad[row.target] -= gl * wt * (M(1) - eps) * (M(1) - th_t * th_t);
 }
 
 }  // namespace fusedlayers::cpu::FL_ISA
