@@ -64,7 +64,8 @@ constexpr bool derivative_is_constant(Activation a) { return kConstantDerivative
 #define FL_MATH(fn) std::fn
 #endif
 
-// Scalar math. `where_pos(z, a, b)` is `z > 0 ? a : b`; with where_gt, the only branches the table needs.
+// Scalar math. `where_pos(z, a, b)` is `z > 0 ? a : b`, `where_nonpos` is `z <= 0 ? a : b` and `where_nonneg`
+// `z >= 0 ? a : b` (a NaN takes b in all three); with where_gt, the only branches the table needs.
 template <typename T>
 struct Math {
   static FL_HOST_DEVICE T exp(T x) { return FL_MATH(exp)(x); }
@@ -72,12 +73,16 @@ struct Math {
   static FL_HOST_DEVICE T log1p(T x) { return FL_MATH(log1p)(x); }
   static FL_HOST_DEVICE T tanh(T x) { return FL_MATH(tanh)(x); }
   static FL_HOST_DEVICE T erf(T x) { return FL_MATH(erf)(x); }
+  static FL_HOST_DEVICE T erfc(T x) { return FL_MATH(erfc)(x); }
   static FL_HOST_DEVICE T cos(T x) { return FL_MATH(cos)(x); }
   static FL_HOST_DEVICE T sin(T x) { return FL_MATH(sin)(x); }
+  static FL_HOST_DEVICE T abs(T x) { return FL_MATH(fabs)(x); }
   // NaN in a propagates, as in torch.relu and at::vec::maximum.
   static FL_HOST_DEVICE T max(T a, T b) { return (a != a || a > b) ? a : b; }
   static FL_HOST_DEVICE T min(T a, T b) { return (a != a || a < b) ? a : b; }
   static FL_HOST_DEVICE T where_pos(T z, T a, T b) { return z > T(0) ? a : b; }
+  static FL_HOST_DEVICE T where_nonpos(T z, T a, T b) { return z <= T(0) ? a : b; }
+  static FL_HOST_DEVICE T where_nonneg(T z, T a, T b) { return z >= T(0) ? a : b; }
   static FL_HOST_DEVICE T where_gt(T z, T threshold, T a, T b) { return z > threshold ? a : b; }
 };
 
@@ -90,10 +95,10 @@ struct Identity {
   template <typename T> static FL_HOST_DEVICE T d3f(T) { return T(0); }
 };
 
-// f'(0) = 0, as torch.relu's backward.
+// f'(0) = 0 and f'(NaN) = 1, as torch.relu's backward (which tests its output <= 0).
 struct ReLU {
   template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::max(z, T(0)); }
-  template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_pos(z, T(1), T(0)); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_nonpos(z, T(0), T(1)); }
   template <typename T> static FL_HOST_DEVICE T d2f(T) { return T(0); }
   template <typename T> static FL_HOST_DEVICE T d3f(T) { return T(0); }
 };
@@ -107,8 +112,9 @@ struct LeakyReLU {  // negative slope 0.01, f'(0) = 0.01 as torch's
 
 // Exact GELU: z * Phi(z); Phi' = phi = exp(-z^2/2) / sqrt(2 pi).
 struct GELU {
+  // erfc, not 1 + erf, which cancels below 0: gelu(-10) in float32 was several times its value
   template <typename T> static FL_HOST_DEVICE T Phi(T z) {
-    return T(0.5) * (T(1) + Math<T>::erf(z * T(0.70710678118654752440)));
+    return T(0.5) * Math<T>::erfc(z * T(-0.70710678118654752440));
   }
   template <typename T> static FL_HOST_DEVICE T phi(T z) {
     return Math<T>::exp(T(-0.5) * z * z) * T(0.39894228040143267794);
@@ -119,37 +125,6 @@ struct GELU {
   template <typename T> static FL_HOST_DEVICE T d3f(T z) { return phi(z) * z * (z * z - T(4)); }
 };
 
-// GELU, tanh approximation: 0.5 z (1 + tanh(u)), u = sqrt(2/pi) (z + 0.044715 z^3).
-struct GELUTanh {
-  static constexpr double kAlpha = 0.79788456080286535588;  // sqrt(2/pi)
-  static constexpr double kBeta = 0.044715;
-  template <typename T> static FL_HOST_DEVICE T f(T z) {
-    T t = Math<T>::tanh(T(kAlpha) * (z + T(kBeta) * z * z * z));
-    return T(0.5) * z * (T(1) + t);
-  }
-  template <typename T> static FL_HOST_DEVICE T df(T z) {
-    T t = Math<T>::tanh(T(kAlpha) * (z + T(kBeta) * z * z * z));
-    T du = T(kAlpha) * (T(1) + T(3 * kBeta) * z * z);
-    return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * du;
-  }
-  template <typename T> static FL_HOST_DEVICE T d2f(T z) {
-    T t = Math<T>::tanh(T(kAlpha) * (z + T(kBeta) * z * z * z));
-    T du = T(kAlpha) * (T(1) + T(3 * kBeta) * z * z);
-    T d2u = T(6 * kAlpha * kBeta) * z;
-    return (T(1) - t * t) * (du + T(0.5) * z * (d2u - T(2) * t * du * du));
-  }
-  // With d = 1 - t^2: t''' = d (6 t^2 - 2), so d^3/dz^3 tanh(u) = d ((6 t^2 - 2) u'^3 - 6 t u' u'' + u''').
-  template <typename T> static FL_HOST_DEVICE T d3f(T z) {
-    T t = Math<T>::tanh(T(kAlpha) * (z + T(kBeta) * z * z * z));
-    T du = T(kAlpha) * (T(1) + T(3 * kBeta) * z * z);
-    T d2u = T(6 * kAlpha * kBeta) * z;
-    T d = T(1) - t * t;
-    T t2 = d * (d2u - T(2) * t * du * du);
-    T t3 = d * ((T(6) * t * t - T(2)) * du * du * du - T(6) * t * du * d2u + T(6 * kAlpha * kBeta));
-    return T(1.5) * t2 + T(0.5) * z * t3;
-  }
-};
-
 struct Sigmoid {
   template <typename T> static FL_HOST_DEVICE T s(T z) { return T(1) / (T(1) + Math<T>::exp(T(0) - z)); }
   template <typename T> static FL_HOST_DEVICE T f(T z) { return s(z); }
@@ -158,6 +133,48 @@ struct Sigmoid {
   template <typename T> static FL_HOST_DEVICE T d3f(T z) {
     T v = s(z);
     return v * (T(1) - v) * (T(1) - T(6) * v * (T(1) - v));
+  }
+};
+
+// sech^2 z = 1 - tanh^2 z as 4 e / (1 + e)^2, e = exp(-2|z|): 1 - t^2 cancels in the tails (tanh'(4.5) lost
+// a third of its digits in float32).
+template <typename T>
+FL_HOST_DEVICE T sech2(T z) {
+  T e = Math<T>::exp(T(-2) * Math<T>::abs(z));
+  T d = T(1) + e;
+  return T(4) * e / (d * d);
+}
+
+// GELU, tanh approximation: 0.5 z (1 + tanh(u)), u = sqrt(2/pi) (z + 0.044715 z^3). 1 + tanh(u) is 2 sigmoid(2u)
+// and 1 - tanh(u)^2 is sech2(u): both cancel in the negative tail when taken from tanh (gelu_tanh(-4.36) was off
+// by 1e-2 in float32). The derivatives read z clamped to +-1e4, where every term has saturated: z^3 and u'^3
+// overflow float32 beyond (0 * inf made f''(1e13) NaN).
+struct GELUTanh {
+  static constexpr double kAlpha = 0.79788456080286535588;  // sqrt(2/pi)
+  static constexpr double kBeta = 0.044715;
+  template <typename T> static FL_HOST_DEVICE T u(T z) { return T(kAlpha) * (z + T(kBeta) * z * z * z); }
+  template <typename T> static FL_HOST_DEVICE T du(T z) { return T(kAlpha) * (T(1) + T(3 * kBeta) * z * z); }
+  template <typename T> static FL_HOST_DEVICE T clamp(T z) { return Math<T>::min(Math<T>::max(z, T(-1e4)), T(1e4)); }
+  template <typename T> static FL_HOST_DEVICE T f(T z) { return z * Sigmoid::s(T(2) * u(z)); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) {
+    z = clamp(z);
+    return Sigmoid::s(T(2) * u(z)) + T(0.5) * z * sech2(u(z)) * du(z);
+  }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) {
+    z = clamp(z);
+    T t = Math<T>::tanh(u(z)), d1 = du(z);
+    T d2u = T(6 * kAlpha * kBeta) * z;
+    return sech2(u(z)) * (d1 + T(0.5) * z * (d2u - T(2) * t * d1 * d1));
+  }
+  // With d = 1 - t^2: t''' = d (6 t^2 - 2), so d^3/dz^3 tanh(u) = d ((6 t^2 - 2) u'^3 - 6 t u' u'' + u''').
+  template <typename T> static FL_HOST_DEVICE T d3f(T z) {
+    z = clamp(z);
+    T t = Math<T>::tanh(u(z)), d1 = du(z);
+    T d2u = T(6 * kAlpha * kBeta) * z;
+    T d = sech2(u(z));
+    T t2 = d * (d2u - T(2) * t * d1 * d1);
+    T t3 = d * ((T(6) * t * t - T(2)) * d1 * d1 * d1 - T(6) * t * d1 * d2u + T(6 * kAlpha * kBeta));
+    return T(1.5) * t2 + T(0.5) * z * t3;
   }
 };
 
@@ -179,11 +196,11 @@ struct SiLU {
 
 struct Tanh {
   template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::tanh(z); }
-  template <typename T> static FL_HOST_DEVICE T df(T z) { T t = Math<T>::tanh(z); return T(1) - t * t; }
-  template <typename T> static FL_HOST_DEVICE T d2f(T z) { T t = Math<T>::tanh(z); return T(-2) * t * (T(1) - t * t); }
+  template <typename T> static FL_HOST_DEVICE T df(T z) { return sech2(z); }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) { return T(-2) * Math<T>::tanh(z) * sech2(z); }
   template <typename T> static FL_HOST_DEVICE T d3f(T z) {
     T t = Math<T>::tanh(z);
-    return (T(1) - t * t) * (T(6) * t * t - T(2));
+    return sech2(z) * (T(6) * t * t - T(2));
   }
 };
 
@@ -198,6 +215,8 @@ struct Softplus {
   template <typename T> static FL_HOST_DEVICE T d3f(T z) { return Math<T>::where_gt(z, T(20), T(0), Sigmoid::d2f(z)); }
 };
 
+// f' at 0 is the negative side's and f'' at 0 is 0, as torch's elu_backward and its derivative; f'(NaN) and
+// f''(NaN) are NaN (torch's are NaN in float64, and 1 and 0 in float32).
 struct SELU {
   static constexpr double kAlpha = 1.6732632423543772848170429916717;
   static constexpr double kScale = 1.0507009873554804934193349852946;
@@ -208,7 +227,7 @@ struct SELU {
     return Math<T>::where_pos(z, T(kScale), T(kScale * kAlpha) * Math<T>::exp(Math<T>::min(z, T(0))));
   }
   template <typename T> static FL_HOST_DEVICE T d2f(T z) {
-    return Math<T>::where_pos(z, T(0), T(kScale * kAlpha) * Math<T>::exp(Math<T>::min(z, T(0))));
+    return Math<T>::where_nonneg(z, T(0), T(kScale * kAlpha) * Math<T>::exp(Math<T>::min(z, T(0))));
   }
   template <typename T> static FL_HOST_DEVICE T d3f(T z) { return d2f(z); }
 };
@@ -216,7 +235,7 @@ struct SELU {
 struct ELU {  // alpha 1
   template <typename T> static FL_HOST_DEVICE T f(T z) { return Math<T>::where_pos(z, z, Math<T>::expm1(Math<T>::min(z, T(0)))); }
   template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_pos(z, T(1), Math<T>::exp(Math<T>::min(z, T(0)))); }
-  template <typename T> static FL_HOST_DEVICE T d2f(T z) { return Math<T>::where_pos(z, T(0), Math<T>::exp(Math<T>::min(z, T(0)))); }
+  template <typename T> static FL_HOST_DEVICE T d2f(T z) { return Math<T>::where_nonneg(z, T(0), Math<T>::exp(Math<T>::min(z, T(0)))); }
   template <typename T> static FL_HOST_DEVICE T d3f(T z) { return d2f(z); }
 };
 

@@ -71,15 +71,26 @@ def _gelu_tanh_parts(z):
     return t, du
 
 
+def _sech2(z):
+    """1 - tanh(z)^2 without its cancellation in the tails."""
+    e = torch.exp(-2 * z.abs())
+    return 4 * e / (1 + e).square()
+
+
+# As the C++ table: 1 + tanh(u) as 2 sigmoid(2u), 1 - tanh(u)^2 as sech2(u), z clamped where all has saturated.
 def _gelu_tanh_df(z):
-    t, du = _gelu_tanh_parts(z)
-    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du
+    z = z.clamp(-1e4, 1e4)
+    u = _GELU_TANH_ALPHA * (z + _GELU_TANH_BETA * z ** 3)
+    _, du = _gelu_tanh_parts(z)
+    return torch.sigmoid(2 * u) + 0.5 * z * _sech2(u) * du
 
 
 def _gelu_tanh_d2f(z):
+    z = z.clamp(-1e4, 1e4)
+    u = _GELU_TANH_ALPHA * (z + _GELU_TANH_BETA * z ** 3)
     t, du = _gelu_tanh_parts(z)
     d2u = 6 * _GELU_TANH_ALPHA * _GELU_TANH_BETA * z
-    return (1 - t * t) * (du + 0.5 * z * (d2u - 2 * t * du * du))
+    return _sech2(u) * (du + 0.5 * z * (d2u - 2 * t * du * du))
 
 
 def _sigmoid_df(z):
@@ -103,13 +114,11 @@ def _silu_d2f(z):
 
 
 def _tanh_df(z):
-    t = torch.tanh(z)
-    return 1 - t * t
+    return _sech2(z)
 
 
 def _tanh_d2f(z):
-    t = torch.tanh(z)
-    return -2 * t * (1 - t * t)
+    return -2 * torch.tanh(z) * _sech2(z)
 
 
 # Softplus with beta 1 and torch's threshold 20: linear above it, so f' = 1 and f'' = 0 there.
@@ -119,6 +128,20 @@ def _softplus_df(z):
 
 def _softplus_d2f(z):
     return torch.where(z > 20, torch.zeros_like(z), _sigmoid_df(z))
+
+
+# f' at 0 is the negative side's and f'' at 0 is 0, as torch's elu_backward and its derivative (selu: its alpha,
+# and its scale on both). relu'(NaN) is 1, as torch's (which tests relu's output <= 0).
+def _relu_df(z):
+    return torch.where(z <= 0, torch.zeros_like(z), torch.ones_like(z))
+
+
+def _elu_df(z, alpha=1.0):
+    return torch.where(z > 0, torch.ones_like(z), alpha * torch.exp(z))
+
+
+def _elu_d2f(z, alpha=1.0):
+    return torch.where(z >= 0, torch.zeros_like(z), alpha * torch.exp(z))
 
 
 def _zeros(z):
@@ -135,7 +158,7 @@ def _ones(z):
 _TABLE = (
     Activation("identity", lambda z: z, _ones, _zeros, nn.Identity, {}, constant_derivative=True,
                piecewise_linear=True),
-    Activation("relu", F.relu, lambda z: _pos(z, 1.0, 0.0), _zeros, nn.ReLU, {}, piecewise_linear=True),
+    Activation("relu", F.relu, _relu_df, _zeros, nn.ReLU, {}, piecewise_linear=True),
     Activation("leaky_relu", F.leaky_relu, lambda z: _pos(z, 1.0, 0.01), _zeros, nn.LeakyReLU,
                {"negative_slope": 0.01}, piecewise_linear=True),
     Activation("gelu", F.gelu, _gelu_df, _gelu_d2f, nn.GELU, {"approximate": "none"}),
@@ -145,10 +168,9 @@ _TABLE = (
     Activation("sigmoid", torch.sigmoid, _sigmoid_df, _sigmoid_d2f, nn.Sigmoid, {}),
     Activation("tanh", torch.tanh, _tanh_df, _tanh_d2f, nn.Tanh, {}),
     Activation("softplus", F.softplus, _softplus_df, _softplus_d2f, nn.Softplus, {"beta": 1.0, "threshold": 20.0}),
-    Activation("selu", F.selu, lambda z: _SELU_SCALE * torch.where(z > 0, torch.ones_like(z), _SELU_ALPHA * torch.exp(z)),
-               lambda z: _SELU_SCALE * torch.where(z > 0, torch.zeros_like(z), _SELU_ALPHA * torch.exp(z)), nn.SELU, {}),
-    Activation("elu", F.elu, lambda z: torch.where(z > 0, torch.ones_like(z), torch.exp(z)),
-               lambda z: torch.where(z > 0, torch.zeros_like(z), torch.exp(z)), nn.ELU, {"alpha": 1.0}),
+    Activation("selu", F.selu, lambda z: _SELU_SCALE * _elu_df(z, _SELU_ALPHA),
+               lambda z: _SELU_SCALE * _elu_d2f(z, _SELU_ALPHA), nn.SELU, {}),
+    Activation("elu", F.elu, _elu_df, _elu_d2f, nn.ELU, {"alpha": 1.0}),
     Activation("cos", torch.cos, lambda z: -torch.sin(z), lambda z: -torch.cos(z), ActivationModule, {"name": "cos"}),
     Activation("sin", torch.sin, torch.cos, lambda z: -torch.sin(z), ActivationModule, {"name": "sin"}),
 )

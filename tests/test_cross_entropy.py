@@ -254,6 +254,42 @@ def test_softcap_confident_rows_lose_nothing_below_zero(backend, reduction):
     assert (loss.double() - ref).abs().max() <= 4 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max())
 
 
+def _hostile_cases():
+    inf, big = float("inf"), torch.finfo(torch.float32).max
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    yield "-inf in column 0, smoothing", x.clone().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(-inf)), \
+        torch.tensor([1, 2, 3]), None, dict(label_smoothing=0.1)
+    yield "-FLT_MAX, smoothing", x.clone().index_put_((torch.tensor([1]), torch.tensor([0])), torch.tensor(-big)), \
+        torch.tensor([1, 2, 3]), None, dict(label_smoothing=0.1)
+    yield "an all -inf row", torch.cat([x[:2], torch.full((1, 4), -inf)]), torch.tensor([1, 2, 3]), None, {}
+    yield "target weights summing to 0", x, torch.tensor([0, 1, 1]), torch.tensor([2.0, -1.0, 1.0, 1.0]), {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_hostile_placements_as_f_cross_entropy(backend, reduction, dtype):
+    """NaN and inf in the loss and the gradient where F.cross_entropy in the same dtype has them, and its
+    values elsewhere: -inf logits with label smoothing give +inf (not NaN), -FLT_MAX gives PyTorch's finite
+    loss (not -inf), an all -inf row a NaN gradient, class weights of the targets summing to 0 a +-inf mean."""
+    dev = device_of(backend)
+    for what, x, t, w, kw in _hostile_cases():
+        x, w = x.to(dtype), None if w is None else w.to(dtype)
+        xr = x.clone().requires_grad_()
+        ref = F.cross_entropy(xr, t, w, reduction=reduction, **kw)
+        (dx_ref,) = torch.autograd.grad(ref.sum(), xr)
+        xf = x.to(dev).requires_grad_()
+        loss = cross_entropy(xf, t.to(dev), None if w is None else w.to(dev), reduction=reduction, backend=backend,
+                             **kw)
+        (dx,) = torch.autograd.grad(loss.sum(), xf)
+        for name, got, want in (("loss", loss.detach().cpu(), ref.detach()), ("grad", dx.cpu(), dx_ref)):
+            msg = f"{what}: {name} {got.tolist()} vs F.cross_entropy {want.tolist()}"
+            assert torch.equal(got.isnan(), want.isnan()), msg
+            ok = ~want.isnan()
+            assert torch.equal(got[ok].isinf(), want[ok].isinf()) and torch.equal(got[ok].sign(), want[ok].sign()), msg
+            fin = ok & want.isfinite()
+            assert torch.allclose(got[fin], want[fin], rtol=RTOL[dtype] * 10, atol=1e-6), msg
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_uint8_target(backend, reduction):
     """uint8 class indices, which F.cross_entropy accepts too."""

@@ -386,6 +386,16 @@ def test_compile_fullgraph(backend, net):
         assert_rel_close(got, want, 1e-5)
 
 
+def test_jit_trace():
+    model = FusedMLP([3, 8, 2], activation="tanh")
+    x = torch.randn(4, 3)
+    # the op's list of activation names cannot be recorded: under the tracer the layers run as dense ops
+    traced = torch.jit.trace(model, (x,))
+    assert "fusedlayers::dense" in str(traced.graph)
+    x2 = torch.randn(6, 3)
+    assert_rel_close(traced(x2), model(x2), 1e-6)
+
+
 @pytest.mark.parametrize("sizes,rows,recomputes", [([3, 10, 10, 2], 4, True), ([1, 1000, 20, 1], 3000, True),
                                                    ([64, 256, 256, 8], 300, False)],
                          ids=["fused-tiles", "wide", "chain"])

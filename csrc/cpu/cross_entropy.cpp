@@ -142,8 +142,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
     if (!rows) {
       double sum = 0;  // in double: N float32 terms lose nothing
       for (int64_t r = 0; r < N; ++r) sum += reduced[r];
-      // a "mean" over no kept weight is nan, as PyTorch's (its NLL part is 0/0), even where smoothing's sum is not 0
-      *loss.mutable_data_ptr<M>() = denom == M(0) ? std::numeric_limits<M>::quiet_NaN() : static_cast<M>(sum) / denom;
+      // a "mean" over no kept weight: as ce_mean (ops/cross_entropy.h)
+      *loss.mutable_data_ptr<M>() = denom == M(0) && label_smoothing != 0.0 ? std::numeric_limits<M>::quiet_NaN()
+                                                                            : static_cast<M>(sum) / denom;
     }
   });
   return {loss, lse};

@@ -195,8 +195,10 @@ MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, 
 
 // The fused and wide CPU paths recompute in their backward whatever the forward would save: the autograd asks this
 // before deciding to save (ops/mlp.h).
+// A traced x (symbolic sizes, or a Python tensor such as export's, whose sizes are symbolic behind a Python call)
+// saves: reading its sizes would specialize the graph to them.
 bool recomputes(const at::Tensor& x, at::TensorList weights) {
-  if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
+  if (traced(x) || x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
   const Shape s = shape_of(x, weights);
   return takes_fused_path(s) || takes_wide_path(s, x.scalar_type());
 }

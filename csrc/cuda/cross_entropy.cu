@@ -370,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
   const c10::cuda::CUDAGuard guard(logits.device());
   auto [loss, lse] = forward_rows(logits.contiguous(), target.contiguous(), contiguous(weight), ignore_index,
                                   label_smoothing, z_loss, softcap);
-  return {ce_reduce_rows(loss, target, weight, ignore_index, red), lse};
+  return {ce_reduce_rows(loss, target, weight, ignore_index, red, label_smoothing), lse};
 }
 
 // The forward, then the backward with grad_loss 1 written into grad (which may be the logits; a non-contiguous
@@ -398,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_grad(const at::Tensor& 
   backward_into(ce_row_grad_loss(one, t, weight, ignore_index, red, math), std::nullopt, x, t, w, lse, out,
                 ignore_index, label_smoothing, z_loss, softcap);
   if (!out.is_same(grad)) grad.copy_(out);
-  return {ce_reduce_rows(loss, t, weight, ignore_index, red), lse};
+  return {ce_reduce_rows(loss, t, weight, ignore_index, red, label_smoothing), lse};
 }
 
 at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,

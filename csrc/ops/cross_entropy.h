@@ -113,9 +113,11 @@ inline at::Tensor kept_weights(const at::Tensor& target, const std::optional<at:
 }
 
 
-// A "mean" reduction's sum over its denominator, the kept rows' summed class weights: nan when that is 0, as
-// PyTorch's (its NLL part is 0/0), even where label smoothing's part of the sum is not 0.
-inline at::Tensor ce_mean(const at::Tensor& sum, const at::Tensor& denominator) {
+// A "mean" reduction's sum over its denominator, the kept rows' summed class weights: when that is 0, +-inf (nan
+// for a 0 sum) as PyTorch's, and with label smoothing nan as PyTorch's (its smoothing part is a separate mean, 0/0
+// where no row is kept) even where a nonzero sum would give inf.
+inline at::Tensor ce_mean(const at::Tensor& sum, const at::Tensor& denominator, double label_smoothing) {
+  if (label_smoothing == 0.0) return sum / denominator;
   return at::where(denominator == 0, std::numeric_limits<double>::quiet_NaN(), sum / denominator);
 }
 
@@ -124,10 +126,11 @@ inline at::Tensor ce_mean(const at::Tensor& sum, const at::Tensor& denominator) 
 // divides by the summed class weights of the kept rows (their count without weights): nan when every row is
 // ignored (its gradient's inf stays off the ignored rows, which the kernels zero).
 inline at::Tensor ce_reduce_rows(const at::Tensor& loss, const at::Tensor& target,
-                                 const std::optional<at::Tensor>& weight, int64_t ignore_index, CeReduction reduction) {
+                                 const std::optional<at::Tensor>& weight, int64_t ignore_index, CeReduction reduction,
+                                 double label_smoothing) {
   if (reduction == CeReduction::None) return loss;
   if (reduction == CeReduction::Sum) return loss.sum();
-  return ce_mean(loss.sum(), kept_weights(target, weight, ignore_index, loss.scalar_type()).sum());
+  return ce_mean(loss.sum(), kept_weights(target, weight, ignore_index, loss.scalar_type()).sum(), label_smoothing);
 }
 
 inline at::Tensor ce_row_grad_loss(const at::Tensor& grad_loss, const at::Tensor& target,

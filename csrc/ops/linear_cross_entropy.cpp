@@ -139,13 +139,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const int64_t N = hidden.size(0);
   at::Tensor loss = at::empty({N}, hidden.options().dtype(math));
   at::Tensor lse = at::empty({N}, hidden.options().dtype(math));
-  // A "mean" divides by the summed class weights of the kept rows (nan when there are none, as PyTorch).
+  // A "mean" divides by the summed class weights of the kept rows (ce_mean, ops/cross_entropy.h).
   const at::Tensor denominator = reduction == "mean"
                                      ? kept_weights(target, class_weight, ignore_index, math).sum()
                                      : at::ones({}, hidden.options().dtype(math));
   Grads grads = make_grads(a, output_mask);
   run_chunks(a, loss, lse, with_grads ? denominator.reciprocal() : at::Tensor(), at::Tensor(), grads);
-  if (reduction != "none") loss = ce_mean(loss.sum(), denominator);
+  if (reduction != "none") loss = ce_mean(loss.sum(), denominator, label_smoothing);
   return {loss, lse, grads.dh, grads.dw, grads.db};
 }
 

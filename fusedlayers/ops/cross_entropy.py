@@ -94,20 +94,24 @@ def _kept_weights(target: Tensor, weight: Tensor | None, ignore_index: int, dtyp
     return torch.where(kept, weight.to(dtype).gather(0, safe), 0)
 
 
-def ce_reduce_rows(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str) -> Tensor:
+def ce_reduce_rows(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
+                   label_smoothing: float) -> Tensor:
     """PyTorch's reductions of per-row losses, as torch ops (no host synchronization): "mean" divides by the summed
-    class weights of the kept rows (their count without weights), nan when every row is ignored."""
+    class weights of the kept rows (their count without weights), as ce_mean."""
     if reduction == "none":
         return loss
     if reduction == "sum":
         return loss.sum()
-    return ce_mean(loss.sum(), _kept_weights(target, weight, ignore_index, loss.dtype).sum())
+    return ce_mean(loss.sum(), _kept_weights(target, weight, ignore_index, loss.dtype).sum(), label_smoothing)
 
 
-def ce_mean(total: Tensor, denominator: Tensor) -> Tensor:
-    """A "mean" reduction: nan when the kept rows' weights sum to 0, as PyTorch's (its NLL part is 0/0), even
-    where label smoothing's part of the total is not 0."""
-    return torch.where(denominator == 0, float("nan"), total / denominator)
+def ce_mean(total: Tensor, denominator: Tensor, label_smoothing: float) -> Tensor:
+    """A "mean" reduction, total / denominator: when the kept rows' weights sum to 0, +-inf (or nan for a 0 total)
+    as PyTorch's, and with label smoothing nan, as PyTorch's (its smoothing part is a separate mean, 0/0 where no
+    row is kept) even where a nonzero total would give inf."""
+    if label_smoothing:
+        return torch.where(denominator == 0, float("nan"), total / denominator)
+    return total / denominator
 
 
 def ce_row_grad_loss(grad_loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
@@ -248,4 +252,4 @@ def cross_entropy_function(logits: Tensor, target: Tensor, weight: Tensor | None
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():  # as the op refuses it
         raise RuntimeError(_CE_WEIGHT_GRAD)
     loss, lse = _ce_function(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
-    return ce_reduce_rows(loss, target, weight, ignore_index, reduction), lse
+    return ce_reduce_rows(loss, target, weight, ignore_index, reduction, label_smoothing), lse

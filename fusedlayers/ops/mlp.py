@@ -8,6 +8,7 @@ from torch import Tensor
 from ..activations import CONSTANT_DERIVATIVE, check_activation
 from .common import (KERNELS, act, add, batch_first, batched_linear, function_op, needs_function,
                      register_autocast)
+from .dense import dense_op
 
 _ops = torch.ops.fusedlayers
 _mlp = _ops.mlp.default
@@ -147,7 +148,12 @@ _mlp_function = function_op("MLPFunction", _mlp_forward, _mlp_setup_context, _ml
 def mlp_op(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: list[str], save: bool,
            backend: str) -> Tensor:
     """The mlp op with checked arguments: the op itself when compiling (as dense_op), else through the
-    autograd.Function where a transform or a tangent needs it."""
+    autograd.Function where a transform or a tangent needs it. Under torch.jit.trace, which cannot record the
+    op's list of activation names, the layers as dense ops: the same function, traced."""
+    if torch.jit.is_tracing():
+        for l, (w, a) in enumerate(zip(weights, activations)):
+            x = dense_op(x, w, biases[l] if biases else None, a, save, backend)
+        return x
     if not torch.compiler.is_compiling() and needs_function(x, *weights, *biases):
         return _mlp_function(len(weights), activations, backend, x, *weights, *biases)
     return _mlp(x, weights, biases, activations, save, backend)

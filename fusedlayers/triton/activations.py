@@ -46,6 +46,11 @@ def _min(z, bound):
 
 
 @triton.jit
+def _max(z, bound):
+    return tl.maximum(z, bound, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _expm1(x):
     # Kahan's trick: (e^x - 1) * x / log(e^x) cancels the rounding error of e^x, unlike e^x - 1.
     u = tl.exp(x)
@@ -78,8 +83,15 @@ def _tanh(z):
 
 
 @triton.jit
-def _gelu_tanh_t(z):
-    return _tanh((z + z * z * z * _GELU_TANH_BETA) * _GELU_TANH_ALPHA)
+def _sech2(z):
+    # 1 - tanh(z)^2 without its cancellation in the tails
+    e = tl.exp(-2.0 * tl.abs(z))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
+def _gelu_tanh_u(z):
+    return (z + z * z * z * _GELU_TANH_BETA) * _GELU_TANH_ALPHA
 
 
 @triton.jit
@@ -110,7 +122,7 @@ def act_f(z, ACT: tl.constexpr):
     elif ACT == GELU:
         return z * _gelu_cdf(z)
     elif ACT == GELU_TANH:
-        return 0.5 * z * (1.0 + _gelu_tanh_t(z))
+        return z * _sigmoid(2.0 * _gelu_tanh_u(z))  # 0.5 (1 + tanh u) without its cancellation below 0
     elif ACT == SILU:
         return z * _sigmoid(z)
     elif ACT == SIGMOID:
@@ -138,14 +150,15 @@ def act_df(z, ACT: tl.constexpr):
     if ACT == IDENTITY:
         return _const(z, 1.0)
     elif ACT == RELU:
-        return tl.where(z > 0.0, _const(z, 1.0), _const(z, 0.0))  # f'(0) = 0, as torch
+        return tl.where(z <= 0.0, _const(z, 0.0), _const(z, 1.0))  # f'(0) = 0, f'(NaN) = 1, as torch
     elif ACT == LEAKY_RELU:
         return tl.where(z > 0.0, _const(z, 1.0), tl.full(z.shape, _LEAKY_SLOPE, z.dtype))
     elif ACT == GELU:
         return _gelu_cdf(z) + z * _gelu_pdf(z)
     elif ACT == GELU_TANH:
-        t = _gelu_tanh_t(z)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _gelu_tanh_du(z)
+        z = _min(_max(z, -1e4), 1e4)  # saturated beyond; z^3 would overflow float32
+        u = _gelu_tanh_u(z)
+        return _sigmoid(2.0 * u) + 0.5 * z * _sech2(u) * _gelu_tanh_du(z)
     elif ACT == SILU:
         s = _sigmoid(z)
         return s * (1.0 + z * (1.0 - s))
@@ -153,8 +166,7 @@ def act_df(z, ACT: tl.constexpr):
         s = _sigmoid(z)
         return s * (1.0 - s)
     elif ACT == TANH:
-        t = _tanh(z)
-        return 1.0 - t * t
+        return _sech2(z)
     elif ACT == SOFTPLUS:
         return tl.where(z > _SOFTPLUS_THRESHOLD, _const(z, 1.0), _sigmoid(z))
     elif ACT == SELU:

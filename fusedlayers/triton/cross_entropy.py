@@ -258,7 +258,7 @@ def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Tensor | None,
     check_ce_reduction(reduction)
     loss, lse = _forward_rows(logits.contiguous(), target.contiguous(), weight, ignore_index, label_smoothing, z_loss,
                               softcap)
-    return ce_reduce_rows(loss, target, weight, ignore_index, reduction), lse
+    return ce_reduce_rows(loss, target, weight, ignore_index, reduction, label_smoothing), lse
 
 
 def cross_entropy_forward_grad(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
@@ -279,7 +279,7 @@ def cross_entropy_forward_grad(logits: Tensor, target: Tensor, weight: Tensor | 
                    ignore_index, label_smoothing, z_loss, softcap)
     if out is not grad:
         grad.copy_(out)
-    return ce_reduce_rows(loss, t, weight, ignore_index, reduction), lse
+    return ce_reduce_rows(loss, t, weight, ignore_index, reduction, label_smoothing), lse
 
 
 def cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, logits: Tensor, target: Tensor,

@@ -11,6 +11,7 @@
 
 #include "cpu/isa/common.h"
 #include "cpu/kernels.h"
+#include "cpu/vec_math.h"
 
 namespace fusedlayers::cpu::FL_ISA {
 namespace {
@@ -42,44 +43,29 @@ M ce_scalar_logit(const CeRow<M>& row, int64_t c) {
 
 // Online logsumexp per lane over blocks of four vectors: the running sum is rescaled once per block, so a
 // logit costs about one exp. The running max starts at the lowest finite value, not -inf, so that lanes
-// with nothing yet (or masked-off tail lanes, set to -inf) never compute -inf - -inf.
+// with nothing yet (or masked-off tail lanes, set to -inf) never compute -inf - -inf. The loss comes from
+// log(sum) and z - max: with large logits (1e4 in float32) lse - z[t] would cancel to a thousandth.
 template <typename M>
 M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
   using V = at::vec::Vectorized<M>;
+  using E = Math<V>;  // its exp: about 1 ulp (ATen's exp_u20: 20), and NaN in gives NaN out
   constexpr int64_t L = V::size();
   const int64_t C = row.C;
-  const bool smooth = row.label_smoothing != M(0);
-  // The smoothing sum is taken relative to a logit of the row (ref), and the loss from log(sum) and z - max:
-  // with large logits (1e4 in float32) lse - z[t] would cancel to a thousandth.
-  const M ref = C > 0 ? ce_scalar_logit(row, 0) : M(0);
-  const V vref(ref);
-  V vmax(std::numeric_limits<M>::lowest()), vsum(M(0)), vzw(M(0));
+  V vmax(std::numeric_limits<M>::lowest()), vsum(M(0));
   int64_t c = 0;
   for (; c + 4 * L <= C; c += 4 * L) {
     const V z0 = ce_logits(row, c, L), z1 = ce_logits(row, c + L, L), z2 = ce_logits(row, c + 2 * L, L),
             z3 = ce_logits(row, c + 3 * L, L);
     const V m = at::vec::maximum(vmax, at::vec::maximum(at::vec::maximum(z0, z1), at::vec::maximum(z2, z3)));
-    vsum = vsum * (vmax - m).exp_u20() + (z0 - m).exp_u20() + (z1 - m).exp_u20() + (z2 - m).exp_u20() +
-           (z3 - m).exp_u20();
+    vsum = vsum * E::exp(vmax - m) + E::exp(z0 - m) + E::exp(z1 - m) + E::exp(z2 - m) + E::exp(z3 - m);
     vmax = m;
-    if (smooth && row.weight) {
-      const M* w = row.weight + c;
-      vzw = vzw + (z0 - vref) * V::loadu(w) + (z1 - vref) * V::loadu(w + L) + (z2 - vref) * V::loadu(w + 2 * L) +
-            (z3 - vref) * V::loadu(w + 3 * L);
-    } else if (smooth) {
-      vzw = vzw + (((z0 - vref) + (z1 - vref)) + ((z2 - vref) + (z3 - vref)));
-    }
   }
   for (; c < C; c += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, C - c));
     const V z = ce_logits(row, c, n);
-    if (smooth) {
-      const V zr = V::set(V(M(0)), z - vref, n);  // lanes past n add nothing
-      vzw = vzw + (row.weight ? zr * V::loadu(row.weight + c, n) : zr);
-    }
     const V zm = n == L ? z : V::set(V(-std::numeric_limits<M>::infinity()), z, n);
     const V m = at::vec::maximum(vmax, zm);
-    vsum = vsum * (vmax - m).exp_u20() + (zm - m).exp_u20();
+    vsum = vsum * E::exp(vmax - m) + E::exp(zm - m);
     vmax = m;
   }
   // The lanes merged in vectors: one exp per lane written out costs more than a short row (C = 10: 16 exps)
@@ -87,16 +73,26 @@ M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
   vmax.store(lane_max);
   M mx = lane_max[0];
   for (int64_t l = 1; l < L; ++l) mx = std::max(mx, lane_max[l]);
-  const M sum = lane_sum(vsum * (vmax - V(mx)).exp());
-  const M zw = smooth ? lane_sum(vzw) : M(0);
+  const M sum = lane_sum(vsum * E::exp(vmax - V(mx)));
   const M log_sum = std::log(sum), lse = mx + log_sum;
   *softmax = {mx, log_sum};
   if (row.target < 0) return M(0);
   const M eps = row.label_smoothing;
   const M wt = row.weight ? row.weight[row.target] : M(1);
-  const M W = row.weight ? row.weight_sum : M(C);
   M loss = wt * ((M(1) - eps) * (log_sum - (ce_scalar_logit(row, row.target) - mx)) + row.z_loss * lse * lse);
-  if (smooth) loss += eps / M(C) * (W * (log_sum + (mx - ref)) - zw);  // sum_c w_c (lse - z_c)
+  if (eps != M(0)) {
+    // sum_c w_c (lse - z_c) = W log_sum - sum_c w_c (z_c - max): a second pass, once the max is known, so that
+    // no term is large (an outlier logit as a reference made -FLT_MAX overflow) and -inf logits give +inf
+    const V vmx(mx);
+    V vzw(M(0));
+    for (c = 0; c < C; c += L) {
+      const int n = static_cast<int>(std::min<int64_t>(L, C - c));
+      const V zr = V::set(V(M(0)), ce_logits(row, c, n) - vmx, n);  // lanes past n add nothing
+      vzw = vzw + (row.weight ? zr * V::loadu(row.weight + c, n) : zr);
+    }
+    const M W = row.weight ? row.weight_sum : M(C);
+    loss += eps / M(C) * (W * log_sum - lane_sum(vzw));
+  }
   return loss;
 }
 
@@ -115,7 +111,7 @@ void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M g
   // W only with smoothing: an absent class's inf weight would make eps * W = 0 * inf a NaN in every gradient.
   const M smooth_w = eps != M(0) ? eps / M(C) * W : M(0);
   const M a = gl * (wt * ((M(1) - eps) + M(2) * row.z_loss * lse) + smooth_w) + grad_lse;
-  const M b = gl * eps / M(C);
+  const M b = eps != M(0) ? gl * eps / M(C) : M(0);  // gl is inf for a "mean" over weights summing to 0
   const bool cap = row.softcap != M(0);
   const V va(a), vb(b), vshift(softmax.shift), vlog(softmax.log_norm), one(M(1)), vs(row.softcap),
       inv_s(cap ? M(1) / row.softcap : M(0));
@@ -129,7 +125,7 @@ void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M g
       th = (x * inv_s).tanh();
       z = vs * th;
     }
-    V g = va * ((z - vshift) - vlog).exp_u20();
+    V g = va * Math<V>::exp((z - vshift) - vlog);
     if (b != M(0)) g = g - (row.weight ? vb * V::loadu(row.weight + c, n) : vb);
     if (cap) g = g * (one - th * th);
     g.store(grad + c, n);
