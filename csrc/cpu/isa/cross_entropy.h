@@ -50,6 +50,7 @@ M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
   using V = at::vec::Vectorized<M>;
   using E = Math<V>;  // its exp: about 1 ulp (ATen's exp_u20: 20), and NaN in gives NaN out
   constexpr int64_t L = V::size();
+  constexpr int kAllLanes = (1 << L) - 1;  // zero_mask() of a comparison true in no lane
   const int64_t C = row.C;
   V vmax(std::numeric_limits<M>::lowest()), vsum(M(0));
   int64_t c = 0;
@@ -57,7 +58,9 @@ M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
     const V z0 = ce_logits(row, c, L), z1 = ce_logits(row, c + L, L), z2 = ce_logits(row, c + 2 * L, L),
             z3 = ce_logits(row, c + 3 * L, L);
     const V m = at::vec::maximum(vmax, at::vec::maximum(at::vec::maximum(z0, z1), at::vec::maximum(z2, z3)));
-    vsum = vsum * E::exp(vmax - m) + E::exp(z0 - m) + E::exp(z1 - m) + E::exp(z2 - m) + E::exp(z3 - m);
+    // the rescale only when a lane's max moved (a NaN always): past the first blocks it rarely does
+    if ((m != vmax).zero_mask() != kAllLanes) vsum = vsum * E::exp(vmax - m);
+    vsum = vsum + E::exp(z0 - m) + E::exp(z1 - m) + E::exp(z2 - m) + E::exp(z3 - m);
     vmax = m;
   }
   for (; c < C; c += L) {
