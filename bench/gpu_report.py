@@ -73,8 +73,9 @@ FORMULAS = {
                                                  "smoothing 3 NC + with a softcap (2 + a) NC; bytes = NC itemsize "
                                                  "(logits) + 8N (target) + 2N math itemsize (loss, lse) + C itemsize "
                                                  "(weight, with one)",
-    "cross_entropy backward": "FLOPs = (3 + a) NC (subtract lse, exp, scale, onehot) + with label smoothing 2 NC + "
-                              "with a softcap (5 + a) NC; bytes = 2 NC itemsize (logits, gradient) + 8N (target) + "
+    "cross_entropy backward": "FLOPs = (2 + a) NC (the row's sum of exp(z - lse), read first) + (3 + a) NC "
+                              "(subtract, exp, scale, onehot) + with label smoothing 2 NC + with a softcap (7 + 2a) "
+                              "NC; bytes = 3 NC itemsize (logits twice, gradient) + 8N (target) + "
                               "2N math itemsize (grad_loss, lse) + N math itemsize (grad_lse, with one) + C itemsize "
                               "(weight, with one)",
 }
@@ -253,9 +254,9 @@ def cross_entropy_cost(N: int, C: int, dtype: torch.dtype, weight: bool, smoothi
     i, mi = dtype.itemsize, (8 if dtype == torch.float64 else 4)
     w_bytes = C * i if weight else 0
     forward_flops = (3 + ACT_FLOPS + 3 * smoothing + (2 + ACT_FLOPS) * softcap) * N * C
-    backward_flops = (3 + ACT_FLOPS + 2 * smoothing + (5 + ACT_FLOPS) * softcap) * N * C
+    backward_flops = (5 + 2 * ACT_FLOPS + 2 * smoothing + (7 + 2 * ACT_FLOPS) * softcap) * N * C
     return {"forward": (forward_flops, N * C * i + 8 * N + 2 * N * mi + w_bytes),
-            "backward": (backward_flops, 2 * N * C * i + 8 * N + (2 + grad_lse) * N * mi + w_bytes)}
+            "backward": (backward_flops, 3 * N * C * i + 8 * N + (2 + grad_lse) * N * mi + w_bytes)}
 
 
 def _cross_entropy_costs(launches, dtype: torch.dtype, weight: bool, label_smoothing: float, z_loss: float,

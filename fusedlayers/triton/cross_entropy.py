@@ -65,6 +65,15 @@ def _row_target(target_ptr, weight_ptr, row, C, ignore_index, HAS_WEIGHT: tl.con
 
 
 @triton.jit
+def _logits(row_ptr, cs, mask, cap, MATH: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """The (capped) logits z of one chunk of a row, in MATH; masked lanes hold a finite placeholder."""
+    z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
+    if HAS_SOFTCAP:
+        z = cap * _tanh(z / cap)
+    return z
+
+
+@triton.jit
 def _cross_entropy_forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr, C,
                                   ignore_index: tl.int64, label_smoothing: tl.float64, z_loss: tl.float64,
                                   softcap: tl.float64, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -85,10 +94,7 @@ def _cross_entropy_forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, 
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
         mask = cs < C
-        z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
-        if HAS_SOFTCAP:
-            z = cap * _tanh(z / cap)
-        z = tl.where(mask, z, float("-inf"))
+        z = tl.where(mask, _logits(row_ptr, cs, mask, cap, MATH, HAS_SOFTCAP), float("-inf"))
         m = tl.maximum(m, tl.max(z, axis=0))
         new_ref = tl.where(m == float("-inf"), 0.0, m)
         # s == 0 until a finite logit: its rescale from ref = 0 to a max below -88 (-709) would be 0 * inf
@@ -167,10 +173,7 @@ def _cross_entropy_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, targ
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
         mask = cs < C
-        z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
-        if HAS_SOFTCAP:
-            z = cap * _tanh(z / cap)
-        s += tl.sum(tl.where(mask, tl.exp(z - lse), 0.0), axis=0)
+        s += tl.sum(tl.where(mask, tl.exp(_logits(row_ptr, cs, mask, cap, MATH, HAS_SOFTCAP) - lse), 0.0), axis=0)
     log_norm = tl.log(s)
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
