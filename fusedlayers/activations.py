@@ -65,12 +65,6 @@ def _gelu_d2f(z):
     return _INV_SQRT_2PI * torch.exp(-0.5 * z * z) * (2 - z * z)
 
 
-def _gelu_tanh_parts(z):
-    t = torch.tanh(_GELU_TANH_ALPHA * (z + _GELU_TANH_BETA * z**3))
-    du = _GELU_TANH_ALPHA * (1 + 3 * _GELU_TANH_BETA * z * z)
-    return t, du
-
-
 def _sech2(z):
     """1 - tanh(z)^2 without its cancellation in the tails."""
     e = torch.exp(-2 * z.abs())
@@ -78,19 +72,21 @@ def _sech2(z):
 
 
 # As the C++ table: 1 + tanh(u) as 2 sigmoid(2u), 1 - tanh(u)^2 as sech2(u), z clamped where all has saturated.
-def _gelu_tanh_df(z):
+def _gelu_tanh_parts(z):
+    """(z clamped, u, u') of gelu_tanh = 0.5 z (1 + tanh(u))."""
     z = z.clamp(-1e4, 1e4)
-    u = _GELU_TANH_ALPHA * (z + _GELU_TANH_BETA * z ** 3)
-    _, du = _gelu_tanh_parts(z)
+    return z, _GELU_TANH_ALPHA * (z + _GELU_TANH_BETA * z**3), _GELU_TANH_ALPHA * (1 + 3 * _GELU_TANH_BETA * z * z)
+
+
+def _gelu_tanh_df(z):
+    z, u, du = _gelu_tanh_parts(z)
     return torch.sigmoid(2 * u) + 0.5 * z * _sech2(u) * du
 
 
 def _gelu_tanh_d2f(z):
-    z = z.clamp(-1e4, 1e4)
-    u = _GELU_TANH_ALPHA * (z + _GELU_TANH_BETA * z ** 3)
-    t, du = _gelu_tanh_parts(z)
+    z, u, du = _gelu_tanh_parts(z)
     d2u = 6 * _GELU_TANH_ALPHA * _GELU_TANH_BETA * z
-    return _sech2(u) * (du + 0.5 * z * (d2u - 2 * t * du * du))
+    return _sech2(u) * (du + 0.5 * z * (d2u - 2 * torch.tanh(u) * du * du))
 
 
 def _sigmoid_df(z):

@@ -219,9 +219,8 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
         row.target = kept_target(tp[r], ignore_index, C);
         // the forward's own softmax, recomputed (lse is rounded at the scale of the largest logit): the same
         // bits as the gradient a reduced loss computes in its forward
-        CeSoftmax<M> softmax;
-        kernels<M>().ce_forward_row(row, &softmax);
-        store_backward_row(row, softmax, glp ? glp[r] : g_all, glsep ? glsep[r] : M(0), gp + r * C, out);
+        store_backward_row(row, kernels<M>().ce_softmax_row(row), glp ? glp[r] : g_all, glsep ? glsep[r] : M(0),
+                           gp + r * C, out);
       }
     });
   });

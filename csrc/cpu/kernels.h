@@ -90,6 +90,8 @@ struct Kernels {
   // Softmax cross-entropy (cpu/isa/cross_entropy.h). Returns the row's loss and stores its softmax's (max,
   // log-sum), whose sum is its logsumexp, in *softmax: one pass, online max.
   T (*ce_forward_row)(const CeRow<T>& row, CeSoftmax<T>* softmax);
+  // That (max, log-sum) alone: the same pass, the same bits, without the loss.
+  CeSoftmax<T> (*ce_softmax_row)(const CeRow<T>& row);
   // grad (C values) = d(grad_loss * loss + grad_lse * lse) / dx, one pass; grad may be row.x itself.
   void (*ce_backward_row)(const CeRow<T>& row, CeSoftmax<T> softmax, T grad_loss, T grad_lse, T* grad);
 };

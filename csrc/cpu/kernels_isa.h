@@ -94,6 +94,7 @@ const Kernels<T>& table() {
       .mlp_tile_forward = mlp_tile_forward<T>,
       .mlp_tile_backward = mlp_tile_backward<T>,
       .ce_forward_row = ce_forward_row<T>,
+      .ce_softmax_row = ce_softmax_row<T>,
       .ce_backward_row = ce_backward_row<T>,
   };
 #pragma GCC diagnostic pop

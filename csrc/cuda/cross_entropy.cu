@@ -231,7 +231,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // grad[row] = a * p - b * onehot(t) - e * w, times 1 - tanh(logits / softcap)^2 with a softcap, where p = softmax(z)
-// as exp(z - m - log s) from the row's (m, s), recomputed (not exp(z - lse): lse is rounded at the scale of m) and with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
+// as exp(z - m - log s) from the row's (m, s), recomputed (not exp(z - lse): lse is rounded at the scale of m),
+// and, with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
 // a = g * (w[t] * ((1 - eps) + 2 z_loss lse) + eps / C * W) + grad_lse[row], b = g w[t] (1 - eps), e = g eps / C.
 // grad may be logits (the in-place forward): each thread reads an element before it writes it.
 template <typename scalar_t>

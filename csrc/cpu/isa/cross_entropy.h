@@ -43,10 +43,9 @@ M ce_scalar_logit(const CeRow<M>& row, int64_t c) {
 
 // Online logsumexp per lane over blocks of four vectors: the running sum is rescaled once per block, so a
 // logit costs about one exp. The running max starts at the lowest finite value, not -inf, so that lanes
-// with nothing yet (or masked-off tail lanes, set to -inf) never compute -inf - -inf. The loss comes from
-// log(sum) and z - max: with large logits (1e4 in float32) lse - z[t] would cancel to a thousandth.
+// with nothing yet (or masked-off tail lanes, set to -inf) never compute -inf - -inf.
 template <typename M>
-M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
+CeSoftmax<M> ce_softmax_row(const CeRow<M>& row) {
   using V = at::vec::Vectorized<M>;
   using E = Math<V>;  // its exp: about 1 ulp (ATen's exp_u20: 20), and NaN in gives NaN out
   constexpr int64_t L = V::size();
@@ -76,9 +75,18 @@ M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
   vmax.store(lane_max);
   M mx = lane_max[0];
   for (int64_t l = 1; l < L; ++l) mx = std::max(mx, lane_max[l]);
-  const M sum = lane_sum(vsum * E::exp(vmax - V(mx)));
-  const M log_sum = std::log(sum), lse = mx + log_sum;
-  *softmax = {mx, log_sum};
+  return {mx, std::log(lane_sum(vsum * E::exp(vmax - V(mx))))};
+}
+
+// The loss comes from log(sum) and z - max: with large logits (1e4 in float32) lse - z[t] would cancel to a
+// thousandth.
+template <typename M>
+M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
+  using V = at::vec::Vectorized<M>;
+  constexpr int64_t L = V::size();
+  const int64_t C = row.C;
+  *softmax = ce_softmax_row(row);
+  const M mx = softmax->shift, log_sum = softmax->log_norm, lse = mx + log_sum;
   if (row.target < 0) return M(0);
   const M eps = row.label_smoothing;
   const M wt = row.weight ? row.weight[row.target] : M(1);
@@ -88,7 +96,7 @@ M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
     // no term is large (an outlier logit as a reference made -FLT_MAX overflow) and -inf logits give +inf
     const V vmx(mx);
     V vzw(M(0));
-    for (c = 0; c < C; c += L) {
+    for (int64_t c = 0; c < C; c += L) {
       const int n = static_cast<int>(std::min<int64_t>(L, C - c));
       const V zr = V::set(V(M(0)), ce_logits(row, c, n) - vmx, n);  // lanes past n add nothing
       vzw = vzw + (row.weight ? zr * V::loadu(row.weight + c, n) : zr);
