@@ -71,9 +71,13 @@ struct RowTarget {
 
 __device__ __forceinline__ RowTarget row_target(const int64_t* target, int64_t row, int64_t C, int64_t ignore_index) {
   const int64_t t = target[row];
-  const bool kept = t != ignore_index, in_range = t >= 0 && t < C;
-  CUDA_KERNEL_ASSERT_MSG(!kept || in_range, "cross_entropy: target out of bounds [0, C)");
-  return {t, kept, kept && in_range};
+  const bool kept = t != ignore_index;
+  return {t, kept, kept && t >= 0 && t < C};
+}
+
+// Called where few registers are live: the assert is a call, and values live across it spill to the stack.
+__device__ __forceinline__ void assert_in_range(const RowTarget& tg) {
+  CUDA_KERNEL_ASSERT_MSG(!tg.kept || tg.valid, "cross_entropy: target out of bounds [0, C)");
 }
 
 // ---- row traversal ----------------------------------------------------------------------------------------
@@ -210,6 +214,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (threadIdx.x != 0) return;
 
   const RowTarget tg = row_target(target, row, p.C, p.ignore_index);
+  assert_in_range(tg);
   const acc_t log_s = ::log(st.s);
   const acc_t row_lse = st.m + log_s;
   acc_t out = 0;
@@ -246,6 +251,10 @@ __global__ void __launch_bounds__(kMaxThreads)
                                   const CeParams<at::opmath_type<scalar_t>> p, bool vectorize) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = blockIdx.x;
+  auto st = OnlineState<acc_t>::empty();
+  for_each_logit<scalar_t, acc_t>(logits + row * p.C, p.C, [&](int64_t, acc_t v) { st.add(capped(v, p), 0, false); });
+  st = block_merge(st);  // every read of the row happens before the first write: grad may be logits
+  const acc_t log_s = ::log(st.s);
   const RowTarget tg = row_target(target, row, p.C, p.ignore_index);
   const bool smoothing = p.eps_over_c != acc_t(0);
   const acc_t row_lse = lse[row];
@@ -257,10 +266,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   a = g * a + (grad_lse == nullptr ? acc_t(0) : grad_lse[row]);
   const acc_t b = tg.valid ? g * w_t * p.keep : acc_t(0);
   const acc_t e = g * p.eps_over_c;
-  auto st = OnlineState<acc_t>::empty();
-  for_each_logit<scalar_t, acc_t>(logits + row * p.C, p.C, [&](int64_t, acc_t v) { st.add(capped(v, p), 0, false); });
-  st = block_merge(st);  // every read of the row happens before the first write: grad may be logits
-  const acc_t log_s = ::log(st.s);
   map_logits<scalar_t, acc_t>(logits + row * p.C, grad + row * p.C, p.C, vectorize, [&](int64_t c, acc_t v) {
     acc_t th = 0;
     const acc_t z = capped(v, p, th);
@@ -269,6 +274,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (p.inv_softcap != acc_t(0)) d *= acc_t(1) - th * th;
     return d;
   });
+  assert_in_range(tg);
 }
 
 // ---- the ops --------------------------------------------------------------------------------------------------
