@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FL_HOST_DEVICE __host__ __device__ __forceinline__
@@ -20,42 +21,53 @@
 #define FL_HOST_DEVICE inline
 #endif
 
-// X(functor in namespace act, name, f' is constant: the backward needs no saved pre-activation)
-#define FL_ACTIVATIONS(X)               \
-  X(Identity, "identity", true)         \
-  X(ReLU, "relu", false)                \
-  X(LeakyReLU, "leaky_relu", false)     \
-  X(GELU, "gelu", false)                \
-  X(GELUTanh, "gelu_tanh", false)       \
-  X(SiLU, "silu", false)                \
-  X(Sigmoid, "sigmoid", false)          \
-  X(Tanh, "tanh", false)                \
-  X(Softplus, "softplus", false)        \
-  X(SELU, "selu", false)                \
-  X(ELU, "elu", false)                  \
-  X(Cos, "cos", false)                  \
-  X(Sin, "sin", false)
+// X(functor in namespace act, name, f' is constant: the backward needs no saved pre-activation,
+//   piecewise linear: f'' and every higher order are zero, so their products are never formed)
+#define FL_ACTIVATIONS(X)                    \
+  X(Identity, "identity", true, true)     \
+  X(ReLU, "relu", false, true)            \
+  X(LeakyReLU, "leaky_relu", false, true) \
+  X(GELU, "gelu", false, false)           \
+  X(GELUTanh, "gelu_tanh", false, false)  \
+  X(SiLU, "silu", false, false)           \
+  X(Sigmoid, "sigmoid", false, false)     \
+  X(Tanh, "tanh", false, false)           \
+  X(Softplus, "softplus", false, false)   \
+  X(SELU, "selu", false, false)           \
+  X(ELU, "elu", false, false)             \
+  X(Cos, "cos", false, false)             \
+  X(Sin, "sin", false, false)
 
 namespace fusedlayers {
 
-#define FL_ENUMERATOR(E, name, constant_df) E,
+#define FL_ENUMERATOR(E, name, constant_df, piecewise_linear) E,
 enum class Activation : int32_t { FL_ACTIVATIONS(FL_ENUMERATOR) };
 #undef FL_ENUMERATOR
 
-#define FL_COUNT(E, name, constant_df) +1
+#define FL_COUNT(E, name, constant_df, piecewise_linear) +1
 constexpr int kNumActivations = 0 FL_ACTIVATIONS(FL_COUNT);
 #undef FL_COUNT
 
-#define FL_NAME(E, name, constant_df) name,
+#define FL_NAME(E, name, constant_df, piecewise_linear) name,
 constexpr const char* kActivationNames[kNumActivations] = {FL_ACTIVATIONS(FL_NAME)};
 #undef FL_NAME
 
-#define FL_CONSTANT_DF(E, name, constant_df) constant_df,
+#define FL_CONSTANT_DF(E, name, constant_df, piecewise_linear) constant_df,
 constexpr bool kConstantDerivative[kNumActivations] = {FL_ACTIVATIONS(FL_CONSTANT_DF)};
 #undef FL_CONSTANT_DF
 
+#define FL_PIECEWISE_LINEAR(E, name, constant_df, piecewise_linear) piecewise_linear,
+constexpr bool kPiecewiseLinear[kNumActivations] = {FL_ACTIVATIONS(FL_PIECEWISE_LINEAR)};
+#undef FL_PIECEWISE_LINEAR
+
 // f' of the activation is constant: the backward needs no saved pre-activation.
 constexpr bool derivative_is_constant(Activation a) { return kConstantDerivative[static_cast<int>(a)]; }
+
+// f^(order) is identically zero, as torch's own derivatives of relu and leaky_relu treat it: the product that
+// would multiply by it (and turn an inf or NaN factor into NaN) is not formed.
+constexpr bool derivative_is_zero(Activation a, int64_t order) {
+  return order >= 2 && kPiecewiseLinear[static_cast<int>(a)];
+}
 
 // Host code takes std:: overloads (float stays float); device code the CUDA math library's.
 #if defined(__CUDA_ARCH__)
@@ -255,13 +267,24 @@ struct Sin {
 
 }  // namespace act
 
+// g * f'(z), the backward through an activation. relu selects, as torch's threshold_backward does, so that an inf
+// or NaN upstream gradient where z <= 0 gives 0, not NaN.
+template <typename Act, typename T>
+FL_HOST_DEVICE T times_df(T g, T z) {
+  if constexpr (std::is_same_v<Act, act::ReLU>) {
+    return Math<T>::where_nonpos(z, T(0), g);
+  } else {
+    return g * Act::df(z);
+  }
+}
+
 // Calls fn(ActFunctor{}) for the activation `a`: kernels are instantiated once per activation, so the
 // per-element code has no branch on the activation.
 template <typename Fn>
 inline decltype(auto) dispatch_activation(Activation a, Fn&& fn) {
   switch (a) {
-#define FL_CASE(E, name, constant_df) \
-  case Activation::E:                 \
+#define FL_CASE(E, name, constant_df, piecewise_linear) \
+  case Activation::E:                                 \
     return fn(act::E{});
     FL_ACTIVATIONS(FL_CASE)
 #undef FL_CASE

@@ -134,7 +134,14 @@ def _rows(input: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tup
         return input.unsqueeze(0), target.reshape(1), ()
     if input.dim() == 2:
         return input, target, None
-    return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), expected
+    # not reshape(-1, C): ambiguous when C is 0
+    return input.movedim(1, -1).reshape(math.prod(expected), input.shape[1]), target.reshape(-1), expected
+
+
+def _smoothed_over_no_classes(loss: Tensor, classes: int, label_smoothing: float) -> Tensor:
+    """PyTorch's label smoothing divides by the number of classes: with none, every loss is nan, an ignored
+    row's too."""
+    return loss + math.nan if classes == 0 and label_smoothing > 0 else loss
 
 
 def _class_indices(target: Tensor) -> Tensor:
@@ -192,6 +199,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
         loss, lse = _cross_entropy_(logits, *args)
     else:
         loss, lse = (cross_entropy_function if function else _cross_entropy)(logits, *args)
+    loss = _smoothed_over_no_classes(loss, logits.shape[1], label_smoothing)
     if shape is not None and reduction == "none":
         loss = loss.reshape(shape)
     loss = loss if loss.dtype == input.dtype else loss.to(input.dtype)
@@ -247,5 +255,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
                                       None if softcap is None else float(softcap), reduction, int(chunk_size),
                                       backend_for(backend, hidden))
     dtype = torch.float32 if _autocast_runs_in_float32(hidden) else hidden.dtype
+    loss = _smoothed_over_no_classes(loss, weight.shape[0], label_smoothing)
     loss = (loss.reshape(shape) if reduction == "none" else loss).to(dtype)
     return (loss, lse.reshape(shape).to(dtype)) if return_lse else loss

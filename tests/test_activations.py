@@ -36,10 +36,11 @@ def test_module_computes_f(name):
 
 def test_cpp_table_is_the_python_table():
     """The C++ side of the table (FL_ACTIVATIONS in csrc/activations.h, through the extension) has the Python
-    side's rows in its order, with the same constant-derivative column."""
-    names, constant = torch.ops.fusedlayers.activation_table()
+    side's rows in its order, with the same constant-derivative and piecewise-linear columns."""
+    names, constant, piecewise_linear = torch.ops.fusedlayers.activation_table()
     assert tuple(names) == ACTIVATIONS == fusedlayers.ACTIVATIONS
     assert [REFERENCE[n].constant_derivative for n in names] == list(constant)
+    assert [REFERENCE[n].piecewise_linear for n in names] == list(piecewise_linear)
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)

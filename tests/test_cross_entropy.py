@@ -341,6 +341,39 @@ def test_empty_batch(backend):
     assert torch.autograd.grad(loss, xf)[0].shape == (0, 7)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(2, 0), (1, 0, 1, 2)], ids=["NC", "NCdd"])
+def test_zero_classes_as_f_cross_entropy(backend, shape, reduction, label_smoothing):
+    """No classes (every target ignored): F.cross_entropy's values, nan included (its smoothing divides by C:
+    every loss nan, an ignored row's too). The (N, C, d1, ...) layout raised (reshape(-1, 0)), and smoothing
+    gave 0."""
+    xf = torch.zeros(shape, dtype=torch.float64, device=device_of(backend), requires_grad=True)
+    tf = torch.full((shape[0], *shape[2:]), -100, device=xf.device)
+    want = F.cross_entropy(xf, tf, reduction=reduction, label_smoothing=label_smoothing)
+    got = cross_entropy(xf, tf, reduction=reduction, label_smoothing=label_smoothing, backend=backend)
+    assert got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), (got, want)
+    assert torch.autograd.grad(got.sum(), xf)[0].shape == shape
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("class_weight", [False, True], ids=["", "class_weight"])
+def test_linear_zero_classes_as_f_cross_entropy(backend, class_weight, label_smoothing):
+    """linear_cross_entropy with V = 0: the class weights' gather (an empty one) raised IndexError."""
+    device = device_of(backend)
+    h = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.zeros(0, 4, dtype=torch.float64, device=device, requires_grad=True)
+    cw = torch.zeros(0, dtype=torch.float64, device=device) if class_weight else None
+    t = torch.full((3,), -100, device=device)
+    for reduction in REDUCTIONS:
+        want = F.cross_entropy(h @ w.T, t, cw, reduction=reduction, label_smoothing=label_smoothing)
+        got = linear_cross_entropy(h, w, t, class_weight=cw, reduction=reduction, label_smoothing=label_smoothing,
+                                   backend=backend)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), \
+            (reduction, got, want)
+
+
 def test_noncontiguous_input(backend):
     (x, t, w), (xf, tf, wf) = make_case(6, 9, torch.float64, device_of(backend), weight=True)
     xt = xf.detach().T.contiguous().T.requires_grad_()  # column-major

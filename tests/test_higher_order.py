@@ -300,6 +300,31 @@ def test_third_order(backend, activation):
     assert torch.autograd.gradcheck(dense2, (x, w0))
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_piecewise_linear_second_order_at_a_nan_preactivation_as_torch(backend, activation):
+    """relu'' and leaky_relu'' are zero, and torch's double backward does not form their products: a nan
+    pre-activation (from a nan in x) leaves the second-order gradients of the other inputs finite. Ours
+    multiplied f''(z) = 0 by the nan and spread it into every entry."""
+    device = device_of(backend)
+    x = torch.tensor([float("nan"), -0.3, -2.2], dtype=F64, device=device).requires_grad_()
+    w = torch.tensor([[float("nan"), -0.15, -1.1]], dtype=F64, device=device).requires_grad_()
+    v = [torch.tensor([0.66, 0.27, 0.06], dtype=F64, device=device), torch.tensor([[0.39, -0.22, -0.32]], dtype=F64,
+                                                                                   device=device)]
+    g = torch.tensor([1.54], dtype=F64, device=device)
+
+    def second(fn):
+        first = torch.autograd.grad(fn(x, w), (x, w), g, create_graph=True)
+        return torch.autograd.grad(sum((d * u).sum() for d, u in zip(first, v)), (x, w), allow_unused=True,
+                                   materialize_grads=True)
+
+    want = second(lambda x, w: REFERENCE[activation].f(F.linear(x, w)))
+    got = second(lambda x, w: dense(x, w, None, activation, backend=backend))
+    assert want[0][1:].isfinite().all()  # the case: torch's entries past the nan one are finite
+    for a, e in zip(got, want):
+        assert torch.equal(a.isnan(), e.isnan()), (a, e)
+        assert_rel_close(torch.nan_to_num(a), torch.nan_to_num(e), 1e-12)
+
+
 def _pinn_loss(net, x):
     u = net(x)
     (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)

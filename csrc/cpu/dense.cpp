@@ -72,7 +72,7 @@ void small_backward(const T* g, const T* x, const T* w, const T* b, const T* z, 
     const T* xr = x + r * in;
     for (int64_t o = 0; o < out; ++o) {
       M zv = z ? M(z[r * out + o]) : (b ? M(b[o]) : M(0)) + dot<M>(xr, w + o * in, in);
-      dz[o] = M(g[r * out + o]) * Act::df(zv);
+      dz[o] = times_df<Act>(M(g[r * out + o]), zv);
       if (db) db_acc[o] += dz[o];
     }
     if (dx) {
@@ -208,24 +208,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
   const auto math = math_dtype(x.scalar_type());
   at::Tensor gm = g2.to(math), zm = z.to(math).contiguous();
   at::Tensor dz = reusable_scratch(gm);
-  // One row of bias-gradient partial sums per thread, added up at the end; a single chunk sums into db itself.
-  const int64_t grain = grain_rows(out);
-  const bool one_chunk = rows <= grain || at::get_num_threads() == 1;
-  at::Tensor partial =
-      need_db ? at::zeros(one_chunk ? at::IntArrayRef{out} : at::IntArrayRef{at::get_num_threads(), out}, gm.options())
-              : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(math, "dense_backward", [&] {
-    scalar_t* pp = need_db ? partial.data_ptr<scalar_t>() : nullptr;
     const scalar_t* gp = gm.data_ptr<scalar_t>();
     const scalar_t* zp = zm.data_ptr<scalar_t>();
     scalar_t* dzp = dz.data_ptr<scalar_t>();
-    if (one_chunk) return kernels<scalar_t>().dense_backward_rows(a, gp, zp, dzp, pp, 0, rows, out);
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      scalar_t* db_part = pp ? pp + at::get_thread_num() * out : nullptr;
-      kernels<scalar_t>().dense_backward_rows(a, gp, zp, dzp, db_part, begin, end, out);
+    at::parallel_for(0, rows, grain_rows(out), [&](int64_t begin, int64_t end) {
+      kernels<scalar_t>().dense_backward_rows(a, gp, zp, dzp, nullptr, begin, end, out);
     });
   });
-  if (need_db) db = (one_chunk ? partial : partial.sum(0)).to(x.scalar_type());
+  // torch's cascade sum: a running sum over thousands of rows lost float32 digits.
+  if (need_db) db = dz.sum(0).to(x.scalar_type());
   dz = dz.to(x.scalar_type());
   if (output_mask[0]) dx = at::mm(dz, weight).view(x.sizes());
   if (output_mask[1]) dw = at::mm(dz.t(), x2);

@@ -103,9 +103,12 @@ void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad
     b_size += s.widths[l + 1];
   }
   const int64_t R = tile_rows(s);
-  M* acc = scratch<M>(w_size + b_size + net.workspace(R) + (2 * in + out) * R);
-  std::fill(acc, acc + w_size + b_size, M(0));  // every layer's dW, then every layer's db
-  M* ws = acc + w_size + b_size;
+  // every layer's dW, then every layer's db; the tile's db and the rounding error of db's running sum
+  M* acc = scratch<M>(w_size + 3 * b_size + net.workspace(R) + (2 * in + out) * R);
+  std::fill(acc, acc + w_size + 3 * b_size, M(0));
+  M* db_tile = acc + w_size + b_size;
+  M* db_lost = db_tile + b_size;
+  M* ws = db_lost + b_size;
   M* xt = ws + net.workspace(R);
   M* gt = xt + in * R;
   M* dxt = gt + out * R;
@@ -113,8 +116,19 @@ void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad
     const int64_t count = std::min(R, s.rows - r0);
     load_tile(x, r0, count, in, R, xt);
     load_tile(grad_out, r0, count, out, R, gt);  // zero rows past count: they add nothing
-    kernels<M>().mlp_tile_backward(view, R, ws, xt, gt, dx ? dxt : nullptr, acc, db.empty() ? nullptr : acc + w_size);
+    kernels<M>().mlp_tile_backward(view, R, ws, xt, gt, dx ? dxt : nullptr, acc, db.empty() ? nullptr : db_tile);
     if (dx) store_tile(dxt, r0, count, in, R, dx);
+    if (db.empty()) continue;
+    // The tiles' db summed with compensation (Kahan): a running float32 sum over thousands of rows (db's terms
+    // often share a sign) was tens of times less accurate than torch's cascade sum.
+    M* sum = acc + w_size;
+    for (int64_t i = 0; i < b_size; ++i) {
+      const M term = db_tile[i] - db_lost[i];
+      const M total = sum[i] + term;
+      db_lost[i] = (total - sum[i]) - term;
+      sum[i] = total;
+      db_tile[i] = M(0);
+    }
   }
   int64_t w_off = 0, b_off = w_size;
   for (int64_t l = 0; l < L; ++l) {

@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kThreads) backward_act_kernel(const T* g, cons
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
 #pragma unroll 1  // an unrolled grid-stride loop costs a 64-bit division for its trip count, and spills
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    dz[i] = T(M(g[i]) * Act::df(M(z[i])));
+    dz[i] = T(times_df<Act>(M(g[i]), M(z[i])));
   }
 }
 
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) derivative_kernel(const T* g, const 
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const M v = M(z[i]);
     const M d = order == 0 ? Act::f(v) : order == 1 ? Act::df(v) : order == 2 ? Act::d2f(v) : Act::d3f(v);
-    out[i] = T(g ? M(g[i]) * d : d);
+    out[i] = T(!g ? d : order == 1 ? times_df<Act>(M(g[i]), v) : M(g[i]) * d);
   }
 }
 

@@ -40,6 +40,7 @@ at::Tensor derivative(const at::Tensor& z, c10::string_view activation, int64_t 
 }
 
 at::Tensor derivative_times(const at::Tensor& grad, const at::Tensor& z, c10::string_view activation, int64_t order) {
+  if (derivative_is_zero(parse_activation(activation), order)) return at::zeros_like(grad);
   return activation_grad_op().call(grad, z, activation, order);
 }
 
@@ -161,11 +162,12 @@ at::Tensor activation_grad_autograd(const at::Tensor& grad, const at::Tensor& z,
 }
 
 // The C++ activation table (activations.h), for the test that compares it with fusedlayers/activations.py.
-std::tuple<std::vector<std::string>, c10::List<bool>> activation_table() {
+std::tuple<std::vector<std::string>, c10::List<bool>, c10::List<bool>> activation_table() {
   std::vector<std::string> names(kActivationNames, kActivationNames + kNumActivations);
-  c10::List<bool> constant;
+  c10::List<bool> constant, piecewise_linear;
   for (bool c : kConstantDerivative) constant.push_back(c);
-  return {names, constant};
+  for (bool p : kPiecewiseLinear) piecewise_linear.push_back(p);
+  return {names, constant, piecewise_linear};
 }
 
 }  // namespace
@@ -180,8 +182,8 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   m.def("activation_derivative_formula(Tensor z, str activation, int order) -> Tensor");
   // grad * activation_derivative(z, activation, order), z and grad of one shape: one node and one pass.
   m.def("activation_grad(Tensor grad, Tensor z, str activation, int order) -> Tensor");
-  // (names, f' is constant) of every activation, in the table's order.
-  m.def("activation_table() -> (str[], bool[])", &fusedlayers::activation_table);
+  // (names, f' is constant, piecewise linear) of every activation, in the table's order.
+  m.def("activation_table() -> (str[], bool[], bool[])", &fusedlayers::activation_table);
 }
 
 TORCH_LIBRARY_IMPL(fusedlayers, Autograd, m) {

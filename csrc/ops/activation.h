@@ -55,7 +55,8 @@ inline void check_activation_grad_args(const at::Tensor& grad, const at::Tensor&
 // forward mode; orders past the activation table's come from the torch formulas.
 at::Tensor derivative(const at::Tensor& z, c10::string_view activation, int64_t order);
 
-// grad * f^(order)(z) through the dispatcher (activation_grad): one node and one pass, differentiable to any order.
+// grad * f^(order)(z) through the dispatcher (activation_grad): one node and one pass, differentiable to any order;
+// zeros where f^(order) is identically zero (relu's orders past the first), as torch's own double backward.
 at::Tensor derivative_times(const at::Tensor& grad, const at::Tensor& z, c10::string_view activation, int64_t order);
 
 }  // namespace fusedlayers

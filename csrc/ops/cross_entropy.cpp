@@ -27,6 +27,7 @@ at::Tensor cross_entropy_backward_composite(const at::Tensor& grad_loss, const a
                                             const at::Tensor& weight, int64_t ignore_index, double eps, double z_loss,
                                             std::optional<double> softcap) {
   const int64_t C = logits.size(1);
+  if (C == 0) return at::zeros_like(logits);  // nothing to differentiate, and no class for one_hot
   const auto math = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x = logits.to(math);
   const at::Tensor z = softcap ? x.div(*softcap).tanh().mul(*softcap) : x;
@@ -35,7 +36,8 @@ at::Tensor cross_entropy_backward_composite(const at::Tensor& grad_loss, const a
   const at::Tensor kept = target != ignore_index;
   const at::Tensor safe_t = at::where(kept, target, 0);
   const at::Tensor w = weight.defined() ? weight.to(math) : at::Tensor();
-  const at::Tensor wt = w.defined() ? at::where(kept, w.gather(0, safe_t), 0) : kept.to(math);
+  const at::Tensor wt =
+      kept_weights(target, w.defined() ? std::optional<at::Tensor>(w) : std::nullopt, ignore_index, math);
   // where, not a product: an all-ignored mean's grad_loss is inf on every (ignored) row.
   const at::Tensor gl = at::where(kept, grad_loss.to(math), 0);
   const at::Tensor W = w.defined() ? w.sum() : at::scalar_tensor(static_cast<double>(C), x.options());

@@ -106,7 +106,8 @@ inline constinit const KernelOp<CeForwardGradFn> ce_forward_grad_op("cross_entro
 inline at::Tensor kept_weights(const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                at::ScalarType dtype) {
   const at::Tensor kept = target != ignore_index;
-  if (!weight.has_value()) return kept.to(dtype);
+  // No classes: no kept row can be valid (the kernels reject it), and there is nothing to gather from.
+  if (!weight.has_value() || weight->size(0) == 0) return kept.to(dtype);
   // Kept targets outside [0, C) are rejected by the kernels; the clamp only keeps this gather in bounds.
   const at::Tensor safe = at::where(kept, target, 0).clamp(0, weight->size(0) - 1);
   return at::where(kept, weight->to(dtype).gather(0, safe), 0);

@@ -18,8 +18,10 @@ inline void check_dense_args(const at::Tensor& x, const at::Tensor& weight, cons
   TORCH_CHECK(x.dim() >= 1, "dense(): expected x to have at least 1 dimension, got a 0-dimensional tensor");
   TORCH_CHECK(weight.dim() == 2, "dense(): expected weight to be 2-D (out_features, in_features), got shape ",
               weight.sizes());
-  TORCH_CHECK(x.size(-1) == weight.size(1), "dense(): expected x.size(-1) == weight.size(1) (in_features), got x of shape ",
-              x.sizes(), " and weight of shape ", weight.sizes());
+  // sym_size: size() of a tensor with a symbolic shape (torch.export) materializes, and so specializes, every dim
+  TORCH_CHECK(x.sym_size(-1) == weight.sym_size(1),
+              "dense(): expected x.size(-1) == weight.size(1) (in_features), got x of shape ", x.sizes(),
+              " and weight of shape ", weight.sizes());
   TORCH_CHECK(x.is_floating_point(), "dense(): expected x to be a floating-point tensor, got ", py(x.scalar_type()));
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "dense(): expected weight to have the dtype of x (",
               py(x.scalar_type()), "), got ", py(weight.scalar_type()));

@@ -27,11 +27,12 @@ inline void check_mlp_args(const at::Tensor& x, at::TensorList weights, at::Tens
               "), got ", biases.size());
   TORCH_CHECK(num_activations == L, op, "(): expected one activation per layer (", L, "), got ", num_activations);
   TORCH_CHECK(x.dim() >= 1, op, "(): expected x to have at least 1 dimension, got a 0-dimensional tensor");
-  int64_t width = x.size(-1);
+  // sym_size: size() of a tensor with a symbolic shape (torch.export) materializes, and so specializes, every dim
+  c10::SymInt width = x.sym_size(-1);
   for (size_t i = 0; i < L; ++i) {
     const auto& w = weights[i];
     TORCH_CHECK(w.dim() == 2, op, "(): expected weights[", i, "] to be 2-D, got shape ", w.sizes());
-    TORCH_CHECK(w.size(1) == width, op, "(): expected weights[", i, "].size(1) == ", width,
+    TORCH_CHECK(w.sym_size(1) == width, op, "(): expected weights[", i, "].size(1) == ", width,
                 " (the width of the layer's input), got shape ", w.sizes());
     TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, "(): expected weights[", i, "] to have the dtype of x (",
                 py(x.scalar_type()), "), got ", py(w.scalar_type()));
@@ -39,14 +40,14 @@ inline void check_mlp_args(const at::Tensor& x, at::TensorList weights, at::Tens
                 "), got ", w.device());
     if (!biases.empty()) {
       const auto& b = biases[i];
-      TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), op, "(): expected biases[", i, "] of shape [", w.size(0),
-                  "], got ", b.sizes());
+      TORCH_CHECK(b.dim() == 1 && b.sym_size(0) == w.sym_size(0), op, "(): expected biases[", i, "] of shape [",
+                  w.size(0), "], got ", b.sizes());
       TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, "(): expected biases[", i, "] to have the dtype of x (",
                   py(x.scalar_type()), "), got ", py(b.scalar_type()));
       TORCH_CHECK(b.device() == x.device(), op, "(): expected biases[", i, "] on the device of x (", x.device(),
                   "), got ", b.device());
     }
-    width = w.size(0);
+    width = w.sym_size(0);
   }
   TORCH_CHECK(x.is_floating_point(), op, "(): expected x to be a floating-point tensor, got ", py(x.scalar_type()));
 }

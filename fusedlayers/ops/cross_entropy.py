@@ -88,7 +88,7 @@ def check_ce_backward_rows(grad_loss: Tensor, grad_lse: Tensor | None, lse: Tens
 def _kept_weights(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
     """The class weight of each row's target, 0 for ignored rows (1 for kept rows without weights)."""
     kept = target != ignore_index
-    if weight is None:
+    if weight is None or weight.shape[0] == 0:  # no classes: no valid kept row, nothing to gather from
         return kept.to(dtype)
     safe = torch.where(kept, target, 0).clamp(0, weight.shape[0] - 1)  # the kernels reject kept strays
     return torch.where(kept, weight.to(dtype).gather(0, safe), 0)

@@ -145,6 +145,16 @@ def act_f(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def act_grad(g, z, ACT: tl.constexpr):
+    """g * f'(z), the backward through the activation; relu selects, as torch's: an inf or NaN g where z <= 0
+    gives 0."""
+    if ACT == RELU:
+        return tl.where(z <= 0.0, _const(g, 0.0), g)
+    else:
+        return g * act_df(z, ACT)
+
+
+@triton.jit
 def act_df(z, ACT: tl.constexpr):
     """f'(z)."""
     if ACT == IDENTITY:

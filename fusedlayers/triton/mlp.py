@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops.mlp import check_mlp_args
-from .activations import IDENTITY, act_df, act_f, activation_code
+from .activations import IDENTITY, act_f, act_grad, activation_code
 from .dense import _DTYPES, NUM_WARPS, _as_rows, _compute, _forward_2d, _launch, dense_backward
 
 # Networks whose widths (input included) are all <= FUSED_MAX_WIDTH run fused.
@@ -154,7 +154,7 @@ def _fused_mlp_backward_kernel(g_ptr, x_ptr, w_ptrs, b_ptrs, z_ptrs, dx_ptr, dw_
             offs_out = tl.arange(0, PADS[l + 1])
             in_out = offs_out < WIDTHS[l + 1]
             # rows past M and padded columns are 0 in g, but f'(z) need not be finite there
-            dz = tl.where((offs_m < M)[:, None] & in_out[None, :], g * act_df(z, ACTS[l]), 0.0)
+            dz = tl.where((offs_m < M)[:, None] & in_out[None, :], act_grad(g, z, ACTS[l]), 0.0)
             dw_ptr = dw_ptrs[l] + pid * (WIDTHS[l + 1] * WIDTHS[l])
             if l > 0:
                 _mlp_add_dw(dw_ptr, dz, z_ptrs[l - 1], offs_m, M, ACTS[l - 1], WIDTHS[l], WIDTHS[l + 1],

@@ -51,7 +51,7 @@ void backward_span(const T* g, const T* z, T* dz, T* db, int64_t n) {
   for (int64_t c = 0; c < n; c += V::size()) {
     const int cnt = static_cast<int>(std::min<int64_t>(V::size(), n - c));
     // Lanes past cnt hold zeros from the partial loads and are never stored.
-    V d = V::loadu(g + c, cnt) * Act::df(V::loadu(z + c, cnt));
+    V d = times_df<Act>(V::loadu(g + c, cnt), V::loadu(z + c, cnt));
     d.store(dz + c, cnt);
     if (db) (V::loadu(db + c, cnt) + d).store(db + c, cnt);
   }
@@ -68,7 +68,7 @@ void derivative_loop(const T* g, const T* z, T* out, int64_t n) {
     else if constexpr (Order == 1) d = Act::df(v);
     else if constexpr (Order == 2) d = Act::d2f(v);
     else d = Act::d3f(v);
-    if (g) d = d * V::loadu(g + i, m);
+    if (g) d = Order == 1 ? times_df<Act>(V::loadu(g + i, m), v) : d * V::loadu(g + i, m);
     d.store(out + i, m);
   }
 }
