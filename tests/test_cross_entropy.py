@@ -341,6 +341,20 @@ def test_empty_batch(backend):
     assert torch.autograd.grad(loss, xf)[0].shape == (0, 7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_lse_of_a_row_with_a_plus_inf_logit_is_inf(backend, dtype):
+    """lse is torch.logsumexp's: +inf for a row holding a +inf logit (max + log(sum) gave inf + nan); the losses
+    keep F.cross_entropy's placement (nan in that row)."""
+    x = torch.randn(3, 5, dtype=dtype, device=device_of(backend))
+    x[0, 1] = float("inf")
+    t = torch.tensor([0, 1, 4], device=x.device)
+    loss, lse = cross_entropy(x, t, reduction="none", return_lse=True, backend=backend)
+    assert torch.equal(lse.isinf(), torch.logsumexp(x, 1).isinf()) and lse[0] == float("inf")
+    assert_rel_close(lse[1:].cpu().double(), torch.logsumexp(x[1:].double(), 1).cpu(), RTOL[dtype])
+    want = F.cross_entropy(x, t, reduction="none")
+    assert torch.equal(loss.isnan(), want.isnan())
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", [(2, 0), (1, 0, 1, 2)], ids=["NC", "NCdd"])

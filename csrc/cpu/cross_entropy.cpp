@@ -101,7 +101,7 @@ void ce_rows(const scalar_t* xp, const int64_t* tp, const CeRow<M>& proto, int64
       row.target = kept_target(tp[r], ignore_index, C);
       CeSoftmax<M> softmax;
       const M loss = kernels<M>().ce_forward_row(row, &softmax);
-      lsep[r] = softmax.shift + softmax.log_norm;
+      lsep[r] = softmax.lse();
       if (loss_rows) loss_rows[r] = loss;
       if (grad) store_backward_row(row, softmax, row_scale, M(0), grad + r * C, out);
     }

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "activations.h"
 
@@ -56,6 +57,8 @@ template <typename M>
 struct CeSoftmax {
   M shift;
   M log_norm;
+  // +inf with a +inf logit, as torch.logsumexp (shift + log_norm is inf + nan there)
+  M lse() const { return shift == std::numeric_limits<M>::infinity() ? shift : shift + log_norm; }
 };
 
 // One instruction set's CPU kernels for the math type T (float or double), a function pointer each: every

@@ -216,7 +216,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   const RowTarget tg = row_target(target, row, p.C, p.ignore_index);
   assert_in_range(tg);
   const acc_t log_s = ::log(st.s);
-  const acc_t row_lse = st.m + log_s;
+  // +inf with a +inf logit, as torch.logsumexp (m + log_s is inf + nan there)
+  const acc_t row_lse = st.m == std::numeric_limits<acc_t>::infinity() ? st.m : st.m + log_s;
   acc_t out = 0;
   if (tg.kept) {
     const acc_t w_t = weight == nullptr ? acc_t(1) : tg.valid ? acc_t(weight[tg.t]) : acc_t(0);

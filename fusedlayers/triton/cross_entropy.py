@@ -109,7 +109,7 @@ def _cross_entropy_forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, 
                 wz += (ref - new_ref) * c0 + tl.sum(shifted, axis=0)
         ref = new_ref
     log_s = tl.log(s)
-    lse = ref + log_s
+    lse = tl.where(ref == float("inf"), ref, ref + log_s)  # +inf with a +inf logit, as torch.logsumexp
 
     t, kept, valid, w_t = _row_target(target_ptr, weight_ptr, row, C, ignore_index, HAS_WEIGHT, MATH)
     z_t = tl.load(row_ptr + t, mask=valid, other=0.0).to(MATH)

@@ -86,7 +86,7 @@ M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
   constexpr int64_t L = V::size();
   const int64_t C = row.C;
   *softmax = ce_softmax_row(row);
-  const M mx = softmax->shift, log_sum = softmax->log_norm, lse = mx + log_sum;
+  const M mx = softmax->shift, log_sum = softmax->log_norm, lse = softmax->lse();
   if (row.target < 0) return M(0);
   const M eps = row.label_smoothing;
   const M wt = row.weight ? row.weight[row.target] : M(1);
@@ -115,7 +115,7 @@ void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M g
   const int64_t C = row.C;
   const bool kept = row.target >= 0;
   const M eps = row.label_smoothing;
-  const M lse = softmax.shift + softmax.log_norm;
+  const M lse = softmax.lse();
   const M gl = kept ? grad_loss : M(0);
   const M wt = !kept ? M(0) : row.weight ? row.weight[row.target] : M(1);
   const M W = row.weight ? row.weight_sum : M(C);
