@@ -118,12 +118,11 @@ def _dense_backward_dx_kernel(g_ptr, z_ptr, w_ptr, dx_ptr, M, N, K, ACT: tl.cons
 def _dense_backward_dw_kernel(g_ptr, z_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, ACT: tl.constexpr,
                               STORE_DW: tl.constexpr, STORE_DB: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dw[N, K] = (g * f'(z)).T @ x[M, K] and db[N] = the row sum of g * f'(z); z unused for identity.
+    """dw[N, K] = (g * f'(z)).T @ x[M, K] (STORE_DW) or db[N] = the row sum of g * f'(z) (STORE_DB, a grid of one
+    K block); z unused for identity.
 
-    Every program sums its rows of dz (cheap next to the dot) and those of the first K block store db: each
-    entry is summed by one program, in a fixed order, the blocks' sums compensated (Kahan): a running float32 sum
-    over thousands of rows was 30x less accurate than torch's cascade sum. Without STORE_DW the grid has one K
-    block, for db.
+    db: each entry is summed by one program, in a fixed order, the blocks' sums compensated (Kahan): a running
+    float32 sum over thousands of rows was 30x less accurate than torch's cascade sum.
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -151,7 +150,7 @@ def _dense_backward_dw_kernel(g_ptr, z_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, ACT:
         tl.store(dw_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], acc.to(dw_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_k[None, :])
     if STORE_DB:
-        tl.store(db_ptr + offs_n, db_acc.to(db_ptr.dtype.element_ty), mask=mask_n & (tl.program_id(1) == 0))
+        tl.store(db_ptr + offs_n, db_acc.to(db_ptr.dtype.element_ty), mask=mask_n)
 
 
 def _check_dtype(x: Tensor) -> None:
@@ -237,15 +236,20 @@ def dense_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | N
         _launch(_dense_backward_dx_kernel, (triton.cdiv(rows, bm), triton.cdiv(in_features, bk)),
                 g2, z2, w, dx, rows, out_features, in_features, ACT=act, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         dx = dx.view(x.shape)
-    if needs_dw or needs_db:
-        dw = w.new_empty(w.shape) if needs_dw else None
-        db = w.new_empty(out_features) if needs_db else None
-        bm, bn, bk = _blocks(DW_BLOCKS, x.dtype)
-        # one K block, even for in_features == 0, so that the programs that sum db run
-        k_blocks = max(triton.cdiv(in_features, bk), 1) if needs_dw else 1
-        _launch(_dense_backward_dw_kernel, (triton.cdiv(out_features, bn), k_blocks),
-                g2, z2, x2, dw, db, rows, out_features, in_features, ACT=act, STORE_DW=needs_dw,
-                STORE_DB=needs_db, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    bm, bn, bk = _blocks(DW_BLOCKS, x.dtype)
+    if needs_dw:
+        dw = w.new_empty(w.shape)
+        _launch(_dense_backward_dw_kernel, (triton.cdiv(out_features, bn), triton.cdiv(in_features, bk)),
+                g2, z2, x2, dw, None, rows, out_features, in_features, ACT=act, STORE_DW=True, STORE_DB=False,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    if needs_db:
+        # A launch of its own (one K block, even for in_features == 0): the compensated sum beside dW's
+        # accumulator tile spilled registers (24 bytes for dense_large on sm_80/90); this re-reads g and z, a few
+        # percent of dW's GEMM.
+        db = w.new_empty(out_features)
+        _launch(_dense_backward_dw_kernel, (triton.cdiv(out_features, bn), 1),
+                g2, z2, x2, None, db, rows, out_features, in_features, ACT=act, STORE_DW=False, STORE_DB=True,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return dx, dw, db
 
 
