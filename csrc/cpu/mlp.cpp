@@ -118,17 +118,7 @@ void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad
     load_tile(grad_out, r0, count, out, R, gt);  // zero rows past count: they add nothing
     kernels<M>().mlp_tile_backward(view, R, ws, xt, gt, dx ? dxt : nullptr, acc, db.empty() ? nullptr : db_tile);
     if (dx) store_tile(dxt, r0, count, in, R, dx);
-    if (db.empty()) continue;
-    // The tiles' db summed with compensation (Kahan): a running float32 sum over thousands of rows (db's terms
-    // often share a sign) was tens of times less accurate than torch's cascade sum.
-    M* sum = acc + w_size;
-    for (int64_t i = 0; i < b_size; ++i) {
-      const M term = db_tile[i] - db_lost[i];
-      const M total = sum[i] + term;
-      db_lost[i] = (total - sum[i]) - term;
-      sum[i] = total;
-      db_tile[i] = M(0);
-    }
+    if (!db.empty()) add_compensated(acc + w_size, db_lost, db_tile, b_size);
   }
   int64_t w_off = 0, b_off = w_size;
   for (int64_t l = 0; l < L; ++l) {

@@ -242,9 +242,7 @@ void backward_tiles(const Shape& s, const WideNet<T>& net, const std::vector<Act
   for (int64_t n : b_size) total_b += n;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     T* ws = scratch<T>(lay.size);
-    // Each tile's db, and the rounding error of the chunk's running sum of them: summed with compensation
-    // (Kahan), as a running float32 sum over thousands of rows (db's terms often share a sign) was tens of
-    // times less accurate than torch's cascade sum.
+    // each tile's db, added to the chunk's with add_compensated
     std::vector<T> tile_db(total_b, T(0)), lost(total_b, T(0));
     std::vector<T*> tdb(b_size.size());
     for (size_t l = 0, off = 0; l < b_size.size(); off += b_size[l++]) tdb[l] = tile_db.data() + off;
@@ -254,14 +252,7 @@ void backward_tiles(const Shape& s, const WideNet<T>& net, const std::vector<Act
         wide_tile_backward(s, net, acts, lay, ws, x + r0 * in, grad_out + r0 * out, dx ? dx + r0 * in : nullptr,
                            count, cdw[c], tdb);
         for (size_t l = 0, off = 0; l < b_size.size(); off += b_size[l++]) {
-          for (int64_t i = 0; i < b_size[l]; ++i) {
-            T& sum = cdb[c][l][i];
-            const T term = tile_db[off + i] - lost[off + i];
-            const T next = sum + term;
-            lost[off + i] = (next - sum) - term;
-            sum = next;
-            tile_db[off + i] = T(0);
-          }
+          add_compensated(cdb[c][l], lost.data() + off, tile_db.data() + off, b_size[l]);
         }
       }
     }
