@@ -267,6 +267,19 @@ struct Sin {
 
 }  // namespace act
 
+// The table's enumerator of an activation functor, and its piecewise-linear column, for kernels templated on it.
+template <typename Act>
+struct ActivationOf;
+#define FL_OF(E, name, constant_df, piecewise_linear)  \
+  template <>                                          \
+  struct ActivationOf<act::E> {                        \
+    static constexpr Activation value = Activation::E; \
+  };
+FL_ACTIVATIONS(FL_OF)
+#undef FL_OF
+template <typename Act>
+constexpr bool is_piecewise_linear = derivative_is_zero(ActivationOf<Act>::value, 2);
+
 // g * f'(z), the backward through an activation. relu selects, as torch's threshold_backward does, so that an inf
 // or NaN upstream gradient where z <= 0 gives 0, not NaN.
 template <typename Act, typename T>

@@ -290,6 +290,31 @@ def test_hostile_placements_as_f_cross_entropy(backend, reduction, dtype):
             assert torch.allclose(got[fin], want[fin], rtol=RTOL[dtype] * 10, atol=1e-6), msg
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_lse_of_rows_with_inf_and_nan_as_torch_logsumexp(backend, dtype):
+    """A row's lse is +inf with a +inf logit and NaN once it also holds a NaN, wherever the two sit: every column
+    of rows long enough for the vector blocks and their tail (the CPU merges vector lanes, the GPUs threads)."""
+    C = 37
+    rows = []
+    for i in range(C):
+        for j in (None, (i + 5) % C, (i * 7 + 1) % C):
+            if j == i:
+                continue
+            row = torch.linspace(-3.0, 3.0, C)
+            row[i] = float("inf")
+            if j is not None:
+                row[j] = float("nan")
+            rows.append(row)
+    x = torch.stack(rows).to(dtype)
+    t = torch.zeros(len(rows), dtype=torch.long)
+    want = torch.logsumexp(x, dim=1)
+    assert want.isnan().any() and want.isinf().any()
+    _, lse = cross_entropy(x.to(device_of(backend)), t.to(device_of(backend)), reduction="none", return_lse=True,
+                           backend=backend)
+    lse = lse.cpu()
+    assert torch.equal(lse.isnan(), want.isnan()) and torch.equal(lse.isinf(), want.isinf())
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_uint8_target(backend, reduction):
     """uint8 class indices, which F.cross_entropy accepts too."""

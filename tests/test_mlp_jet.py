@@ -242,6 +242,52 @@ def test_jet_only_some_outputs_get_gradients():
         assert_rel_close(g, w, 1e-10)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["kernels", "composite"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_piecewise_linear_d2u_is_zero_past_an_inf(activation, dtype, bf16):
+    """A piecewise-linear network's d2u is exactly 0, as torch's second derivative of it: no term multiplies f''
+    (zero) by an overflowed du plane, and the first layer's d2 plane is zeros, not W0 times the input's zero
+    plane (NaN under an inf weight). Both were NaN; bfloat16 runs the composite step."""
+    weights, biases = _net([2, 5, 3], dtype=dtype)
+    x, direction = _randn(4, 2, seed=2, dtype=dtype), _randn(2, seed=3, dtype=dtype)
+    inf_weight = [weights[0].clone(), weights[1]]
+    inf_weight[0][1, 0] = float("inf")
+    big = torch.finfo(dtype).max
+    overflowing = [weights[0].abs() * 10, weights[1]]  # with the direction below, every z1 of layer 0 is +inf
+    cases = {"an inf weight": (inf_weight, direction), "an overflowed du": (overflowing, torch.full_like(direction, big))}
+    if bf16:
+        cases = {k: ([w.bfloat16() for w in ws], d.bfloat16()) for k, (ws, d) in cases.items()}
+        x, biases = x.bfloat16(), [b.bfloat16() for b in biases]
+    for what, (ws, d) in cases.items():
+        u, du, d2u = mlp_jet(x, ws, biases, activation, activation, direction=d)
+        assert not du.isfinite().all(), what  # the case overflows (or is inf) where it should
+        assert torch.equal(d2u, torch.zeros_like(d2u)), f"{what}: {d2u}"
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["kernels", "composite"])
+def test_relu_jet_backward_masks_a_nonfinite_upstream_gradient_as_torch(bf16):
+    """relu's backward selects, as torch's threshold_backward: an inf gradient of u where z <= 0 gives 0 in dx,
+    not inf * 0 = NaN. Reference: plain PyTorch's (u, du, d2u) of the same layer, by autograd."""
+    dt = torch.bfloat16 if bf16 else F64
+    w, b = _randn(4, 2, seed=5, dtype=dt), _randn(4, seed=6, dtype=dt)
+    x, direction = _randn(6, 2, seed=7, dtype=dt), _randn(2, seed=8, dtype=dt)
+    z = F.linear(x, w, b)
+    assert (z <= 0).any() and (z > 0).any()
+    g0 = torch.where(z <= 0, float("inf"), 1.0).to(dt)
+    g1, g2 = torch.ones_like(z), torch.ones_like(z)
+    xr = x.clone().requires_grad_()
+    zr = F.linear(xr, w, b)
+    dz = F.linear(direction.expand_as(xr), w)
+    u = torch.relu(zr)
+    (d1,) = torch.autograd.grad(u.sum(), zr, create_graph=True)
+    want = torch.autograd.grad([u, d1 * dz], xr, [g0, g1])[0]  # d2u = d1 * 0 does not depend on x
+    xf = x.clone().requires_grad_()
+    got = torch.autograd.grad(mlp_jet(xf, [w], [b], "relu", "relu", direction=direction), xf, [g0, g1, g2])[0]
+    assert want.isfinite().all()
+    assert_rel_close(got.double(), want.double(), 1e-2 if bf16 else 1e-12)
+
+
 @pytest.mark.parametrize("activations", [["tanh", "identity"], ["identity", "tanh"]],
                          ids=["tanh", "identity_hidden"])
 def test_jet_opcheck(activations):

@@ -57,7 +57,7 @@ template <typename M>
 struct CeSoftmax {
   M shift;
   M log_norm;
-  // +inf with a +inf logit, as torch.logsumexp (shift + log_norm is inf + nan there)
+  // +inf with a +inf logit and no NaN (shift is NaN with one), as torch.logsumexp (shift + log_norm is inf + nan)
   M lse() const { return shift == std::numeric_limits<M>::infinity() ? shift : shift + log_norm; }
 };
 

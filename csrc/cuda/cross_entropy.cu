@@ -211,12 +211,18 @@ __global__ void __launch_bounds__(kMaxThreads)
     st.add(capped(v, p), weight != nullptr && smoothing ? acc_t(weight[c]) : acc_t(1), smoothing);
   });
   st = block_merge(st);
+  // The merge's max skips NaN; only a +inf max would hide one (the sum carries it otherwise): rescan that rare row.
+  if (st.m == std::numeric_limits<acc_t>::infinity()) {
+    bool nan_seen = false;
+    for_each_logit<scalar_t, acc_t>(x, p.C, [&](int64_t, acc_t v) { nan_seen |= v != v; });
+    if (__syncthreads_or(nan_seen)) st.m = std::numeric_limits<acc_t>::quiet_NaN();
+  }
   if (threadIdx.x != 0) return;
 
   const RowTarget tg = row_target(target, row, p.C, p.ignore_index);
   assert_in_range(tg);
   const acc_t log_s = ::log(st.s);
-  // +inf with a +inf logit, as torch.logsumexp (m + log_s is inf + nan there)
+  // +inf with a +inf logit and no NaN, as torch.logsumexp (m + log_s is inf + nan there)
   const acc_t row_lse = st.m == std::numeric_limits<acc_t>::infinity() ? st.m : st.m + log_s;
   acc_t out = 0;
   if (tg.kept) {

@@ -39,20 +39,31 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// f'' and f''' of a piecewise-linear activation are zero: their terms are left out, not multiplied (an inf z1
+// would make them NaN), as the cpu kernels (cpu/isa/jet.h) and torch's own derivatives do.
 at::Tensor composite_jet_activation(const at::Tensor& z, const std::string& activation) {
-  if (parse_activation(activation) == Activation::Identity) return z;
+  const Activation a = parse_activation(activation);
+  if (a == Activation::Identity) return z;
   const at::Tensor z0 = z.select(0, 0), z1 = z.select(0, 1), z2 = z.select(0, 2);
-  const at::Tensor d1 = derivative(z0, activation, 1), d2 = derivative(z0, activation, 2);
-  return at::stack({derivative(z0, activation, 0), d1 * z1, d2 * z1 * z1 + d1 * z2});
+  const at::Tensor d1 = derivative(z0, activation, 1);
+  at::Tensor h2 = d1 * z2;
+  if (!derivative_is_zero(a, 2)) h2 = derivative(z0, activation, 2) * z1 * z1 + h2;
+  return at::stack({derivative(z0, activation, 0), d1 * z1, h2});
 }
 
 at::Tensor composite_jet_activation_backward(const at::Tensor& g, const at::Tensor& z, const std::string& activation) {
-  if (parse_activation(activation) == Activation::Identity) return g;
+  const Activation a = parse_activation(activation);
+  if (a == Activation::Identity) return g;
   const at::Tensor z0 = z.select(0, 0), z1 = z.select(0, 1), z2 = z.select(0, 2);
   const at::Tensor g0 = g.select(0, 0), g1 = g.select(0, 1), g2 = g.select(0, 2);
-  const at::Tensor d1 = derivative(z0, activation, 1), d2 = derivative(z0, activation, 2);
-  const at::Tensor d3 = derivative(z0, activation, 3);
-  return at::stack({g0 * d1 + g1 * d2 * z1 + g2 * (d3 * z1 * z1 + d2 * z2), g1 * d1 + 2 * g2 * d2 * z1, g2 * d1});
+  const at::Tensor d1 = derivative(z0, activation, 1);
+  at::Tensor dz0 = derivative_times(g0, z0, activation, 1), dz1 = g1 * d1;  // relu selects on g0, as torch's
+  if (!derivative_is_zero(a, 2)) {
+    const at::Tensor d2 = derivative(z0, activation, 2), d3 = derivative(z0, activation, 3);
+    dz0 = dz0 + g1 * d2 * z1 + g2 * (d3 * z1 * z1 + d2 * z2);
+    dz1 = dz1 + 2 * g2 * d2 * z1;
+  }
+  return at::stack({dz0, dz1, g2 * d1});
 }
 
 struct JetLayers {
@@ -64,10 +75,15 @@ JetLayers jet_forward(const at::Tensor& x, const at::Tensor& direction, at::Tens
                       at::TensorList biases, const std::vector<std::string>& activations, const JetStep& step) {
   const int64_t rows = dense_rows(x), in = x.size(-1);
   JetLayers jet;
-  at::Tensor h = at::stack({x.reshape({rows, in}), direction.expand(x.sizes()).reshape({rows, in}),
-                            at::zeros({rows, in}, x.options())});
+  // The d2 plane is zero by construction up to the first curved activation (not piecewise linear): the input's
+  // jet is (x, direction, 0). Until then the layers carry (h, h') alone, and their pre-activations a d2 plane of
+  // zeros, never W 0 or f' 0 (NaN at an inf weight or a NaN pre-activation), as torch's forward mode never forms
+  // those products.
+  at::Tensor h = at::stack({x.reshape({rows, in}), direction.expand(x.sizes()).reshape({rows, in})});
   for (size_t l = 0; l < weights.size(); ++l) {
     at::Tensor z = at::matmul(h, weights[l].t());
+    const bool flat = h.size(0) == 2;  // the d2 plane is zero so far
+    if (flat) z = at::cat({z, at::zeros_like(z.narrow(0, 0, 1))});
     if (!biases.empty() && step.bias_in_place) {
       z.select(0, 0).add_(biases[l]);
     } else if (!biases.empty()) {  // out of place: vmap cannot add a batched bias into an unbatched z in place
@@ -76,8 +92,9 @@ JetLayers jet_forward(const at::Tensor& x, const at::Tensor& direction, at::Tens
     jet.inputs.push_back(h);
     jet.preacts.push_back(z);
     h = step.forward(z, activations[l]);
+    if (flat && derivative_is_zero(parse_activation(activations[l]), 2)) h = h.narrow(0, 0, 2);
   }
-  jet.out = h;
+  jet.out = h.size(0) == 3 ? h : at::cat({h, at::zeros_like(h.narrow(0, 0, 1))});
   return jet;
 }
 
@@ -90,12 +107,15 @@ JetGrads jet_backward(at::Tensor grad, const at::Tensor& x, const at::Tensor& di
   at::Tensor dx, ddirection;
   for (size_t l = L; l-- > 0;) {
     const at::Tensor dz = step.backward(grad, jet.preacts[l], activations[l]);
-    const int64_t out = dz.size(2), width = jet.inputs[l].size(2);
-    if (mask[2]) dweights[l] = at::mm(dz.reshape({-1, out}).t(), jet.inputs[l].reshape({-1, width}));
+    const int64_t out = dz.size(2), width = jet.inputs[l].size(2), planes = jet.inputs[l].size(0);
+    if (mask[2]) {
+      dweights[l] = at::mm(dz.narrow(0, 0, planes).reshape({-1, out}).t(), jet.inputs[l].reshape({-1, width}));
+    }
     if (mask[2] && has_bias) dbiases[l] = dz.select(0, 0).sum(0);
     if (l > 0) {
-      grad = at::matmul(dz, weights[l]);
-    } else {  // the input's jet is (x, direction, 0): two GEMMs of their own, so dx and ddirection do not alias
+      grad = at::matmul(dz.narrow(0, 0, planes), weights[l]);
+      if (planes == 2) grad = at::cat({grad, at::zeros_like(grad.narrow(0, 0, 1))});  // below: the d2 plane is 0
+    } else {  // the input's jet is (x, direction): two GEMMs of their own, so dx and ddirection do not alias
       if (mask[0]) dx = at::mm(dz.select(0, 0), weights[0]).reshape(x.sizes());
       if (mask[1]) ddirection = at::sum_to(at::mm(dz.select(0, 1), weights[0]).reshape(x.sizes()), direction.sizes());
     }
@@ -135,10 +155,11 @@ JetForwardResult jet_forward_kernel(const at::Tensor& x, const at::Tensor& direc
   auto u = jet_outputs(jet, x, weights.back().size(0));
   std::vector<at::Tensor> saved = std::move(jet.inputs);
   saved.insert(saved.end(), jet.preacts.begin(), jet.preacts.end());
-  // After a hidden identity layer the next input is that layer's pre-activation: outputs of an op must not alias.
+  // After a hidden identity layer the next input is (a view of) that layer's pre-activation: outputs of an op
+  // must not alias.
   for (size_t i = 0; i < saved.size(); ++i) {
     for (size_t j = 0; j < i; ++j) {
-      if (saved[i].is_same(saved[j])) saved[i] = saved[i].clone();
+      if (saved[i].is_alias_of(saved[j])) saved[i] = saved[i].clone();
     }
   }
   return {u[0], u[1], u[2], saved};
@@ -293,7 +314,8 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   // The second-order Taylor jet of an mlp along a direction: for u = mlp(x), (u, du, d2u) with, row by row,
   // du = J u . direction and d2u = direction^T (Hessian of u) direction (one input feature and direction 1:
   // u, du/dx, d2u/dx2). direction broadcasts to x's shape. One autograd node; the kernels
-  // save [jet of each layer's input, jet of each layer's pre-activation], (3, rows, width) each, and the
+  // save [jet of each layer's input, jet of each layer's pre-activation], (3, rows, width) each (an input
+  // (2, rows, width) up to the first activation that is not piecewise linear: its d2 plane is 0), and the
   // backward returns (dx, ddirection, [dW_l], [db_l]), undefined or empty where output_mask (x, direction,
   // parameters) is false.
   m.def("mlp_jet(Tensor x, Tensor direction, Tensor[] weights, Tensor[] biases, str[] activations) "

@@ -5,6 +5,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..activations import PIECEWISE_LINEAR
 from .mlp import check_mlp_args
 
 
@@ -26,8 +27,10 @@ def check_jet_args(x: Tensor, direction: Tensor, weights: list[Tensor], biases: 
 def _mlp_jet_forward_fake(x, direction, weights, biases, activations):
     check_jet_args(x, direction, weights, biases, activations)
     rows = math.prod(x.shape[:-1])
-    saved = [x.new_empty((3, rows, w.shape[1])) for w in weights] + [x.new_empty((3, rows, w.shape[0]))
-                                                                     for w in weights]
+    # a layer's input jet has two planes up to the first activation that is not piecewise linear (its d2 is 0)
+    planes = [2 if all(a in PIECEWISE_LINEAR for a in activations[:i]) else 3 for i in range(len(weights))]
+    saved = [x.new_empty((p, rows, w.shape[1])) for p, w in zip(planes, weights)] + \
+        [x.new_empty((3, rows, w.shape[0])) for w in weights]
     u = x.new_empty((*x.shape[:-1], weights[-1].shape[0]))
     return u, torch.empty_like(u), torch.empty_like(u), saved
 

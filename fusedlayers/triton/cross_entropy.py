@@ -108,8 +108,15 @@ def _cross_entropy_forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, 
             else:
                 wz += (ref - new_ref) * c0 + tl.sum(shifted, axis=0)
         ref = new_ref
+    # The max skips NaN on the GPU: only a +inf max hides one (the sum carries it otherwise), so that rare row
+    # is read again; +inf without a NaN, as torch.logsumexp
+    if ref == float("inf"):
+        for c0 in range(0, C, BLOCK):
+            cs = c0 + cols
+            z = _logits(row_ptr, cs, cs < C, cap, MATH, HAS_SOFTCAP)
+            ref = tl.where(tl.sum((z != z).to(tl.int32), axis=0) > 0, float("nan"), ref)
     log_s = tl.log(s)
-    lse = tl.where(ref == float("inf"), ref, ref + log_s)  # +inf with a +inf logit, as torch.logsumexp
+    lse = tl.where(ref == float("inf"), ref, ref + log_s)
 
     t, kept, valid, w_t = _row_target(target_ptr, weight_ptr, row, C, ignore_index, HAS_WEIGHT, MATH)
     z_t = tl.load(row_ptr + t, mask=valid, other=0.0).to(MATH)

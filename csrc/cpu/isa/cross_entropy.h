@@ -73,8 +73,9 @@ CeSoftmax<M> ce_softmax_row(const CeRow<M>& row) {
   // The lanes merged in vectors: one exp per lane written out costs more than a short row (C = 10: 16 exps)
   M lane_max[L];
   vmax.store(lane_max);
+  // NaN-propagating, as at::vec::maximum is per lane: a row with +inf and NaN logits has lse NaN, not +inf
   M mx = lane_max[0];
-  for (int64_t l = 1; l < L; ++l) mx = std::max(mx, lane_max[l]);
+  for (int64_t l = 1; l < L; ++l) mx = std::isnan(lane_max[l]) || lane_max[l] > mx ? lane_max[l] : mx;
   return {mx, std::log(lane_sum(vsum * E::exp(vmax - V(mx))))};
 }
 

@@ -14,16 +14,21 @@ namespace fusedlayers::cpu::FL_ISA {
 namespace {
 
 // The planes of z, h, g and dz are `plane` elements apart: 0 the value, 1 the first derivative, 2 the second.
+// A piecewise-linear activation's f'' and f''' terms are zero and left out, never multiplied (inf z1 * 0 = NaN).
 template <typename Act, typename T>
 void jet_forward_loop(const T* z, T* h, int64_t n, int64_t plane) {
   using V = at::vec::Vectorized<T>;
   for (int64_t i = 0; i < n; i += V::size()) {
     const int m = static_cast<int>(std::min<int64_t>(V::size(), n - i));
     const V z0 = V::loadu(z + i, m), z1 = V::loadu(z + plane + i, m), z2 = V::loadu(z + 2 * plane + i, m);
-    const V d1 = Act::df(z0), d2 = Act::d2f(z0);
+    const V d1 = Act::df(z0);
     Act::f(z0).store(h + i, m);
     (d1 * z1).store(h + plane + i, m);
-    (d2 * z1 * z1 + d1 * z2).store(h + 2 * plane + i, m);
+    if constexpr (is_piecewise_linear<Act>) {
+      (d1 * z2).store(h + 2 * plane + i, m);
+    } else {
+      (Act::d2f(z0) * z1 * z1 + d1 * z2).store(h + 2 * plane + i, m);
+    }
   }
 }
 
@@ -34,9 +39,15 @@ void jet_backward_loop(const T* g, const T* z, T* dz, int64_t n, int64_t plane) 
     const int m = static_cast<int>(std::min<int64_t>(V::size(), n - i));
     const V z0 = V::loadu(z + i, m), z1 = V::loadu(z + plane + i, m), z2 = V::loadu(z + 2 * plane + i, m);
     const V g0 = V::loadu(g + i, m), g1 = V::loadu(g + plane + i, m), g2 = V::loadu(g + 2 * plane + i, m);
-    const V d1 = Act::df(z0), d2 = Act::d2f(z0), d3 = Act::d3f(z0);
-    (g0 * d1 + g1 * d2 * z1 + g2 * (d3 * z1 * z1 + d2 * z2)).store(dz + i, m);
-    (g1 * d1 + V(T(2)) * g2 * d2 * z1).store(dz + plane + i, m);
+    const V d1 = Act::df(z0);
+    if constexpr (is_piecewise_linear<Act>) {
+      times_df<Act>(g0, z0).store(dz + i, m);  // relu selects, as torch's threshold_backward
+      (g1 * d1).store(dz + plane + i, m);
+    } else {
+      const V d2 = Act::d2f(z0), d3 = Act::d3f(z0);
+      (g0 * d1 + g1 * d2 * z1 + g2 * (d3 * z1 * z1 + d2 * z2)).store(dz + i, m);
+      (g1 * d1 + V(T(2)) * g2 * d2 * z1).store(dz + plane + i, m);
+    }
     (g2 * d1).store(dz + 2 * plane + i, m);
   }
 }
