@@ -263,6 +263,10 @@ def _hostile_cases():
         torch.tensor([1, 2, 3]), None, dict(label_smoothing=0.1)
     yield "an all -inf row", torch.cat([x[:2], torch.full((1, 4), -inf)]), torch.tensor([1, 2, 3]), None, {}
     yield "target weights summing to 0", x, torch.tensor([0, 1, 1]), torch.tensor([2.0, -1.0, 1.0, 1.0]), {}
+    at_max = x.clone()
+    at_max[:, 0] = at_max.max(1).values + 1
+    yield "an inf class weight at the rows' max, smoothing", at_max, torch.tensor([1, 2, 3]), \
+        torch.tensor([inf, 1.0, 1.0, 1.0]), dict(label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -270,7 +274,8 @@ def _hostile_cases():
 def test_hostile_placements_as_f_cross_entropy(backend, reduction, dtype):
     """NaN and inf in the loss and the gradient where F.cross_entropy in the same dtype has them, and its
     values elsewhere: -inf logits with label smoothing give +inf (not NaN), -FLT_MAX gives PyTorch's finite
-    loss (not -inf), an all -inf row a NaN gradient, class weights of the targets summing to 0 a +-inf mean."""
+    loss (not -inf), an all -inf row a NaN gradient, class weights of the targets summing to 0 a +-inf mean, an
+    inf class weight at the row's max with smoothing an inf loss (not inf - inf)."""
     dev = device_of(backend)
     for what, x, t, w, kw in _hostile_cases():
         x, w = x.to(dtype), None if w is None else w.to(dtype)
@@ -288,6 +293,39 @@ def test_hostile_placements_as_f_cross_entropy(backend, reduction, dtype):
             assert torch.equal(got[ok].isinf(), want[ok].isinf()) and torch.equal(got[ok].sign(), want[ok].sign()), msg
             fin = ok & want.isfinite()
             assert torch.allclose(got[fin], want[fin], rtol=RTOL[dtype] * 10, atol=1e-6), msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_target_gradient_keeps_its_terms_apart(backend, dtype):
+    """The target's gradient entry, nll (p - 1) + smoothing + lse terms, with no term absorbed by another: an lse
+    gradient next to a 1e30-weighted confident target (it was lost: (1e30 + lse_grad) p - 1e30 = 0), and one class
+    with label smoothing, whose gradient is exactly 0 (it was a rounding error of 0.9 + 0.1 - 0.9 - 0.1, which a
+    downstream weight of 1e30 made 1e22). Against PyTorch in the same dtype, exactly: its values here are exact."""
+    if backend == "cuda":
+        pytest.xfail("the CUDA backward still folds the target's terms (README, Accuracy): its spill-free form is open")
+    dev = device_of(backend)
+    x = torch.tensor([[4.62, -200.0]], dtype=dtype)
+    w = torch.tensor([1e30, 1.0], dtype=dtype)
+    t, g_loss, g_lse = torch.tensor([0]), torch.tensor([1.5], dtype=dtype), torch.tensor([-0.3], dtype=dtype)
+    xr = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad([F.cross_entropy(xr, t, w, reduction="none"), torch.logsumexp(xr, 1)], xr,
+                                  [g_loss, g_lse])
+    xf = x.to(dev).requires_grad_()
+    loss, lse = cross_entropy(xf, t.to(dev), w.to(dev), reduction="none", return_lse=True, backend=backend)
+    (got,) = torch.autograd.grad([loss, lse], xf, [g_loss.to(dev), g_lse.to(dev)])
+    assert want[0, 0] == -0.3 and torch.equal(got.cpu(), want), (got, want)
+
+    x1 = torch.tensor([[4.62], [-3.0], [100.0]], dtype=dtype)
+    g = torch.tensor([1.5, -2.0, 0.7], dtype=dtype)
+    for w1 in (None, torch.tensor([1e30], dtype=dtype)):
+        xr = x1.clone().requires_grad_()
+        (want,) = torch.autograd.grad(F.cross_entropy(xr, torch.zeros(3, dtype=torch.long), w1, reduction="none",
+                                                      label_smoothing=0.1), xr, g)
+        xf = x1.to(dev).requires_grad_()
+        loss = cross_entropy(xf, torch.zeros(3, dtype=torch.long, device=dev), None if w1 is None else w1.to(dev),
+                             reduction="none", label_smoothing=0.1, backend=backend)
+        (got,) = torch.autograd.grad(loss, xf, g.to(dev))
+        assert torch.equal(want, torch.zeros_like(want)) and torch.equal(got.cpu(), want), (w1, got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

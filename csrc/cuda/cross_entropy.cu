@@ -217,6 +217,18 @@ __global__ void __launch_bounds__(kMaxThreads)
     for_each_logit<scalar_t, acc_t>(x, p.C, [&](int64_t, acc_t v) { nan_seen |= v != v; });
     if (__syncthreads_or(nan_seen)) st.m = std::numeric_limits<acc_t>::quiet_NaN();
   }
+  // An inf class weight makes W log_s - wz inf - inf where its logit is the max: that rare row sums the smoothing
+  // term's parts w[c] (log_s - (z[c] - m)), each >= 0, in a second pass; -wz then holds the sum, W log_s is 0.
+  const bool smoothing_rescan = smoothing && weight != nullptr && !::isfinite(st.ws);
+  if (smoothing_rescan) {
+    const acc_t log_s = ::log(st.s);
+    OnlineState<acc_t> part{st.m, acc_t(0), acc_t(0), acc_t(0)};  // equal maxes and ws = 0: the merge adds wz
+    for_each_logit<scalar_t, acc_t>(x, p.C, [&](int64_t c, acc_t v) {
+      part.wz -= acc_t(weight[c]) * (log_s - (capped(v, p) - st.m));
+    });
+    __syncthreads();  // block_merge's shared memory, read by every thread above, is rewritten
+    st.wz = block_merge(part).wz;
+  }
   if (threadIdx.x != 0) return;
 
   const RowTarget tg = row_target(target, row, p.C, p.ignore_index);
@@ -231,7 +243,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const acc_t nll = log_s - (z_t - st.m);  // lse - z[t] without cancelling lse against z[t]
     if (smoothing) {
       // eps / C * sum_c w[c] * (lse - z[c]) = eps / C * (W * log_s - wz), terms of one sign
-      const acc_t w_sum = weight == nullptr ? acc_t(p.C) : st.ws;
+      const acc_t w_sum = weight == nullptr ? acc_t(p.C) : smoothing_rescan ? acc_t(0) : st.ws;
       out = w_t * p.keep * nll + p.eps_over_c * (w_sum * log_s - st.wz);
     } else {
       out = w_t * nll;

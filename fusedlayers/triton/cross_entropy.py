@@ -129,7 +129,19 @@ def _cross_entropy_forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, 
         if not HAS_WEIGHT:
             w_sum = tl.full((), C, MATH)
         # eps / C * sum_c w[c] * (lse - z[c]) = eps / C * (W * log_s - wz), terms of one sign
-        loss = w_t * (1.0 - eps) * nll + eps / C * (w_sum * log_s - wz)
+        smooth = w_sum * log_s - wz
+        if HAS_WEIGHT:
+            # an inf class weight makes that inf - inf where its logit is the max: that rare row sums the parts
+            # w[c] (log_s - (z[c] - ref)), each >= 0, in a second pass
+            if (w_sum != w_sum) | (w_sum == float("inf")) | (w_sum == float("-inf")):
+                smooth = tl.full((), 0.0, MATH)
+                for c0 in range(0, C, BLOCK):
+                    cs = c0 + cols
+                    mask = cs < C
+                    w = tl.load(weight_ptr + cs, mask=mask, other=0.0).to(MATH)
+                    part = log_s - (_logits(row_ptr, cs, mask, cap, MATH, HAS_SOFTCAP) - ref)
+                    smooth += tl.sum(tl.where(mask, w * part, 0.0), axis=0)
+        loss = w_t * (1.0 - eps) * nll + eps / C * smooth
     else:
         loss = w_t * nll
     if HAS_Z_LOSS:
@@ -147,6 +159,8 @@ def _cross_entropy_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, targ
     """grad[row] = a * p - b * onehot(t) - e * w, times 1 - tanh(logits / softcap)^2 with a softcap, where
     p = exp((z - lse) - log sum exp(z - lse)) and, with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
     a = g * (w[t] * ((1 - eps) + 2 z_loss lse) + eps / C * W) + grad_lse[row], b = g w[t] (1 - eps), e = g eps / C.
+    At the target the same as (b p - b) + e (W p - w[t]) + r p, r = a - b - e W, its terms kept apart: a confident
+    row's p = 1 keeps a small r (an lse gradient) next to a large b, and C = 1 with smoothing gives 0 exactly.
     """
     MATH: tl.constexpr = lse_ptr.dtype.element_ty  # float32, or float64 for float64 logits
     row = tl.program_id(0).to(tl.int64)
@@ -155,23 +169,25 @@ def _cross_entropy_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, targ
     cap = tl.full((), softcap, MATH)
     t, kept, valid, w_t = _row_target(target_ptr, weight_ptr, row, C, ignore_index, HAS_WEIGHT, MATH)
     g = tl.where(kept, tl.load(grad_loss_ptr + row).to(MATH), 0.0)
+    # W only with smoothing: an absent class's inf weight would make eps * W = 0 * inf a NaN in every gradient (with
+    # smoothing PyTorch's are NaN too, ignored rows included); z_loss only in kept rows, where an inf lse is 0 * inf
+    r = tl.full((), 0.0, MATH)
+    if HAS_Z_LOSS:
+        r = tl.where(kept, g * (w_t * 2.0 * tl.full((), z_loss, MATH) * lse), 0.0)
+    if HAS_GRAD_LSE:
+        r += tl.load(grad_lse_ptr + row).to(MATH)
     if HAS_SMOOTHING:
         eps = tl.full((), label_smoothing, MATH)
-        b = w_t * (1.0 - eps)
+        b = g * (w_t * (1.0 - eps))
         if HAS_WEIGHT:
-            a = b + eps / C * tl.load(w_sum_ptr).to(MATH)
+            W = tl.load(w_sum_ptr).to(MATH)
         else:
-            a = b + eps
+            W = tl.full((), C, MATH)
         e = g * (eps / C)
+        a = b + e * W + r
     else:
-        b = w_t
-        a = b
-    if HAS_Z_LOSS:
-        a += w_t * 2.0 * tl.full((), z_loss, MATH) * lse
-    a = g * a
-    if HAS_GRAD_LSE:
-        a += tl.load(grad_lse_ptr + row).to(MATH)
-    b = tl.where(valid, g * b, 0.0)
+        b = g * w_t
+        a = b + r
     row_ptr = logits_ptr + row * C  # int64: N * C can pass 2^31
     grad_row = grad_ptr + row * C
     # log sum exp(z - lse): lse's rounding at the scale of the largest logit, which exp(z - lse) alone would carry
@@ -189,12 +205,15 @@ def _cross_entropy_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, targ
         if HAS_SOFTCAP:
             th = _tanh(z / cap)
             z = cap * th
-        grad = a * tl.exp((z - lse) - log_norm) - tl.where(cs == t, b, 0.0)
+        p = tl.exp((z - lse) - log_norm)
+        at_t = (cs == t) & kept
+        grad = tl.where(at_t, (b * p - b) + r * p, a * p)  # b p - b as PyTorch's (NaN for a mean over zero weights)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
-                grad -= e * tl.load(weight_ptr + cs, mask=mask, other=0.0).to(MATH)
+                w = tl.load(weight_ptr + cs, mask=mask, other=0.0).to(MATH)
             else:
-                grad -= e
+                w = 1.0
+            grad += tl.where(at_t, e * (W * p - w), -e * w)
         if HAS_SOFTCAP:
             grad *= 1.0 - th * th
         tl.store(grad_row + cs, grad.to(grad_ptr.dtype.element_ty), mask=mask)

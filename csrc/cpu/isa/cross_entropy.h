@@ -91,24 +91,26 @@ M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
   if (row.target < 0) return M(0);
   const M eps = row.label_smoothing;
   const M wt = row.weight ? row.weight[row.target] : M(1);
-  M loss = wt * ((M(1) - eps) * (log_sum - (ce_scalar_logit(row, row.target) - mx)) + row.z_loss * lse * lse);
+  // wt z_loss lse lse left to right, as the GPU kernels: a zero class weight gives 0 even where lse^2 overflows
+  M loss = wt * ((M(1) - eps) * (log_sum - (ce_scalar_logit(row, row.target) - mx))) + wt * row.z_loss * lse * lse;
   if (eps != M(0)) {
-    // sum_c w_c (lse - z_c) = W log_sum - sum_c w_c (z_c - max): a second pass, once the max is known, so that
-    // no term is large (an outlier logit as a reference made -FLT_MAX overflow) and -inf logits give +inf
-    const V vmx(mx);
+    // sum_c w_c (lse - z_c) as sum_c w_c (log_sum - (z_c - max)): a second pass, once the max is known, so that
+    // no term is large (an outlier logit as a reference made -FLT_MAX overflow), -inf logits give +inf, and
+    // every term is >= 0 (an inf weight at the max made W log_sum - sum w_c (z_c - max) inf - inf)
+    const V vmx(mx), vlog(log_sum);
     V vzw(M(0));
     for (int64_t c = 0; c < C; c += L) {
       const int n = static_cast<int>(std::min<int64_t>(L, C - c));
-      const V zr = V::set(V(M(0)), ce_logits(row, c, n) - vmx, n);  // lanes past n add nothing
+      const V zr = V::set(V(M(0)), vlog - (ce_logits(row, c, n) - vmx), n);  // lanes past n add nothing
       vzw = vzw + (row.weight ? zr * V::loadu(row.weight + c, n) : zr);
     }
-    const M W = row.weight ? row.weight_sum : M(C);
-    loss += eps / M(C) * (W * log_sum - lane_sum(vzw));
+    loss += eps / M(C) * lane_sum(vzw);
   }
   return loss;
 }
 
-// grad = a * p - b * w (w = 1 without weights), minus bt at the target, times dz/dx with a softcap.
+// grad = a * p - b * w (w = 1 without weights) off the target, times dz/dx with a softcap. The target's entry is
+// a * p - b * w_t - nll, with its terms kept apart (below) so that none absorbs another.
 template <typename M>
 void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M grad_lse, M* grad) {
   using V = at::vec::Vectorized<M>;
@@ -120,15 +122,19 @@ void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M g
   const M gl = kept ? grad_loss : M(0);
   const M wt = !kept ? M(0) : row.weight ? row.weight[row.target] : M(1);
   const M W = row.weight ? row.weight_sum : M(C);
-  // W only with smoothing: an absent class's inf weight would make eps * W = 0 * inf a NaN in every gradient.
-  const M smooth_w = eps != M(0) ? eps / M(C) * W : M(0);
-  const M a = gl * (wt * ((M(1) - eps) + M(2) * row.z_loss * lse) + smooth_w) + grad_lse;
-  const M b = eps != M(0) ? gl * eps / M(C) : M(0);  // gl is inf for a "mean" over weights summing to 0
+  // W only with smoothing: an absent class's inf weight would make eps * W = 0 * inf a NaN in every gradient (with
+  // smoothing PyTorch's are NaN too, ignored rows included); z_loss only in kept rows, where an inf lse is 0 * inf.
+  const bool smooth = eps != M(0);
+  const M e = smooth ? gl * eps / M(C) : M(0);  // gl is inf for a "mean" over weights summing to 0
+  const M nll = gl * wt * (M(1) - eps);
+  const M rest = (kept && row.z_loss != M(0) ? gl * wt * M(2) * row.z_loss * lse : M(0)) + grad_lse;
+  const M a = nll + (smooth ? e * W : M(0)) + rest;
   const bool cap = row.softcap != M(0);
-  const V va(a), vb(b), vshift(softmax.shift), vlog(softmax.log_norm), one(M(1)), vs(row.softcap),
+  const V va(a), ve(e), vshift(softmax.shift), vlog(softmax.log_norm), one(M(1)), vs(row.softcap),
       inv_s(cap ? M(1) / row.softcap : M(0));
   // read before the loop: grad may be the row's logits (the in-place forward)
   const M th_t = kept && cap ? ce_scalar_tanh(row, row.target) : M(0);
+  const M z_t = kept ? ce_scalar_logit(row, row.target) : M(0);
   for (int64_t c = 0; c < C; c += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, C - c));
     const V x = V::loadu(row.x + c, n);
@@ -138,11 +144,21 @@ void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M g
       z = vs * th;
     }
     V g = va * Math<V>::exp((z - vshift) - vlog);
-    if (b != M(0)) g = g - (row.weight ? vb * V::loadu(row.weight + c, n) : vb);
+    if (smooth) g = g - (row.weight ? ve * V::loadu(row.weight + c, n) : ve);
     if (cap) g = g * (one - th * th);
     g.store(grad + c, n);
   }
-  if (kept) grad[row.target] -= gl * wt * (M(1) - eps) * (M(1) - th_t * th_t);
+  if (kept) {
+    // (nll p - nll) + e (W p - w_t) + rest p, the same value with its terms kept apart: a confident row's p = 1
+    // keeps a small rest (an lse gradient) next to a large nll, and C = 1 with smoothing gives 0 exactly; nll p -
+    // nll as PyTorch's softmax backward forms it (inf - inf = NaN for a "mean" over weights summing to 0)
+    M lanes[L];
+    Math<V>::exp(V((z_t - softmax.shift) - softmax.log_norm)).store(lanes);  // the loop's exp
+    const M p_t = lanes[0];
+    M d = (nll * p_t - nll) + rest * p_t;
+    if (smooth) d += e * (W * p_t - wt);
+    grad[row.target] = d * (M(1) - th_t * th_t);
+  }
 }
 
 }  // namespace fusedlayers::cpu::FL_ISA
