@@ -428,6 +428,36 @@ def test_float32_bias_gradients_over_many_rows_as_accurate_as_torch(backend, siz
         assert err <= 2 * torch_err + 4 * torch.finfo(torch.float32).eps * r.abs().max().item(), (name, err, torch_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_infinities_in_the_sums_over_rows_as_torch(backend, dtype):
+    """Over rows spread across tiles (39: a full tile and a partial one), NaN and inf in the parameter gradients
+    where plain PyTorch in the same dtype has them and nowhere else: an inf weight (sigmoid' of +-inf is 0, so
+    dW is 0; a zero-padded row of the partial tile made it 0 * sigmoid'(inf * 0) = NaN), and an inf upstream
+    gradient in one row (db is inf; the compensated sum made the next tile's inf - inf a NaN)."""
+    device = device_of(backend)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(39, 2, dtype=dtype, generator=gen) + 0.5
+    w0 = torch.randn(3, 2, dtype=dtype, generator=gen)
+    w0[1, 0] = float("inf")
+    w1, b0, b1 = (torch.randn(*s, dtype=dtype, generator=gen) for s in ((1, 3), (3,), (1,)))
+    g = torch.randn(39, 1, dtype=dtype, generator=gen)
+    g_inf = g.clone()
+    g_inf[0] = float("inf")
+    for what, up in (("an inf weight", g), ("an inf upstream gradient", g_inf)):
+        ps = [p.clone().requires_grad_() for p in (w0, w1, b0, b1)]
+        want = torch.autograd.grad(torch.sigmoid(F.linear(torch.sigmoid(F.linear(x, ps[0], ps[2])), ps[1], ps[3])),
+                                   ps, up)
+        fs = [p.to(device).requires_grad_() for p in (w0, w1, b0, b1)]
+        got = torch.autograd.grad(mlp(x.to(device), fs[:2], fs[2:], "sigmoid", "sigmoid", backend=backend), fs,
+                                  up.to(device))
+        for name, a, r in zip(("dW0", "dW1", "db0", "db1"), got, want):
+            a = a.cpu()
+            msg = f"{what}: {name} {a.tolist()} vs torch {r.tolist()}"
+            assert torch.equal(a.isnan(), r.isnan()) and torch.equal(a.isinf(), r.isinf()), msg
+            fin = r.isfinite()
+            assert torch.allclose(a[fin], r[fin], rtol=1e-4, atol=1e-6), msg
+
+
 @pytest.mark.parametrize("make", [lambda: FusedMLP([3, 8, 8, 2], activation="tanh"),
                                   lambda: fusedlayers.fuse(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8),
                                                                          nn.Tanh(), nn.Linear(8, 2)))],

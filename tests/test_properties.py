@@ -17,8 +17,10 @@ the same for all; for dense also second order (create_graph): the gradient of <f
 
 THE ACCURACY CONTRACT, one rule for values and gradients alike, output tensor by output tensor:
   1. NaN/inf placement: at every position the fused result is of torch_D's class (finite, NaN, +inf or -inf),
-     except where torch_D is not finite but ref64 is (PyTorch's own overflow): nothing is required there; and
-     where ref64 is beyond D's range, the inf of its sign (its correctly rounded value) is accepted.
+     except where torch_D is not finite but ref64 is (PyTorch's own overflow) and where ref64 is finite but beyond
+     D's range (no value of D is right; PyTorch's own is then 0 or an inf of either sign), and where PyTorch's
+     class changes under the perturbations of rule 2 (cos of 1e29: a rounding decides whether an overflow
+     happens): nothing is required there.
   2. accuracy, over the positions where ref64 and torch_D are both finite:
          max|fused - ref64| <= 2 * err_torch + 4 * eps(D) * max(1, max|ref64|)
      where err_torch, PyTorch's error, is the larger of
@@ -165,21 +167,26 @@ def max_error(a: torch.Tensor, r: torch.Tensor) -> float:
 
 
 def assert_contract(name: str, fused: torch.Tensor, torch_d: torch.Tensor, ref64: torch.Tensor, dtype,
-                    err_torch: float | None = None) -> tuple[float, float, float]:
+                    err_torch: float | None = None, unstable: torch.Tensor | None = None) -> tuple[float, float, float]:
     """Rules 1 and 2 of the module docstring for one output tensor; err_torch as there (None: max|torch_D - ref64|
-    alone). Returns (fused error, PyTorch's error, max|ref64|) over the compared positions (zeros if none)."""
+    alone); unstable: the positions whose class PyTorch's perturbed runs changed, not compared. Returns (fused
+    error, PyTorch's error, max|ref64|) over the compared positions (zeros if none)."""
     assert fused.shape == torch_d.shape, f"{name}: shape {tuple(fused.shape)} != PyTorch's {tuple(torch_d.shape)}"
     assert fused.dtype == torch_d.dtype, f"{name}: dtype {fused.dtype} != PyTorch's {torch_d.dtype}"
     f, d, r = fused.detach().cpu().double(), torch_d.detach().double(), ref64.detach().double()
     named = (("fused", f), ("torch", d), ("ref64", r))
-    # 1. placement: PyTorch's class, except where PyTorch failed (not finite, ref64 finite): not compared there;
-    # where ref64 lies beyond the dtype's range, its correctly rounded value, the inf of its sign, is right too
-    rounds_to_inf = (r.abs() > torch.finfo(dtype).max) & r.isfinite() & (f == r.sign() * math.inf)
-    bad = (_classes(f) != _classes(d)) & ~(r.isfinite() & ~d.isfinite()) & ~rounds_to_inf
+    # 1. placement: PyTorch's class, except where PyTorch failed (not finite, ref64 finite) and where ref64 lies
+    # beyond the dtype's range (no value of the dtype is right there; PyTorch's own is an overflow's artifact,
+    # 0 or an inf of either sign): not compared there
+    beyond = (r.abs() > torch.finfo(dtype).max) & r.isfinite()
+    if unstable is not None:
+        beyond = beyond | unstable
+    bad = (_classes(f) != _classes(d)) & ~(r.isfinite() & ~d.isfinite()) & ~beyond
     assert not bad.any(), f"{name}: NaN/inf placement differs from PyTorch's ({int(bad.sum())} of {bad.numel()}) " \
                           f"{_where(bad, *named)}"
-    # 2. accuracy, where both references are finite (and so, by 1., the fused result, but for rounds_to_inf)
-    both = r.isfinite() & d.isfinite() & ~rounds_to_inf
+    # 2. accuracy, where both references are finite and ref64 within the dtype's range (and so, by 1., the fused
+    # result)
+    both = r.isfinite() & d.isfinite() & ~beyond
     if not both.any():
         return 0.0, 0.0, 0.0
     err_fused = (f - r)[both].abs().max().item()
@@ -237,6 +244,7 @@ def _check_against_torch(names, torch_side, fused_side, dtype, op, what, nonnega
             pass
     else:
         err_torch = [max_error(a, r) for a, r in zip(want, exact)]
+    unstable = [torch.zeros(w.shape, dtype=torch.bool) for w in want]
     for seed in range(WIGGLES):
         _WIGGLE.append(torch.Generator().manual_seed(seed))
         try:
@@ -244,10 +252,11 @@ def _check_against_torch(names, torch_side, fused_side, dtype, op, what, nonnega
         finally:
             _WIGGLE.pop()
         err_torch = [max(e, max_error(a, b)) for e, a, b in zip(err_torch, wiggled, want)]
+        unstable = [u | (_classes(a.detach()) != _classes(b.detach())) for u, a, b in zip(unstable, wiggled, want)]
     got = fused_side()
     assert len(got) == len(want) == len(exact) == len(names)
-    for name, a, d, r, e in zip(names, got, want, exact, err_torch):
-        errors = assert_contract(name, a, d, r, dtype, e)
+    for name, a, d, r, e, u in zip(names, got, want, exact, err_torch, unstable):
+        errors = assert_contract(name, a, d, r, dtype, e, u)
         if REPORT:
             with open(REPORT, "a") as f:
                 test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]

@@ -113,11 +113,12 @@ void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad
   M* gt = xt + in * R;
   M* dxt = gt + out * R;
   for (int64_t r0 = 0; r0 < s.rows; r0 += R) {
+    // the last tile as narrow as its rows: zero-padded rows would add 0 * f'(W 0) to dW, NaN at an inf weight
     const int64_t count = std::min(R, s.rows - r0);
-    load_tile(x, r0, count, in, R, xt);
-    load_tile(grad_out, r0, count, out, R, gt);  // zero rows past count: they add nothing
-    kernels<M>().mlp_tile_backward(view, R, ws, xt, gt, dx ? dxt : nullptr, acc, db.empty() ? nullptr : db_tile);
-    if (dx) store_tile(dxt, r0, count, in, R, dx);
+    load_tile(x, r0, count, in, count, xt);
+    load_tile(grad_out, r0, count, out, count, gt);
+    kernels<M>().mlp_tile_backward(view, count, ws, xt, gt, dx ? dxt : nullptr, acc, db.empty() ? nullptr : db_tile);
+    if (dx) store_tile(dxt, r0, count, in, count, dx);
     if (!db.empty()) add_compensated(acc + w_size, db_lost, db_tile, b_size);
   }
   int64_t w_off = 0, b_off = w_size;

@@ -6,6 +6,7 @@
 #include <ATen/EmptyTensor.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "activations.h"
@@ -67,7 +68,7 @@ inline void add_compensated(T* sum, T* lost, T* tile, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const T term = tile[i] - lost[i];
     const T next = sum[i] + term;
-    lost[i] = (next - sum[i]) - term;
+    lost[i] = std::isfinite(next) ? (next - sum[i]) - term : T(0);  // inf - inf would make every later sum NaN
     sum[i] = next;
     tile[i] = T(0);
   }

@@ -144,7 +144,8 @@ def _dense_backward_dw_kernel(g_ptr, z_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, ACT:
         if STORE_DB:
             term = tl.sum(dz_t, axis=1) - db_lost
             total = db_acc + term
-            db_lost = (total - db_acc) - term
+            # no error to take back once the sum is inf or NaN (inf - inf would make every later sum NaN)
+            db_lost = tl.where(tl.abs(total) < float("inf"), (total - db_acc) - term, 0.0)
             db_acc = total
     if STORE_DW:
         tl.store(dw_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], acc.to(dw_ptr.dtype.element_ty),
