@@ -62,7 +62,6 @@ void small_forward(const T* x, const T* w, const T* b, T* z, T* y, int64_t rows,
   }
 }
 
-// z null: recompute it. Any of dx, dw, db may be null (not wanted).
 // sum += term, compensated (Kahan): lost holds the rounding error to take back next time, none once the sum is
 // inf or NaN (inf - inf would make every later sum NaN). Up to 1024 rows of a running float32 sum were several
 // times less accurate than torch's cascade sum.
@@ -75,6 +74,7 @@ inline void add_kahan(M& sum, M& lost, M term) {
   sum = next;
 }
 
+// z null: recompute it. Any of dx, dw, db may be null (not wanted).
 template <typename Act, typename T>
 void small_backward(const T* g, const T* x, const T* w, const T* b, const T* z, T* dx, T* dw, T* db, int64_t rows,
                     int64_t in, int64_t out) {
