@@ -14,6 +14,18 @@
 
 namespace fusedlayers::cpu {
 
+// sum += term, compensated (Kahan): lost holds the rounding error to take back next time, none once the sum is
+// inf or NaN (inf - inf would make every later sum NaN). A plain running float32 sum over
+// thousands of rows (gradient terms often share a sign) was several times less accurate than torch's cascade sum.
+template <typename M>
+inline void add_kahan(M& sum, M& lost, M term) {
+  const M t = term - lost;
+  const M next = sum + t;
+  const M err = (next - sum) - t;
+  lost = next - next == M(0) ? err : M(0);
+  sum = next;
+}
+
 constexpr int64_t kMlpTileRows = 32;
 
 // What the tile kernels' workspace is made of: every layer's output h and pre-activation z (outputs =

@@ -60,16 +60,11 @@ inline M* scratch(int64_t n) {
 
 // A CPU tensor of like's dtype, without the dispatcher's two hops of at::empty: the backward of a tiny network
 // allocates one per parameter, and each hop costs about as much as a small layer's arithmetic.
-// sum[i] += tile[i] for one tile's bias gradients, compensated (Kahan: lost[i] carries the running sum's
-// rounding error), and tile[i] reset to 0: a plain running float32 sum over thousands of rows (db's terms often
-// share a sign) was tens of times less accurate than torch's cascade sum.
+// sum[i] += tile[i] for one tile's bias gradients, compensated (add_kahan), and tile[i] reset to 0.
 template <typename T>
 inline void add_compensated(T* sum, T* lost, T* tile, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const T term = tile[i] - lost[i];
-    const T next = sum[i] + term;
-    lost[i] = std::isfinite(next) ? (next - sum[i]) - term : T(0);  // inf - inf would make every later sum NaN
-    sum[i] = next;
+    add_kahan(sum[i], lost[i], tile[i]);
     tile[i] = T(0);
   }
 }
