@@ -1,19 +1,37 @@
 """fuse(model): an existing model's layers swapped for their fused equivalents in one call.
 
-Inside every sequential container (an nn.Sequential, or a subclass that keeps nn.Sequential.forward), each
-nn.Linear directly followed by an activation module of the fused table becomes a FusedDense in the Linear's
-place and a FoldedActivation, a parameter-free identity, in the activation's place: indices, Parameters and
-state_dict keys stay as they were, so a checkpoint of the original loads into the fused model and back.
-Where one mlp op call is faster than layer by layer (mlp_is_faster), an nn.Sequential becomes a
-FusedSequential: the same children, and so the same keys, with each such run of layers computed by one mlp
-op call. Every nn.CrossEntropyLoss becomes a FusedCrossEntropyLoss with the same options.
+Every nn.Linear whose output the model's code passes straight to an activation becomes a FusedDense in the
+Linear's place, and the activation a FoldedActivation, a parameter-free identity: Parameters and state_dict keys
+stay as they were, so a checkpoint of the original loads into the fused model and back. Two places are searched:
+  - sequential containers (an nn.Sequential, or a subclass that keeps nn.Sequential.forward): a Linear directly
+    followed by an activation module. Where one mlp op call is faster than layer by layer (mlp_is_faster), an
+    nn.Sequential becomes a FusedSequential: the same children, each such run of layers computed by one op call.
+  - any other module, by reading its class's source (inspect and ast; nothing is run): a Linear child `self.L`
+    whose one call in the whole class is the argument of the one call of an activation `self.A`, either nested,
+    `self.A(self.L(x))`, or in straight-line code, `h = self.L(x)` and the next use of h is `self.A(h)` (and h is
+    never read again). That covers the MLP blocks of timm, transformers (BERT, Llama's gate, ...) and
+    nn.TransformerEncoderLayer without a list of class names: what the code does decides, and whatever cannot be
+    proved (a second call of L or A, a use of L's output in a branch, no source) is left as it is.
+An activation is a module or a function attribute (TransformerEncoderLayer's self.activation) that computes one
+of the fused table's functions: torch's modules with their default parameters, or any parameter-free module or
+function that equals a table function within 1e-9 relative on float64 points in [-1000, 1000] (transformers'
+GELUActivation and NewGELUActivation, timm's GELU). Every nn.CrossEntropyLoss becomes a FusedCrossEntropyLoss
+with the same options. Hooks are honoured when the layers run, not only when fuse() looks: while a FusedDense or
+its FoldedActivation has any hook (or a global module hook is registered), the pair computes the Linear and the
+activation apart, so each hook sees the tensors the original modules gave it.
 """
+import ast
 import copy
+import inspect
+import textwrap
+import warnings
 
+import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from . import functional as FL
-from .activations import name_of_module
+from .activations import ACTIVATIONS, REFERENCE, name_of_module
 from .modules import FusedCrossEntropyLoss, FusedDense
 
 
@@ -26,19 +44,56 @@ def mlp_is_faster(sizes: list[int]) -> bool:
     return len(sizes) >= 3
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether a hook for every module is registered (torch.nn.modules.module.register_module_forward_hook...)."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
 class FoldedActivation(nn.Module):
-    """The place of an activation module whose function the FusedDense before it now applies: the identity,
-    with no parameters, so the container's indices and state_dict keys stay those of the original."""
+    """The place of an activation whose function the FusedDense before it (its `dense`) now applies: the identity,
+    with no parameters, so the container's indices and state_dict keys stay those of the original. While either
+    module has hooks, the two run apart (the FusedDense its linear part, this the activation), so every hook sees
+    what the original modules gave it."""
+
+    _dense = None  # the FusedDense that applies this activation, set by fuse() (not a child: keys stay the same)
 
     def __init__(self, activation: str) -> None:
         super().__init__()
         self.activation = activation
 
+    def runs_apart(self) -> bool:
+        dense = self._dense
+        return dense is not None and (_has_hooks(self) or _has_hooks(dense) or _global_hooks())
+
     def forward(self, input: Tensor) -> Tensor:
-        return input
+        return REFERENCE[self.activation].f(input) if self.runs_apart() else input
 
     def extra_repr(self) -> str:
         return f"{self.activation!r}, applied by the FusedDense before it"
+
+
+def _fold(linear: nn.Linear, activation: str, replaced: nn.Module | None) -> tuple[FusedDense, FoldedActivation]:
+    """The FusedDense that takes linear's place (sharing its Parameters) and the FoldedActivation that takes the
+    activation's, each knowing the other (plain attributes, not children)."""
+    dense = FusedDense.from_linear(linear, activation).train(linear.training)
+    folded = FoldedActivation(activation).train(linear.training if replaced is None else replaced.training)
+    dense.__dict__["_folded"] = folded
+    folded.__dict__["_dense"] = dense
+    return dense, folded
+
+
+def _weight_and_bias(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    params = layer._parameters  # direct, as FusedDense.forward, unless a parametrization has moved them
+    try:
+        return params["weight"], params["bias"]
+    except KeyError:
+        return layer.weight, layer.bias
 
 
 class FusedSequential(nn.Sequential):
@@ -46,7 +101,7 @@ class FusedSequential(nn.Sequential):
     final bare nn.Linear) run as one mlp op call each: one autograd node per run instead of one per layer.
     The children are unchanged, each one alone still computes what it did, and so are the state_dict keys.
     fuse() makes these; a container edited afterwards (a child replaced, added or removed) runs its children
-    one by one, as an nn.Sequential."""
+    one by one, as an nn.Sequential, and so does a run while any of its modules has a hook."""
 
     # Set by fuse(): the children when it ran, and the runs as (first, last, activations): children first to
     # last (inclusive) are FusedDense, FoldedActivation pairs, maybe then a plain nn.Linear, so the layers are
@@ -59,15 +114,18 @@ class FusedSequential(nn.Sequential):
         children = tuple(self._modules.values())
         if children != self._fused_children:
             return super().forward(input)
-        i = 0
+        i, hooks = 0, _global_hooks()
         for first, last, activations in self._mlp_runs:
+            run = children[first:last + 1]
+            if hooks or any(_has_hooks(m) for m in run):
+                continue  # computed below, module by module
             for module in children[i:first]:
                 input = module(input)
-            layers = children[first:last + 1:2]
+            layers = run[::2]
             head = layers[0]
-            weights = [m._parameters["weight"] for m in layers]
-            biases = [m._parameters["bias"] for m in layers] if head.bias is not None else []
-            input = FL.mlp_op(input, weights, biases, activations, FL.saves_preact(head.save),
+            params = [_weight_and_bias(m) for m in layers]
+            biases = [b for _, b in params] if head.bias is not None else []
+            input = FL.mlp_op(input, [w for w, _ in params], biases, activations, FL.saves_preact(head.save),
                               FL.backend_for(head.backend, input))
             i = last + 1
         for module in children[i:]:
@@ -75,45 +133,97 @@ class FusedSequential(nn.Sequential):
         return input
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
 def _plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not _has_hooks(module)
 
 
-def _activation_name(module: nn.Module) -> str | None:
-    """The table's name for an activation module fuse() may fold, else None (unknown, other parameters,
-    nn.Identity, or hooks that would no longer run)."""
-    if _has_hooks(module):
-        return None
+# Where fuse() tells an activation it does not know by its class from one of the table's functions: float64
+# points over [-1000, 1000], densest where the functions differ.
+_PROBE = torch.cat([torch.linspace(-20.0, 20.0, 4001, dtype=torch.float64),
+                    torch.tensor([-1e3, -100.0, -50.0, -30.0, 30.0, 50.0, 100.0, 1e3], dtype=torch.float64)])
+
+
+def _computes(fn) -> str | None:
+    """The table's name of the elementwise function fn computes on _PROBE (within 1e-9 relative), else None."""
+    z = _PROBE.clone()
     try:
-        name = name_of_module(module)
-    except ValueError:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a random module must not move the user's RNG
+            y, y2 = fn(z.clone()), fn(z.clone().view(19, -1))
+    except Exception:  # noqa: BLE001  (not a function of one tensor)
         return None
-    return None if name == "identity" else name
+    if not (isinstance(y, Tensor) and isinstance(y2, Tensor) and y.shape == z.shape and y.dtype == z.dtype
+            and torch.equal(y2.reshape(-1), y)):
+        return None
+    for name in ACTIVATIONS:
+        if name != "identity" and bool(((y - REFERENCE[name].f(z)).abs() <= 1e-9 * (1 + z.abs())).all()):
+            return name
+    return None
+
+
+def _activation_name(act) -> tuple[str | None, str]:
+    """(the table's name for an activation module or function fuse() may fold, else None; why not)."""
+    if isinstance(act, nn.Module):
+        if _has_hooks(act):
+            return None, f"{act!r} has hooks"
+        try:
+            name = name_of_module(act)
+            return (None, "nn.Identity is no activation") if name == "identity" else (name, "")
+        except ValueError:
+            pass
+        if next(act.parameters(), None) is not None or next(act.buffers(), None) is not None or act._modules:
+            return None, f"{act!r} has parameters, buffers or children, so it is none of the fused activations"
+    elif not callable(act):
+        return None, f"{act!r} is not callable"
+    name = _computes(act)
+    if name is None:
+        return None, f"{act!r} computes none of the fused activations"
+    return name, ""
 
 
 def _is_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _fuse_pairs(seq: nn.Sequential, prefix: str, verbose: bool) -> None:
+class _Report:
+    """What fuse() did and saw: printed as it goes with verbose=True; counted for the warning."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose, self.converted = verbose, 0
+
+    def swapped(self, line: str) -> None:
+        self.converted += 1
+        if self.verbose:
+            print(f"fuse: {line}")
+
+    def left(self, what: str, reason: str) -> None:
+        if self.verbose:
+            print(f"fuse: left {what}: {reason}")
+
+
+def _fuse_pairs(seq: nn.Sequential, prefix: str, report: _Report) -> None:
     names, children = list(seq._modules), list(seq._modules.values())
     i = 0
-    while i + 1 < len(children):
-        linear, activation = children[i], children[i + 1]
-        name = _activation_name(activation) if _plain_linear(linear) else None
-        if name is None:
+    while i < len(children):
+        linear = children[i]
+        if type(linear) is not nn.Linear:
             i += 1
             continue
-        fused = FusedDense.from_linear(linear, name).train(linear.training)
-        seq._modules[names[i]] = fused
-        seq._modules[names[i + 1]] = FoldedActivation(name).train(activation.training)
-        if verbose:
-            print(f"fuse: {prefix}{names[i]} {linear!r} + {prefix}{names[i + 1]} {activation!r} -> {fused!r}")
+        where = f"{prefix}{names[i]} {linear!r}"
+        if _has_hooks(linear):
+            report.left(where, "it has hooks")
+            i += 1
+            continue
+        if i + 1 == len(children):
+            break
+        activation = children[i + 1]
+        name, why = _activation_name(activation)
+        if name is None:
+            if not isinstance(activation, nn.Linear):
+                report.left(f"{where} + {prefix}{names[i + 1]}", why)
+            i += 1
+            continue
+        seq._modules[names[i]], seq._modules[names[i + 1]] = _fold(linear, name, activation)
+        report.swapped(f"{where} + {prefix}{names[i + 1]} {activation!r} -> {seq._modules[names[i]]!r}")
         i += 2
 
 
@@ -145,6 +255,163 @@ def _chains(a: nn.Module, b: nn.Module) -> bool:
     return a.out_features == b.in_features and (a.bias is None) == (b.bias is None)
 
 
+# ---- modules with a forward of their own: what their class's source proves about a Linear and its activation
+
+# Attributes of a Linear that code may read without calling it (TransformerEncoderLayer's fast path reads these).
+_LINEAR_READS = frozenset({"weight", "bias", "in_features", "out_features"})
+# Attributes of a module that reach its children without naming them (self[0], self.children(), ...).
+# (modules() and named_modules() are left out: they yield self too, so code that calls what they yield is
+# unlikely; TransformerEncoderLayer reads their hooks.)
+_REFLECTIVE = frozenset({"children", "named_children", "_modules", "__dict__",
+                         "__getattr__", "__getattribute__", "get_submodule", "apply", "_apply", "__getitem__",
+                         "__iter__", "_call_impl"})
+# Expressions that, between an activation's call and the statement holding it, never skip evaluating it.
+_ALWAYS_EVALUATED = (ast.Call, ast.BinOp, ast.UnaryOp, ast.Tuple, ast.List, ast.keyword, ast.Starred,
+                     ast.Attribute, ast.Subscript, ast.Expr, ast.Assign, ast.AnnAssign, ast.Return)
+
+
+class _Source:
+    """The methods of a module's class (resolved through its MRO, nn.Module's own left out) as syntax trees, and
+    every use of `self.<name>` in them."""
+
+    def __init__(self, cls: type) -> None:
+        methods: dict[str, ast.FunctionDef] = {}
+        for klass in reversed(cls.__mro__):
+            if klass in (object, nn.Module):
+                continue
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))  # OSError/TypeError: no source
+            for node in tree.body[0].body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    methods[node.name] = node
+        self.methods = methods
+        self.parent: dict[ast.AST, ast.AST] = {}
+        self.uses: dict[str, list[ast.Attribute]] = {}
+        self.method_of: dict[ast.AST, ast.FunctionDef] = {}
+        self.this: dict[ast.FunctionDef, str] = {}
+        self.reflective: list[str] = []  # uses of self that reach children without naming them
+        for method in methods.values():
+            if not method.args.args:
+                continue
+            this = method.args.args[0].arg
+            setup = method.name in ("__init__", "__setstate__")
+            for node in ast.walk(method):
+                for child in ast.iter_child_nodes(node):
+                    self.parent[child] = node
+            for node in ast.walk(method):
+                if not (isinstance(node, ast.Name) and node.id == this) or setup:
+                    continue
+                up = self.parent[node]
+                if not isinstance(up, ast.Attribute) or up.attr in _REFLECTIVE:
+                    self.reflective.append(f"{method.name}() uses {ast.unparse(up)}")
+                elif isinstance(up.ctx, ast.Load) or not setup:
+                    self.uses.setdefault(up.attr, []).append(up)
+                    self.method_of[up] = method
+                    self.this[method] = this
+
+    def only_call(self, name: str) -> tuple[ast.Call | None, str]:
+        """The one call `self.<name>(x)` in the class (one positional argument, nothing else), where every other
+        use only reads a Linear's attributes (_LINEAR_READS); else None and why."""
+        calls, others = [], []
+        for use in self.uses.get(name, []):
+            up = self.parent[use]
+            if isinstance(up, ast.Call) and up.func is use:
+                calls.append(up)
+            elif not (isinstance(use.ctx, ast.Load) and isinstance(up, ast.Attribute) and up.attr in _LINEAR_READS):
+                others.append(use)
+        if len(calls) != 1 or others:
+            return None, f"self.{name} is used {len(calls)} times as a call and {len(others)} times otherwise"
+        call = calls[0]
+        if len(call.args) != 1 or call.keywords or isinstance(call.args[0], ast.Starred):
+            return None, f"self.{name} is called with other arguments than one tensor"
+        return call, ""
+
+    def activation_of(self, call: ast.Call) -> tuple[str | None, str]:
+        """The attribute name A when the value of `call` (self.L(x)) always goes to `self.A(...)` and nowhere
+        else: self.A(self.L(x)), or in the top-level, straight-line statements of its method `h = self.L(x)`
+        with the next use of h being `self.A(h)` and h read nowhere after it."""
+        up, method = self.parent[call], self.method_of[call.func]
+        this = self.this[method]
+        if _is_self_call(up, call, this):
+            return up.func.attr, ""
+        statement = up
+        if not (isinstance(up, ast.Assign) and up.value is call and len(up.targets) == 1
+                and isinstance(up.targets[0], ast.Name) and up in method.body):
+            return None, "its output is not assigned to a name at the top level of the method"
+        h = up.targets[0].id
+        later = method.body[method.body.index(statement) + 1:]
+        for k, stmt in enumerate(later):
+            names = [n for n in ast.walk(stmt) if isinstance(n, ast.Name) and n.id == h]
+            if not names:
+                continue
+            reads = [n for n in names if isinstance(n.ctx, ast.Load) or isinstance(self.parent[n], ast.AugAssign)]
+            stores = [n for n in names if n not in reads]
+            act = self.parent[reads[0]] if len(reads) == 1 else None
+            if not (act is not None and _is_self_call(act, reads[0], this) and self.always_evaluated(act, stmt)):
+                return None, f"{h} = self.L(...) is next used otherwise than as the one argument of self.<act>({h})"
+            if not (stores and isinstance(stmt, ast.Assign)) and any(
+                    isinstance(n, ast.Name) and n.id == h for s in later[k + 1:] for n in ast.walk(s)):
+                return None, f"{h} = self.L(...) is read again after self.{act.func.attr}({h})"
+            return act.func.attr, ""
+        return None, f"{h} = self.L(...) is never passed to an activation"
+
+    def always_evaluated(self, node: ast.AST, stmt: ast.stmt) -> bool:
+        while node is not stmt:
+            node = self.parent[node]
+            if not isinstance(node, _ALWAYS_EVALUATED):
+                return False
+        return True
+
+
+def _is_self_call(node: ast.AST, arg: ast.AST, this: str) -> bool:
+    """Whether node is `this.A(arg)`: a call of an attribute of the method's first argument, arg alone."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == this and node.args == [arg] and not node.keywords)
+
+
+def _fuse_block(module: nn.Module, prefix: str, report: _Report) -> None:
+    """Linear -> activation pairs in a module with a forward of its own, from its class's source."""
+    linears = [name for name, child in module._modules.items() if type(child) is nn.Linear]
+    if not linears:
+        return
+    try:
+        source = _Source(type(module))
+    except (OSError, TypeError, SyntaxError, IndexError, AttributeError) as e:
+        report.left(f"{prefix}{', '.join(linears)}", f"the source of {type(module).__name__} cannot be read ({e})")
+        return
+    if "forward" in module.__dict__ or source.reflective:
+        why = "its forward is replaced on the instance" if "forward" in module.__dict__ else source.reflective[0]
+        report.left(f"{prefix}{', '.join(linears)}", f"{type(module).__name__}: {why}")
+        return
+    for name in linears:
+        linear, where = module._modules[name], f"{prefix}{name} {module._modules[name]!r}"
+        if _has_hooks(linear):
+            report.left(where, "it has hooks")
+            continue
+        call, why = source.only_call(name)
+        act_name, why = source.activation_of(call) if call is not None else (None, why)
+        if act_name is not None and source.only_call(act_name)[0] is None:
+            act_name, why = None, source.only_call(act_name)[1]
+        if act_name is None:
+            report.left(where, why)
+            continue
+        act = module._modules[act_name] if act_name in module._modules else module.__dict__.get(act_name)
+        if act is None:
+            report.left(where, f"self.{act_name} is neither a child module nor a function stored on the instance")
+            continue
+        activation, why = _activation_name(act)
+        if activation is None:
+            report.left(where, why)
+            continue
+        dense, folded = _fold(linear, activation, act if isinstance(act, nn.Module) else None)
+        module._modules[name] = dense
+        if act_name in module._modules:
+            module._modules[act_name] = folded
+        else:
+            del module.__dict__[act_name]
+            module._modules[act_name] = folded
+        report.swapped(f"{where} + {prefix}{act_name} {act!r} -> {dense!r}")
+
+
 def _fused_cross_entropy(loss: nn.CrossEntropyLoss) -> nn.Module:
     fused = FusedCrossEntropyLoss(weight=loss.weight, ignore_index=loss.ignore_index, reduction=loss.reduction,
                                   label_smoothing=loss.label_smoothing)
@@ -153,29 +420,30 @@ def _fused_cross_entropy(loss: nn.CrossEntropyLoss) -> nn.Module:
 
 def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
     """The model with its layers swapped for fused ones, computing the same function with the same state_dict
-    keys (see the module docstring for what is swapped). A copy (deep) unless inplace; use the returned module
-    either way (a model that is itself an nn.CrossEntropyLoss is replaced). verbose prints one line per
-    replacement. Activation modules with other parameters than the fused table's (a LeakyReLU slope other
-    than 0.01, say), modules with hooks, and subclasses of nn.Linear or of containers with a forward of their
-    own are left as they are. The fused modules take the Linear's Parameters (the same tensors when inplace),
-    so devices, dtypes and requires_grad are kept."""
+    keys (see the module docstring for what is swapped and how fuse() decides). A copy (deep) unless inplace;
+    use the returned module either way (a model that is itself an nn.CrossEntropyLoss is replaced). verbose
+    prints one line per replacement and one per Linear left as it is, with the reason. Activations with other
+    parameters than the fused table's (a LeakyReLU slope other than 0.01, say), modules with hooks, and
+    subclasses of nn.Linear are left as they are; a warning says so when the model has nn.Linear layers and
+    none was converted. The fused modules take the Linear's Parameters (the same tensors when inplace), so
+    devices, dtypes and requires_grad are kept."""
     if not inplace:
         model = copy.deepcopy(model)
+    report = _Report(verbose)
     if type(model) is nn.CrossEntropyLoss and not _has_hooks(model):
         fused = _fused_cross_entropy(model)
-        if verbose:
-            print(f"fuse: {model!r} -> {fused!r}")
+        report.swapped(f"{model!r} -> {fused!r}")
         return fused
+    linears = sum(type(m) is nn.Linear for m in model.modules())
     for prefix, module in list(model.named_modules()):
         prefix = prefix + "." if prefix else ""
         for name, child in list(module._modules.items()):
             if type(child) is nn.CrossEntropyLoss and not _has_hooks(child):
                 fused = _fused_cross_entropy(child)
                 module._modules[name] = fused
-                if verbose:
-                    print(f"fuse: {prefix}{name} {child!r} -> {fused!r}")
+                report.swapped(f"{prefix}{name} {child!r} -> {fused!r}")
         if _is_sequential(module):
-            _fuse_pairs(module, prefix, verbose)
+            _fuse_pairs(module, prefix, report)
             runs = _mlp_runs(module) if type(module) is nn.Sequential else []
             if runs:
                 module.__class__ = FusedSequential
@@ -186,4 +454,9 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
                     layers = children[first:last + 1:2]
                     sizes = [layers[0].in_features] + [m.out_features for m in layers]
                     print(f"fuse: {prefix}{names[first]} to {prefix}{names[last]} -> one mlp op, sizes {sizes}")
+        elif not type(module).__module__.startswith("fusedlayers."):
+            _fuse_block(module, prefix, report)
+    if linears and not report.converted and not any(type(m) is FoldedActivation for m in model.modules()):
+        warnings.warn(f"fuse(): the model has {linears} nn.Linear layers and none was converted "
+                      f"(fuse(model, verbose=True) says why)", stacklevel=2)
     return model

@@ -258,3 +258,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     loss = _smoothed_over_no_classes(loss, weight.shape[0], label_smoothing)
     loss = (loss.reshape(shape) if reduction == "none" else loss).to(dtype)
     return (loss, lse.reshape(shape).to(dtype)) if return_lse else loss
+
+
+# torch.fx.symbolic_trace records calls of these as graph nodes instead of tracing into them (choosing a backend
+# reads the input's device, and the layout checks read shapes, which a Proxy cannot answer), so that FX-based
+# tools (create_feature_extractor, FX quantization) work on models that hold fused modules.
+for _name in ("backend_for", "dense_op", "mlp_op", "mlp_jet", "cross_entropy", "linear_cross_entropy"):
+    torch.fx.wrap(_name)

@@ -53,12 +53,22 @@ class FusedDense(nn.Module):
         fused.bias = linear.bias
         return fused
 
-    def forward(self, x: Tensor) -> Tensor:
-        # The op directly, the parameters read without nn.Module.__getattr__: the names were checked when the
-        # module was built, and for a tiny layer the per-call Python work is a visible part of the time.
+    # fuse() sets this to the FoldedActivation that stands where the activation module was: while either has
+    # hooks, this layer computes only its linear part, as the nn.Linear it replaced did (see convert.py).
+    _folded = None
+
+    def forward(self, input: Tensor) -> Tensor:
+        # The op directly, the parameters read without nn.Module.__getattr__ (for a tiny layer the per-call Python
+        # work is a visible part of the time), unless a parametrization or pruning has moved them.
         params = self._parameters
-        return FL.dense_op(x, params["weight"], params["bias"], self.activation, FL.saves_preact(self.save),
-                           FL.backend_for(self.backend, x))
+        try:
+            weight, bias = params["weight"], params["bias"]
+        except KeyError:
+            weight, bias = self.weight, self.bias
+        folded = self._folded
+        activation = "identity" if folded is not None and folded.runs_apart() else self.activation
+        return FL.dense_op(input, weight, bias, activation, FL.saves_preact(self.save),
+                           FL.backend_for(self.backend, input))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -96,21 +106,27 @@ class FusedMLP(nn.Module):
 
     def weights(self) -> list[Tensor]:
         params = self._parameters  # direct: nn.Module.__getattr__ costs ~1 us a parameter, felt by tiny nets
-        return [params[name] for name in self._weight_names]
+        try:
+            return [params[name] for name in self._weight_names]
+        except KeyError:  # a parametrization or pruning has moved one
+            return [getattr(self, name) for name in self._weight_names]
 
     def biases(self) -> list[Tensor] | None:
         params = self._parameters
-        return None if params["bias0"] is None else [params[name] for name in self._bias_names]
+        try:
+            return None if params["bias0"] is None else [params[name] for name in self._bias_names]
+        except KeyError:
+            return None if self.bias0 is None else [getattr(self, name) for name in self._bias_names]
 
     def reset_parameters(self) -> None:
         for i in range(self.num_layers):
             _linear_init(getattr(self, f"weight{i}"), getattr(self, f"bias{i}"))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
         # The op directly: the names were checked when the module was built, and for tiny networks the
         # per-call Python work is a visible part of the time.
-        return FL.mlp_op(x, self.weights(), self.biases() or [], self.activations, FL.saves_preact(self.save),
-                         FL.backend_for(self.backend, x))
+        return FL.mlp_op(input, self.weights(), self.biases() or [], self.activations, FL.saves_preact(self.save),
+                         FL.backend_for(self.backend, input))
 
     def jet(self, x: Tensor, direction: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(u, du, d2u): the network's output and its first and second derivatives w.r.t. the input along

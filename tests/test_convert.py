@@ -207,14 +207,16 @@ def test_custom_containers_and_subclasses_are_left_alone():
     hooked.register_forward_hook(lambda m, args, out: out * 3)
     model = nn.Sequential(Shuffled(nn.Linear(4, 4), nn.ReLU()), Scaled(4, 4), nn.Tanh(), hooked, nn.Tanh(),
                           nn.ModuleList([nn.Linear(4, 4), nn.ReLU()])).double()
-    fused = fusedlayers.fuse(model)
+    with pytest.warns(UserWarning, match="the model has 3 nn.Linear layers and none was converted"):
+        fused = fusedlayers.fuse(model)
     assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
 
 
 def test_unsupported_activation_is_never_changed():
     for act in unsupported():
         seq = nn.Sequential(nn.Linear(3, 3), act)
-        fused = fusedlayers.fuse(seq)
+        with pytest.warns(UserWarning, match="none was converted"):
+            fused = fusedlayers.fuse(seq)
         assert type(fused[0]) is nn.Linear and type(fused[1]) is type(act) and repr(fused[1]) == repr(act)
 
 
@@ -254,10 +256,12 @@ def test_verbose_prints_one_line_per_replacement(capsys):
                         nn.GELU(), nn.Linear(40, 2))
     fusedlayers.fuse(seq, verbose=True)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4  # two pairs; two runs of layers, each ending with a bare Linear, as mlp ops
+    assert len(lines) == 5  # two pairs, one pair left with its reason; two runs ending with a bare Linear
     assert lines[0].startswith("fuse: 0 Linear(in_features=3, out_features=40") and "+ 1 ReLU()" in lines[0]
-    assert "5 GELU" in lines[1] and "FusedDense" in lines[1]
-    assert lines[2:] == ["fuse: 0 to 2 -> one mlp op, sizes [3, 40, 40]", "fuse: 4 to 6 -> one mlp op, sizes [40, 40, 2]"]
+    assert lines[1] == ("fuse: left 2 Linear(in_features=40, out_features=40, bias=True) + 3: "
+                        "LeakyReLU(negative_slope=0.2) computes none of the fused activations")
+    assert "5 GELU" in lines[2] and "FusedDense" in lines[2]
+    assert lines[3:] == ["fuse: 0 to 2 -> one mlp op, sizes [3, 40, 40]", "fuse: 4 to 6 -> one mlp op, sizes [40, 40, 2]"]
     fusedlayers.fuse(seq)
     assert capsys.readouterr().out == ""
 
@@ -537,3 +541,281 @@ def ddp_and_fsdp2_worker(rank, port):
 def test_ddp_and_fsdp2_gloo_two_processes():
     """One pair of processes for both (starting them is most of the time): DDP, then FSDP2's fully_shard."""
     spawn_two(ddp_and_fsdp2_worker)
+
+
+# ---- hooks: honoured when the layers run, as in the original model -----------------------------------------
+
+def hooked_run(model, x, register):
+    """The model's output and gradients with hooks that record every tensor they see (and scale the output of
+    the first hooked module, so a hook's effect on the result is checked too); `register(model, hook)` places
+    them and returns the handles."""
+    seen = []
+
+    def hook(module, args, out):
+        seen.append((args[0].detach().clone(), out.detach().clone()))
+        return out * 1.5 if len(seen) == 1 else out
+
+    handles = register(model, hook)
+    x = x.clone().requires_grad_()
+    y = model(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *model.parameters()])
+    for h in handles:
+        h.remove()
+    return y, grads, seen
+
+
+def assert_same_hooked_run(fused, model, x, register):
+    y, grads, seen = hooked_run(fused, x, register)
+    y_ref, grads_ref, seen_ref = hooked_run(model, x, register)
+    assert_rel_close(y, y_ref, 1e-10, "output")
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert_rel_close(got, want, 1e-10, "grad")
+    assert len(seen) == len(seen_ref) > 0
+    for (a, o), (a_ref, o_ref) in zip(seen, seen_ref):
+        assert_rel_close(a, a_ref, 1e-10, "hook input")
+        assert_rel_close(o, o_ref, 1e-10, "hook output")
+
+
+def chain():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 2)).double()
+
+
+@pytest.mark.parametrize("where", [0, 1, 2, 3])
+def test_hook_registered_after_fuse_sees_what_the_original_gave(where):
+    # A forward hook on the FusedDense in the Linear's place sees the Linear's output (before the activation); on
+    # the FoldedActivation, the pre-activation in and the activation out; inside a run of one mlp op too.
+    model = chain()
+    fused = fusedlayers.fuse(model)
+    assert type(fused) is FusedSequential and fused._mlp_runs
+    x = data(batch=5)[0][:, :4]
+    assert_same_hooked_run(fused, model, x, lambda m, hook: [m[where].register_forward_hook(hook)])
+    # the hook removed: one mlp op again, the same function
+    with torch.profiler.profile() as prof:
+        assert_rel_close(fused(x), model(x), 1e-10)
+    assert sum(e.name == "fusedlayers::mlp" for e in prof.events()) == 1
+
+
+def test_pre_hook_and_backward_hook_after_fuse():
+    model, x = chain(), data(batch=5)[0][:, :4]
+    fused = fusedlayers.fuse(model)
+    for m in (model, fused):
+        m[2].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    grads_out = {}
+    for name, m in (("model", model), ("fused", fused)):
+        m[2].register_full_backward_hook(lambda module, gin, gout, name=name: grads_out.update({name: gout[0]}))
+    y = fused(x)
+    y.sum().backward()
+    y_ref = model(x)
+    y_ref.sum().backward()
+    assert_rel_close(y, y_ref, 1e-10)
+    assert_rel_close(grads_out["fused"], grads_out["model"], 1e-10, "grad_output at the Linear")
+    for p, q in zip(fused.parameters(), model.parameters()):
+        assert_rel_close(p.grad, q.grad, 1e-10)
+
+
+def test_global_module_hook_sees_every_module_as_the_original():
+    model, x = chain(), data(batch=5)[0][:, :4]
+    fused = fusedlayers.fuse(model)
+
+    def register(m, hook):
+        return [nn.modules.module.register_module_forward_hook(lambda mod, args, out: hook(mod, args, out)
+                                                               if mod is not m else out)]
+
+    assert_same_hooked_run(fused, model, x, register)
+
+
+def test_hook_on_a_pair_in_a_block():
+    torch.manual_seed(0)
+    block = TwoStep(5, 7).double()
+    fused = fusedlayers.fuse(block)
+    assert type(fused.fc1) is FusedDense and type(fused.act) is FoldedActivation
+    x = data()[0]
+    for where in ("fc1", "act"):
+        assert_same_hooked_run(fused, block, x, lambda m, hook: [getattr(m, where).register_forward_hook(hook)])
+
+
+# ---- modules with a forward of their own ------------------------------------------------------------------
+
+class TwoStep(nn.Module):
+    """The two-statement form: h = self.fc1(x); h = self.act(h)."""
+
+    def __init__(self, width, hidden, act=None):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), act or nn.SiLU(), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = self.act(h)
+        return self.fc2(h)
+
+
+class Nested(nn.Module):
+    """The nested form, with an activation function stored on the instance."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.gate, self.down = nn.Linear(5, 6), nn.Linear(5, 6), nn.Linear(6, 5)
+        self.act = F.gelu
+
+    def forward(self, x):
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class Branchy(nn.Module):
+    """Forms fuse() must leave: the Linear's output read again, used in a branch, an activation used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(5, 5) for _ in range(4))
+        self.relu, self.tanh = nn.ReLU(), nn.Tanh()
+
+    def forward(self, x, flag=False):
+        h = self.a(x)
+        y = self.relu(h) + h  # h read again
+        g = self.b(x)
+        if flag:
+            return g
+        g = self.tanh(g)  # b's output returned raw in a branch: its next use is the `if`
+        return self.tanh(self.c(y + g)) + self.d(x)  # tanh applied twice in the class
+
+
+def test_block_forms_converted_and_left():
+    torch.manual_seed(0)
+    nested = Nested().double()
+    fused = fusedlayers.fuse(nested)
+    assert type(fused.gate) is FusedDense and fused.gate.activation == "gelu" and type(fused.act) is FoldedActivation
+    assert type(fused.up) is nn.Linear and type(fused.down) is nn.Linear
+    x = data()[0]
+    xg = x.clone().requires_grad_()
+    for got, want in zip(torch.autograd.grad(fused(xg).sum(), [xg, *fused.parameters()]),
+                         torch.autograd.grad(nested(xg).sum(), [xg, *nested.parameters()]), strict=True):
+        assert_rel_close(got, want, 1e-10)
+    assert list(fused.state_dict()) == list(nested.state_dict())
+    branchy = Branchy().double()
+    with pytest.warns(UserWarning, match="none was converted"):
+        left = fusedlayers.fuse(branchy)
+    assert [type(m) for m in left.modules()] == [type(m) for m in branchy.modules()]
+    for flag in (False, True):
+        assert_rel_close(left(x, flag), branchy(x, flag), 1e-10)
+
+
+def test_a_block_class_without_source_is_left(capsys):
+    Hidden = type("Hidden", (TwoStep,), {"forward": eval("lambda self, x: self.act(self.fc1(x))")})
+    block = Hidden(5, 7)
+    with pytest.warns(UserWarning, match="none was converted"):
+        fusedlayers.fuse(block, verbose=True)
+    assert "cannot be read" in capsys.readouterr().out
+
+
+# ---- real model code: torchvision, timm, transformers, torch.nn (small configs, random weights) -------------
+
+def vit_torchvision():
+    from torchvision.models import VisionTransformer
+    return VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=24,
+                             num_classes=3), torch.randn(2, 3, 16, 16)
+
+
+def vit_timm():
+    import timm
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2,
+                             embed_dim=16, num_heads=2, num_classes=3), torch.randn(2, 3, 16, 16)
+
+
+def mixer_timm():
+    import timm
+    from timm.models.mlp_mixer import MlpMixer
+    return MlpMixer(num_classes=3, img_size=16, patch_size=8, num_blocks=2, embed_dim=16), torch.randn(2, 3, 16, 16)
+
+
+def token_ids():
+    return torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(3))
+
+
+def bert():
+    from transformers import BertConfig, BertModel
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        hidden_act="gelu_new")
+    return BertModel(config), token_ids()
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaModel
+    config = LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=24)
+    return LlamaModel(config), token_ids()
+
+
+def encoder_layer(activation):
+    def make():
+        return (nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, activation=activation, batch_first=True),
+                torch.randn(2, 5, 16))
+    return make
+
+
+# name: (builder, pairs fuse() must convert: every Linear -> activation of the model)
+MODELS = {
+    "torchvision_vit": (vit_torchvision, 2),
+    "timm_vit": (vit_timm, 2),
+    "timm_mixer": (mixer_timm, 4),
+    "bert": (bert, 3),  # two intermediate layers (NewGELUActivation) and the pooler's Tanh
+    "llama": (llama, 2),  # act_fn(gate_proj(x)) in each LlamaMLP
+    "encoder_layer_relu": (encoder_layer("relu"), 1),
+    "encoder_layer_module": (encoder_layer(nn.GELU(approximate="tanh")), 1),
+}
+
+
+def model_output(model, x):
+    """The model's output as one tensor (BERT's pooler output included, so its Linear -> Tanh gets a gradient)."""
+    y = model(x)
+    if isinstance(y, torch.Tensor):
+        return y
+    pooled = getattr(y, "pooler_output", None)
+    return y[0] if pooled is None else torch.cat([y[0].flatten(), pooled.flatten()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", MODELS)
+def test_real_models_convert_every_pair_and_compute_the_same(name, dtype):
+    torch.manual_seed(0)
+    model, x = MODELS[name][0]()
+    model = model.to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
+    fused = fusedlayers.fuse(model)
+    assert sum(type(m) is FusedDense for m in fused.modules()) == MODELS[name][1]
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    for grad_mode in (True, False):  # training, and under no_grad alike: the fused op runs
+        with torch.set_grad_enabled(grad_mode), torch.profiler.profile() as prof:
+            y = model_output(fused, x)
+        assert sum(e.name == "fusedlayers::dense" for e in prof.events()) == MODELS[name][1]
+    y, y_ref = model_output(fused, x), model_output(model, x)
+    assert_rel_close(y, y_ref, rtol, "output")
+    weight = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    # All gradients as one vector: some are zero but for rounding (a bias before a LayerNorm), so their scale is
+    # the model's largest gradient, not their own.
+    grads = torch.autograd.grad((y * weight).sum(), list(fused.parameters()))
+    grads_ref = torch.autograd.grad((y_ref * weight).sum(), list(model.parameters()))
+    assert [g.shape for g in grads] == [g.shape for g in grads_ref]
+    assert_rel_close(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in grads_ref]), rtol,
+                     "parameter gradients")
+    state = fused.state_dict()
+    assert list(state) == list(model.state_dict())
+    fresh, _ = MODELS[name][0]()
+    fresh.to(dtype).load_state_dict(state, strict=True)
+    assert_rel_close(model_output(fresh, x), y_ref, rtol, "the original class from the fused checkpoint")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_real_models_compile(name):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = MODELS[name][0]()
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    fused = torch.compile(fusedlayers.fuse(model), backend="aot_eager")
+    y, y_ref = model_output(fused, x), model_output(model, x)
+    assert_rel_close(y, y_ref, 1e-10)
+    grads = torch.autograd.grad(y.square().sum(), list(fused.parameters()))
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), list(model.parameters()))
+    assert_rel_close(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in grads_ref]), 1e-10)
