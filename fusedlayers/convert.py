@@ -78,10 +78,53 @@ class FoldedActivation(nn.Module):
         return f"{self.activation!r}, applied by the FusedDense before it"
 
 
-def _fold(linear: nn.Linear, activation: str, replaced: nn.Module | None) -> tuple[FusedDense, FoldedActivation]:
+class FusedConv1D(FusedDense):
+    """A FusedDense in the place of a layer that computes input @ weight + bias with weight (in_features,
+    out_features) (transformers' Conv1D, GPT-2's MLP): the same Parameters, keys and shapes, read transposed."""
+
+    _transposed = True
+
+    @classmethod
+    def from_conv1d(cls, layer: nn.Module, activation: str) -> "FusedConv1D":
+        weight, bias = layer.weight, layer.bias
+        fused = cls(weight.shape[0], weight.shape[1], bias=bias is not None, activation=activation, device="meta")
+        fused.weight, fused.bias = weight, bias
+        return fused
+
+
+def _linear_kind(module: nn.Module) -> str | None:
+    """"linear" for an nn.Linear (its subclasses are left: their forward or other methods may differ),
+    "transposed" for a layer whose Parameters are a 2-D weight and a 1-D bias and nothing else, and which
+    computes input @ weight + bias on a random input (transformers' Conv1D); else None."""
+    if type(module) is nn.Linear:
+        return "linear"
+    if isinstance(module, nn.Linear) or module._modules or _has_hooks(module) or next(module.buffers(), None) is not None:
+        return None
+    params = dict(module.named_parameters())
+    weight, bias = params.get("weight"), params.get("bias")
+    if (set(params) != {"weight", "bias"} or weight.dim() != 2 or bias.dim() != 1 or bias.shape[0] != weight.shape[1]
+            or not weight.dtype.is_floating_point or weight.device.type == "meta"):
+        return None
+    gen = torch.Generator(weight.device).manual_seed(0)
+    x = torch.randn(3, weight.shape[0], dtype=weight.dtype, device=weight.device, generator=gen)
+    try:
+        with torch.no_grad():
+            y = module(x)
+    except Exception:  # noqa: BLE001  (a layer of another shape or arguments)
+        return None
+    with torch.no_grad():
+        want = torch.addmm(bias, x, weight)
+    tol = 1e-12 if weight.dtype == torch.float64 else 1e-4
+    same = isinstance(y, Tensor) and y.shape == want.shape and bool(
+        ((y - want).abs() <= tol * (1 + want.abs().max())).all())
+    return "transposed" if same else None
+
+
+def _fold(linear: nn.Module, activation: str, replaced: nn.Module | None) -> tuple[FusedDense, FoldedActivation]:
     """The FusedDense that takes linear's place (sharing its Parameters) and the FoldedActivation that takes the
     activation's, each knowing the other (plain attributes, not children)."""
-    dense = FusedDense.from_linear(linear, activation).train(linear.training)
+    dense = (FusedDense.from_linear(linear, activation) if type(linear) is nn.Linear
+             else FusedConv1D.from_conv1d(linear, activation)).train(linear.training)
     folded = FoldedActivation(activation).train(linear.training if replaced is None else replaced.training)
     dense.__dict__["_folded"] = folded
     folded.__dict__["_dense"] = dense
@@ -370,7 +413,7 @@ def _is_self_call(node: ast.AST, arg: ast.AST, this: str) -> bool:
 
 def _fuse_block(module: nn.Module, prefix: str, report: _Report) -> None:
     """Linear -> activation pairs in a module with a forward of its own, from its class's source."""
-    linears = [name for name, child in module._modules.items() if type(child) is nn.Linear]
+    linears = [name for name, child in module._modules.items() if _linear_kind(child) is not None]
     if not linears:
         return
     try:
@@ -434,7 +477,7 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
         fused = _fused_cross_entropy(model)
         report.swapped(f"{model!r} -> {fused!r}")
         return fused
-    linears = sum(type(m) is nn.Linear for m in model.modules())
+    linears = sum(_linear_kind(m) is not None for m in model.modules())
     for prefix, module in list(model.named_modules()):
         prefix = prefix + "." if prefix else ""
         for name, child in list(module._modules.items()):

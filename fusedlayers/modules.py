@@ -56,6 +56,7 @@ class FusedDense(nn.Module):
     # fuse() sets this to the FoldedActivation that stands where the activation module was: while either has
     # hooks, this layer computes only its linear part, as the nn.Linear it replaced did (see convert.py).
     _folded = None
+    _transposed = False  # weight is (in_features, out_features): convert.FusedConv1D, in GPT-2's Conv1D's place
 
     def forward(self, input: Tensor) -> Tensor:
         # The op directly, the parameters read without nn.Module.__getattr__ (for a tiny layer the per-call Python
@@ -65,6 +66,8 @@ class FusedDense(nn.Module):
             weight, bias = params["weight"], params["bias"]
         except KeyError:
             weight, bias = self.weight, self.bias
+        if self._transposed:
+            weight = weight.t()
         folded = self._folded
         activation = "identity" if folded is not None and folded.runs_apart() else self.activation
         return FL.dense_op(input, weight, bias, activation, FL.saves_preact(self.save),

@@ -747,6 +747,13 @@ def llama():
     return LlamaModel(config), token_ids()
 
 
+def gpt2():
+    from transformers import GPT2Config, GPT2Model
+    config = GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=8, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2Model(config), token_ids()
+
+
 def encoder_layer(activation):
     def make():
         return (nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, activation=activation, batch_first=True),
@@ -761,6 +768,7 @@ MODELS = {
     "timm_mixer": (mixer_timm, 4),
     "bert": (bert, 3),  # two intermediate layers (NewGELUActivation) and the pooler's Tanh
     "llama": (llama, 2),  # act_fn(gate_proj(x)) in each LlamaMLP
+    "gpt2": (gpt2, 2),  # its Conv1D (a transposed Linear) and NewGELUActivation, as a FusedConv1D
     "encoder_layer_relu": (encoder_layer("relu"), 1),
     "encoder_layer_module": (encoder_layer(nn.GELU(approximate="tanh")), 1),
 }
@@ -783,7 +791,7 @@ def test_real_models_convert_every_pair_and_compute_the_same(name, dtype):
     model = model.to(dtype)
     x = x.to(dtype) if x.is_floating_point() else x
     fused = fusedlayers.fuse(model)
-    assert sum(type(m) is FusedDense for m in fused.modules()) == MODELS[name][1]
+    assert sum(isinstance(m, FusedDense) for m in fused.modules()) == MODELS[name][1]
     rtol = 1e-10 if dtype == torch.float64 else 1e-5
     for grad_mode in (True, False):  # training, and under no_grad alike: the fused op runs
         with torch.set_grad_enabled(grad_mode), torch.profiler.profile() as prof:
