@@ -275,7 +275,9 @@ def _linear_ce_case(quick: bool) -> Case:
 
 
 def all_cases(quick: bool = False) -> list[Case]:
-    return _seed_and_layer_cases(quick) + [_ce_case(quick), _linear_ce_case(quick)] + sweep_cases(quick)
+    from . import models  # it builds on model_impl above
+    return (_seed_and_layer_cases(quick) + [_ce_case(quick), _linear_ce_case(quick)] + sweep_cases(quick)
+            + models.cases(DEVICE, fused_backends()))
 
 
 def _seed_and_layer_cases(quick: bool) -> list[Case]:
