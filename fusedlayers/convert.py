@@ -27,11 +27,12 @@ import textwrap
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from . import functional as FL
-from .activations import ACTIVATIONS, REFERENCE, name_of_module
+from .activations import REFERENCE, name_of_module
 from .modules import FusedCrossEntropyLoss, FusedDense
 
 
@@ -62,6 +63,7 @@ class FoldedActivation(nn.Module):
     what the original modules gave it."""
 
     _dense = None  # the FusedDense that applies this activation, set by fuse() (not a child: keys stay the same)
+    _apart = False  # whether that FusedDense's last call left the activation to this module
 
     def __init__(self, activation: str) -> None:
         super().__init__()
@@ -72,7 +74,7 @@ class FoldedActivation(nn.Module):
         return dense is not None and (_has_hooks(self) or _has_hooks(dense) or _global_hooks())
 
     def forward(self, input: Tensor) -> Tensor:
-        return REFERENCE[self.activation].f(input) if self.runs_apart() else input
+        return REFERENCE[self.activation].f(input) if self._apart else input
 
     def extra_repr(self) -> str:
         return f"{self.activation!r}, applied by the FusedDense before it"
@@ -92,32 +94,28 @@ class FusedConv1D(FusedDense):
         return fused
 
 
+# Layers of other libraries that compute input @ weight + bias with weight stored (in_features, out_features), by
+# qualified class name: what their forward does cannot be told from their Parameters (a square weight fits either
+# layout), so each is named here. Add one with its module path and class name.
+TRANSPOSED_LINEARS = frozenset({"transformers.pytorch_utils.Conv1D"})
+
+
+def _qualname(obj) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _linear_kind(module: nn.Module) -> str | None:
     """"linear" for an nn.Linear (its subclasses are left: their forward or other methods may differ),
-    "transposed" for a layer whose Parameters are a 2-D weight and a 1-D bias and nothing else, and which
-    computes input @ weight + bias on a random input (transformers' Conv1D); else None."""
+    "transposed" for a layer of TRANSPOSED_LINEARS with a (in, out) weight and an (out,) bias; else None."""
     if type(module) is nn.Linear:
         return "linear"
-    if isinstance(module, nn.Linear) or module._modules or _has_hooks(module) or next(module.buffers(), None) is not None:
+    if _qualname(module) not in TRANSPOSED_LINEARS or _has_hooks(module):
         return None
-    params = dict(module.named_parameters())
-    weight, bias = params.get("weight"), params.get("bias")
-    if (set(params) != {"weight", "bias"} or weight.dim() != 2 or bias.dim() != 1 or bias.shape[0] != weight.shape[1]
-            or not weight.dtype.is_floating_point or weight.device.type == "meta"):
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    if weight is None or weight.dim() != 2 or bias is None or tuple(bias.shape) != (weight.shape[1],):
         return None
-    gen = torch.Generator(weight.device).manual_seed(0)
-    x = torch.randn(3, weight.shape[0], dtype=weight.dtype, device=weight.device, generator=gen)
-    try:
-        with torch.no_grad():
-            y = module(x)
-    except Exception:  # noqa: BLE001  (a layer of another shape or arguments)
-        return None
-    with torch.no_grad():
-        want = torch.addmm(bias, x, weight)
-    tol = 1e-12 if weight.dtype == torch.float64 else 1e-4
-    same = isinstance(y, Tensor) and y.shape == want.shape and bool(
-        ((y - want).abs() <= tol * (1 + want.abs().max())).all())
-    return "transposed" if same else None
+    return "transposed"
 
 
 def _fold(linear: nn.Module, activation: str, replaced: nn.Module | None) -> tuple[FusedDense, FoldedActivation]:
@@ -180,46 +178,64 @@ def _plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not _has_hooks(module)
 
 
-# Where fuse() tells an activation it does not know by its class from one of the table's functions: float64
-# points over [-1000, 1000], densest where the functions differ.
+# Activations of other libraries, by qualified class name -> the fused table's name; fuse() checks each against the
+# table's function on float64 points before folding it (within 1e-10 relative; FastGELU's rounded sqrt(2/pi) is
+# 4e-12 off). torch.nn's own modules are matched exactly, by class and parameters (fusedlayers/activations.py).
+KNOWN_ACTIVATIONS = {
+    "transformers.activations.GELUActivation": "gelu",
+    "transformers.activations.NewGELUActivation": "gelu_tanh",
+    "transformers.activations.GELUTanh": "gelu_tanh",
+    "transformers.activations.PytorchGELUTanh": "gelu_tanh",
+    "transformers.activations.FastGELUActivation": "gelu_tanh",
+    "transformers.activations.SiLUActivation": "silu",
+    "timm.layers.activations.GELU": "gelu",
+    "timm.layers.activations.GELUTanh": "gelu_tanh",
+    "timm.layers.activations.Swish": "silu",
+    "timm.layers.activations.Sigmoid": "sigmoid",
+    "timm.layers.activations.Tanh": "tanh",
+}
+# Functions a module may store as its activation (nn.TransformerEncoderLayer's self.activation), called with one
+# tensor: these compute the table's functions with torch's defaults.
+ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh",
+                        F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.elu: "elu",
+                        F.selu: "selu", torch.selu: "selu", F.softplus: "softplus", F.leaky_relu: "leaky_relu",
+                        torch.cos: "cos", torch.sin: "sin"}
+
 _PROBE = torch.cat([torch.linspace(-20.0, 20.0, 4001, dtype=torch.float64),
                     torch.tensor([-1e3, -100.0, -50.0, -30.0, 30.0, 50.0, 100.0, 1e3], dtype=torch.float64)])
 
 
-def _computes(fn) -> str | None:
-    """The table's name of the elementwise function fn computes on _PROBE (within 1e-9 relative), else None."""
+def _computes(module: nn.Module, name: str) -> bool:
+    """Whether module computes the table's function `name` on _PROBE, elementwise, within 1e-10 relative."""
     z = _PROBE.clone()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a random module must not move the user's RNG
-            y, y2 = fn(z.clone()), fn(z.clone().view(19, -1))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            y, y2 = module(z.clone()), module(z.clone().view(19, -1))
     except Exception:  # noqa: BLE001  (not a function of one tensor)
-        return None
-    if not (isinstance(y, Tensor) and isinstance(y2, Tensor) and y.shape == z.shape and y.dtype == z.dtype
-            and torch.equal(y2.reshape(-1), y)):
-        return None
-    for name in ACTIVATIONS:
-        if name != "identity" and bool(((y - REFERENCE[name].f(z)).abs() <= 1e-9 * (1 + z.abs())).all()):
-            return name
-    return None
+        return False
+    return (isinstance(y, Tensor) and isinstance(y2, Tensor) and y.shape == z.shape and y.dtype == z.dtype
+            and torch.equal(y2.reshape(-1), y)
+            and bool(((y - REFERENCE[name].f(z)).abs() <= 1e-10 * (1 + z.abs())).all()))
 
 
 def _activation_name(act) -> tuple[str | None, str]:
     """(the table's name for an activation module or function fuse() may fold, else None; why not)."""
-    if isinstance(act, nn.Module):
-        if _has_hooks(act):
-            return None, f"{act!r} has hooks"
-        try:
-            name = name_of_module(act)
-            return (None, "nn.Identity is no activation") if name == "identity" else (name, "")
-        except ValueError:
-            pass
-        if next(act.parameters(), None) is not None or next(act.buffers(), None) is not None or act._modules:
-            return None, f"{act!r} has parameters, buffers or children, so it is none of the fused activations"
-    elif not callable(act):
-        return None, f"{act!r} is not callable"
-    name = _computes(act)
+    if not isinstance(act, nn.Module):
+        name = ACTIVATION_FUNCTIONS.get(act) if callable(act) else None
+        return (name, "") if name else (None, f"{act!r} is none of the fused activations' functions")
+    if _has_hooks(act):
+        return None, f"{act!r} has hooks"
+    try:
+        name = name_of_module(act)
+        return (None, "nn.Identity is no activation") if name == "identity" else (name, "")
+    except ValueError:
+        pass
+    name = KNOWN_ACTIVATIONS.get(_qualname(act))
     if name is None:
-        return None, f"{act!r} computes none of the fused activations"
+        return None, f"{act!r} is none of the fused activations (convert.KNOWN_ACTIVATIONS names other libraries')"
+    if next(act.parameters(), None) is not None or next(act.buffers(), None) is not None or act._modules \
+            or not _computes(act, name):
+        return None, f"{act!r} does not compute {name} as its class is known to"
     return name, ""
 
 
@@ -303,53 +319,109 @@ def _chains(a: nn.Module, b: nn.Module) -> bool:
 # Attributes of a Linear that code may read without calling it (TransformerEncoderLayer's fast path reads these).
 _LINEAR_READS = frozenset({"weight", "bias", "in_features", "out_features"})
 # Attributes of a module that reach its children without naming them (self[0], self.children(), ...).
-# (modules() and named_modules() are left out: they yield self too, so code that calls what they yield is
-# unlikely; TransformerEncoderLayer reads their hooks.)
-_REFLECTIVE = frozenset({"children", "named_children", "_modules", "__dict__",
+_REFLECTIVE = frozenset({"children", "named_children", "modules", "named_modules", "_modules", "__dict__",
                          "__getattr__", "__getattribute__", "get_submodule", "apply", "_apply", "__getitem__",
-                         "__iter__", "_call_impl"})
+                         "__iter__", "_call_impl", "_wrapped_call_impl"})
+# ... of which torch.nn's own classes use these only to read hooks (TransformerEncoderLayer's fast-path check).
+_TORCH_NN_READS = frozenset({"modules", "named_modules"})
+# Names whose call reads or runs a method's locals or a module's attributes by name.
+_DYNAMIC = frozenset({"locals", "vars", "eval", "exec", "globals", "getattr", "setattr", "delattr"})
 # Expressions that, between an activation's call and the statement holding it, never skip evaluating it.
 _ALWAYS_EVALUATED = (ast.Call, ast.BinOp, ast.UnaryOp, ast.Tuple, ast.List, ast.keyword, ast.Starred,
                      ast.Attribute, ast.Subscript, ast.Expr, ast.Assign, ast.AnnAssign, ast.Return)
+_SCOPES = (ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef, ast.ListComp, ast.SetComp, ast.DictComp,
+           ast.GeneratorExp)
+_SETUP = ("__init__", "__setstate__")  # run before fuse(): only what they leave behind (closures, aliases) counts
+
+
+def _class_methods(klass: type, strict: bool) -> list[ast.FunctionDef]:
+    """The methods of klass's own body as syntax trees, checked against what the class really holds: every
+    function in klass.__dict__ must be the def of its name in the source (not replaced afterwards, not defined
+    twice, not swapped for a wrapper by a decorator: torch.jit.ignore returns the function itself); else
+    ValueError. Not strict: the source as it is (for the modules above a block, searched for names only)."""
+    lines, start = inspect.getsourcelines(klass)
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    defs = {node.name: node for node in tree.body[0].body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    for name, value in vars(klass).items() if strict else ():
+        funcs = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [
+            getattr(value, "__func__", value)]
+        for f in funcs:
+            if f is None or not (inspect.isfunction(f) or inspect.ismethod(f)):
+                continue
+            node = defs.get(f.__name__)
+            first = node and (node.decorator_list[0].lineno if node.decorator_list else node.lineno)
+            if node is None or hasattr(f, "__wrapped__") or f.__code__.co_name != node.name \
+                    or f.__code__.co_firstlineno != start + first - 1:
+                raise ValueError(f"{klass.__name__}.{name} is not the def its source shows (replaced, wrapped by a "
+                                 f"decorator, or defined twice)")
+    return list(defs.values())
 
 
 class _Source:
-    """The methods of a module's class (resolved through its MRO, nn.Module's own left out) as syntax trees, and
-    every use of `self.<name>` in them."""
+    """The methods of a module's class and of every base but nn.Module (overridden ones too: super() reaches them)
+    as syntax trees, every use of `self.<name>` in them, and the uses of self that reach children unnamed."""
 
-    def __init__(self, cls: type) -> None:
-        methods: dict[str, ast.FunctionDef] = {}
-        for klass in reversed(cls.__mro__):
-            if klass in (object, nn.Module):
-                continue
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))  # OSError/TypeError: no source
-            for node in tree.body[0].body:
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    methods[node.name] = node
-        self.methods = methods
+    def __init__(self, cls: type, strict: bool = True) -> None:
+        torch_nn = cls.__module__.startswith("torch.nn.")
         self.parent: dict[ast.AST, ast.AST] = {}
         self.uses: dict[str, list[ast.Attribute]] = {}
         self.method_of: dict[ast.AST, ast.FunctionDef] = {}
         self.this: dict[ast.FunctionDef, str] = {}
-        self.reflective: list[str] = []  # uses of self that reach children without naming them
-        for method in methods.values():
-            if not method.args.args:
+        self.reflective: list[str] = []
+        for klass in cls.__mro__:
+            if klass in (object, nn.Module):
                 continue
-            this = method.args.args[0].arg
-            setup = method.name in ("__init__", "__setstate__")
-            for node in ast.walk(method):
-                for child in ast.iter_child_nodes(node):
-                    self.parent[child] = node
-            for node in ast.walk(method):
-                if not (isinstance(node, ast.Name) and node.id == this) or setup:
-                    continue
+            for method in _class_methods(klass, strict):
+                self._read(method, torch_nn)
+
+    def _read(self, method: ast.FunctionDef, torch_nn: bool) -> None:
+        for node in ast.walk(method):
+            for child in ast.iter_child_nodes(node):
+                self.parent[child] = node
+        if not method.args.args:
+            return
+        this = self.this[method] = method.args.args[0].arg
+        setup = method.name in _SETUP
+        for node in ast.walk(method):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super":
                 up = self.parent[node]
-                if not isinstance(up, ast.Attribute) or up.attr in _REFLECTIVE:
+                if isinstance(up, ast.Attribute) and up.attr in _REFLECTIVE:
+                    self.reflective.append(f"{method.name}() uses super().{up.attr}")
+            if not (isinstance(node, ast.Name) and node.id == this) or node is method.args.args[0]:
+                continue
+            up = self.parent[node]
+            nested = any(isinstance(a, _SCOPES) for a in self._ancestors(node, method))
+            if setup and not nested:
+                if isinstance(up, ast.Attribute) or _is_super_or_init_call(up, node):
+                    continue  # construction itself: gone once fuse() runs
+                self.reflective.append(f"{method.name}() keeps {ast.unparse(up)}")
+            elif not isinstance(up, ast.Attribute):
+                if not _is_super_or_init_call(up, node):
                     self.reflective.append(f"{method.name}() uses {ast.unparse(up)}")
-                elif isinstance(up.ctx, ast.Load) or not setup:
-                    self.uses.setdefault(up.attr, []).append(up)
-                    self.method_of[up] = method
-                    self.this[method] = this
+            elif up.attr in _REFLECTIVE and not (torch_nn and up.attr in _TORCH_NN_READS):
+                self.reflective.append(f"{method.name}() uses {ast.unparse(up)}")
+            elif isinstance(up.ctx, ast.Load) or not setup:
+                self.uses.setdefault(up.attr, []).append(up)
+                self.method_of[up] = method
+
+    def _ancestors(self, node: ast.AST, stop: ast.AST):
+        """The nodes enclosing node inside stop (stop itself left out)."""
+        node = self.parent[node]
+        while node is not stop:
+            yield node
+            node = self.parent[node]
+
+    def chains(self) -> list[list[str]]:
+        """Every attribute chain read from self (self.blk.fc1.weight -> ["blk", "fc1", "weight"])."""
+        out = []
+        for uses in self.uses.values():
+            for use in uses:
+                chain, node = [use.attr], use
+                while isinstance(self.parent.get(node), ast.Attribute):
+                    node = self.parent[node]
+                    chain.append(node.attr)
+                out.append(chain)
+        return out
 
     def only_call(self, name: str) -> tuple[ast.Call | None, str]:
         """The one call `self.<name>(x)` in the class (one positional argument, nothing else), where every other
@@ -371,17 +443,22 @@ class _Source:
     def activation_of(self, call: ast.Call) -> tuple[str | None, str]:
         """The attribute name A when the value of `call` (self.L(x)) always goes to `self.A(...)` and nowhere
         else: self.A(self.L(x)), or in the top-level, straight-line statements of its method `h = self.L(x)`
-        with the next use of h being `self.A(h)` and h read nowhere after it."""
+        with the next use of h being `self.A(h)` and h read nowhere after it, nor in a nested scope."""
         up, method = self.parent[call], self.method_of[call.func]
         this = self.this[method]
         if _is_self_call(up, call, this):
             return up.func.attr, ""
-        statement = up
         if not (isinstance(up, ast.Assign) and up.value is call and len(up.targets) == 1
                 and isinstance(up.targets[0], ast.Name) and up in method.body):
             return None, "its output is not assigned to a name at the top level of the method"
         h = up.targets[0].id
-        later = method.body[method.body.index(statement) + 1:]
+        for node in ast.walk(method):
+            if isinstance(node, ast.Name) and node.id == h and any(
+                    isinstance(a, _SCOPES) for a in self._ancestors(node, method)):
+                return None, f"{h} is also used in a nested scope (lambda, comprehension, def)"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _DYNAMIC:
+                return None, f"{method.name}() calls {node.func.id}()"
+        later = method.body[method.body.index(up) + 1:]
         for k, stmt in enumerate(later):
             names = [n for n in ast.walk(stmt) if isinstance(n, ast.Name) and n.id == h]
             if not names:
@@ -398,11 +475,8 @@ class _Source:
         return None, f"{h} = self.L(...) is never passed to an activation"
 
     def always_evaluated(self, node: ast.AST, stmt: ast.stmt) -> bool:
-        while node is not stmt:
-            node = self.parent[node]
-            if not isinstance(node, _ALWAYS_EVALUATED):
-                return False
-        return True
+        return isinstance(stmt, _ALWAYS_EVALUATED) and all(
+            isinstance(a, _ALWAYS_EVALUATED) for a in self._ancestors(node, stmt))
 
 
 def _is_self_call(node: ast.AST, arg: ast.AST, this: str) -> bool:
@@ -411,15 +485,57 @@ def _is_self_call(node: ast.AST, arg: ast.AST, this: str) -> bool:
             and node.func.value.id == this and node.args == [arg] and not node.keywords)
 
 
-def _fuse_block(module: nn.Module, prefix: str, report: _Report) -> None:
+def _is_super_or_init_call(up: ast.AST, node: ast.AST) -> bool:
+    """Whether the bare self `node` is an argument of a call that neither keeps it nor reaches its children:
+    super(...), Base.__init__(self, ...), hasattr, isinstance, type."""
+    return isinstance(up, ast.Call) and node in up.args and (
+        (isinstance(up.func, ast.Name) and up.func.id in ("super", "hasattr", "isinstance", "type"))
+        or (isinstance(up.func, ast.Attribute) and up.func.attr == "__init__"))
+
+
+_SOURCES: dict[tuple[type, bool], "_Source | Exception"] = {}
+
+
+def _source(cls: type, strict: bool = True) -> "_Source":
+    """cls's _Source, read once per fuse() call (an exception if it cannot be read)."""
+    if (cls, strict) not in _SOURCES:
+        try:
+            _SOURCES[cls, strict] = _Source(cls, strict)
+        except (OSError, TypeError, SyntaxError, IndexError, AttributeError, ValueError) as e:
+            _SOURCES[cls, strict] = e
+    found = _SOURCES[cls, strict]
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
+def _reached_from_above(ancestors: list[tuple[nn.Module, list[str]]], names: tuple[str, ...]) -> str | None:
+    """An ancestor whose code names one of `names` inside the block (self.blk.fc1 from the block's parent): that
+    code would see the fused module; ancestors: (module, the path from it to the block)."""
+    for ancestor, path in ancestors:
+        if isinstance(ancestor, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and type(ancestor).__module__.startswith(
+                "torch.nn."):
+            continue
+        try:
+            source = _source(type(ancestor), strict=False)
+        except Exception:  # noqa: BLE001  (no source: nothing named inside can be seen; torch's containers above)
+            return f"the source of {type(ancestor).__name__}, which holds the block, cannot be read"
+        for chain in source.chains():
+            if chain[:len(path)] == path and len(chain) > len(path) and chain[len(path)] in names:
+                return f"{type(ancestor).__name__} reaches self.{'.'.join(chain[:len(path) + 1])}"
+    return None
+
+
+def _fuse_block(module: nn.Module, prefix: str, ancestors: list, report: _Report) -> None:
     """Linear -> activation pairs in a module with a forward of its own, from its class's source."""
     linears = [name for name, child in module._modules.items() if _linear_kind(child) is not None]
     if not linears:
         return
     try:
-        source = _Source(type(module))
-    except (OSError, TypeError, SyntaxError, IndexError, AttributeError) as e:
-        report.left(f"{prefix}{', '.join(linears)}", f"the source of {type(module).__name__} cannot be read ({e})")
+        source = _source(type(module))
+    except (OSError, TypeError, SyntaxError, IndexError, AttributeError, ValueError) as e:
+        report.left(f"{prefix}{', '.join(linears)}", f"the source of {type(module).__name__} cannot be read or "
+                    f"does not match the class ({e})")
         return
     if "forward" in module.__dict__ or source.reflective:
         why = "its forward is replaced on the instance" if "forward" in module.__dict__ else source.reflective[0]
@@ -427,13 +543,14 @@ def _fuse_block(module: nn.Module, prefix: str, report: _Report) -> None:
         return
     for name in linears:
         linear, where = module._modules[name], f"{prefix}{name} {module._modules[name]!r}"
-        if _has_hooks(linear):
-            report.left(where, "it has hooks")
-            continue
         call, why = source.only_call(name)
         act_name, why = source.activation_of(call) if call is not None else (None, why)
         if act_name is not None and source.only_call(act_name)[0] is None:
             act_name, why = None, source.only_call(act_name)[1]
+        if act_name is not None:
+            above = _reached_from_above(ancestors, (name, act_name))
+            if above is not None:
+                act_name, why = None, above
         if act_name is None:
             report.left(where, why)
             continue
@@ -447,11 +564,8 @@ def _fuse_block(module: nn.Module, prefix: str, report: _Report) -> None:
             continue
         dense, folded = _fold(linear, activation, act if isinstance(act, nn.Module) else None)
         module._modules[name] = dense
-        if act_name in module._modules:
-            module._modules[act_name] = folded
-        else:
-            del module.__dict__[act_name]
-            module._modules[act_name] = folded
+        module.__dict__.pop(act_name, None)
+        module._modules[act_name] = folded
         report.swapped(f"{where} + {prefix}{act_name} {act!r} -> {dense!r}")
 
 
@@ -478,7 +592,11 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
         report.swapped(f"{model!r} -> {fused!r}")
         return fused
     linears = sum(_linear_kind(m) is not None for m in model.modules())
-    for prefix, module in list(model.named_modules()):
+    _SOURCES.clear()
+    modules = dict(model.named_modules())
+    for prefix, module in list(modules.items()):
+        path = prefix.split(".") if prefix else []
+        ancestors = [(modules[".".join(path[:i])], path[i:]) for i in range(len(path))]
         prefix = prefix + "." if prefix else ""
         for name, child in list(module._modules.items()):
             if type(child) is nn.CrossEntropyLoss and not _has_hooks(child):
@@ -498,7 +616,7 @@ def fuse(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.M
                     sizes = [layers[0].in_features] + [m.out_features for m in layers]
                     print(f"fuse: {prefix}{names[first]} to {prefix}{names[last]} -> one mlp op, sizes {sizes}")
         elif not type(module).__module__.startswith("fusedlayers."):
-            _fuse_block(module, prefix, report)
+            _fuse_block(module, prefix, ancestors, report)
     if linears and not report.converted and not any(type(m) is FoldedActivation for m in model.modules()):
         warnings.warn(f"fuse(): the model has {linears} nn.Linear layers and none was converted "
                       f"(fuse(model, verbose=True) says why)", stacklevel=2)

@@ -68,8 +68,12 @@ class FusedDense(nn.Module):
             weight, bias = self.weight, self.bias
         if self._transposed:
             weight = weight.t()
-        folded = self._folded
-        activation = "identity" if folded is not None and folded.runs_apart() else self.activation
+        folded, activation = self._folded, self.activation
+        if folded is not None:
+            # the pair's decision for this call, which the FoldedActivation follows even if a hook changes meanwhile
+            folded._apart = folded.runs_apart()
+            if folded._apart:
+                activation = "identity"
         return FL.dense_op(input, weight, bias, activation, FL.saves_preact(self.save),
                            FL.backend_for(self.backend, input))
 

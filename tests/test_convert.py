@@ -259,7 +259,8 @@ def test_verbose_prints_one_line_per_replacement(capsys):
     assert len(lines) == 5  # two pairs, one pair left with its reason; two runs ending with a bare Linear
     assert lines[0].startswith("fuse: 0 Linear(in_features=3, out_features=40") and "+ 1 ReLU()" in lines[0]
     assert lines[1] == ("fuse: left 2 Linear(in_features=40, out_features=40, bias=True) + 3: "
-                        "LeakyReLU(negative_slope=0.2) computes none of the fused activations")
+                        "LeakyReLU(negative_slope=0.2) is none of the fused activations (convert.KNOWN_ACTIVATIONS "
+                        "names other libraries')")
     assert "5 GELU" in lines[2] and "FusedDense" in lines[2]
     assert lines[3:] == ["fuse: 0 to 2 -> one mlp op, sizes [3, 40, 40]", "fuse: 4 to 6 -> one mlp op, sizes [40, 40, 2]"]
     fusedlayers.fuse(seq)
@@ -827,3 +828,156 @@ def test_real_models_compile(name):
     grads = torch.autograd.grad(y.square().sum(), list(fused.parameters()))
     grads_ref = torch.autograd.grad(y_ref.square().sum(), list(model.parameters()))
     assert_rel_close(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in grads_ref]), 1e-10)
+
+
+# ---- forms a review found: fuse() must leave them (or compute exactly what they compute) --------------------
+
+class RawL(nn.Module):
+    def __init__(self, act=None):
+        super().__init__()
+        self.L, self.act, self.out = nn.Linear(4, 5), act or nn.ReLU(), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.L(x))  # L's output raw
+
+
+class CallsBase(RawL):
+    def forward(self, x):  # the fusable form, plus the base's forward, which uses L raw
+        h = self.L(x)
+        y = self.act(h)
+        return self.out(y) + super().forward(x)
+
+
+class Patched(RawL):
+    def forward(self, x):
+        return self.out(self.act(self.L(x)))
+
+
+Patched.forward = lambda self, x: self.out(self.act(self.L(x))) + self.out(self.L(x))  # replaced after its def
+
+
+class Closure(RawL):
+    def forward(self, x):
+        get = lambda: h  # noqa: E731  (reads h after the activation)
+        h = self.L(x)
+        y = self.act(h)
+        return self.out(y) + self.out(get())
+
+
+class Keeps(RawL):
+    def __init__(self):
+        super().__init__()
+        self.owner = [self]  # reaches L without naming it in forward
+
+    def forward(self, x):
+        return self.out(self.act(self.L(x))) + self.out(self.owner[0].L(x))
+
+
+class Quick(nn.Module):
+    """An activation of no known class (QuickGELU's form): never folded, whatever it computes."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class MyLinear(nn.Module):
+    """A weight + bias layer of the (out, in) layout whose weight is square and zero: not a transposed Linear."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.zeros(n, n)), nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class Adapter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.act = MyLinear(4), nn.GELU()
+
+    def forward(self, x):
+        return x + self.act(self.up(x))
+
+
+class Parent(nn.Module):
+    """Reaches into a fusable block: self.blk.L(x) would see the FusedDense."""
+
+    def __init__(self):
+        super().__init__()
+        self.blk = Nested2()
+
+    def forward(self, x):
+        return self.blk(x) + self.blk.out(self.blk.L(x))
+
+
+class Nested2(RawL):
+    def forward(self, x):
+        return self.out(self.act(self.L(x)))
+
+
+class Counter(nn.Module):
+    """A stateful module after a Linear: fuse() must not run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = 0
+
+    def forward(self, x):
+        self.step += 1
+        return x * self.step
+
+
+LEFT = {"calls_base": CallsBase, "patched": Patched, "closure": Closure, "keeps": Keeps,
+        "unknown_activation": lambda: RawLAct(Quick()), "parent": Parent,
+        "counter": lambda: nn.Sequential(nn.Linear(4, 4), Counter())}
+
+
+class RawLAct(RawL):
+    def forward(self, x):
+        return self.out(self.act(self.L(x)))
+
+
+@pytest.mark.parametrize("name", LEFT)
+def test_forms_fuse_must_leave(name):
+    torch.manual_seed(0)
+    model = LEFT[name]().double()
+    x = data()[0][:, :4]
+    with pytest.warns(UserWarning, match="none was converted"):
+        fused = fusedlayers.fuse(model)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+    assert_rel_close(fused(x), model(x), 1e-10)
+    if name == "counter":
+        assert fused[1].step == 1 and model[1].step == 1
+
+
+def test_square_weight_layer_is_not_taken_for_a_transposed_linear():
+    torch.manual_seed(0)
+    model = Adapter().double()
+    fused = fusedlayers.fuse(model)  # no nn.Linear: nothing to warn about
+    assert type(fused.up) is MyLinear and type(fused.act) is nn.GELU
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}  # a checkpoint loaded afterwards
+    model.load_state_dict(state)
+    fused.load_state_dict(state)
+    x = data()[0][:, :4]
+    assert_rel_close(fused(x), model(x), 1e-10)
+
+
+@pytest.mark.parametrize("where", ["dense", "folded"])
+def test_a_hook_that_removes_itself_mid_call(where):
+    # The pair's decision is taken once per call: the FoldedActivation follows its FusedDense even after the
+    # hook that made them run apart is gone.
+    torch.manual_seed(0)
+    model = chain()
+    fused = fusedlayers.fuse(model)
+    x = data(batch=5)[0][:, :4]
+    handles = {}
+
+    def hook(module, args, out=None):
+        handles[id(module)].remove()
+
+    for m in (model, fused):
+        target = m[0] if where == "dense" else m[1]
+        handles[id(target)] = target.register_forward_hook(hook)
+    assert_rel_close(fused(x), model(x), 1e-10)
+    assert_rel_close(fused(x), model(x), 1e-10)  # the hook gone: fused again
