@@ -317,6 +317,27 @@ def test_softcap_gradient_where_the_cap_saturates_as_accurate_as_torch(backend):
     assert err <= 2 * torch_err + 4 * torch.finfo(torch.float32).eps * ref.abs().max().item(), (err, torch_err)
 
 
+def test_softcap_derivative_never_rounds_to_zero_under_an_inf_gradient(backend):
+    """An inf class weight with label smoothing makes every gradient entry inf before the softcap's factor; at
+    logits of ~9 caps, 1 - th * th from a vector float32 tanh that rounds to +-1 was 0, and inf * 0 NaN (PyTorch,
+    and the float64 reference: inf). The factor is sech2(x / cap), 6e-8 there."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.linspace(-40, 40, 33).repeat(3, 1)
+    w = torch.rand(33, generator=gen)
+    w[0] = float("inf")
+    t = torch.tensor([25, 6, 2])
+
+    def grad(logits, fn):
+        logits = logits.clone().requires_grad_()
+        return torch.autograd.grad(fn(logits), logits)[0].cpu().double()
+
+    ref = grad(x.double(), lambda z: F.cross_entropy(4 * torch.tanh(z / 4), t, w.double(), label_smoothing=0.1))
+    got = grad(x.to(device_of(backend)), lambda z: cross_entropy(z, t.to(z.device), w.to(z.device),
+                                                               label_smoothing=0.1, softcap=4.0, backend=backend))
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+    assert torch.equal(got[ref.isinf()], ref[ref.isinf()])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_target_gradient_keeps_its_terms_apart(backend, dtype):
     """The target's gradient entry, nll (p - 1) + smoothing + lse terms, with no term absorbed by another: an lse

@@ -17,7 +17,8 @@ the same for all; for dense also second order (create_graph): the gradient of <f
 
 THE ACCURACY CONTRACT, one rule for values and gradients alike, output tensor by output tensor:
   1. NaN/inf placement: at every position the fused result is of torch_D's class (finite, NaN, +inf or -inf),
-     except where torch_D is not finite but ref64 is (PyTorch's own overflow) and where ref64 is finite but beyond
+     except where torch_D is not finite but ref64 is (PyTorch's own overflow), where torch_D's class differs from
+     ref64's and the fused result has ref64's (float32 gelu(+inf) is NaN on AVX-512), and where ref64 is finite but beyond
      D's range (no value of D is right; PyTorch's own is then 0 or an inf of either sign), and where PyTorch's
      class changes under the perturbations of rule 2 (cos of 1e29: a rounding decides whether an overflow
      happens): nothing is required there.
@@ -181,7 +182,10 @@ def assert_contract(name: str, fused: torch.Tensor, torch_d: torch.Tensor, ref64
     beyond = (r.abs() > torch.finfo(dtype).max) & r.isfinite()
     if unstable is not None:
         beyond = beyond | unstable
-    bad = (_classes(f) != _classes(d)) & ~(r.isfinite() & ~d.isfinite()) & ~beyond
+    # Where PyTorch's class in the dtype differs from its float64 one (an overflow: ref64 finite; a NaN where the
+    # value is an inf: float32 gelu(+inf) on AVX-512), the fused result may take either; ref64 finite: any class.
+    torch_failed = (_classes(d) != _classes(r)) & (r.isfinite() | (_classes(f) == _classes(r)))
+    bad = (_classes(f) != _classes(d)) & ~torch_failed & ~beyond
     assert not bad.any(), f"{name}: NaN/inf placement differs from PyTorch's ({int(bad.sum())} of {bad.numel()}) " \
                           f"{_where(bad, *named)}"
     # 2. accuracy, where both references are finite and ref64 within the dtype's range (and so, by 1., the fused

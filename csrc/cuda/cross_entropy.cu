@@ -29,6 +29,7 @@
 #include <limits>
 #include <optional>
 
+#include "activations.h"
 #include "ops/cross_entropy.h"
 
 namespace fusedlayers::cuda {
@@ -290,7 +291,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const acc_t z = capped(v, p, th);
     acc_t d = a * ::exp((z - st.m) - log_s) - (c == tg.t ? b : acc_t(0));
     if (smoothing) d -= e * (weight == nullptr ? acc_t(1) : acc_t(weight[c]));
-    if (p.inv_softcap != acc_t(0)) d *= acc_t(1) - th * th;
+    if (p.inv_softcap != acc_t(0)) d *= act::sech2(v * p.inv_softcap);  // not 1 - th^2, which rounds to 0 first
     return d;
   });
   assert_in_range(tg);

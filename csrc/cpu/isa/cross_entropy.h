@@ -130,22 +130,21 @@ void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M g
   const M rest = (kept && row.z_loss != M(0) ? gl * wt * M(2) * row.z_loss * lse : M(0)) + grad_lse;
   const M a = nll + (smooth ? e * W : M(0)) + rest;
   const bool cap = row.softcap != M(0);
-  const V va(a), ve(e), vshift(softmax.shift), vlog(softmax.log_norm), one(M(1)), vs(row.softcap),
+  const V va(a), ve(e), vshift(softmax.shift), vlog(softmax.log_norm), vs(row.softcap),
       inv_s(cap ? M(1) / row.softcap : M(0));
   // read before the loop: grad may be the row's logits (the in-place forward)
-  const M th_t = kept && cap ? ce_scalar_tanh(row, row.target) : M(0);
+  const M u_t = kept && cap ? row.x[row.target] * (M(1) / row.softcap) : M(0);
   const M z_t = kept ? ce_scalar_logit(row, row.target) : M(0);
   for (int64_t c = 0; c < C; c += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, C - c));
     const V x = V::loadu(row.x + c, n);
-    V th, z = x;
-    if (cap) {
-      th = (x * inv_s).tanh();
-      z = vs * th;
-    }
+    V z = x;
+    if (cap) z = vs * (x * inv_s).tanh();
     V g = va * Math<V>::exp((z - vshift) - vlog);
     if (smooth) g = g - (row.weight ? ve * V::loadu(row.weight + c, n) : ve);
-    if (cap) g = g * (one - th * th);
+    // dz/dx = sech2(x / softcap), not 1 - th^2: the vector tanh rounds to +-1 where sech2 is still 1e-7, and an
+    // inf gradient times that 0 was NaN (PyTorch: inf)
+    if (cap) g = g * act::sech2(x * inv_s);
     g.store(grad + c, n);
   }
   if (kept) {
@@ -157,7 +156,7 @@ void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M g
     const M p_t = lanes[0];
     M d = (nll * p_t - nll) + rest * p_t;
     if (smooth) d += e * (W * p_t - wt);
-    grad[row.target] = d * (M(1) - th_t * th_t);
+    grad[row.target] = cap ? d * act::sech2(u_t) : d;
   }
 }
 
