@@ -110,7 +110,7 @@ def _linear_kind(module: nn.Module) -> str | None:
     "transposed" for a layer of TRANSPOSED_LINEARS with a (in, out) weight and an (out,) bias; else None."""
     if type(module) is nn.Linear:
         return "linear"
-    if _qualname(module) not in TRANSPOSED_LINEARS or _has_hooks(module):
+    if _qualname(module) not in TRANSPOSED_LINEARS:
         return None
     weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
     if weight is None or weight.dim() != 2 or bias is None or tuple(bias.shape) != (weight.shape[1],):
@@ -543,6 +543,9 @@ def _fuse_block(module: nn.Module, prefix: str, ancestors: list, report: _Report
         return
     for name in linears:
         linear, where = module._modules[name], f"{prefix}{name} {module._modules[name]!r}"
+        if _has_hooks(linear):
+            report.left(where, "it has hooks")
+            continue
         call, why = source.only_call(name)
         act_name, why = source.activation_of(call) if call is not None else (None, why)
         if act_name is not None and source.only_call(act_name)[0] is None:

@@ -981,3 +981,13 @@ def test_a_hook_that_removes_itself_mid_call(where):
         handles[id(target)] = target.register_forward_hook(hook)
     assert_rel_close(fused(x), model(x), 1e-10)
     assert_rel_close(fused(x), model(x), 1e-10)  # the hook gone: fused again
+
+
+def test_a_block_whose_linear_has_a_hook_is_left(capsys):
+    torch.manual_seed(0)
+    block = TwoStep(5, 7).double()
+    block.fc1.register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.warns(UserWarning, match="none was converted"):
+        fused = fusedlayers.fuse(block, verbose=True)
+    assert "left fc1" in capsys.readouterr().out and type(fused.fc1) is nn.Linear
+    assert_rel_close(fused(data()[0]), block(data()[0]), 1e-10)
