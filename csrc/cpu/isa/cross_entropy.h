@@ -91,8 +91,10 @@ M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
   if (row.target < 0) return M(0);
   const M eps = row.label_smoothing;
   const M wt = row.weight ? row.weight[row.target] : M(1);
-  // wt z_loss lse lse left to right, as the GPU kernels: a zero class weight gives 0 even where lse^2 overflows
-  M loss = wt * ((M(1) - eps) * (log_sum - (ce_scalar_logit(row, row.target) - mx))) + wt * row.z_loss * lse * lse;
+  M loss = wt * ((M(1) - eps) * (log_sum - (ce_scalar_logit(row, row.target) - mx)));
+  // wt z_loss lse lse left to right, as the GPU kernels: a zero class weight gives 0 even where lse^2 overflows;
+  // and only with a z_loss, as they: an inf class weight times z_loss 0 was NaN (PyTorch: inf)
+  if (row.z_loss != M(0)) loss += wt * row.z_loss * lse * lse;
   if (eps != M(0)) {
     // sum_c w_c (lse - z_c) as sum_c w_c (log_sum - (z_c - max)): a second pass, once the max is known, so that
     // no term is large (an outlier logit as a reference made -FLT_MAX overflow), -inf logits give +inf, and
