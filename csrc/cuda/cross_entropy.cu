@@ -255,10 +255,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   lse[row] = row_lse;
 }
 
-// grad[row] = a * p - b * onehot(t) - e * w, times 1 - tanh(logits / softcap)^2 with a softcap, where p = softmax(z)
-// as exp(z - m - log s) from the row's (m, s), recomputed (not exp(z - lse): lse is rounded at the scale of m),
-// and, with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
-// a = g * (w[t] * ((1 - eps) + 2 z_loss lse) + eps / C * W) + grad_lse[row], b = g w[t] (1 - eps), e = g eps / C.
+// grad[row] = a * p - b * onehot(t) + e * (W p - w), times sech2(logits / softcap) with a softcap, where
+// p = softmax(z) as exp(z - m - log s) from the row's (m, s), recomputed (not exp(z - lse): lse is rounded at the
+// scale of m), and, with g = grad_loss[row] (0 for an ignored row) and W = w_sum[0] (C without a weight):
+// a = g * w[t] * ((1 - eps) + 2 z_loss lse) + grad_lse[row], b = g w[t] (1 - eps), e = g eps / C. e (W p - w) is
+// not folded into a (a 1e30 class weight's e W took the rest's digits: a gradient of 2.5e21 for 3.2).
 // grad may be logits (the in-place forward): each thread reads an element before it writes it.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -281,7 +282,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const acc_t g = tg.kept ? grad_loss[row] : acc_t(0);
   const acc_t w_t = weight == nullptr ? acc_t(1) : tg.valid ? acc_t(weight[tg.t]) : acc_t(0);
   acc_t a = w_t * p.keep;
-  if (smoothing) a += p.eps_over_c * (w_sum == nullptr ? acc_t(p.C) : *w_sum);
+  const acc_t W = !smoothing ? acc_t(0) : w_sum == nullptr ? acc_t(p.C) : *w_sum;
   if (p.z_loss != acc_t(0)) a += acc_t(2) * p.z_loss * w_t * row_lse;
   a = g * a + (grad_lse == nullptr ? acc_t(0) : grad_lse[row]);
   const acc_t b = tg.valid ? g * w_t * p.keep : acc_t(0);
@@ -289,8 +290,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   map_logits<scalar_t, acc_t>(logits + row * p.C, grad + row * p.C, p.C, vectorize, [&](int64_t c, acc_t v) {
     acc_t th = 0;
     const acc_t z = capped(v, p, th);
-    acc_t d = a * ::exp((z - st.m) - log_s) - (c == tg.t ? b : acc_t(0));
-    if (smoothing) d -= e * (weight == nullptr ? acc_t(1) : acc_t(weight[c]));
+    const acc_t q = ::exp((z - st.m) - log_s);
+    acc_t d = a * q - (c == tg.t ? b : acc_t(0));
+    if (smoothing) d += e * (W * q - (weight == nullptr ? acc_t(1) : acc_t(weight[c])));
     if (p.inv_softcap != acc_t(0)) d *= act::sech2(v * p.inv_softcap);  // not 1 - th^2, which rounds to 0 first
     return d;
   });

@@ -111,8 +111,9 @@ M ce_forward_row(const CeRow<M>& row, CeSoftmax<M>* softmax) {
   return loss;
 }
 
-// grad = a * p - b * w (w = 1 without weights) off the target, times dz/dx with a softcap. The target's entry is
-// a * p - b * w_t - nll, with its terms kept apart (below) so that none absorbs another.
+// grad = (nll + rest) p + e (W p - w) (w = 1 without weights) off the target, times dz/dx with a softcap; the
+// target's entry subtracts nll, its terms kept apart (below). e (W p - w) is not folded into (nll + rest + e W) p -
+// e w: a 1e30 class weight's e W took nll's digits (a gradient of 2.5e21 where PyTorch's is 3.2).
 template <typename M>
 void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M grad_lse, M* grad) {
   using V = at::vec::Vectorized<M>;
@@ -130,9 +131,8 @@ void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M g
   const M e = smooth ? gl * eps / M(C) : M(0);  // gl is inf for a "mean" over weights summing to 0
   const M nll = gl * wt * (M(1) - eps);
   const M rest = (kept && row.z_loss != M(0) ? gl * wt * M(2) * row.z_loss * lse : M(0)) + grad_lse;
-  const M a = nll + (smooth ? e * W : M(0)) + rest;
   const bool cap = row.softcap != M(0);
-  const V va(a), ve(e), vshift(softmax.shift), vlog(softmax.log_norm), vs(row.softcap),
+  const V va(nll + rest), ve(e), vW(W), one(M(1)), vshift(softmax.shift), vlog(softmax.log_norm), vs(row.softcap),
       inv_s(cap ? M(1) / row.softcap : M(0));
   // read before the loop: grad may be the row's logits (the in-place forward)
   const M u_t = kept && cap ? row.x[row.target] * (M(1) / row.softcap) : M(0);
@@ -142,8 +142,9 @@ void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M g
     const V x = V::loadu(row.x + c, n);
     V z = x;
     if (cap) z = vs * (x * inv_s).tanh();
-    V g = va * Math<V>::exp((z - vshift) - vlog);
-    if (smooth) g = g - (row.weight ? ve * V::loadu(row.weight + c, n) : ve);
+    const V p = Math<V>::exp((z - vshift) - vlog);
+    V g = va * p;
+    if (smooth) g = g + ve * (vW * p - (row.weight ? V::loadu(row.weight + c, n) : one));
     // dz/dx = sech2(x / softcap), not 1 - th^2: the vector tanh rounds to +-1 where sech2 is still 1e-7, and an
     // inf gradient times that 0 was NaN (PyTorch: inf)
     if (cap) g = g * act::sech2(x * inv_s);
