@@ -121,6 +121,19 @@ TORCH_WRONG = {("gelu_tanh", 1): (1, 2, 6, 7), ("gelu_tanh", 2): (1, 2, 6, 7), (
                ("elu", 2): (0,), ("selu", 2): (0,)}
 
 
+def _torch_derivatives(activation, z):
+    zt = z.clone().requires_grad_()
+    f = REFERENCE[activation].f(zt)
+    (df,) = torch.autograd.grad(f.sum(), zt, create_graph=True)
+    d2f = torch.autograd.grad(df.sum(), zt)[0] if df.requires_grad else torch.zeros_like(z)
+    return f.detach(), df.detach(), d2f
+
+
+def _class(t):
+    """0 finite, 1 NaN, 2 +inf, 3 -inf."""
+    return torch.where(t.isnan(), 1, torch.where(t == float("inf"), 2, torch.where(t == -float("inf"), 3, 0)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activation_hostile_points_as_torch(activation, dtype):
@@ -129,14 +142,17 @@ def test_activation_hostile_points_as_torch(activation, dtype):
     gelu_tanh at 1e13 in float32 no longer 0 * inf)."""
     big = torch.finfo(dtype).max
     z = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e13, -1e13, big, -big, 0.5, -0.5], dtype=dtype)
-    zt = z.clone().requires_grad_()
-    f = REFERENCE[activation].f(zt)
-    (df,) = torch.autograd.grad(f.sum(), zt, create_graph=True)
-    d2f = torch.autograd.grad(df.sum(), zt)[0] if df.requires_grad else torch.zeros_like(z)
-    for order, want in enumerate((f.detach(), df.detach(), d2f)):
+    f, df, d2f = _torch_derivatives(activation, z)
+    wanted64 = _torch_derivatives(activation, z.double())
+    for order, want in enumerate((f, df, d2f)):
         got = torch.ops.fusedlayers.activation_derivative(z, activation, order)
         for i in TORCH_WRONG.get((activation, order), ()):
             want[i] = got[i]
+        # where torch in this dtype disagrees with its own float64 (float32 gelu(+inf) is NaN and gelu(max) inf on
+        # AVX-512, its vector erf; inf and max in float64), ours may take float64's class
+        want64 = wanted64[order].to(dtype)
+        kept64 = (_class(want) != _class(want64)) & (_class(got) == _class(want64))
+        want[kept64] = got[kept64]
         assert torch.equal(got.isnan(), want.isnan()), f"order {order}: {got.tolist()} vs torch {want.tolist()}"
         ok = ~want.isnan()
         assert torch.equal(got[ok].isinf(), want[ok].isinf()) and torch.equal(got[ok].sign(), want[ok].sign()), \
