@@ -1019,8 +1019,8 @@ def test_linear_all_ignored(backend, reduction):
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_linear_return_lse(backend, reduction):
-    """A gradient reaching lse as well as the loss: for "mean" the precomputed loss gradient and the
-    recomputed lse gradient add up."""
+    """A gradient reaching lse as well as the loss: for "mean" both go through the recomputing backward (one
+    dlogits, as autograd's)."""
     (h, w, b, t, _), (hf, wf, bf, tf, _) = make_linear_case(7, 5, 9, torch.float64, device_of(backend))
     loss, lse = linear_cross_entropy(hf, wf, tf, bf, reduction=reduction, z_loss=0.1, chunk_size=3, return_lse=True,
                                      backend=backend)
@@ -1033,6 +1033,25 @@ def test_linear_return_lse(backend, reduction):
     grads = torch.autograd.grad((loss * gl.to(loss.device)).sum() + (lse * glse.to(lse.device)).sum(), (hf, wf, bf))
     for name, got, want in zip(("d hidden", "d weight", "d bias"), grads, grads_ref):
         assert_rel_close(got.cpu(), want, 1e-10, name)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_lse_and_loss_gradients_meet_before_the_gemm(backend, reduction):
+    """An inf in the weight where the row's probability is 0: the loss's dlogits there is finite (-1 times its
+    upstream), the lse's 0, and autograd adds them before dlogits @ weight (inf). The precomputed "mean"/"sum"
+    gradient and the lse's, each through its own GEMM, met 0 * inf = NaN after it. Found by the 4000-example run."""
+    h = torch.tensor([[1e30]])
+    w = torch.tensor([[-float("inf")], [-0.2934288979], [-2.1787893772]])
+    t = torch.tensor([0])
+    hr = h.clone().requires_grad_()
+    logits = F.linear(hr, w)
+    want = torch.autograd.grad([F.cross_entropy(logits, t, reduction=reduction), torch.logsumexp(logits, 1)], hr,
+                               [torch.full(() if reduction != "none" else (1,), 1.54), torch.tensor([-2.0])])[0]
+    hf = h.to(device_of(backend)).requires_grad_()
+    loss, lse = linear_cross_entropy(hf, w.to(hf.device), t.to(hf.device), reduction=reduction, return_lse=True,
+                                     backend=backend)
+    got = torch.autograd.grad([loss, lse], hf, [torch.full_like(loss, 1.54), torch.full_like(lse, -2.0)])[0]
+    assert want.isinf().all() and torch.equal(got.cpu(), want), (got, want)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])

@@ -203,6 +203,7 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     ctx->saved_data["z_loss"] = z_loss;
     ctx->saved_data["softcap"] = softcap ? c10::IValue(*softcap) : c10::IValue();
     ctx->saved_data["precompute"] = precompute;
+    ctx->saved_data["reduction"] = static_cast<int64_t>(parse_reduction(reduction));
     ctx->set_materialize_grads(false);  // an output with no gradient must not cost a recompute pass
     ctx->saved_data["chunk_size"] = chunk_size;
     ctx->saved_data["backend"] = static_cast<int64_t>(kernels);
@@ -220,8 +221,12 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       bias.defined() && ctx->needs_input_grad(2)};
     const bool precompute = ctx->saved_data["precompute"].toBool();
+    // With a gradient of lse too, the loss's goes through the backward op with it, not as the precomputed
+    // gradients plus the lse's: summed after the GEMMs, an lse gradient's 0 * inf (a zero probability at an inf
+    // weight) made a NaN where autograd's one dlogits gives inf (found by the 4000-example run).
+    const bool apart = precompute && grads[0].defined() && !grads[1].defined();
     at::Tensor dh, dw, db;
-    if (precompute && grads[0].defined()) {
+    if (apart) {
       if (mask[0]) dh = saved[6] * grads[0];
       if (mask[1]) dw = saved[7] * grads[0];
       if (mask[2]) db = saved[8] * grads[0];
@@ -229,10 +234,18 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     if (grads[1].defined() || (!precompute && grads[0].defined())) {
       const auto& cap = ctx->saved_data["softcap"];
       const auto kernels = static_cast<Backend>(ctx->saved_data["backend"].toInt());
+      const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+      std::optional<at::Tensor> grad_loss;
+      if (grads[0].defined()) {
+        grad_loss = !precompute ? grads[0]
+                                : ce_row_grad_loss(grads[0], target, opt(class_weight), ignore_index,
+                                                   static_cast<CeReduction>(ctx->saved_data["reduction"].toInt()),
+                                                   lse.scalar_type());
+      }
       auto [rh, rw, rb] = linear_ce_backward_op(kernels).call(
-          precompute ? std::nullopt : opt(grads[0]), opt(grads[1]), hidden, weight, opt(bias), target,
-          opt(class_weight), lse, ctx->saved_data["ignore_index"].toInt(),
-          ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
+          grad_loss, opt(grads[1]), hidden, weight, opt(bias), target,
+          opt(class_weight), lse, ignore_index, ctx->saved_data["label_smoothing"].toDouble(),
+          ctx->saved_data["z_loss"].toDouble(),
           cap.isNone() ? std::nullopt : std::optional<double>(cap.toDouble()), ctx->saved_data["chunk_size"].toInt(),
           mask);
       dh = dh.defined() ? dh + rh : rh;
