@@ -13,9 +13,10 @@ stay as they were, so a checkpoint of the original loads into the fused model an
     nn.TransformerEncoderLayer without a list of class names: what the code does decides, and whatever cannot be
     proved (a second call of L or A, a use of L's output in a branch, no source) is left as it is.
 An activation is a module or a function attribute (TransformerEncoderLayer's self.activation) that computes one
-of the fused table's functions: torch's modules with their default parameters, or any parameter-free module or
-function that equals a table function within 1e-9 relative on float64 points in [-1000, 1000] (transformers'
-GELUActivation and NewGELUActivation, timm's GELU). Every nn.CrossEntropyLoss becomes a FusedCrossEntropyLoss
+of the fused table's functions: torch's modules with their default parameters, torch's functions
+(ACTIVATION_FUNCTIONS), and the classes of other libraries named in KNOWN_ACTIVATIONS, each checked on float64
+points before it is folded; GPT-2's Conv1D (TRANSPOSED_LINEARS) takes a Linear's place. Every
+nn.CrossEntropyLoss becomes a FusedCrossEntropyLoss
 with the same options. Hooks are honoured when the layers run, not only when fuse() looks: while a FusedDense or
 its FoldedActivation has any hook (or a global module hook is registered), the pair computes the Linear and the
 activation apart, so each hook sees the tensors the original modules gave it.
