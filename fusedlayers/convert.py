@@ -33,7 +33,7 @@ from . import functional as FL
 from .activations import REFERENCE, name_of_module
 from .convert_source import forget as forget_sources
 from .convert_source import source as read_source
-from .modules import FusedCrossEntropyLoss, FusedDense
+from .modules import FusedCrossEntropyLoss, FusedDense, weight_and_bias
 
 
 def mlp_is_faster(sizes: list[int]) -> bool:
@@ -129,14 +129,6 @@ def _fold(linear: nn.Module, activation: str, replaced: nn.Module | None) -> tup
     return dense, folded
 
 
-def _weight_and_bias(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
-    params = layer._parameters  # direct, as FusedDense.forward, unless a parametrization has moved them
-    try:
-        return params["weight"], params["bias"]
-    except KeyError:
-        return layer.weight, layer.bias
-
-
 class FusedSequential(nn.Sequential):
     """An nn.Sequential whose runs of FusedDense layers (with the FoldedActivation after each, and maybe a
     final bare nn.Linear) run as one mlp op call each: one autograd node per run instead of one per layer.
@@ -164,7 +156,7 @@ class FusedSequential(nn.Sequential):
                 input = module(input)
             layers = run[::2]
             head = layers[0]
-            params = [_weight_and_bias(m) for m in layers]
+            params = [weight_and_bias(m) for m in layers]
             biases = [b for _, b in params] if head.bias is not None else []
             input = FL.mlp_op(input, [w for w, _ in params], biases, activations, FL.saves_preact(head.save),
                               FL.backend_for(head.backend, input))

@@ -10,6 +10,16 @@ from .backends import check_backend
 from .activations import REFERENCE, check_activation, name_of_module
 
 
+def weight_and_bias(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """A Linear-like layer's weight and bias, read without nn.Module.__getattr__ (for a tiny layer the per-call
+    Python work is a visible part of the time), unless a parametrization or pruning has moved them."""
+    params = layer._parameters
+    try:
+        return params["weight"], params["bias"]
+    except KeyError:
+        return layer.weight, layer.bias
+
+
 def _linear_init(weight: nn.Parameter, bias: nn.Parameter | None) -> None:
     """nn.Linear's initialization, drawing the same random numbers in the same order."""
     nn.Linear.reset_parameters(types.SimpleNamespace(weight=weight, bias=bias))
@@ -59,20 +69,14 @@ class FusedDense(nn.Module):
     _transposed = False  # weight is (in_features, out_features): convert.FusedConv1D, in GPT-2's Conv1D's place
 
     def forward(self, input: Tensor) -> Tensor:
-        # The op directly, the parameters read without nn.Module.__getattr__ (for a tiny layer the per-call Python
-        # work is a visible part of the time), unless a parametrization or pruning has moved them.
-        params = self._parameters
-        try:
-            weight, bias = params["weight"], params["bias"]
-        except KeyError:
-            weight, bias = self.weight, self.bias
+        weight, bias = weight_and_bias(self)
         if self._transposed:
             weight = weight.t()
         folded, activation = self._folded, self.activation
         if folded is not None:
             # the pair's decision for this call, which the FoldedActivation follows even if a hook changes meanwhile
-            folded._apart = folded.runs_apart()
-            if folded._apart:
+            apart = folded._apart = folded.runs_apart()
+            if apart:
                 activation = "identity"
         return FL.dense_op(input, weight, bias, activation, FL.saves_preact(self.save),
                            FL.backend_for(self.backend, input))

@@ -29,3 +29,8 @@ def assert_rel_close(actual, expected, rtol, what=""):
     err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
     scale = expected.double().abs().max().item() if expected.numel() else 0.0
     assert err <= rtol * max(scale, 1e-300), f"{what}: max error {err:.3e} > {rtol:.0e} * max |expected| {scale:.3e}"
+
+
+def value_classes(t: torch.Tensor) -> torch.Tensor:
+    """Each element's class: 0 finite, 1 NaN, 2 +inf, 3 -inf (NaN/inf placement compared against PyTorch's)."""
+    return torch.where(t.isnan(), 1, torch.where(t.isposinf(), 2, torch.where(t.isneginf(), 3, 0)))

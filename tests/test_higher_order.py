@@ -13,7 +13,7 @@ from fusedlayers import FusedMLP
 from fusedlayers.activations import ACTIVATIONS, REFERENCE
 from fusedlayers.functional import cross_entropy, dense, mlp
 
-from conftest import assert_rel_close, device_of
+from conftest import assert_rel_close, device_of, value_classes
 
 F64 = torch.float64
 
@@ -129,11 +129,6 @@ def _torch_derivatives(activation, z):
     return f.detach(), df.detach(), d2f
 
 
-def _class(t):
-    """0 finite, 1 NaN, 2 +inf, 3 -inf."""
-    return torch.where(t.isnan(), 1, torch.where(t == float("inf"), 2, torch.where(t == -float("inf"), 3, 0)))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activation_hostile_points_as_torch(activation, dtype):
@@ -151,7 +146,7 @@ def test_activation_hostile_points_as_torch(activation, dtype):
         # where torch in this dtype disagrees with its own float64 (float32 gelu(+inf) is NaN and gelu(max) inf on
         # AVX-512, its vector erf; inf and max in float64), ours may take float64's class
         want64 = wanted64[order].to(dtype)
-        kept64 = (_class(want) != _class(want64)) & (_class(got) == _class(want64))
+        kept64 = (value_classes(want) != value_classes(want64)) & (value_classes(got) == value_classes(want64))
         want[kept64] = got[kept64]
         assert torch.equal(got.isnan(), want.isnan()), f"order {order}: {got.tolist()} vs torch {want.tolist()}"
         ok = ~want.isnan()

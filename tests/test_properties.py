@@ -18,10 +18,10 @@ the same for all; for dense also second order (create_graph): the gradient of <f
 THE ACCURACY CONTRACT, one rule for values and gradients alike, output tensor by output tensor:
   1. NaN/inf placement: at every position the fused result is of torch_D's class (finite, NaN, +inf or -inf),
      except where torch_D is not finite but ref64 is (PyTorch's own overflow), where torch_D's class differs from
-     ref64's and the fused result has ref64's (float32 gelu(+inf) is NaN on AVX-512), and where ref64 is finite but beyond
-     D's range (no value of D is right; PyTorch's own is then 0 or an inf of either sign), and where PyTorch's
-     class changes under the perturbations of rule 2 (cos of 1e29: a rounding decides whether an overflow
-     happens): nothing is required there.
+     ref64's and the fused result has ref64's (float32 gelu(+inf) is NaN on AVX-512), and where ref64 is finite
+     but beyond D's range (no value of D is right; PyTorch's own is then 0 or an inf of either sign), and where
+     PyTorch's class changes under the perturbations of rule 2 (cos of 1e29: a rounding decides whether an
+     overflow happens): nothing is required there.
   2. accuracy, over the positions where ref64 and torch_D are both finite:
          max|fused - ref64| <= 2 * err_torch + 4 * eps(D) * max(1, max|ref64|)
      where err_torch, PyTorch's error, is the larger of
@@ -56,7 +56,7 @@ from hypothesis import strategies as st
 from fusedlayers.activations import ACTIVATIONS, REFERENCE
 from fusedlayers.functional import cross_entropy, dense, linear_cross_entropy, mlp, mlp_jet
 
-from conftest import BACKENDS, device_of
+from conftest import BACKENDS, device_of, value_classes
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 
@@ -151,11 +151,6 @@ def _where(mask, *tensors, limit=4):
                      for i in idx)
 
 
-def _classes(t: torch.Tensor) -> torch.Tensor:
-    """0 finite, 1 NaN, 2 +inf, 3 -inf."""
-    return torch.where(t.isnan(), 1, torch.where(t.isposinf(), 2, torch.where(t.isneginf(), 3, 0)))
-
-
 F64_ULPS = 16  # PyTorch's float64 error, which nothing wider measures, is taken as at least this many ulps
 
 
@@ -188,8 +183,8 @@ def assert_contract(name: str, fused: torch.Tensor, torch_d: torch.Tensor, ref64
         beyond = beyond | unstable
     # Where PyTorch's class in the dtype differs from its float64 one (an overflow: ref64 finite; a NaN where the
     # value is an inf: float32 gelu(+inf) on AVX-512), the fused result may take either; ref64 finite: any class.
-    torch_failed = (_classes(d) != _classes(r)) & (r.isfinite() | (_classes(f) == _classes(r)))
-    bad = (_classes(f) != _classes(d)) & ~torch_failed & ~beyond
+    torch_failed = (value_classes(d) != value_classes(r)) & (r.isfinite() | (value_classes(f) == value_classes(r)))
+    bad = (value_classes(f) != value_classes(d)) & ~torch_failed & ~beyond
     assert not bad.any(), f"{name}: NaN/inf placement differs from PyTorch's ({int(bad.sum())} of {bad.numel()}) " \
                           f"{_where(bad, *named)}"
     # 2. accuracy, where both references are finite and ref64 within the dtype's range (and so, by 1., the fused
@@ -260,7 +255,8 @@ def _check_against_torch(names, torch_side, fused_side, dtype, op, what, nonnega
         finally:
             _WIGGLE.pop()
         err_torch = [max(e, max_error(a, b)) for e, a, b in zip(err_torch, wiggled, want)]
-        unstable = [u | (_classes(a.detach()) != _classes(b.detach())) for u, a, b in zip(unstable, wiggled, want)]
+        unstable = [u | (value_classes(a.detach()) != value_classes(b.detach()))
+                    for u, a, b in zip(unstable, wiggled, want)]
     got = fused_side()
     assert len(got) == len(want) == len(exact) == len(names)
     for name, a, d, r, e, u in zip(names, got, want, exact, err_torch, unstable):

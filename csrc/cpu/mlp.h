@@ -6,7 +6,6 @@
 #include <ATen/EmptyTensor.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "activations.h"

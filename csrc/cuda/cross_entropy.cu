@@ -50,18 +50,10 @@ struct CeParams {
   acc_t softcap;
 };
 
-// z = softcap * tanh(x / softcap), or x without a softcap; th = tanh(x / softcap) for the backward's chain rule.
-template <typename acc_t>
-__device__ __forceinline__ acc_t capped(acc_t x, const CeParams<acc_t>& p, acc_t& th) {
-  if (p.inv_softcap == acc_t(0)) return x;
-  th = ::tanh(x * p.inv_softcap);
-  return p.softcap * th;
-}
-
+// z = softcap * tanh(x / softcap), or x without a softcap.
 template <typename acc_t>
 __device__ __forceinline__ acc_t capped(acc_t x, const CeParams<acc_t>& p) {
-  acc_t th;
-  return capped(x, p, th);
+  return p.inv_softcap == acc_t(0) ? x : p.softcap * ::tanh(x * p.inv_softcap);
 }
 
 struct RowTarget {
@@ -288,9 +280,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const acc_t b = tg.valid ? g * w_t * p.keep : acc_t(0);
   const acc_t e = g * p.eps_over_c;
   map_logits<scalar_t, acc_t>(logits + row * p.C, grad + row * p.C, p.C, vectorize, [&](int64_t c, acc_t v) {
-    acc_t th = 0;
-    const acc_t z = capped(v, p, th);
-    const acc_t q = ::exp((z - st.m) - log_s);
+    const acc_t q = ::exp((capped(v, p) - st.m) - log_s);
     acc_t d = a * q - (c == tg.t ? b : acc_t(0));
     if (smoothing) d += e * (W * q - (weight == nullptr ? acc_t(1) : acc_t(weight[c])));
     if (p.inv_softcap != acc_t(0)) d *= act::sech2(v * p.inv_softcap);  // not 1 - th^2, which rounds to 0 first
