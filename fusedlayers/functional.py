@@ -8,7 +8,7 @@ from torch import Tensor
 from .activations import check_activation
 from .backends import resolve_backend
 from .ops.common import AUTOCAST_DEVICE_TYPES, needs_function
-from .ops.cross_entropy import cross_entropy_function
+from .ops.cross_entropy import cross_entropy_function, mean_class_weight
 from .ops.dense import dense_op
 from .ops.mlp import mlp_op
 
@@ -188,7 +188,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
         input, weight = input.float(), None if weight is None else weight.float()
     logits, rows_target, shape = _rows(input, _class_indices(target), "cross_entropy")
     argmax = logits.detach().argmax(-1) if return_argmax else None  # before an in-place call overwrites them
-    args = (rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
+    args = (rows_target, mean_class_weight(weight, reduction), ignore_index, float(label_smoothing), float(z_loss),
             None if softcap is None else float(softcap), reduction, backend_for(backend, input))
     # the op itself when compiling (as in dense()), torch.func's route where a transform or a tangent needs it
     function = not torch.compiler.is_compiling() and needs_function(input, weight)
@@ -251,7 +251,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     rows = math.prod(shape)  # not reshape(-1, H): ambiguous when H is 0
     loss, lse = _linear_cross_entropy(hidden.reshape(rows, hidden.shape[-1]), weight, bias,
                                       _class_indices(target).reshape(rows),
-                                      class_weight, ignore_index, float(label_smoothing), float(z_loss),
+                                      mean_class_weight(class_weight, reduction), ignore_index,
+                                      float(label_smoothing), float(z_loss),
                                       None if softcap is None else float(softcap), reduction, int(chunk_size),
                                       backend_for(backend, hidden))
     dtype = torch.float32 if _autocast_runs_in_float32(hidden) else hidden.dtype

@@ -183,6 +183,40 @@ def test_inf_weight_of_an_absent_class(backend, reduction, create_graph):
                      "linear grad")
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mean_over_denormal_class_weights(backend, dtype, label_smoothing):
+    """Class weights so small that their kept sum is a denormal: the reciprocal of that sum is inf (float32's
+    F.cross_entropy gradient is inf/nan here) and products with it lose bits. A mean does not depend on the
+    weights' scale, so the loss and every gradient path must equal the float64 mean over the weights scaled to 1
+    (and be finite)."""
+    dev = device_of(backend)
+    tiny = 1e-40 if dtype == torch.float32 else 1e-310
+    w = torch.tensor([1.0, 3.0, 2.0], dtype=dtype) * tiny
+    t = torch.tensor([0, 2, 0, 1, 2])
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x64 = x.clone().requires_grad_()
+    ref = F.cross_entropy(x64, t, w.double() / w.double().max(), label_smoothing=label_smoothing)
+    (dx_ref,) = torch.autograd.grad(ref, x64)
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    for path in ("kernel", "create_graph", "inplace"):
+        leaf = x.to(dev, dtype).requires_grad_()
+        loss = cross_entropy(leaf * 1 if path == "inplace" else leaf, t.to(dev), w.to(dev), backend=backend,
+                             label_smoothing=label_smoothing, inplace_backward=path == "inplace")
+        (dx,) = torch.autograd.grad(loss, leaf, create_graph=path == "create_graph")
+        assert_rel_close(loss.detach().cpu().double(), ref.detach(), tol, f"{path} loss")
+        assert_rel_close(dx.detach().cpu().double(), dx_ref, tol, f"{path} grad")
+    (h, lw, b, _, _), (hf, lwf, bf, _, _) = make_linear_case(5, 4, 3, dtype, dev)
+    h = h.to(dtype).double().requires_grad_()  # the inputs' values in dtype
+    ref = F.cross_entropy(F.linear(h, lw.to(dtype).double(), b.to(dtype).double()), t, w.double() / w.double().max(),
+                          label_smoothing=label_smoothing)
+    loss = linear_cross_entropy(hf, lwf, t.to(dev), bf, w.to(dev),
+                                label_smoothing=label_smoothing, chunk_size=2, backend=backend)
+    assert_rel_close(loss.detach().cpu().double(), ref.detach(), tol * 10, "linear loss")
+    assert_rel_close(torch.autograd.grad(loss, hf)[0].cpu().double(), torch.autograd.grad(ref, h)[0], tol * 10,
+                     "linear grad")
+
+
 def _ce_paths(backend, x, t, reduction, g, **kw):
     """The gradient of cross_entropy(x, t) on each backward path: the kernel (reduced losses compute it in their
     forward, "none" runs the backward kernel), the composite (create_graph), the in-place forward."""

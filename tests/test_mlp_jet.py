@@ -288,6 +288,36 @@ def test_relu_jet_backward_masks_a_nonfinite_upstream_gradient_as_torch(bf16):
     assert_rel_close(got.double(), want.double(), 1e-2 if bf16 else 1e-12)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["kernels", "composite"])
+def test_zero_upstream_at_an_overflowing_du_squared_gives_zero(bf16):
+    """A gelu layer whose du plane is finite but du**2 overflows, then a relu that is off for some rows: those
+    rows' upstream gradients are 0, and torch's chain rule forms 0 * du first (0 in dx); the third derivative
+    times du * du times the upstream was 0 * inf = NaN. Reference: the same layers by autograd in the same dtype
+    (found by the long property-based run)."""
+    dt = torch.bfloat16 if bf16 else torch.float32
+    w0, w1 = torch.tensor([[0.77]], dtype=dt), torch.tensor([[0.77]], dtype=dt)
+    x, direction = torch.tensor([[1.54], [-0.29], [-2.18]], dtype=dt), torch.tensor([1e30], dtype=dt)
+    g = [torch.tensor([[1.5], [-0.3], [-2.2]], dtype=dt), torch.tensor([[0.7], [0.3], [0.1]], dtype=dt),
+         torch.tensor([[0.4], [-0.2], [-0.3]], dtype=dt)]
+    xr = x.clone().requires_grad_()
+    z0 = F.linear(xr, w0)
+    (d1,) = torch.autograd.grad(F.gelu(z0).sum(), z0, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), z0, create_graph=True)
+    dz0 = F.linear(direction.expand_as(xr), w0)
+    assert (dz0 * dz0).isinf().all() and dz0.isfinite().all()
+    h, dh, d2h = F.gelu(z0), d1 * dz0, d2 * dz0 * dz0
+    z1 = F.linear(h, w1)
+    u = torch.relu(z1)
+    off = z1 <= 0
+    assert off.any() and not off.all()
+    (r1,) = torch.autograd.grad(u.sum(), z1, create_graph=True)
+    want = torch.autograd.grad([u, r1 * F.linear(dh, w1), r1 * F.linear(d2h, w1)], xr, g)[0]
+    assert want[off].eq(0).all()
+    xf = x.clone().requires_grad_()
+    got = torch.autograd.grad(mlp_jet(xf, [w0, w1], None, "gelu", "relu", direction=direction), xf, g)[0]
+    assert torch.equal(got[off], want[off]), f"{got} != {want}"
+
+
 @pytest.mark.parametrize("activations", [["tanh", "identity"], ["identity", "tanh"]],
                          ids=["tanh", "identity_hidden"])
 def test_jet_opcheck(activations):

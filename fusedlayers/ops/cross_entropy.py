@@ -114,6 +114,18 @@ def ce_mean(total: Tensor, denominator: Tensor, label_smoothing: float) -> Tenso
     return total / denominator
 
 
+def mean_class_weight(weight: Tensor | None, reduction: str) -> Tensor | None:
+    """The class weights a "mean" computes with: a mean is the same for any positive scale of the weights, so
+    tiny ones (whose kept sum may be a denormal, its reciprocal inf, its products short of bits) are scaled by a
+    power of two, exactly, to a largest magnitude in [1, 2); others (and other reductions) are left as given."""
+    if reduction != "mean" or weight is None or not weight.is_floating_point() or weight.numel() == 0:
+        return weight
+    top = weight.detach().abs().amax()
+    up = torch.where((top > 0) & (top < 1), 1 - torch.frexp(top).exponent, 0)  # 0 for NaN
+    half = torch.ldexp(torch.ones_like(top), up // 2)  # in two factors: 2**up alone overflows for denormals
+    return weight * half * torch.ldexp(torch.ones_like(top), up - up // 2)
+
+
 def ce_row_grad_loss(grad_loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
                      dtype: torch.dtype) -> Tensor:
     """The per-row grad_loss of a backward: grad_loss itself for "none"; for a reduced loss its 0-d grad_loss
