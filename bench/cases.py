@@ -1,5 +1,6 @@
 """The benchmark cases: each builds its implementations (what a user writes in plain PyTorch, its
 torch.compile, and fusedlayers on every backend that runs at speed here) on the same inputs and parameters."""
+import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -241,6 +242,33 @@ def _ce_case(quick: bool) -> Case:
                 torch.float32, make, reps=5, warmup=1)
 
 
+def _ce_soft_case(quick: bool) -> Case:
+    """Softmax cross-entropy against class probabilities (mixup's mixed one-hots, with label smoothing 0.1 as
+    timm's mixup training passes them), (N, C) float32, mean: loss and gradient w.r.t. the logits."""
+    N, C = (256 if quick else 1024), 32000
+
+    def make():
+        gen = torch.Generator(DEVICE).manual_seed(0)
+        x = torch.randn(N, C, device=DEVICE, generator=gen, requires_grad=True)
+        y1, y2 = (torch.randint(0, C, (N,), device=DEVICE, generator=gen) for _ in range(2))
+        t = 0.7 * F.one_hot(y1, C).float() + 0.3 * F.one_hot(y2, C).float()
+
+        def impl(name, loss):
+            def forward():
+                with torch.no_grad():
+                    return loss(x, t)
+            return Impl(name, forward, lambda: torch.autograd.grad(loss(x, t), x))
+
+        eager = functools.partial(F.cross_entropy, label_smoothing=0.1)
+        return [impl("eager", eager), impl("compile", torch.compile(eager))] + [
+            impl(f"fused-{b}", lambda x, t, b=b: fusedlayers.functional.cross_entropy(x, t, label_smoothing=0.1,
+                                                                                     backend=b))
+            for b in fused_backends()]
+
+    return Case("ce_soft", f"softmax cross-entropy against class probabilities, N={N}, C={C}, float32, label "
+                "smoothing 0.1, mean: gradient w.r.t. the logits", DEVICE, torch.float32, make, reps=5, warmup=1)
+
+
 def _linear_ce_case(quick: bool) -> Case:
     """The output layer and loss of a language model: cross-entropy of hidden @ W.T, gradients w.r.t. hidden
     and W. Also PyTorch's own F.linear_cross_entropy, on its reference path (options=None) and chunked
@@ -276,7 +304,7 @@ def _linear_ce_case(quick: bool) -> Case:
 
 def all_cases(quick: bool = False) -> list[Case]:
     from . import models  # it builds on model_impl above
-    return (_seed_and_layer_cases(quick) + [_ce_case(quick), _linear_ce_case(quick)] + sweep_cases(quick)
+    return (_seed_and_layer_cases(quick) + [_ce_case(quick), _ce_soft_case(quick), _linear_ce_case(quick)] + sweep_cases(quick)
             + models.cases(DEVICE, fused_backends()))
 
 

@@ -8,7 +8,7 @@ from torch import Tensor
 from .activations import check_activation
 from .backends import resolve_backend
 from .ops.common import AUTOCAST_DEVICE_TYPES, needs_function
-from .ops.cross_entropy import cross_entropy_function, mean_class_weight
+from .ops.cross_entropy import cross_entropy_function, cross_entropy_soft, mean_class_weight
 from .ops.dense import dense_op
 from .ops.mlp import mlp_op
 
@@ -115,17 +115,13 @@ def check_reduction(reduction: str) -> str:
 
 
 def _rows(input: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tuple | None]:
-    """(logits (M, C), target (M,), the shape of a per-sample result, None when it is (M,)) from PyTorch's
+    """Class-index targets: (logits (M, C), target (M,), the shape of a per-sample result, None when it is (M,)) from PyTorch's
     layouts: (C,) with a 0-d target, (N, C) with (N,), (N, C, d1, ...) with (N, d1, ...) (the class dim is moved
     last)."""
-    if input.dim() == 2 and target.dim() == 1 and target.shape[0] == input.shape[0] \
-            and not target.dtype.is_floating_point:
+    if input.dim() == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]:
         return input, target, None  # the common layout, checked in few steps: a small loss is dominated by them
     if input.dim() == 0:
         raise ValueError(f"{what}(): expected input of shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
-    if target.dtype.is_floating_point:
-        raise TypeError(f"{what}(): expected target of class indices (dtype int64), got {target.dtype}; "
-                        f"class-probability targets are not supported")
     expected = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
     if tuple(target.shape) != expected:
         raise ValueError(f"{what}(): expected target of shape {list(expected)} for input of shape "
@@ -160,7 +156,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                   softcap: float | None = None, return_lse: bool = False, backend: str = "auto",
                   inplace_backward: bool = False, return_argmax: bool = False):
-    """F.cross_entropy with class-index targets as one fused op with a hand-written gradient.
+    """F.cross_entropy as one fused op with a hand-written gradient, for class-index targets and for
+    class-probability targets (a floating-point target shaped as input: its gradient too).
 
     input: (C,), (N, C) or (N, C, d1, ...); target: class indices, int64, of shape (), (N,) or (N, d1, ...).
     weight, ignore_index, reduction, label_smoothing: as in F.cross_entropy. Beyond it: z_loss adds
@@ -169,7 +166,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     return_lse=True returns (loss, lse), lse per sample (shape of reduction="none"); return_argmax=True also
     returns each sample's predicted class, input.argmax over the classes (shape of reduction="none"), read
     before the call writes anything: (loss, argmax), or (loss, lse, argmax). A kept target outside [0, C)
-    raises.
+    raises. z_loss, softcap and inplace_backward take class-index targets only.
 
     inplace_backward=True saves the memory (and time) of the gradient: when autograd records the call, the
     forward overwrites the logits with the gradient of the loss for an upstream gradient of 1 ("mean"'s
@@ -181,11 +178,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     raise instead of reading the gradient. Reads outside autograd (under no_grad, .detach(), printing) cannot
     be caught: they see the gradient, not the logits, so take what you need from the logits first
     (return_argmax=True for predictions or accuracy). `input` must not be a leaf that requires grad; lse gets
-    no gradient, there is no create_graph, and a second backward of the graph raises.
+    no gradient, there is no create_graph, and a second backward of the graph raises. In float16 the written
+    gradient must fit float16's range before the upstream gradient scales it (else it holds an inf).
     """
     check_reduction(reduction)
     if _autocast_runs_in_float32(input):
         input, weight = input.float(), None if weight is None else weight.float()
+    if target.dtype.is_floating_point:
+        return _cross_entropy_probabilities(input, target, weight, reduction, label_smoothing, z_loss, softcap,
+                                            return_lse, backend, inplace_backward, return_argmax)
     logits, rows_target, shape = _rows(input, _class_indices(target), "cross_entropy")
     argmax = logits.detach().argmax(-1) if return_argmax else None  # before an in-place call overwrites them
     args = (rows_target, mean_class_weight(weight, reduction), ignore_index, float(label_smoothing), float(z_loss),
@@ -208,6 +209,40 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
         out += ((lse if shape is None else lse.reshape(shape)).to(input.dtype),)
     if return_argmax:
         out += (argmax if shape is None else argmax.reshape(shape),)
+    return out[0] if len(out) == 1 else out
+
+
+def _cross_entropy_probabilities(input, target, weight, reduction, label_smoothing, z_loss, softcap, return_lse,
+                                 backend, inplace_backward, return_argmax):
+    """cross_entropy() with class-probability targets, shaped as input: F.cross_entropy's semantics (a "mean"
+    over the samples, whatever the weights; ignore_index does not apply) in the dtype both promote to."""
+    for name, value, off in (("z_loss", z_loss, 0.0), ("softcap", softcap, None),
+                             ("inplace_backward", inplace_backward, False)):
+        if value != off:
+            raise ValueError(f"cross_entropy(): {name} is supported with class-index targets only, not with "
+                             f"class-probability targets (a floating-point target); got {name}={value}")
+    if input.dim() == 0:
+        raise ValueError("cross_entropy(): expected input of shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
+    if target.shape != input.shape:
+        raise ValueError(f"cross_entropy(): expected class-probability target of the shape of input "
+                         f"{list(input.shape)}, got {list(target.shape)}")
+    if _autocast_runs_in_float32(target):
+        target = target.float()
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    input, target = input.to(dtype), target.to(dtype)
+    weight = None if weight is None else weight.to(dtype)
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    logits = input.reshape(1, C) if input.dim() == 1 else input.movedim(1, -1).reshape(math.prod(shape), C)
+    argmax = logits.detach().argmax(-1).reshape(shape) if return_argmax else None
+    loss, lse = cross_entropy_soft(logits, target.reshape(logits.shape) if input.dim() < 3 else
+                                   target.movedim(1, -1).reshape(logits.shape), weight, float(label_smoothing),
+                                   reduction, backend_for(backend, input))
+    out = (loss.reshape(shape) if reduction == "none" else loss).to(dtype),
+    if return_lse:
+        out += (lse.reshape(shape).to(dtype),)
+    if return_argmax:
+        out += (argmax,)
     return out[0] if len(out) == 1 else out
 
 

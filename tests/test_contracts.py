@@ -40,6 +40,15 @@ def _ce_backward(grad_loss=None, grad_lse=None, lse=None, reduction="none", logi
             -100, 0.0, 0.0, None, reduction)
 
 
+def _soft(logits=None, target=None, weight=None, ls=0.0):
+    return (_t(4, 7) if logits is None else logits, _t(4, 7) if target is None else target, weight, ls)
+
+
+def _soft_backward(grad_loss=None, grad_lse=None, lse=None):
+    return (_t(4) if grad_loss is None else grad_loss, grad_lse, _t(4, 7), _t(4, 7), None, _t(4) if lse is None else lse,
+            0.0)
+
+
 def _lce(h=None, w=None, b=None, t=None, cw=None, reduction="mean", chunk=2, ls=0.0):
     return (_t(4, 3) if h is None else h, _t(7, 3) if w is None else w, b,
             torch.zeros(4, dtype=torch.long) if t is None else t, cw, -100, ls, 0.0, None, reduction, chunk,
@@ -93,6 +102,17 @@ CASES = [
     ("linear_cross_entropy_forward", _lce(cw=_t(6)), RuntimeError, "expected class_weight of shape (7,)"),
     ("linear_cross_entropy_forward", _lce(t=torch.zeros(3, dtype=torch.long)), RuntimeError,
      "expected target of shape (4,)"),
+    ("cross_entropy_soft_forward", _soft(logits=_t(4)), RuntimeError, "expected logits of shape (N, C)"),
+    ("cross_entropy_soft_forward", _soft(target=_t(4, 6)), RuntimeError,
+     "expected class-probability target of the shape of logits"),
+    ("cross_entropy_soft_forward", _soft(target=_t(4, 7, dtype=torch.float32)), RuntimeError,
+     "expected class-probability target of the dtype of logits"),
+    ("cross_entropy_soft_forward", _soft(weight=_t(6)), RuntimeError, "expected weight of shape (7,)"),
+    ("cross_entropy_soft_forward", _soft(ls=-0.5), ValueError, "label_smoothing must be in [0, 1]"),
+    ("cross_entropy_soft_backward", _soft_backward(lse=_t(3)), RuntimeError,
+     "expected grad_loss, grad_lse and lse of shape (4,)"),
+    ("cross_entropy_soft_backward", _soft_backward(grad_lse=_t(5)), RuntimeError,
+     "expected grad_loss, grad_lse and lse of shape (4,)"),
     ("linear_cross_entropy_forward", _lce(chunk=0), ValueError, "chunk_size must be positive"),
     ("linear_cross_entropy_forward", _lce(reduction="avg"), ValueError,
      "linear_cross_entropy(): 'avg' is not a valid value for reduction"),

@@ -36,7 +36,8 @@ def test_cuda_kernels_built_for_both_archs_without_spills():
     assert any("backward_act_kernel" in name for _, name in kernels)
     # the cross-entropy kernels, for each dtype (mangled template argument) and arch
     for arch in ("sm_80", "sm_90"):
-        for kernel in ("cross_entropy_forward_kernel", "cross_entropy_backward_kernel"):
+        for kernel in ("cross_entropy_forward_kernel", "cross_entropy_backward_kernel", "cross_entropy_soft_forward_kernel",
+                       "cross_entropy_soft_backward_kernel"):
             for dtype in ("If", "Id", "IN3c104Half", "IN3c108BFloat16"):
                 assert any(a == arch and kernel + dtype in name for a, name in kernels), (arch, kernel, dtype)
     for (arch, name), (regs, stack) in kernels.items():

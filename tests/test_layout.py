@@ -60,7 +60,7 @@ def test_no_import_circle():
 def test_source_files_are_short():
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "csrc", "fusedlayers",
                             "bench", "setup.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    sources = [f for f in files if f.endswith((".py", ".cpp", ".h", ".cu"))]
+    sources = [f for f in files if f.endswith((".py", ".cpp", ".h", ".cu", ".cuh"))]
     assert len(sources) > 30  # the listing found the tree
     long = {f: n for f in sources if (n := len(open(os.path.join(REPO, f)).read().splitlines())) > 510}
     assert not long, long

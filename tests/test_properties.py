@@ -273,13 +273,17 @@ def _check_against_torch(names, torch_side, fused_side, dtype, op, what, nonnega
                                        f"{_where(negative, ('fused', a.double()), ('torch', d.double()))}"
 
 
-def grads(outputs, inputs, upstream):
-    """Gradients of every input (zeros for an unused one), as PyTorch would give them to a leaf."""
+def grads(outputs, inputs, upstream, each=False):
+    """Gradients of every input (zeros for an unused one), as PyTorch would give them to a leaf. each: as the sum
+    of each output's own backward (the same value; see check_jet)."""
     # an output that does not require grad (zero by construction) contributes nothing
     kept = [(o, u) for o, u in zip(outputs, upstream) if o.requires_grad]
     outputs, upstream = [o for o, _ in kept], [u for _, u in kept]
     if not inputs or not outputs:
         return [torch.zeros_like(t) for t in inputs]
+    if each:
+        parts = [grads([o], inputs, [u]) for o, u in zip(outputs, upstream)]
+        return [sum(p[i] for p in parts) for i in range(len(inputs))]
     return list(torch.autograd.grad(outputs, inputs, upstream, allow_unused=True, materialize_grads=True))
 
 
@@ -609,7 +613,10 @@ def check_jet(case):
         ts = leaves([x, direction if with_d else torch.ones(1, dtype=dt), *ws, *(bs or [])], math_dtype, via=via)
         xx, dd, wl, bl = split(ts)
         outs = jet_reference(xx, dd, wl, bl, acts)
-        return [*outs, *grads(outs, ts if with_d else [xx, *ts[2:]], [cast(g, math_dtype, via) for g in gs])]
+        # each output's backward apart: one backward of all three through silu's double backward lost the du term
+        # (5e59 of dx) to the d2u path's rounding at du = 1.5e30, where each alone is exact (the long run)
+        return [*outs, *grads(outs, ts if with_d else [xx, *ts[2:]], [cast(g, math_dtype, via) for g in gs],
+                              each=True)]
 
     def fused_side():
         ts = leaves([x, direction, *ws, *(bs or [])], dt)
@@ -796,6 +803,79 @@ def test_cross_entropy_finite(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cross_entropy_nonfinite(backend):
     fuzz(backend, given(ce_case(backend, nonfinite=True))(lambda case: check_ce(case, backend)))
+
+
+@st.composite
+def soft_ce_case(draw, backend, nonfinite):
+    """Class-probability targets: a softmax of random values, a mix of two one-hots (mixup), or raw values (any
+    sign, hostile ones too), differentiated too when target_grad."""
+    dtype = draw(st.sampled_from(CE_DTYPES))
+    layout = draw(st.sampled_from(("NC", "C", "NCd", "NCdd")))
+    C, N = draw(sizes(backend, zero=True)), draw(sizes(backend, zero=True))
+    extra = {"NC": (), "C": (), "NCd": (draw(sizes(backend)),), "NCdd": (draw(sizes(backend, big=False)), 2)}[layout]
+    return dict(dtype=dtype, shape=(C,) if layout == "C" else (N, C, *extra), C=C,
+                logits=draw(tensor_spec(LOGIT_FINITE, scales=(3.0, 1.0, 0.0, 10.0, 30.0), offsets=OFFSETS[dtype],
+                                        nonfinite=nonfinite)),
+                kind=draw(st.sampled_from(("softmax", "mixup", "raw"))),
+                target=draw(tensor_spec(GEMM_FINITE, scales=(1.0, 0.1, 0.0), nonfinite=nonfinite, max_hostile=2)),
+                weight=draw(weight_spec(nonfinite)), upstream=draw(no_hostile()),
+                reduction=draw(st.sampled_from(("mean", "none", "sum"))),
+                label_smoothing=draw(st.sampled_from(SMOOTHING)), return_lse=draw(st.booleans()),
+                target_grad=draw(st.booleans()))
+
+
+def build_probabilities(shape, kind, spec, dtype):
+    class_dim = 0 if len(shape) == 1 else 1
+    if kind == "raw" or 0 in shape:
+        return build(shape, spec, dtype)
+    gen = torch.Generator().manual_seed(spec[0])
+    if kind == "softmax":
+        return (torch.randn(shape, dtype=F64, generator=gen) * 2).softmax(class_dim).to(dtype)
+    C = shape[class_dim]
+    picks = [F.one_hot(torch.randint(0, C, shape[:class_dim] + shape[class_dim + 1:], generator=gen), C)
+             .movedim(-1, class_dim).to(F64) for _ in range(2)]
+    lam = torch.rand((), dtype=F64, generator=gen)
+    return (lam * picks[0] + (1 - lam) * picks[1]).to(dtype)
+
+
+def check_soft_ce(case, backend):
+    dt, dev, C, shape = case["dtype"], device_of(backend), case["C"], case["shape"]
+    x = build(shape, case["logits"], dt)
+    t = build_probabilities(shape, case["kind"], case["target"], dt)
+    w = build_weight(C, case["weight"], dt)
+    opts = dict(reduction=case["reduction"], label_smoothing=case["label_smoothing"])
+    per_sample = () if len(shape) == 1 else (shape[0], *shape[2:])
+    gs = ce_upstreams(per_sample if case["reduction"] == "none" else (), per_sample, case["upstream"][0],
+                      case["return_lse"], dt)
+    wrt = 2 if case["target_grad"] else 1
+
+    def torch_side(math_dtype, via=None):
+        xx, tt = leaves([x, t], math_dtype, via=via)
+        outs = [F.cross_entropy(xx, tt, cast(w, math_dtype, via), **opts)]
+        if case["return_lse"]:
+            outs.append(_logsumexp(xx, 0 if x.dim() == 1 else 1))
+        return [*outs, *grads(outs, [xx, tt][:wrt], [cast(g, math_dtype, via) for g in gs])]
+
+    def fused_side():
+        xx, tt = leaves([x, t], dt, dev)
+        out = cross_entropy(xx, tt, None if w is None else w.to(dev), return_lse=case["return_lse"], backend=backend,
+                            **opts)
+        outs = list(out) if case["return_lse"] else [out]
+        return [*outs, *grads(outs, [xx, tt][:wrt], [g.to(dev) for g in gs])]
+
+    names = (["loss", "lse"] if case["return_lse"] else ["loss"]) + ["dlogits", "dtarget"][:wrt]
+    check_against_torch(names, torch_side, fused_side, dt, "cross_entropy", "probabilities",
+                        describe=lambda: dict(logits=x, target=t, weight=w, options=opts, upstreams=gs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_probabilities_finite(backend):
+    fuzz(backend, given(soft_ce_case(backend, nonfinite=False))(lambda case: check_soft_ce(case, backend)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_probabilities_nonfinite(backend):
+    fuzz(backend, given(soft_ce_case(backend, nonfinite=True))(lambda case: check_soft_ce(case, backend)))
 
 
 # ---- linear_cross_entropy ----------------------------------------------------------------------------------------

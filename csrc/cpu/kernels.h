@@ -109,6 +109,11 @@ struct Kernels {
   CeSoftmax<T> (*ce_softmax_row)(const CeRow<T>& row);
   // grad (C values) = d(grad_loss * loss + grad_lse * lse) / dx, one pass; grad may be row.x itself.
   void (*ce_backward_row)(const CeRow<T>& row, CeSoftmax<T> softmax, T grad_loss, T grad_lse, T* grad);
+  // With class probabilities `target` (C values) in place of row.target: the row's loss, its (max, log-sum) in
+  // *softmax; and grad (C values, not row.x) = d(grad_loss * loss + grad_lse * lse) / dx.
+  T (*ce_soft_forward_row)(const CeRow<T>& row, const T* target, CeSoftmax<T>* softmax);
+  void (*ce_soft_backward_row)(const CeRow<T>& row, const T* target, CeSoftmax<T> softmax, T grad_loss, T grad_lse,
+                               T* grad);
 };
 
 // Each instruction set's table, for T = float and double (defined by kernels_{default,avx2,avx512}.cpp).

@@ -96,6 +96,8 @@ const Kernels<T>& table() {
       .ce_forward_row = ce_forward_row<T>,
       .ce_softmax_row = ce_softmax_row<T>,
       .ce_backward_row = ce_backward_row<T>,
+      .ce_soft_forward_row = ce_soft_forward_row<T>,
+      .ce_soft_backward_row = ce_soft_backward_row<T>,
   };
 #pragma GCC diagnostic pop
   return entries;

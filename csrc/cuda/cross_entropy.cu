@@ -30,13 +30,11 @@
 #include <optional>
 
 #include "activations.h"
+#include "cuda/rows.cuh"
 #include "ops/cross_entropy.h"
 
 namespace fusedlayers::cuda {
 namespace {
-
-constexpr int kMaxThreads = 512;
-constexpr int kWarp = 32;
 
 // The options of a launch, rounded once to the math type acc_t.
 template <typename acc_t>
@@ -73,121 +71,16 @@ __device__ __forceinline__ void assert_in_range(const RowTarget& tg) {
   CUDA_KERNEL_ASSERT_MSG(!tg.kept || tg.valid, "cross_entropy: target out of bounds [0, C)");
 }
 
-// ---- row traversal ----------------------------------------------------------------------------------------
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-// 16-byte vectors; the leading elements of a row before its first 16-byte boundary go one by one.
-template <typename scalar_t>
-struct RowSplit {
-  static constexpr int kVec = 16 / sizeof(scalar_t);
-  int64_t head, vectors, tail_begin;
-  __device__ RowSplit(const scalar_t* row, int64_t C) {
-    const int64_t misaligned = (reinterpret_cast<uintptr_t>(row) / sizeof(scalar_t)) % kVec;
-    head = misaligned == 0 ? 0 : std::min<int64_t>(C, kVec - misaligned);
-    vectors = (C - head) / kVec;
-    tail_begin = head + vectors * kVec;
-  }
-};
-
-// f(c, x[c] in acc_t) for this thread's share of the row x[0, C).
-template <typename scalar_t, typename acc_t, typename F>
-__device__ __forceinline__ void for_each_logit(const scalar_t* x, int64_t C, F&& f) {
-  const RowSplit<scalar_t> split(x, C);
-  constexpr int kVec = RowSplit<scalar_t>::kVec;
-  for (int64_t c = threadIdx.x; c < split.head; c += blockDim.x) f(c, acc_t(x[c]));
-  const auto* xv = reinterpret_cast<const Pack<scalar_t, kVec>*>(x + split.head);
-  for (int64_t i = threadIdx.x; i < split.vectors; i += blockDim.x) {
-    const Pack<scalar_t, kVec> pack = xv[i];
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) f(split.head + i * kVec + k, acc_t(pack.v[k]));
-  }
-  for (int64_t c = split.tail_begin + threadIdx.x; c < C; c += blockDim.x) f(c, acc_t(x[c]));
-}
-
-// out[c] = f(c, x[c] in acc_t) over the row; vectors only when out has x's alignment (`vectorize`).
-template <typename scalar_t, typename acc_t, typename F>
-__device__ __forceinline__ void map_logits(const scalar_t* x, scalar_t* out, int64_t C, bool vectorize, F&& f) {
-  if (!vectorize) {
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) out[c] = scalar_t(f(c, acc_t(x[c])));
-    return;
-  }
-  const RowSplit<scalar_t> split(x, C);
-  constexpr int kVec = RowSplit<scalar_t>::kVec;
-  for (int64_t c = threadIdx.x; c < split.head; c += blockDim.x) out[c] = scalar_t(f(c, acc_t(x[c])));
-  const auto* xv = reinterpret_cast<const Pack<scalar_t, kVec>*>(x + split.head);
-  auto* ov = reinterpret_cast<Pack<scalar_t, kVec>*>(out + split.head);
-  for (int64_t i = threadIdx.x; i < split.vectors; i += blockDim.x) {
-    const Pack<scalar_t, kVec> in = xv[i];
-    Pack<scalar_t, kVec> res;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) res.v[k] = scalar_t(f(split.head + i * kVec + k, acc_t(in.v[k])));
-    ov[i] = res;
-  }
-  for (int64_t c = split.tail_begin + threadIdx.x; c < C; c += blockDim.x) out[c] = scalar_t(f(c, acc_t(x[c])));
-}
-
-// ---- online logsumexp ---------------------------------------------------------------------------------------
-
-// Over the logits seen so far: m = max z (lowest() before any, so that m - z never is -inf - -inf), s = sum
-// exp(z - m), and with label smoothing wz = sum w * (z - m) and ws = sum w.
-template <typename acc_t>
-struct OnlineState {
-  acc_t m, s, wz, ws;
-
-  __device__ static OnlineState empty() { return {std::numeric_limits<acc_t>::lowest(), acc_t(0), acc_t(0), acc_t(0)}; }
-
-  __device__ __forceinline__ void add(acc_t z, acc_t w, bool smoothing) {
-    if (z > m) {  // a new max: rebase the sums on it (rare after the first few logits)
-      const acc_t d = m - z;
-      s = s * ::exp(d) + acc_t(1);
-      if (smoothing && ws != acc_t(0)) wz += d * ws;
-      m = z;
-    } else {  // NaN lands here and propagates through s
-      s += ::exp(z - m);
-      if (smoothing) wz += w * (z - m);
-    }
-    if (smoothing) ws += w;
-  }
-
-  __device__ __forceinline__ static OnlineState merge(const OnlineState& a, const OnlineState& b) {
-    OnlineState r;
-    r.m = a.m > b.m ? a.m : b.m;
-    const acc_t da = a.m - r.m, db = b.m - r.m;
-    r.s = a.s * ::exp(da) + b.s * ::exp(db);
-    // ws == 0: nothing to rebase, and no 0 * -inf when a max is lowest()
-    r.wz = a.wz + b.wz + (a.ws != acc_t(0) ? da * a.ws : acc_t(0)) + (b.ws != acc_t(0) ? db * b.ws : acc_t(0));
-    r.ws = a.ws + b.ws;
-    return r;
-  }
-
-  __device__ __forceinline__ OnlineState shfl_xor(int lane_mask) const {
-    return {__shfl_xor_sync(0xffffffffu, m, lane_mask), __shfl_xor_sync(0xffffffffu, s, lane_mask),
-            __shfl_xor_sync(0xffffffffu, wz, lane_mask), __shfl_xor_sync(0xffffffffu, ws, lane_mask)};
-  }
-};
-
-// The merged state of the whole block, in every thread. blockDim.x is a multiple of 32, at most kMaxThreads.
-template <typename acc_t>
-__device__ OnlineState<acc_t> block_merge(OnlineState<acc_t> st) {
-  __shared__ OnlineState<acc_t> partial[kMaxThreads / kWarp];
-  for (int mask = kWarp / 2; mask > 0; mask /= 2) st = OnlineState<acc_t>::merge(st, st.shfl_xor(mask));
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  if (lane == 0) partial[warp] = st;
-  __syncthreads();
-  if (warp == 0) {
-    st = lane < int(blockDim.x / kWarp) ? partial[lane] : OnlineState<acc_t>::empty();
-    for (int mask = kWarp / 2; mask > 0; mask /= 2) st = OnlineState<acc_t>::merge(st, st.shfl_xor(mask));
-    if (lane == 0) partial[0] = st;
-  }
-  __syncthreads();
-  return partial[0];
-}
-
 // ---- kernels ------------------------------------------------------------------------------------------------
+
+// The merge's max skips NaN; only a +inf max would hide one (the sum carries it otherwise): rescan that rare row.
+template <typename scalar_t, typename acc_t>
+__device__ void nan_under_inf_max(OnlineState<acc_t>& st, const scalar_t* x, int64_t C) {
+  if (st.m != std::numeric_limits<acc_t>::infinity()) return;
+  bool nan_seen = false;
+  for_each_logit<scalar_t, acc_t>(x, C, [&](int64_t, acc_t v) { nan_seen |= v != v; });
+  if (__syncthreads_or(nan_seen)) st.m = std::numeric_limits<acc_t>::quiet_NaN();
+}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -204,12 +97,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     st.add(capped(v, p), weight != nullptr && smoothing ? acc_t(weight[c]) : acc_t(1), smoothing);
   });
   st = block_merge(st);
-  // The merge's max skips NaN; only a +inf max would hide one (the sum carries it otherwise): rescan that rare row.
-  if (st.m == std::numeric_limits<acc_t>::infinity()) {
-    bool nan_seen = false;
-    for_each_logit<scalar_t, acc_t>(x, p.C, [&](int64_t, acc_t v) { nan_seen |= v != v; });
-    if (__syncthreads_or(nan_seen)) st.m = std::numeric_limits<acc_t>::quiet_NaN();
-  }
+  nan_under_inf_max(st, x, p.C);
   // An inf class weight makes W log_s - wz inf - inf where its logit is the max: that rare row sums the smoothing
   // term's parts w[c] (log_s - (z[c] - m)), each >= 0, in a second pass; -wz then holds the sum, W log_s is 0.
   const bool smoothing_rescan = smoothing && weight != nullptr && !::isfinite(st.ws);
@@ -287,6 +175,72 @@ __global__ void __launch_bounds__(kMaxThreads)
     return d;
   });
   assert_in_range(tg);
+}
+
+// Class-probability targets (cross_entropy_soft_*): q[c] = w[c] ((1 - eps) target[c] + eps / C).
+// (target times v) times the weight, PyTorch's order: a zero v (lse - z of a one-class row) gives 0 at a 1e30 target
+// and a 1e30 weight.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t soft_q(const scalar_t* t, const scalar_t* weight, int64_t c, const CeParams<acc_t>& p,
+                                        acc_t v = acc_t(1)) {
+  const acc_t q = (p.eps_over_c == acc_t(0) ? acc_t(t[c]) : p.keep * acc_t(t[c]) + p.eps_over_c) * v;
+  return weight == nullptr ? q : q * acc_t(weight[c]);
+}
+
+// The block's sum of every thread's v, in every thread: states of one max merge by adding their wz.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v) {
+  __syncthreads();  // block_merge's shared memory may still be read by a previous merge
+  return block_merge(OnlineState<acc_t>{acc_t(0), acc_t(0), v, acc_t(0)}).wz;
+}
+
+// loss[row] = sum_c q[c] (log s - (z[c] - m)): each term >= 0 for q >= 0, none large at any logit scale.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_soft_forward_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ target,
+                                      const scalar_t* __restrict__ weight, at::opmath_type<scalar_t>* __restrict__ loss,
+                                      at::opmath_type<scalar_t>* __restrict__ lse,
+                                      const CeParams<at::opmath_type<scalar_t>> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t row = blockIdx.x;
+  const scalar_t *x = logits + row * p.C, *t = target + row * p.C;
+  auto st = OnlineState<acc_t>::empty();
+  for_each_logit<scalar_t, acc_t>(x, p.C, [&](int64_t, acc_t v) { st.add(v, 0, false); });
+  st = block_merge(st);
+  nan_under_inf_max(st, x, p.C);
+  const acc_t log_s = ::log(st.s);
+  acc_t part = 0;
+  for_each_logit<scalar_t, acc_t>(x, p.C, [&](int64_t c, acc_t v) { part += soft_q(t, weight, c, p, log_s - (v - st.m)); });
+  const acc_t sum = block_sum(part);
+  if (threadIdx.x != 0) return;
+  loss[row] = sum;
+  lse[row] = st.m == std::numeric_limits<acc_t>::infinity() ? st.m : st.m + log_s;
+}
+
+// grad[row] = g (Q p - q) + grad_lse[row] p, g = grad_loss[row], Q = sum_c q[c], p recomputed as above.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    cross_entropy_soft_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_loss,
+                                       const at::opmath_type<scalar_t>* __restrict__ grad_lse,
+                                       const scalar_t* __restrict__ logits, const scalar_t* __restrict__ target,
+                                       const scalar_t* __restrict__ weight, scalar_t* __restrict__ grad,
+                                       const CeParams<at::opmath_type<scalar_t>> p, bool vectorize) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t row = blockIdx.x;
+  const scalar_t *x = logits + row * p.C, *t = target + row * p.C;
+  auto st = OnlineState<acc_t>::empty();
+  for_each_logit<scalar_t, acc_t>(x, p.C, [&](int64_t, acc_t v) { st.add(v, 0, false); });
+  st = block_merge(st);
+  const acc_t log_s = ::log(st.s);
+  acc_t part = 0;
+  for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) part += soft_q(t, weight, c, p);
+  const acc_t g = grad_loss[row], q_sum = block_sum(part);
+  const acc_t g_lse = grad_lse == nullptr ? acc_t(0) : grad_lse[row];
+  map_logits<scalar_t, acc_t>(x, grad + row * p.C, p.C, vectorize, [&](int64_t c, acc_t v) {
+    const acc_t prob = ::exp((v - st.m) - log_s);
+    // g (Q p - q), not g Q p - g q: contracted into an FMA, the latter left g q's rounding where p = 1 and Q = q
+    return g * (q_sum * prob - soft_q(t, weight, c, p)) + g_lse * prob;
+  });
 }
 
 // ---- the ops --------------------------------------------------------------------------------------------------
@@ -438,6 +392,62 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const std::option
   return grad;
 }
 
+void check_cuda_soft_ce_args(const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, double label_smoothing) {
+  check_soft_ce_args(logits, target, weight, label_smoothing);
+  TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(), "cross_entropy(): the CUDA kernels take at "
+              "most 2^31 - 1 rows, got ", logits.size(0));
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_soft_forward(const at::Tensor& logits, const at::Tensor& target,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              double label_smoothing) {
+  check_cuda_soft_ce_args(logits, target, weight, label_smoothing);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor loss = at::empty({N}, logits.options().dtype(math_type(logits)));
+  at::Tensor lse = at::empty({N}, logits.options().dtype(math_type(logits)));
+  if (N == 0) return {loss, lse};
+  const at::Tensor x = logits.contiguous(), t = target.contiguous();
+  const std::optional<at::Tensor> w = contiguous(weight);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_soft_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cross_entropy_soft_forward_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for(C, sizeof(scalar_t)), 0,
+                                                  at::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
+        loss.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
+        make_params<acc_t>(C, 0, label_smoothing, 0.0, std::nullopt));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, lse};
+}
+
+at::Tensor cross_entropy_soft_backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                       const at::Tensor& logits, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                       double label_smoothing) {
+  check_cuda_soft_ce_args(logits, target, weight, label_smoothing);
+  check_soft_ce_backward_rows(grad_loss, grad_lse, lse, logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor grad = at::empty({N, C}, logits.options());
+  if (grad.numel() == 0) return grad;
+  const auto math = math_type(logits);
+  const at::Tensor x = logits.contiguous(), t = target.contiguous(), gl = grad_loss.to(math).contiguous();
+  const std::optional<at::Tensor> w = contiguous(weight), glse = contiguous(grad_lse, math);
+  const auto address = [](const at::Tensor& v) { return reinterpret_cast<uintptr_t>(v.const_data_ptr()); };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_entropy_soft_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cross_entropy_soft_backward_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for(C, sizeof(scalar_t)), 0,
+                                                   at::cuda::getCurrentCUDAStream()>>>(
+        gl.const_data_ptr<acc_t>(), data_or_null<acc_t>(glse), x.const_data_ptr<scalar_t>(),
+        t.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(w), grad.mutable_data_ptr<scalar_t>(),
+        make_params<acc_t>(C, 0, label_smoothing, 0.0, std::nullopt), (address(x) - address(grad)) % 16 == 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
 }  // namespace
 }  // namespace fusedlayers::cuda
 
@@ -445,4 +455,6 @@ TORCH_LIBRARY_IMPL(fusedlayers, CUDA, m) {
   m.impl("cross_entropy_forward", &fusedlayers::cuda::cross_entropy_forward);
   m.impl("cross_entropy_forward_grad", &fusedlayers::cuda::cross_entropy_forward_grad);
   m.impl("cross_entropy_backward", &fusedlayers::cuda::cross_entropy_backward);
+  m.impl("cross_entropy_soft_forward", &fusedlayers::cuda::cross_entropy_soft_forward);
+  m.impl("cross_entropy_soft_backward", &fusedlayers::cuda::cross_entropy_soft_backward);
 }

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <charconv>
+#include <cmath>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -68,6 +69,15 @@ inline bool is_one(const at::Tensor& g) {
   if (g.scalar_type() == at::kFloat) return *g.const_data_ptr<float>() == 1.0f;
   if (g.scalar_type() == at::kDouble) return *g.const_data_ptr<double>() == 1.0;
   return g.item<double>() == 1.0;
+}
+
+// Whether a gradient precomputed in the forward for an upstream gradient of 1, in x's dtype, may have overflowed
+// where the actual one (scaled by g) would not: float16's range is small, so unless g is known on the host to be
+// at least 1 in magnitude (reading it on a GPU would synchronize), the backward recomputes instead.
+inline bool precomputed_may_overflow(const at::Tensor& x, const at::Tensor& g) {
+  if (x.scalar_type() != at::kHalf) return false;
+  if (!g.is_cpu() || g.dim() != 0 || traced(g)) return true;
+  return !(std::abs(g.item<double>()) >= 1.0);
 }
 
 // The number of rows of x seen as a (rows, in_features) matrix.

@@ -79,7 +79,8 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     const CeReduction red = parse_reduction(reduction);
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in dense_autograd (ops/dense.cpp)
     at::Tensor loss, lse;
-    if (red != CeReduction::None && !traced(logits)) {
+    // float16 on a GPU recomputes in the backward (precomputed_may_overflow): no gradient here
+    if (red != CeReduction::None && !traced(logits) && !(logits.scalar_type() == at::kHalf && !logits.is_cpu())) {
       at::Tensor grad = at::empty(logits.sizes(), logits.options());
       std::tie(loss, lse) = ce_forward_grad_op(kernels).call(logits, target, weight, ignore_index, label_smoothing,
                                                             z_loss, softcap, reduction, grad);
@@ -98,7 +99,8 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
     variable_list out(9);
     if (!grads[0].defined() && !grads[1].defined()) return out;
     const auto precomputed = ctx->saved_data.find("grad");
-    if (precomputed != ctx->saved_data.end() && !grads[1].defined() && !at::GradMode::is_enabled()) {
+    if (precomputed != ctx->saved_data.end() && !grads[1].defined() && !at::GradMode::is_enabled() &&
+        !precomputed_may_overflow(precomputed->second.toTensor(), grads[0])) {
       out[0] = precomputed->second.toTensor();
       // its only reference leaves with it: AccumulateGrad can keep it without a copy, and a second backward
       // takes the kernel
@@ -282,6 +284,17 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
           "cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, Tensor? weight, "
           "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float? softcap, str reduction) "
           "-> Tensor"});
+  // Class-probability targets, as F.cross_entropy takes them: target (N, C) of the logits' dtype, with
+  // q[c] = w[c] * ((1 - eps) * target[i, c] + eps / C),
+  //   loss[i] = sum_c q[c] * (lse[i] - logits[i, c]),  lse[i] = logsumexp(logits[i]),
+  // (N,) each in the math dtype, unreduced; the backward takes grad_loss (N,) and returns the gradient w.r.t. the
+  // logits, grad_loss[i] * (sum_c q[c] * p - q) + grad_lse[i] * p with p = softmax(logits[i]) (to the
+  // last bit, as above). Its autograd (the target's gradient and every order) is fusedlayers/ops/cross_entropy.py's.
+  fusedlayers::def_kernels(
+      m, {"cross_entropy_soft_forward(Tensor logits, Tensor target, Tensor? weight, float label_smoothing) "
+          "-> (Tensor, Tensor)",
+          "cross_entropy_soft_backward(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, "
+          "Tensor? weight, Tensor lse, float label_smoothing) -> Tensor"});
   // The differentiable ops, one autograd node each: (loss, lse) of the kernels below, the reduction included.
   // cross_entropy_ overwrites the logits with their gradient (declared: they are marked dirty to autograd);
   // its backward scales them by the upstream gradient, and lse has no gradient.
@@ -294,5 +307,6 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
                                    &fusedlayers::cross_entropy_no_autograd);
   fusedlayers::impl_differentiable(m, "cross_entropy_", &fusedlayers::cross_entropy_inplace_autograd,
                                    &fusedlayers::cross_entropy_inplace_no_autograd);
-  fusedlayers::not_differentiable(m, {"cross_entropy_forward", "cross_entropy_forward_grad", "cross_entropy_backward"});
+  fusedlayers::not_differentiable(m, {"cross_entropy_forward", "cross_entropy_forward_grad", "cross_entropy_backward",
+                                      "cross_entropy_soft_forward", "cross_entropy_soft_backward"});
 }

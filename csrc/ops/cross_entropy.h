@@ -51,6 +51,36 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target, co
                     py(softcap.value_or(0.0)));
 }
 
+// Class-probability targets (cross_entropy_soft_*): target shaped, typed and placed as the logits.
+inline void check_soft_ce_args(const at::Tensor& logits, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, double label_smoothing) {
+  TORCH_CHECK(logits.dim() == 2, "cross_entropy(): expected logits of shape (N, C), got shape ", logits.sizes());
+  TORCH_CHECK(logits.is_floating_point(), "cross_entropy(): expected floating-point logits, got ",
+              py(logits.scalar_type()));
+  TORCH_CHECK(target.sizes() == logits.sizes(), "cross_entropy(): expected class-probability target of the shape "
+              "of logits ", logits.sizes(), ", got shape ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == logits.scalar_type(), "cross_entropy(): expected class-probability target "
+              "of the dtype of logits (", py(logits.scalar_type()), "), got ", py(target.scalar_type()));
+  TORCH_CHECK(target.device() == logits.device(), "cross_entropy(): expected target on the device of logits (",
+              logits.device(), "), got ", target.device());
+  check_per_class(weight, "cross_entropy", "weight", logits.size(1), logits, "logits");
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "cross_entropy(): label_smoothing must be in [0, 1], got ", py(label_smoothing));
+}
+
+// The per-row inputs of a soft backward kernel: grad_loss, lse and grad_lse (N,) each, on the logits' device.
+inline void check_soft_ce_backward_rows(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                        const at::Tensor& lse, const at::Tensor& logits) {
+  const int64_t N = logits.size(0);
+  for (const at::Tensor* v : {&grad_loss, &lse, grad_lse.has_value() ? &*grad_lse : nullptr}) {
+    if (v == nullptr) continue;
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == N, "cross_entropy_soft_backward(): expected grad_loss, grad_lse "
+                "and lse of shape (", N, ",), got shape ", v->sizes());
+    TORCH_CHECK(v->device() == logits.device(), "cross_entropy_soft_backward(): expected grad_loss, grad_lse and "
+                "lse on the device of logits (", logits.device(), "), got ", v->device());
+  }
+}
+
 enum class CeReduction { None, Mean, Sum };
 
 inline CeReduction parse_reduction(c10::string_view reduction, const char* op = "cross_entropy") {

@@ -189,7 +189,9 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
                                const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
                                double label_smoothing, double z_loss, std::optional<double> softcap,
                                c10::string_view reduction, int64_t chunk_size, c10::string_view backend) {
-    const bool precompute = reduction != "none";
+    // float16 on a GPU recomputes in the backward (precomputed_may_overflow): no gradients here
+    const bool reduced = reduction != "none";
+    const bool precompute = reduced && !(hidden.scalar_type() == at::kHalf && !hidden.is_cpu());
     const std::array<bool, 3> mask = {precompute && hidden.requires_grad(), precompute && weight.requires_grad(),
                                       precompute && bias.has_value() && bias->requires_grad()};
     const Backend kernels = parse_backend(backend);
@@ -203,6 +205,7 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     ctx->saved_data["z_loss"] = z_loss;
     ctx->saved_data["softcap"] = softcap ? c10::IValue(*softcap) : c10::IValue();
     ctx->saved_data["precompute"] = precompute;
+    ctx->saved_data["reduced"] = reduced;
     ctx->saved_data["reduction"] = static_cast<int64_t>(parse_reduction(reduction));
     ctx->set_materialize_grads(false);  // an output with no gradient must not cost a recompute pass
     ctx->saved_data["chunk_size"] = chunk_size;
@@ -224,21 +227,22 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     // With a gradient of lse too, the loss's goes through the backward op with it, not as the precomputed
     // gradients plus the lse's: summed after the GEMMs, an lse gradient's 0 * inf (a zero probability at an inf
     // weight) made a NaN where autograd's one dlogits gives inf (found by the 4000-example run).
-    const bool apart = precompute && grads[0].defined() && !grads[1].defined();
+    const bool apart = precompute && grads[0].defined() && !grads[1].defined() &&
+                       !precomputed_may_overflow(hidden, grads[0]);
     at::Tensor dh, dw, db;
     if (apart) {
       if (mask[0]) dh = saved[6] * grads[0];
       if (mask[1]) dw = saved[7] * grads[0];
       if (mask[2]) db = saved[8] * grads[0];
     }
-    if (grads[1].defined() || (!precompute && grads[0].defined())) {
+    if (grads[1].defined() || (grads[0].defined() && !apart)) {
       const auto& cap = ctx->saved_data["softcap"];
       const auto kernels = static_cast<Backend>(ctx->saved_data["backend"].toInt());
       const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
       std::optional<at::Tensor> grad_loss;
       if (grads[0].defined()) {
-        grad_loss = !precompute ? grads[0]
-                                : ce_row_grad_loss(grads[0], target, opt(class_weight), ignore_index,
+        grad_loss = !ctx->saved_data["reduced"].toBool() ? grads[0]
+                                                          : ce_row_grad_loss(grads[0], target, opt(class_weight), ignore_index,
                                                    static_cast<CeReduction>(ctx->saved_data["reduction"].toInt()),
                                                    lse.scalar_type());
       }

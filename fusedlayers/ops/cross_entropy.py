@@ -48,6 +48,38 @@ def check_cross_entropy_args(logits: Tensor, target: Tensor, weight: Tensor | No
                        lambda: f"cross_entropy(): softcap must be positive and finite (None for no cap), got {softcap}")
 
 
+def check_soft_cross_entropy_args(logits: Tensor, target: Tensor, weight: Tensor | None,
+                                  label_smoothing: float) -> None:
+    """The contract of class-probability targets (cross_entropy_soft_*): csrc/ops/cross_entropy.h's
+    check_soft_ce_args, with its messages."""
+    torch._check(logits.dim() == 2, lambda: f"cross_entropy(): expected logits of shape (N, C), got shape "
+                                            f"{list(logits.shape)}")
+    torch._check(logits.dtype.is_floating_point,
+                 lambda: f"cross_entropy(): expected floating-point logits, got {logits.dtype}")
+    torch._check(target.shape == logits.shape,
+                 lambda: f"cross_entropy(): expected class-probability target of the shape of logits "
+                         f"{list(logits.shape)}, got shape {list(target.shape)}")
+    torch._check(target.dtype == logits.dtype,
+                 lambda: f"cross_entropy(): expected class-probability target of the dtype of logits "
+                         f"({logits.dtype}), got {target.dtype}")
+    torch._check(target.device == logits.device,
+                 lambda: f"cross_entropy(): expected target on the device of logits ({logits.device}), got "
+                         f"{target.device}")
+    check_per_class(weight, "cross_entropy", "weight", logits.shape[1], logits, "logits")
+    torch._check_value(0.0 <= label_smoothing <= 1.0,
+                       lambda: f"cross_entropy(): label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def check_soft_ce_backward_rows(grad_loss: Tensor, grad_lse: Tensor | None, lse: Tensor, logits: Tensor) -> None:
+    for v in (grad_loss, lse, grad_lse):
+        torch._check(v is None or (v.dim() == 1 and v.shape[0] == logits.shape[0]),
+                     lambda: f"cross_entropy_soft_backward(): expected grad_loss, grad_lse and lse of shape "
+                             f"({logits.shape[0]},), got shape {list(v.shape)}")
+        torch._check(v is None or v.device == logits.device,
+                     lambda: f"cross_entropy_soft_backward(): expected grad_loss, grad_lse and lse on the device of "
+                             f"logits ({logits.device}), got {v.device}")
+
+
 def ce_math_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the cross-entropy kernels compute and return loss and lse in."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -163,7 +195,21 @@ def _cross_entropy_backward_fake(grad_loss, grad_lse, logits, target, weight, ls
     return logits.new_empty(logits.shape)
 
 
+def _soft_forward_fake(logits, target, weight, label_smoothing):
+    check_soft_cross_entropy_args(logits, target, weight, label_smoothing)
+    math = ce_math_dtype(logits.dtype)
+    return logits.new_empty(logits.shape[0], dtype=math), logits.new_empty(logits.shape[0], dtype=math)
+
+
+def _soft_backward_fake(grad_loss, grad_lse, logits, target, weight, lse, label_smoothing):
+    check_soft_cross_entropy_args(logits, target, weight, label_smoothing)
+    check_soft_ce_backward_rows(grad_loss, grad_lse, lse, logits)
+    return logits.new_empty(logits.shape)
+
+
 for _prefix in KERNELS.values():
+    torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_soft_forward")(_soft_forward_fake)
+    torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_soft_backward")(_soft_backward_fake)
     torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_forward")(_cross_entropy_forward_fake)
     torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_forward_grad")(_cross_entropy_forward_grad_fake)
     torch.library.register_fake(f"fusedlayers::{_prefix}cross_entropy_backward")(_cross_entropy_backward_fake)
@@ -265,3 +311,118 @@ def cross_entropy_function(logits: Tensor, target: Tensor, weight: Tensor | None
         raise RuntimeError(_CE_WEIGHT_GRAD)
     loss, lse = _ce_function(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend)
     return ce_reduce_rows(loss, target, weight, ignore_index, reduction, label_smoothing), lse
+
+
+# ---- class-probability targets ---------------------------------------------------------------------------
+# One autograd.Function over the cross_entropy_soft_* kernels (csrc/ops/cross_entropy.cpp has their formulas):
+# per-row (loss, lse), reduced by torch ops. Its backward is the kernel, or under create_graph the same formula
+# in torch ops (differentiable again); the target gets its gradient too, as in F.cross_entropy. Under
+# torch.compile a twin without jvp and vmap, which Dynamo does not trace.
+
+def _soft_kernel(name: str, backend: str):
+    return getattr(_ops, KERNELS[backend] + name).default
+
+
+def _soft_forward(logits, target, weight, label_smoothing, backend):
+    return _soft_kernel("cross_entropy_soft_forward", backend)(logits, target, weight, label_smoothing)
+
+
+def _soft_setup_context(ctx, inputs, output):
+    logits, target, weight, ctx.eps, ctx.backend = inputs
+    ctx.save_for_backward(logits, target, weight, output[1])
+    ctx.save_for_forward(logits, target, weight, output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _soft_terms(ctx):
+    """(math dtype, log_softmax, softmax, q, w) of the saved inputs; w None without a weight."""
+    logits, target, weight, _ = ctx.saved_tensors
+    math = ce_math_dtype(logits.dtype)
+    x = logits.to(math)
+    w = None if weight is None else weight.to(math)
+    q = target.to(math)
+    if ctx.eps:
+        q = (1 - ctx.eps) * q + ctx.eps / x.shape[-1]
+    return math, x.log_softmax(-1), x.softmax(-1), q if w is None else q * w, w
+
+
+def _soft_backward(ctx, grad_loss, grad_lse):
+    logits, target, weight, lse = ctx.saved_tensors
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError(_CE_WEIGHT_GRAD)
+    dlogits = dtarget = None
+    gl = torch.zeros_like(lse) if grad_loss is None else grad_loss
+    if ctx.needs_input_grad[0] and not torch.is_grad_enabled():
+        dlogits = _soft_kernel("cross_entropy_soft_backward", ctx.backend)(gl, grad_lse, logits, target, weight, lse,
+                                                                          ctx.eps)
+    elif ctx.needs_input_grad[0] or (ctx.needs_input_grad[1] and grad_loss is not None):
+        math, logp, p, q, w = _soft_terms(ctx)
+        g = gl.to(math).unsqueeze(-1)
+        if ctx.needs_input_grad[0]:
+            dlogits = g * (q.sum(-1, keepdim=True) * p - q)
+            if grad_lse is not None:
+                dlogits = dlogits + grad_lse.to(math).unsqueeze(-1) * p
+            dlogits = dlogits.to(logits.dtype)
+    if ctx.needs_input_grad[1] and grad_loss is not None:
+        if dlogits is None or not torch.is_grad_enabled():
+            math = ce_math_dtype(logits.dtype)
+            logp, w, g = logits.to(math).log_softmax(-1), None if weight is None else weight.to(math), \
+                gl.to(math).unsqueeze(-1)
+        # d loss / d target[c] = -(1 - eps) w[c] log_softmax(z)[c] in PyTorch's order, ((-g w) log_softmax) (1 - eps):
+        # a zero weight gives 0 where g log_softmax overflows, label smoothing 1 NaN there, as PyTorch's
+        dtarget = ((-g if w is None else -g * w) * logp * (1 - ctx.eps)).to(target.dtype)
+    return dlogits, dtarget, None, None, None
+
+
+def _soft_jvp(ctx, tlogits, ttarget, tweight, *_):
+    # dlse = <p, dz>, dloss = Q dlse - <q, dz> - (1 - eps) <w dt, log_softmax(z)>
+    if tweight is not None:
+        raise RuntimeError(_CE_WEIGHT_GRAD)
+    math, logp, p, q, w = _soft_terms(ctx)
+    dlse = torch.zeros_like(logp[..., 0])
+    dloss = dlse
+    if tlogits is not None:
+        dz = tlogits.to(math)
+        dlse = (p * dz).sum(-1)
+        dloss = q.sum(-1) * dlse - (q * dz).sum(-1)
+    if ttarget is not None:
+        dq = (1 - ctx.eps) * ttarget.to(math)
+        dloss = dloss - ((dq if w is None else dq * w) * logp).sum(-1)
+    return dloss, dlse
+
+
+def _soft_vmap(info, in_dims, logits, target, weight, label_smoothing, backend):
+    ld, td, wd = in_dims[:3]
+    n = info.batch_size
+    if wd is not None:  # a class weight per batch entry: one call each
+        pick = lambda t, d, i: t if d is None else t.select(d, i)  # noqa: E731
+        outs = [_soft_function(pick(logits, ld, i), pick(target, td, i), weight.select(wd, i), label_smoothing,
+                               backend) for i in range(n)]
+        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+    logits, target = batch_first(logits, ld, n), batch_first(target, td, n)
+    C = logits.shape[-1]
+    loss, lse = _soft_function(logits.reshape(-1, C), target.reshape(-1, C), weight, label_smoothing, backend)
+    return (loss.reshape(n, logits.shape[1]), lse.reshape(n, logits.shape[1])), (0, 0)
+
+
+_soft_function = function_op("CrossEntropySoftFunction", _soft_forward, _soft_setup_context, _soft_backward,
+                             _soft_jvp, _soft_vmap)
+_soft_compiled = type("CrossEntropySoftCompiled", (torch.autograd.Function,), {
+    "forward": staticmethod(_soft_forward), "setup_context": staticmethod(_soft_setup_context),
+    "backward": staticmethod(_soft_backward)}).apply
+
+
+def cross_entropy_soft(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
+                       reduction: str, backend: str) -> tuple[Tensor, Tensor]:
+    """Class-probability targets (N, C): (loss reduced as F.cross_entropy reduces them, a "mean" over the N rows
+    whatever the weights; lse (N,))."""
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():  # as the index path refuses it
+        raise RuntimeError(_CE_WEIGHT_GRAD)
+    apply = _soft_compiled if torch.compiler.is_compiling() else _soft_function
+    loss, lse = apply(logits, target, weight, label_smoothing, backend)
+    if reduction == "none":
+        return loss, lse
+    if reduction == "sum":
+        return loss.sum(), lse
+    # PyTorch's: the sum over numel / C rows, nan when there are no logits at all
+    return (loss.sum() / logits.shape[0] if logits.numel() else loss.sum() + math.nan), lse

@@ -24,7 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops.cross_entropy import (ce_math_dtype, ce_reduce_rows, ce_row_grad_loss, check_ce_backward_rows,
-                                 check_ce_reduction, check_cross_entropy_args)
+                                 check_ce_reduction, check_cross_entropy_args, check_soft_ce_backward_rows,
+                                 check_soft_cross_entropy_args)
 from .activations import _sech2, _tanh
 
 # Classes per chunk, by math dtype: the largest block a program loops with (smaller C use the next power of two
@@ -218,10 +219,100 @@ def _cross_entropy_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, targ
         tl.store(grad_row + cs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _soft_q(target_row, weight_ptr, cs, mask, C, label_smoothing, v, HAS_WEIGHT: tl.constexpr,
+            HAS_SMOOTHING: tl.constexpr, MATH: tl.constexpr):
+    """((1 - eps) * target + eps / C) * v * w of one chunk of a row (0 in masked lanes): the weight last, as
+    PyTorch's order (a zero v at a 1e30 target and a 1e30 weight gives 0)."""
+    q = tl.load(target_row + cs, mask=mask, other=0.0).to(MATH)
+    if HAS_SMOOTHING:
+        eps = tl.full((), label_smoothing, MATH)
+        q = (1.0 - eps) * q + eps / C
+    q = q * v
+    if HAS_WEIGHT:
+        q = q * tl.load(weight_ptr + cs, mask=mask, other=0.0).to(MATH)
+    return tl.where(mask, q, 0.0)
+
+
+@triton.jit
+def _cross_entropy_soft_forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr, C,
+                                       label_smoothing: tl.float64, HAS_WEIGHT: tl.constexpr,
+                                       HAS_SMOOTHING: tl.constexpr, BLOCK: tl.constexpr):
+    """Class-probability targets: loss[row] = sum_c q[c] (lse - z[c]) as sum_c q[c] (log s - (z[c] - max)), each term
+    >= 0 for q >= 0 and none large at any logit scale; lse[row]."""
+    MATH: tl.constexpr = lse_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr, t_row = logits_ptr + row * C, target_ptr + row * C
+    cols = tl.arange(0, BLOCK)
+    m = tl.full((), float("-inf"), MATH)
+    ref = tl.full((), 0.0, MATH)  # as in the forward above
+    s = tl.full((), 0.0, MATH)
+    for c0 in range(0, C, BLOCK):
+        cs = c0 + cols
+        z = tl.load(row_ptr + cs, mask=cs < C, other=float("-inf")).to(MATH)
+        m = tl.maximum(m, tl.max(z, axis=0))
+        new_ref = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.where(s == 0.0, 0.0, s * tl.exp(ref - new_ref)) + tl.sum(tl.exp(z - new_ref), axis=0)
+        ref = new_ref
+    if ref == float("inf"):  # a NaN hidden by a +inf max, as above
+        for c0 in range(0, C, BLOCK):
+            cs = c0 + cols
+            z = tl.load(row_ptr + cs, mask=cs < C, other=0.0)
+            ref = tl.where(tl.sum((z != z).to(tl.int32), axis=0) > 0, float("nan"), ref)
+    log_s = tl.log(s)
+    loss = tl.full((), 0.0, MATH)
+    for c0 in range(0, C, BLOCK):
+        cs = c0 + cols
+        mask = cs < C
+        z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
+        loss += tl.sum(_soft_q(t_row, weight_ptr, cs, mask, C, label_smoothing, log_s - (z - ref), HAS_WEIGHT,
+                               HAS_SMOOTHING, MATH), axis=0)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, tl.where(ref == float("inf"), ref, ref + log_s))
+
+
+@triton.jit
+def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, target_ptr, weight_ptr, lse_ptr,
+                                        grad_ptr, C, label_smoothing: tl.float64, HAS_GRAD_LSE: tl.constexpr,
+                                        HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK: tl.constexpr):
+    """grad[row] = g (Q p - q) + grad_lse[row] p, g = grad_loss[row], Q = sum_c q[c], p renormalized as in the
+    backward above."""
+    MATH: tl.constexpr = lse_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr, t_row, grad_row = logits_ptr + row * C, target_ptr + row * C, grad_ptr + row * C
+    cols = tl.arange(0, BLOCK)
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(grad_loss_ptr + row).to(MATH)
+    s = tl.full((), 0.0, MATH)
+    q_sum = tl.full((), 0.0, MATH)
+    for c0 in range(0, C, BLOCK):
+        cs = c0 + cols
+        mask = cs < C
+        z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
+        s += tl.sum(tl.where(mask, tl.exp(z - lse), 0.0), axis=0)
+        q_sum += tl.sum(_soft_q(t_row, weight_ptr, cs, mask, C, label_smoothing, 1.0, HAS_WEIGHT, HAS_SMOOTHING,
+                                MATH), axis=0)
+    log_norm = tl.log(s)
+    for c0 in range(0, C, BLOCK):
+        cs = c0 + cols
+        mask = cs < C
+        z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
+        q = _soft_q(t_row, weight_ptr, cs, mask, C, label_smoothing, 1.0, HAS_WEIGHT, HAS_SMOOTHING, MATH)
+        p = tl.exp((z - lse) - log_norm)
+        grad = g * (q_sum * p - q)  # not g Q p - g q: an FMA of that leaves g q's rounding where p = 1, Q = q
+        if HAS_GRAD_LSE:
+            grad += tl.load(grad_lse_ptr + row).to(MATH) * p
+        tl.store(grad_row + cs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
 def _check_args(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
                 softcap: float | None) -> None:
     """The checks of every cross-entropy kernel, and the dtypes Triton supports."""
     check_cross_entropy_args(logits, target, weight, label_smoothing, softcap)
+    _check_dtype(logits)
+
+
+def _check_dtype(logits: Tensor) -> None:
     torch._check(logits.dtype in _DTYPES,
                  lambda: f"cross_entropy(): the Triton backend supports float16, bfloat16, float32 and float64 "
                          f"logits, got {logits.dtype}")
@@ -333,7 +424,45 @@ def cross_entropy_backward(grad_loss: Tensor, grad_lse: Tensor | None, logits: T
     return grad
 
 
+def cross_entropy_soft_forward(logits: Tensor, target: Tensor, weight: Tensor | None,
+                               label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """The kernel of fusedlayers::triton_cross_entropy_soft_forward: per-row (loss, lse) in the math dtype."""
+    check_soft_cross_entropy_args(logits, target, weight, label_smoothing)
+    _check_dtype(logits)
+    rows, num_classes = logits.shape
+    math_dtype = ce_math_dtype(logits.dtype)
+    loss = logits.new_empty(rows, dtype=math_dtype)
+    lse = logits.new_empty(rows, dtype=math_dtype)
+    if rows > 0:
+        _launch(_cross_entropy_soft_forward_kernel, logits, logits.contiguous(), target.contiguous(),
+                None if weight is None else weight.contiguous(), loss, lse, num_classes, label_smoothing,
+                HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing != 0.0)
+    return loss, lse
+
+
+def cross_entropy_soft_backward(grad_loss: Tensor, grad_lse: Tensor | None, logits: Tensor, target: Tensor,
+                                weight: Tensor | None, lse: Tensor, label_smoothing: float) -> Tensor:
+    """The kernel of fusedlayers::triton_cross_entropy_soft_backward: the gradient (N, C) in the logits' dtype."""
+    check_soft_cross_entropy_args(logits, target, weight, label_smoothing)
+    check_soft_ce_backward_rows(grad_loss, grad_lse, lse, logits)
+    _check_dtype(logits)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if grad.numel() == 0:
+        return grad
+    math_dtype = ce_math_dtype(logits.dtype)
+    _launch(_cross_entropy_soft_backward_kernel, logits, grad_loss.to(math_dtype).contiguous(),
+            None if grad_lse is None else grad_lse.to(math_dtype).contiguous(), logits.contiguous(),
+            target.contiguous(), None if weight is None else weight.contiguous(), lse.to(math_dtype).contiguous(),
+            grad, logits.shape[1], label_smoothing, HAS_GRAD_LSE=grad_lse is not None, HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=label_smoothing != 0.0)
+    return grad
+
+
 torch.library.register_kernel("fusedlayers::triton_cross_entropy_forward", ("cpu", "cuda"), cross_entropy_forward)
 torch.library.register_kernel("fusedlayers::triton_cross_entropy_forward_grad", ("cpu", "cuda"),
                               cross_entropy_forward_grad)
 torch.library.register_kernel("fusedlayers::triton_cross_entropy_backward", ("cpu", "cuda"), cross_entropy_backward)
+torch.library.register_kernel("fusedlayers::triton_cross_entropy_soft_forward", ("cpu", "cuda"),
+                              cross_entropy_soft_forward)
+torch.library.register_kernel("fusedlayers::triton_cross_entropy_soft_backward", ("cpu", "cuda"),
+                              cross_entropy_soft_backward)

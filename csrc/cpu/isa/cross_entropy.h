@@ -163,4 +163,63 @@ void ce_backward_row(const CeRow<M>& row, CeSoftmax<M> softmax, M grad_loss, M g
   }
 }
 
+// Class-probability targets, with q[c] = w[c] ((1 - eps) target[c] + eps / C) (w = 1 without weights): the loss
+// sum_c q[c] (lse - z[c]) as sum_c q[c] (log_sum - (z[c] - max)), each term >= 0 for q >= 0 and none large, and
+// the gradient grad_loss (Q p - q) + grad_lse p, Q = sum_c q[c]. No softcap (row.softcap is 0).
+template <typename M>
+at::vec::Vectorized<M> ce_soft_smoothed(const CeRow<M>& row, const M* target, int64_t c, int n) {
+  using V = at::vec::Vectorized<M>;
+  const V t = V::loadu(target + c, n);
+  return row.label_smoothing == M(0) ? t : V(M(1) - row.label_smoothing) * t + V(row.label_smoothing / M(row.C));
+}
+
+template <typename M>
+at::vec::Vectorized<M> ce_soft_weighted(const CeRow<M>& row, at::vec::Vectorized<M> v, int64_t c, int n) {
+  return row.weight ? v * at::vec::Vectorized<M>::loadu(row.weight + c, n) : v;
+}
+
+template <typename M>
+at::vec::Vectorized<M> ce_soft_q(const CeRow<M>& row, const M* target, int64_t c, int n) {
+  return ce_soft_weighted(row, ce_soft_smoothed(row, target, c, n), c, n);
+}
+
+template <typename M>
+M ce_soft_forward_row(const CeRow<M>& row, const M* target, CeSoftmax<M>* softmax) {
+  using V = at::vec::Vectorized<M>;
+  constexpr int64_t L = V::size();
+  *softmax = ce_softmax_row(row);
+  const V vmx(softmax->shift), vlog(softmax->log_norm);
+  V sum(M(0));
+  for (int64_t c = 0; c < row.C; c += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, row.C - c));
+    // (target (lse - z)) w, as PyTorch's order: a 1e30 target at a 1e30 weight whose class has lse - z = 0 gives 0
+    const V term = ce_soft_weighted(row, ce_soft_smoothed(row, target, c, n) * (vlog - (V::loadu(row.x + c, n) - vmx)),
+                                    c, n);
+    sum = sum + (n == L ? term : V::set(V(M(0)), term, n));  // lanes past n add nothing
+  }
+  return lane_sum(sum);
+}
+
+template <typename M>
+void ce_soft_backward_row(const CeRow<M>& row, const M* target, CeSoftmax<M> softmax, M grad_loss, M grad_lse,
+                          M* grad) {
+  using V = at::vec::Vectorized<M>;
+  constexpr int64_t L = V::size();
+  V q_sum(M(0));
+  for (int64_t c = 0; c < row.C; c += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, row.C - c));
+    const V q = ce_soft_q(row, target, c, n);
+    q_sum = q_sum + (n == L ? q : V::set(V(M(0)), q, n));
+  }
+  const V Q(lane_sum(q_sum)), g(grad_loss), g_lse(grad_lse), vshift(softmax.shift), vlog(softmax.log_norm);
+  for (int64_t c = 0; c < row.C; c += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, row.C - c));
+    const V p = Math<V>::exp((V::loadu(row.x + c, n) - vshift) - vlog);
+    // g (Q p - q), not g Q p - g q: contracted into an FMA, the latter left g q's rounding where p = 1 and Q = q
+    V d = g * (Q * p - ce_soft_q(row, target, c, n));
+    if (grad_lse != M(0)) d = d + g_lse * p;
+    d.store(grad + c, n);
+  }
+}
+
 }  // namespace fusedlayers::cpu::FL_ISA
