@@ -181,3 +181,81 @@ def test_target_gradient_of_a_zero_weight_is_zero_where_log_softmax_is_huge(back
     loss = cross_entropy(x, t, torch.zeros(3, device=dev), backend=backend)
     (g,) = torch.autograd.grad(loss, t, torch.tensor(1.541, device=dev))
     assert torch.equal(g.cpu(), torch.zeros(1, 3))
+
+
+# ---- PyTorch's own samples ---------------------------------------------------------------------------------------
+
+def _on(dev, values):
+    """Leaf copies on dev of the tensors among values (requires_grad kept); others as they are."""
+    return [v.detach().to(dev).requires_grad_(v.requires_grad) if torch.is_tensor(v) else v for v in values]
+
+
+def _compare(call, fused, plain, args, what):
+    """call(fused, args on the backend's device) against call(plain, args): the loss and its gradients w.r.t.
+    every leaf that requires grad, or the same error type."""
+    try:
+        want = call(plain, args)
+    except Exception as e:  # noqa: BLE001 (its type is what the fused call must raise)
+        with pytest.raises(type(e)):
+            call(fused, _on(DEVICE[0], args))
+        return "raised"
+    ours = _on(DEVICE[0], args)
+    got = call(fused, ours)
+    assert got.shape == want.shape and got.dtype == want.dtype, what
+    assert_rel_close(got.detach().cpu(), want.detach(), 1e-10, what)
+    pairs = [(a, b) for a, b in zip(ours, args) if torch.is_tensor(b) and b.requires_grad]
+    if pairs and want.requires_grad:
+        g = torch.rand(want.shape, dtype=want.dtype, generator=torch.Generator().manual_seed(0)) + 0.5
+        got_g = torch.autograd.grad(got, [a for a, _ in pairs], g.to(got.device))
+        for a, b in zip(got_g, torch.autograd.grad(want, [b for _, b in pairs], g)):
+            assert_rel_close(a.cpu(), b, 1e-10, f"{what}: gradient")
+    return "matched"
+
+
+DEVICE = ["cpu"]  # the backend's device, set by each test
+
+
+def test_pytorch_module_info_samples(backend):
+    """Every nn.CrossEntropyLoss sample of PyTorch's ModuleInfo database (common_modules; index and probability
+    targets, weights, ignore_index, label smoothing, reductions, layouts): FusedCrossEntropyLoss built with the same
+    arguments gives the same loss and gradients, or raises what nn.CrossEntropyLoss raises."""
+    from torch.testing._internal.common_modules import module_db
+
+    DEVICE[0] = device_of(backend)
+    (info,) = [m for m in module_db if m.module_cls is nn.CrossEntropyLoss]
+    samples = info.module_inputs_func(info, device="cpu", dtype=F64, requires_grad=True, training=True)
+    outcomes = []
+    for s in samples:
+        c, f = s.constructor_input, s.forward_input
+        weight = c.kwargs.get("weight")
+
+        def call(cls, args, c=c, f=f, weight=weight):
+            kw = dict(c.kwargs, **({} if cls is nn.CrossEntropyLoss else dict(backend=backend)))
+            if weight is not None:
+                kw["weight"] = weight.to(args[0].device)
+            return cls(*c.args, **kw)(*args, **f.kwargs)
+
+        outcomes.append(_compare(call, FusedCrossEntropyLoss, nn.CrossEntropyLoss, list(f.args),
+                                 getattr(s, "desc", "")))
+    assert len(outcomes) == 105 and outcomes.count("matched") == 105, outcomes
+
+
+def test_pytorch_op_info_samples(backend):
+    """Every F.cross_entropy sample of PyTorch's OpInfo database (common_methods_invocations)."""
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    DEVICE[0] = device_of(backend)
+    (info,) = [o for o in op_db if o.name == "nn.functional.cross_entropy"]
+    outcomes = []
+    for s in info.sample_inputs("cpu", F64, requires_grad=True):
+        kw = {k: v for k, v in s.kwargs.items() if k != "weight"}
+
+        def call(fn, args, s=s, kw=kw):
+            weight = s.kwargs.get("weight")
+            extra = {} if fn is F.cross_entropy else dict(backend=backend)
+            if weight is not None:
+                extra["weight"] = weight.to(args[0].device)
+            return fn(*args, **kw, **extra)
+
+        outcomes.append(_compare(call, cross_entropy, F.cross_entropy, [s.input, *s.args], str(s.kwargs)))
+    assert outcomes and outcomes.count("matched") == len(outcomes), outcomes
