@@ -187,11 +187,16 @@ __device__ __forceinline__ acc_t soft_q(const scalar_t* t, const scalar_t* weigh
   return weight == nullptr ? q : q * acc_t(weight[c]);
 }
 
-// The block's sum of every thread's v, in every thread: states of one max merge by adding their wz.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __syncthreads();  // block_merge's shared memory may still be read by a previous merge
-  return block_merge(OnlineState<acc_t>{acc_t(0), acc_t(0), v, acc_t(0)}).wz;
+// The block's sum of every thread's v, in every thread (one call per kernel: its shared memory is not reused).
+template <typename T>
+__device__ T block_sum(T v) {
+  __shared__ T partial[kMaxThreads / kWarp];
+  for (int mask = kWarp / 2; mask > 0; mask /= 2) v += __shfl_xor_sync(0xffffffffu, v, mask);
+  if (threadIdx.x % kWarp == 0) partial[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  v = T(0);
+  for (int w = 0; w < int(blockDim.x / kWarp); ++w) v += partial[w];
+  return v;
 }
 
 // loss[row] = sum_c q[c] (log s - (z[c] - m)): each term >= 0 for q >= 0, none large at any logit scale.
@@ -232,14 +237,15 @@ __global__ void __launch_bounds__(kMaxThreads)
   for_each_logit<scalar_t, acc_t>(x, p.C, [&](int64_t, acc_t v) { st.add(v, 0, false); });
   st = block_merge(st);
   const acc_t log_s = ::log(st.s);
-  acc_t part = 0;
-  for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) part += soft_q(t, weight, c, p);
-  const acc_t g = grad_loss[row], q_sum = block_sum(part);
-  const acc_t g_lse = grad_lse == nullptr ? acc_t(0) : grad_lse[row];
+  // Q summed in double, rounded once: Q p - q cancels where p ~ 1, and a Q summed in float carried its rounding there
+  double part = 0;
+  for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) part += double(soft_q(t, weight, c, p));
+  const acc_t q_sum = acc_t(block_sum(part));
+  const acc_t g = grad_loss[row], g_lse = grad_lse == nullptr ? acc_t(0) : grad_lse[row];
   map_logits<scalar_t, acc_t>(x, grad + row * p.C, p.C, vectorize, [&](int64_t c, acc_t v) {
     const acc_t prob = ::exp((v - st.m) - log_s);
-    // g (Q p - q), not g Q p - g q: contracted into an FMA, the latter left g q's rounding where p = 1 and Q = q
-    return g * (q_sum * prob - soft_q(t, weight, c, p)) + g_lse * prob;
+    // g (Q p - q) with Q p - q in one rounding, not g Q p - g q: contracted, that left g q's rounding
+    return g * ::fma(q_sum, prob, -soft_q(t, weight, c, p)) + g_lse * prob;
   });
 }
 

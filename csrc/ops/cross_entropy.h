@@ -32,20 +32,30 @@ inline void check_per_class(const std::optional<at::Tensor>& v, const char* op, 
               like.device(), "), got ", v->device());
 }
 
-inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                   double label_smoothing, std::optional<double> softcap) {
+inline void check_ce_logits(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2, "cross_entropy(): expected logits of shape (N, C), got shape ", logits.sizes());
   TORCH_CHECK(logits.is_floating_point(), "cross_entropy(): expected floating-point logits, got ",
               py(logits.scalar_type()));
-  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy(): expected target of dtype int64 (long), got ",
-              py(target.scalar_type()));
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "cross_entropy(): expected target of shape (",
-              logits.size(0), ",) for logits of shape ", logits.sizes(), ", got shape ", target.sizes());
+}
+
+// What both kinds of target check after their own: the target's device, the weight, label_smoothing.
+inline void check_ce_shared(const at::Tensor& logits, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, double label_smoothing) {
   TORCH_CHECK(target.device() == logits.device(), "cross_entropy(): expected target on the device of logits (",
               logits.device(), "), got ", target.device());
   check_per_class(weight, "cross_entropy", "weight", logits.size(1), logits, "logits");
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "cross_entropy(): label_smoothing must be in [0, 1], got ", py(label_smoothing));
+}
+
+inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                   double label_smoothing, std::optional<double> softcap) {
+  check_ce_logits(logits);
+  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy(): expected target of dtype int64 (long), got ",
+              py(target.scalar_type()));
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "cross_entropy(): expected target of shape (",
+              logits.size(0), ",) for logits of shape ", logits.sizes(), ", got shape ", target.sizes());
+  check_ce_shared(logits, target, weight, label_smoothing);
   TORCH_CHECK_VALUE(!softcap.has_value() || (*softcap > 0.0 && std::isfinite(*softcap)),
                     "cross_entropy(): softcap must be positive and finite (None for no cap), got ",
                     py(softcap.value_or(0.0)));
@@ -54,18 +64,12 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target, co
 // Class-probability targets (cross_entropy_soft_*): target shaped, typed and placed as the logits.
 inline void check_soft_ce_args(const at::Tensor& logits, const at::Tensor& target,
                                const std::optional<at::Tensor>& weight, double label_smoothing) {
-  TORCH_CHECK(logits.dim() == 2, "cross_entropy(): expected logits of shape (N, C), got shape ", logits.sizes());
-  TORCH_CHECK(logits.is_floating_point(), "cross_entropy(): expected floating-point logits, got ",
-              py(logits.scalar_type()));
+  check_ce_logits(logits);
   TORCH_CHECK(target.sizes() == logits.sizes(), "cross_entropy(): expected class-probability target of the shape "
               "of logits ", logits.sizes(), ", got shape ", target.sizes());
   TORCH_CHECK(target.scalar_type() == logits.scalar_type(), "cross_entropy(): expected class-probability target "
               "of the dtype of logits (", py(logits.scalar_type()), "), got ", py(target.scalar_type()));
-  TORCH_CHECK(target.device() == logits.device(), "cross_entropy(): expected target on the device of logits (",
-              logits.device(), "), got ", target.device());
-  check_per_class(weight, "cross_entropy", "weight", logits.size(1), logits, "logits");
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "cross_entropy(): label_smoothing must be in [0, 1], got ", py(label_smoothing));
+  check_ce_shared(logits, target, weight, label_smoothing);
 }
 
 // The per-row inputs of a soft backward kernel: grad_loss, lse and grad_lse (N,) each, on the logits' device.

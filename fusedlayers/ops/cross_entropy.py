@@ -25,25 +25,34 @@ def check_per_class(v: Tensor | None, op: str, name: str, classes: int, like: Te
                  lambda: f"{op}(): expected {name} on the device of {like_name} ({like.device}), got {v.device}")
 
 
-def check_cross_entropy_args(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
-                             softcap: float | None) -> None:
-    """The cross-entropy contract: the checks of every cross-entropy kernel, the fakes' and the Triton
-    kernels' here, the C++ kernels' in csrc/ops/cross_entropy.h with the same messages."""
+def _check_logits(logits: Tensor) -> None:
     torch._check(logits.dim() == 2, lambda: f"cross_entropy(): expected logits of shape (N, C), got shape "
                                             f"{list(logits.shape)}")
     torch._check(logits.dtype.is_floating_point,
                  lambda: f"cross_entropy(): expected floating-point logits, got {logits.dtype}")
-    torch._check(target.dtype == torch.int64,
-                 lambda: f"cross_entropy(): expected target of dtype int64 (long), got {target.dtype}")
-    torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0],
-                 lambda: f"cross_entropy(): expected target of shape ({logits.shape[0]},) for logits of shape "
-                         f"{list(logits.shape)}, got shape {list(target.shape)}")
+
+
+def _check_shared(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float) -> None:
+    """What both kinds of target check after their own: the target's device, the weight, label_smoothing."""
     torch._check(target.device == logits.device,
                  lambda: f"cross_entropy(): expected target on the device of logits ({logits.device}), got "
                          f"{target.device}")
     check_per_class(weight, "cross_entropy", "weight", logits.shape[1], logits, "logits")
     torch._check_value(0.0 <= label_smoothing <= 1.0,
                        lambda: f"cross_entropy(): label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def check_cross_entropy_args(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
+                             softcap: float | None) -> None:
+    """The cross-entropy contract: the checks of every cross-entropy kernel, the fakes' and the Triton
+    kernels' here, the C++ kernels' in csrc/ops/cross_entropy.h with the same messages."""
+    _check_logits(logits)
+    torch._check(target.dtype == torch.int64,
+                 lambda: f"cross_entropy(): expected target of dtype int64 (long), got {target.dtype}")
+    torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0],
+                 lambda: f"cross_entropy(): expected target of shape ({logits.shape[0]},) for logits of shape "
+                         f"{list(logits.shape)}, got shape {list(target.shape)}")
+    _check_shared(logits, target, weight, label_smoothing)
     torch._check_value(softcap is None or 0.0 < softcap < math.inf,
                        lambda: f"cross_entropy(): softcap must be positive and finite (None for no cap), got {softcap}")
 
@@ -52,22 +61,14 @@ def check_soft_cross_entropy_args(logits: Tensor, target: Tensor, weight: Tensor
                                   label_smoothing: float) -> None:
     """The contract of class-probability targets (cross_entropy_soft_*): csrc/ops/cross_entropy.h's
     check_soft_ce_args, with its messages."""
-    torch._check(logits.dim() == 2, lambda: f"cross_entropy(): expected logits of shape (N, C), got shape "
-                                            f"{list(logits.shape)}")
-    torch._check(logits.dtype.is_floating_point,
-                 lambda: f"cross_entropy(): expected floating-point logits, got {logits.dtype}")
+    _check_logits(logits)
     torch._check(target.shape == logits.shape,
                  lambda: f"cross_entropy(): expected class-probability target of the shape of logits "
                          f"{list(logits.shape)}, got shape {list(target.shape)}")
     torch._check(target.dtype == logits.dtype,
                  lambda: f"cross_entropy(): expected class-probability target of the dtype of logits "
                          f"({logits.dtype}), got {target.dtype}")
-    torch._check(target.device == logits.device,
-                 lambda: f"cross_entropy(): expected target on the device of logits ({logits.device}), got "
-                         f"{target.device}")
-    check_per_class(weight, "cross_entropy", "weight", logits.shape[1], logits, "logits")
-    torch._check_value(0.0 <= label_smoothing <= 1.0,
-                       lambda: f"cross_entropy(): label_smoothing must be in [0, 1], got {label_smoothing}")
+    _check_shared(logits, target, weight, label_smoothing)
 
 
 def check_soft_ce_backward_rows(grad_loss: Tensor, grad_lse: Tensor | None, lse: Tensor, logits: Tensor) -> None:

@@ -284,14 +284,15 @@ def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr,
     lse = tl.load(lse_ptr + row)
     g = tl.load(grad_loss_ptr + row).to(MATH)
     s = tl.full((), 0.0, MATH)
-    q_sum = tl.full((), 0.0, MATH)
+    q_sum = tl.full((), 0.0, tl.float64)  # rounded once: Q p - q cancels where p ~ 1
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
         mask = cs < C
         z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
         s += tl.sum(tl.where(mask, tl.exp(z - lse), 0.0), axis=0)
         q_sum += tl.sum(_soft_q(t_row, weight_ptr, cs, mask, C, label_smoothing, 1.0, HAS_WEIGHT, HAS_SMOOTHING,
-                                MATH), axis=0)
+                                MATH).to(tl.float64), axis=0)
+    q_hi = q_sum.to(MATH)
     log_norm = tl.log(s)
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
@@ -299,7 +300,7 @@ def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr,
         z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
         q = _soft_q(t_row, weight_ptr, cs, mask, C, label_smoothing, 1.0, HAS_WEIGHT, HAS_SMOOTHING, MATH)
         p = tl.exp((z - lse) - log_norm)
-        grad = g * (q_sum * p - q)  # not g Q p - g q: an FMA of that leaves g q's rounding where p = 1, Q = q
+        grad = g * tl.fma(q_hi, p, -q)  # Q p - q rounded once, not g Q p - g q: an FMA of that left g q's rounding
         if HAS_GRAD_LSE:
             grad += tl.load(grad_lse_ptr + row).to(MATH) * p
         tl.store(grad_row + cs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
