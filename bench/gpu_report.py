@@ -29,56 +29,14 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 import fusedlayers
 from fusedlayers.backends import HAS_NATIVE_CUDA
 
+from .gpu_costs import (ACT_FLOPS, ASSUMPTIONS, FORMULAS, cross_entropy_cost,  # noqa: F401 (the report's API)
+                        cross_entropy_soft_cost, roofline)
+
 ops = torch.ops.fusedlayers  # the op names and schemas are the stable interface; Python module paths may move
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_report.json")
 TRITON_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-
-# H100 SXM peak rates. The float32 dots of the Triton kernels are IEEE (no TF32), so float32 work runs on the
-# FP32 pipes; Triton's float64 tl.dot becomes DMMA (mma.sync ... f64) and is rated at the FP64 tensor-core rate,
-# other float64 work (no mma in the PTX) at the vector rate. The reduced-precision tensor-core rates are listed
-# for reference only: no kernel here runs on them.
-ASSUMPTIONS = {
-    "gpu": "H100 SXM",
-    "hbm_bytes_per_s": 3.35e12,
-    "flops_per_s": {"fp32": 67e12, "fp64_tensor": 67e12, "fp64_vector": 34e12},
-    "unused_tensor_core_flops_per_s": {"tf32": 495e12, "fp16": 989e12, "bf16": 989e12},
-    # f(z) or f'(z) counts as this many FLOPs per element whatever the activation (identity: 0); exp, erf and
-    # sin are SFU or polynomial sequences, not single FLOPs. Every kernel here is far from being bound by it.
-    "activation_flops_per_element": 10,
-    "roofline_us": "max(bytes / hbm_bytes_per_s, flops / flops_per_s[compute_rate]) * 1e6: a lower bound that "
-                   "ignores launch latency (a few us), which dominates the tiny cases",
-    "flops": "useful work: the padding of narrow mlp layers to 16 columns for tl.dot and the dense dW "
-             "kernel's recomputation of g * f'(z) for every column block are not counted",
-}
-ACT_FLOPS = ASSUMPTIONS["activation_flops_per_element"]
-
-FORMULAS = {
-    "dense forward (M rows, N out, K in)": "FLOPs = 2MNK + MN (bias) + a MN; bytes = (MK + NK + N + MN (y) + MN "
-                                           "(z, saved for the backward)) * itemsize",
-    "dense backward dx": "FLOPs = 2MNK + (a + 1) MN (dz = g f'(z)); bytes = (MN (g) + MN (z) + NK + MK) * itemsize",
-    "dense backward dW, db": "FLOPs = 2MNK + (a + 1) MN + MN (db); bytes = (MN (g) + MN (z) + MK + NK + N) * itemsize",
-    "mlp fused forward (M rows, widths w_0..w_L)": "FLOPs = sum_l 2M w_l w_l+1 + M w_l+1 (bias) + a_l M w_l+1; "
-                                                   "bytes = (M w_0 + sum_l (w_l w_l+1 + w_l+1 (bias) + M w_l+1 (z)) + "
-                                                   "M w_L) * itemsize",
-    "mlp fused backward (saved z, P programs)": "FLOPs = sum_l (a_l + 1) M w_l+1 (dz) + 2M w_l w_l+1 (dW) + "
-                                                "M w_l+1 (db) + 2M w_l w_l+1 (dx or dh) + a_l-1 M w_l (f(z_l-1) "
-                                                "for dW, l > 0); bytes = (M w_L (g) + sum_l M w_l+1 (z) + "
-                                                "sum_l w_l w_l+1 (W) + 2 M w_0 (x, dx)) * itemsize + P * "
-                                                "sum_l (w_l w_l+1 + w_l+1) * compute itemsize (partial dW, db)",
-    "elementwise f(z), or f^(order)(z) (n elements)": "FLOPs = a n; bytes = 2 n itemsize",
-    "elementwise g f'(z)": "FLOPs = (a + 1) n; bytes = 3 n itemsize",
-    "cross_entropy forward (N rows, C classes)": "FLOPs = (3 + a) NC (max, subtract, exp, add) + with label "
-                                                 "smoothing 3 NC + with a softcap (2 + a) NC; bytes = NC itemsize "
-                                                 "(logits) + 8N (target) + 2N math itemsize (loss, lse) + C itemsize "
-                                                 "(weight, with one)",
-    "cross_entropy backward": "FLOPs = (2 + a) NC (the row's sum of exp(z - lse), read first) + (3 + a) NC "
-                              "(subtract, exp, scale, onehot) + with label smoothing 2 NC + with a softcap (7 + 2a) "
-                              "NC; bytes = 3 NC itemsize (logits twice, gradient) + 8N (target) + "
-                              "2N math itemsize (grad_loss, lse) + N math itemsize (grad_lse, with one) + C itemsize "
-                              "(weight, with one)",
-}
 
 # The benchmark configurations of bench/cases.py whose kernels these are, each captured in a training step
 # (_capture). rows: the flattened batch.
@@ -108,6 +66,9 @@ CE_CASES = {
     "ce_all_options": dict(dtype=torch.float32, weight=True, label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
                            grad_lse=True),
 }
+# Class-probability targets (bench case `ce_soft`): mixup's targets with label smoothing 0.1.
+CE_SOFT_SHAPE = dict(N=1024, C=32000)
+CE_SOFT_CASES = {"ce_soft": dict(dtype=torch.float32, weight=False, label_smoothing=0.1)}
 
 
 def cuda_home() -> str | None:
@@ -127,13 +88,6 @@ def find_tool(name: str) -> str:
         if path and os.path.exists(path):
             return path
     raise FileNotFoundError(f"{name} not found in {TRITON_BIN}, CUDA_HOME/bin ({home}) or PATH")
-
-
-def roofline(flops: float, nbytes: float, rate: str) -> dict:
-    memory_s = nbytes / ASSUMPTIONS["hbm_bytes_per_s"]
-    compute_s = flops / ASSUMPTIONS["flops_per_s"][rate]
-    return {"flops": flops, "bytes": nbytes, "compute_rate": rate, "roofline_us": max(memory_s, compute_s) * 1e6,
-            "bound": "memory" if memory_s >= compute_s else "compute"}
 
 
 def _act_flops(activation: str) -> int:
@@ -194,6 +148,15 @@ def _cross_entropy_step(dtype, weight, label_smoothing, z_loss, softcap, grad_ls
                                           *options)
 
 
+def _cross_entropy_soft_step(dtype, weight, label_smoothing):
+    """The soft loss's forward and backward at CE_SOFT_SHAPE (the tensors allocated, never touched)."""
+    logits = torch.empty(CE_SOFT_SHAPE["N"], CE_SOFT_SHAPE["C"], dtype=dtype)
+    target = torch.empty_like(logits)
+    w = torch.empty(CE_SOFT_SHAPE["C"], dtype=dtype) if weight else None
+    loss, lse = ops.triton_cross_entropy_soft_forward(logits, target, w, label_smoothing)
+    ops.triton_cross_entropy_soft_backward(torch.empty_like(loss), None, logits, target, w, lse, label_smoothing)
+
+
 def _import_kernels() -> None:
     """Registers the kernels of the triton_* ops, refusing interpreted ones."""
     from fusedlayers.triton import cross_entropy, dense, mlp  # noqa: F401
@@ -206,7 +169,8 @@ def _import_kernels() -> None:
 def capture_cases() -> dict[str, list[dict]]:
     """Every case's captured launches (_capture), by case."""
     _import_kernels()
-    steps = [(DENSE_CASES, _dense_step), (MLP_CASES, _mlp_step), (CE_CASES, _cross_entropy_step)]
+    steps = [(DENSE_CASES, _dense_step), (MLP_CASES, _mlp_step), (CE_CASES, _cross_entropy_step),
+             (CE_SOFT_CASES, _cross_entropy_soft_step)]
     return {case: _capture(step, **cfg) for cases, step in steps for case, cfg in cases.items()}
 
 
@@ -248,23 +212,19 @@ def _mlp_costs(launches, rows: int, widths: tuple, activations: tuple, dtype: to
     return costs, dict(activations=list(activations), shape={"M": M, "widths": list(widths)}), set()
 
 
-def cross_entropy_cost(N: int, C: int, dtype: torch.dtype, weight: bool, smoothing: bool, softcap: bool,
-                       grad_lse: bool) -> dict:
-    """FLOPs and bytes of the forward and backward cross-entropy kernels (FORMULAS), shared by Triton and CUDA."""
-    i, mi = dtype.itemsize, (8 if dtype == torch.float64 else 4)
-    w_bytes = C * i if weight else 0
-    forward_flops = (3 + ACT_FLOPS + 3 * smoothing + (2 + ACT_FLOPS) * softcap) * N * C
-    backward_flops = (5 + 2 * ACT_FLOPS + 2 * smoothing + (7 + 2 * ACT_FLOPS) * softcap) * N * C
-    return {"forward": (forward_flops, N * C * i + 8 * N + 2 * N * mi + w_bytes),
-            "backward": (backward_flops, 3 * N * C * i + 8 * N + (2 + grad_lse) * N * mi + w_bytes)}
-
-
 def _cross_entropy_costs(launches, dtype: torch.dtype, weight: bool, label_smoothing: float, z_loss: float,
                          softcap: float | None, grad_lse: bool):
     cost = cross_entropy_cost(**CE_SHAPE, dtype=dtype, weight=weight, smoothing=label_smoothing != 0.0,
                               softcap=softcap is not None, grad_lse=grad_lse)
     return ({"_cross_entropy_forward_kernel": cost["forward"], "_cross_entropy_backward_kernel": cost["backward"]},
             dict(activations=[], shape=dict(CE_SHAPE)), set())
+
+
+def _cross_entropy_soft_costs(launches, dtype: torch.dtype, weight: bool, label_smoothing: float):
+    cost = cross_entropy_soft_cost(**CE_SOFT_SHAPE, dtype=dtype, weight=weight, smoothing=label_smoothing != 0.0)
+    return ({"_cross_entropy_soft_forward_kernel": cost["forward"],
+             "_cross_entropy_soft_backward_kernel": cost["backward"]},
+            dict(activations=[], shape=dict(CE_SOFT_SHAPE)), set())
 
 
 def triton_launches() -> list[dict]:
@@ -274,7 +234,8 @@ def triton_launches() -> list[dict]:
     kernel launched more than once in a case is reported at its largest grid."""
     captured = capture_cases()
     families = [("dense", DENSE_CASES, _dense_costs), ("mlp", MLP_CASES, _mlp_costs),
-                ("cross_entropy", CE_CASES, _cross_entropy_costs)]
+                ("cross_entropy", CE_CASES, _cross_entropy_costs),
+                ("cross_entropy", CE_SOFT_CASES, _cross_entropy_soft_costs)]
     reported = []
     for family, cases, cost_of in families:
         for case, cfg in cases.items():
@@ -428,6 +389,10 @@ def cuda_reports(so: str) -> list[dict]:
                                       grad_lse=False)
             flops, nbytes = cost["forward" if "forward" in name else "backward"]
             entry.update(shape=dict(CE_SHAPE), **roofline(flops, nbytes, rate))
+        elif dtype is not None and name.startswith("cross_entropy_soft_"):
+            cost = cross_entropy_soft_cost(**CE_SOFT_SHAPE, dtype=dtype, weight=False, smoothing=False)
+            flops, nbytes = cost["forward" if "forward" in name else "backward"]
+            entry.update(shape=dict(CE_SOFT_SHAPE), **roofline(flops, nbytes, rate))
         entries.append(entry)
     return entries
 

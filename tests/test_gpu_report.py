@@ -21,13 +21,16 @@ ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 DENSE = {"_dense_forward_kernel", "_dense_backward_dx_kernel", "_dense_backward_dw_kernel"}
 FUSED_MLP = {"_fused_mlp_forward_kernel", "_fused_mlp_backward_kernel"}
 CROSS_ENTROPY = {"_cross_entropy_forward_kernel", "_cross_entropy_backward_kernel"}
+SOFT = {"_cross_entropy_soft_forward_kernel", "_cross_entropy_soft_backward_kernel"}
 CASE_KERNELS = {"dense_large": DENSE, "dense_tiny": DENSE, "seed003_field": FUSED_MLP, "seed000": FUSED_MLP,
-                "seed002": DENSE | {"_mlp_activation_kernel"}, "ce": CROSS_ENTROPY, "ce_all_options": CROSS_ENTROPY}
+                "seed002": DENSE | {"_mlp_activation_kernel"}, "ce": CROSS_ENTROPY, "ce_all_options": CROSS_ENTROPY,
+                "ce_soft": SOFT}
 # What the report describes of them: the layer-by-layer case only its activation kernel.
 REPORTED = ({f"dense/{k}[{case}]" for case in ("dense_large", "dense_tiny") for k in DENSE}
             | {f"mlp/{k}[{case}]" for case in ("seed003_field", "seed000") for k in FUSED_MLP}
             | {"mlp/_mlp_activation_kernel[seed002]"}
-            | {f"cross_entropy/{k}[{case}]" for case in ("ce", "ce_all_options") for k in CROSS_ENTROPY})
+            | {f"cross_entropy/{k}[{case}]" for case in ("ce", "ce_all_options") for k in CROSS_ENTROPY}
+            | {f"cross_entropy/{k}[ce_soft]" for k in SOFT})
 
 # Captures every case, compiles every captured launch for sm_80 (ptxas for its usage), lists the report's entries,
 # and has the report describe a case with one cost formula missing (which it must refuse).
@@ -82,7 +85,7 @@ def test_captured_kernels_are_those_the_wrappers_launch(captured):
     cases = {case: {launch["kernel"] for launch in launches} for case, launches in captured["cases"].items()}
     assert cases == CASE_KERNELS
     assert set().union(*cases.values()) == launched_kernels()
-    assert len(launched_kernels()) == 8
+    assert len(launched_kernels()) == 10
     for launches in captured["cases"].values():
         assert all(len(launch["grid"]) >= 1 and min(launch["grid"]) > 0 for launch in launches)
     # seed002's backward: one activation launch per hidden layer, dx for the layers above the input only
@@ -163,6 +166,8 @@ def test_cuda_kernel_report():
     for dtype in ("float", "double", "Half", "BFloat16"):
         assert f"cross_entropy/cross_entropy_forward_kernel<{dtype}>" in names
         assert f"cross_entropy/cross_entropy_backward_kernel<{dtype}>" in names
+        assert f"cross_entropy/cross_entropy_soft_forward_kernel<{dtype}>" in names
+        assert f"cross_entropy/cross_entropy_soft_backward_kernel<{dtype}>" in names
     for k in kernels:
         assert k["backend"] == "cuda" and k["name"].startswith(("dense/", "cross_entropy/"))
         assert 0 < k["registers"] <= 255, k
