@@ -197,8 +197,9 @@ class FusedMLP(nn.Module):
 
 
 class FusedCrossEntropyLoss(nn.Module):
-    """nn.CrossEntropyLoss (class-index targets) as one fused op, plus z_loss, softcap and inplace_backward (see
-    fusedlayers.functional.cross_entropy). `weight` is a buffer, as in nn.CrossEntropyLoss."""
+    """nn.CrossEntropyLoss (class-index or class-probability targets) as one fused op, plus z_loss, softcap and
+    inplace_backward for class indices (see fusedlayers.functional.cross_entropy). `weight` is a buffer, as in
+    nn.CrossEntropyLoss."""
 
     def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
