@@ -233,11 +233,13 @@ def _cross_entropy_probabilities(input, target, weight, reduction, label_smoothi
     weight = None if weight is None else weight.to(dtype)
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
-    logits = input.reshape(1, C) if input.dim() == 1 else input.movedim(1, -1).reshape(math.prod(shape), C)
+    def rows(v):  # the classes last, one row per sample; not reshape(-1, C): ambiguous when C is 0
+        return v.reshape(1, C) if v.dim() == 1 else v.movedim(1, -1).reshape(math.prod(shape), C)
+
+    logits = rows(input)
     argmax = logits.detach().argmax(-1).reshape(shape) if return_argmax else None
-    loss, lse = cross_entropy_soft(logits, target.reshape(logits.shape) if input.dim() < 3 else
-                                   target.movedim(1, -1).reshape(logits.shape), weight, float(label_smoothing),
-                                   reduction, backend_for(backend, input))
+    loss, lse = cross_entropy_soft(logits, rows(target), weight, float(label_smoothing), reduction,
+                                   backend_for(backend, input))
     out = (loss.reshape(shape) if reduction == "none" else loss).to(dtype),
     if return_lse:
         out += (lse.reshape(shape).to(dtype),)

@@ -190,8 +190,7 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
                                double label_smoothing, double z_loss, std::optional<double> softcap,
                                c10::string_view reduction, int64_t chunk_size, c10::string_view backend) {
     // float16 on a GPU recomputes in the backward (precomputed_may_overflow): no gradients here
-    const bool reduced = reduction != "none";
-    const bool precompute = reduced && !(hidden.scalar_type() == at::kHalf && !hidden.is_cpu());
+    const bool precompute = reduction != "none" && !(hidden.scalar_type() == at::kHalf && !hidden.is_cpu());
     const std::array<bool, 3> mask = {precompute && hidden.requires_grad(), precompute && weight.requires_grad(),
                                       precompute && bias.has_value() && bias->requires_grad()};
     const Backend kernels = parse_backend(backend);
@@ -205,7 +204,6 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     ctx->saved_data["z_loss"] = z_loss;
     ctx->saved_data["softcap"] = softcap ? c10::IValue(*softcap) : c10::IValue();
     ctx->saved_data["precompute"] = precompute;
-    ctx->saved_data["reduced"] = reduced;
     ctx->saved_data["reduction"] = static_cast<int64_t>(parse_reduction(reduction));
     ctx->set_materialize_grads(false);  // an output with no gradient must not cost a recompute pass
     ctx->saved_data["chunk_size"] = chunk_size;
@@ -241,10 +239,10 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
       const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
       std::optional<at::Tensor> grad_loss;
       if (grads[0].defined()) {
-        grad_loss = !ctx->saved_data["reduced"].toBool() ? grads[0]
-                                                          : ce_row_grad_loss(grads[0], target, opt(class_weight), ignore_index,
-                                                   static_cast<CeReduction>(ctx->saved_data["reduction"].toInt()),
-                                                   lse.scalar_type());
+        const auto red = static_cast<CeReduction>(ctx->saved_data["reduction"].toInt());
+        grad_loss = red == CeReduction::None
+                        ? grads[0]
+                        : ce_row_grad_loss(grads[0], target, opt(class_weight), ignore_index, red, lse.scalar_type());
       }
       auto [rh, rw, rb] = linear_ce_backward_op(kernels).call(
           grad_loss, opt(grads[1]), hidden, weight, opt(bias), target,

@@ -351,27 +351,26 @@ def _soft_backward(ctx, grad_loss, grad_lse):
     logits, target, weight, lse = ctx.saved_tensors
     if ctx.needs_input_grad[2]:
         raise RuntimeError(_CE_WEIGHT_GRAD)
-    dlogits = dtarget = None
     gl = torch.zeros_like(lse) if grad_loss is None else grad_loss
-    if ctx.needs_input_grad[0] and not torch.is_grad_enabled():
-        dlogits = _soft_kernel("cross_entropy_soft_backward", ctx.backend)(gl, grad_lse, logits, target, weight, lse,
-                                                                          ctx.eps)
-    elif ctx.needs_input_grad[0] or (ctx.needs_input_grad[1] and grad_loss is not None):
-        math, logp, p, q, w = _soft_terms(ctx)
-        g = gl.to(math).unsqueeze(-1)
-        if ctx.needs_input_grad[0]:
-            dlogits = g * (q.sum(-1, keepdim=True) * p - q)
+    terms = _soft_terms(ctx) if torch.is_grad_enabled() else None  # create_graph: the formula in torch ops
+    dlogits = dtarget = None
+    if ctx.needs_input_grad[0]:
+        if terms is None:
+            dlogits = _soft_kernel("cross_entropy_soft_backward", ctx.backend)(gl, grad_lse, logits, target, weight,
+                                                                              lse, ctx.eps)
+        else:
+            math, _, p, q, _ = terms
+            dlogits = gl.to(math).unsqueeze(-1) * (q.sum(-1, keepdim=True) * p - q)
             if grad_lse is not None:
                 dlogits = dlogits + grad_lse.to(math).unsqueeze(-1) * p
             dlogits = dlogits.to(logits.dtype)
     if ctx.needs_input_grad[1] and grad_loss is not None:
-        if dlogits is None or not torch.is_grad_enabled():
-            math = ce_math_dtype(logits.dtype)
-            logp, w, g = logits.to(math).log_softmax(-1), None if weight is None else weight.to(math), \
-                gl.to(math).unsqueeze(-1)
+        math = ce_math_dtype(logits.dtype)
+        logp = logits.to(math).log_softmax(-1) if terms is None else terms[1]
+        g = -gl.to(math).unsqueeze(-1)
         # d loss / d target[c] = -(1 - eps) w[c] log_softmax(z)[c] in PyTorch's order, ((-g w) log_softmax) (1 - eps):
         # a zero weight gives 0 where g log_softmax overflows, label smoothing 1 NaN there, as PyTorch's
-        dtarget = ((-g if w is None else -g * w) * logp * (1 - ctx.eps)).to(target.dtype)
+        dtarget = ((g if weight is None else g * weight.to(math)) * logp * (1 - ctx.eps)).to(target.dtype)
     return dlogits, dtarget, None, None, None
 
 
