@@ -1,5 +1,6 @@
 """The benchmark cases: each builds its implementations (what a user writes in plain PyTorch, its
 torch.compile, and fusedlayers on every backend that runs at speed here) on the same inputs and parameters."""
+import copy
 import functools
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,46 @@ def _mlp_case(name, description, sizes, activation, output_activation, batch, dt
         return impls
 
     return Case(name, description, DEVICE, dtype, make, reps)
+
+
+def _training_case(name, description, sizes, activation, batch, dtype, reps, bias=True, adam=False) -> Case:
+    """The gradient as a user's training loop takes it: forward_backward is zero_grad(), the loss (mean squared
+    error to a fixed target) and loss.backward(), and with adam also torch.optim.Adam's step (foreach, as by
+    default); forward is the network's value without a graph. eager is the nn.Sequential; fused-<backend> the
+    FusedMLP (one flat Parameter), fused-<backend>-layers the FusedMLP with per-layer Parameters (flat=False),
+    call-floor the flat FusedMLP with hidden widths 1, each with its own optimizer, same hyperparameters."""
+    def make():
+        torch.manual_seed(0)
+        eager = sequential(sizes, activation, bias=bias, dtype=dtype)
+        x = torch.randn(*batch, sizes[0], device=DEVICE, dtype=dtype)
+        target = torch.randn(*batch, sizes[-1], device=DEVICE, dtype=dtype)
+        nets = {"eager": eager, "compile": torch.compile(eager)}
+        for b in fused_backends():
+            nets[f"fused-{b}"] = fusedlayers.FusedMLP.from_sequential(eager, backend=b)
+            nets[f"fused-{b}-layers"] = fusedlayers.FusedMLP.from_sequential(copy.deepcopy(eager), backend=b,
+                                                                             flat=False)
+        nets["call-floor"] = floors.call_floor_net(sizes, activation, "identity", bias, dtype, DEVICE)
+        impls = []
+        for impl_name, net in nets.items():
+            optimizer = torch.optim.Adam(net.parameters(), lr=1e-5, foreach=True) if adam else None
+
+            def forward(net=net):
+                with torch.no_grad():
+                    return net(x)
+
+            def forward_backward(net=net, optimizer=optimizer):
+                (optimizer or net).zero_grad()  # set_to_none, by default
+                loss = F.mse_loss(net(x), target)
+                loss.backward()
+                if optimizer is not None:
+                    optimizer.step()
+                return loss
+
+            impls.append(Impl(impl_name, forward, forward_backward))
+        return impls
+
+    kind = "zero_grad + MSE loss + backward + Adam step" if adam else "zero_grad + MSE loss + loss.backward()"
+    return Case(name, f"{description}: {kind}", DEVICE, dtype, make, reps)
 
 
 def _tanh_taylor2(seq: nn.Sequential, x):
@@ -313,6 +354,12 @@ def _seed_and_layer_cases(quick: bool) -> list[Case]:
         _mlp_case("seed000", "6 x 12x12 cos chain, no bias, one vector, float64: gradient w.r.t. input and "
                   "parameters (seed 000)", [12] * 7, "cos", "cos", (), torch.float64, reps=40, bias=False,
                   floor="call"),
+        _training_case("seed000_backward", "seed000's network (6 x 12x12 cos, no bias, one vector, float64)",
+                       [12] * 7, "cos", (), torch.float64, reps=40, bias=False),
+        _training_case("seed000_adam", "seed000's network (6 x 12x12 cos, no bias, one vector, float64)",
+                       [12] * 7, "cos", (), torch.float64, reps=40, bias=False, adam=True),
+        _training_case("seed003_field_adam", "seed003's field network (3-10-10-10-2 selu, batch 100, float32)",
+                       [3, 10, 10, 10, 2], "selu", (100,), torch.float32, reps=40, adam=True),
         _mlp_case("seed002", "784-300-100-10 relu + cross-entropy, batch 256, float32: parameter gradients "
                   "(seed 002; eager and compile: F.cross_entropy, fused: fusedlayers' cross_entropy)",
                   [784, 300, 100, 10], "relu", "identity", (256,), torch.float32, reps=20,

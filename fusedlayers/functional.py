@@ -10,7 +10,7 @@ from .backends import resolve_backend
 from .ops.common import AUTOCAST_DEVICE_TYPES, needs_function
 from .ops.cross_entropy import cross_entropy_function, cross_entropy_soft, mean_class_weight
 from .ops.dense import dense_op
-from .ops.mlp import mlp_op
+from .ops.mlp import flat_layers, flat_numel, flat_slices, mlp_flat_op, mlp_op
 
 __all__ = ["cross_entropy", "dense", "linear_cross_entropy", "mlp", "mlp_jet"]
 
@@ -301,5 +301,5 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
 # torch.fx.symbolic_trace records calls of these as graph nodes instead of tracing into them (choosing a backend
 # reads the input's device, and the layout checks read shapes, which a Proxy cannot answer), so that FX-based
 # tools (create_feature_extractor, FX quantization) work on models that hold fused modules.
-for _name in ("backend_for", "dense_op", "mlp_op", "mlp_jet", "cross_entropy", "linear_cross_entropy"):
+for _name in ("backend_for", "dense_op", "mlp_op", "mlp_flat_op", "mlp_jet", "cross_entropy", "linear_cross_entropy"):
     torch.fx.wrap(_name)

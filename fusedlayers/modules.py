@@ -1,4 +1,5 @@
 """nn.Module forms of the fused layers: drop-in replacements for the torch.nn modules they fuse."""
+import math
 import types
 
 import torch
@@ -90,32 +91,165 @@ class FusedMLP(nn.Module):
     """A whole network of dense layers as one op: sizes = [in, h1, ..., out].
 
     Layer l computes act_l(h @ weight{l}.T + bias{l}); the hidden layers use `activation` (one name, or a list
-    with one per hidden layer), the last layer `output_activation`. Parameters are weight0, bias0, weight1, ...
-    shaped and initialized as the nn.Linear layers of the equivalent nn.Sequential.
+    with one per hidden layer), the last layer `output_activation`. The parameters are shaped and initialized
+    as the nn.Linear layers of the equivalent nn.Sequential, and the state_dict keys are weight0, bias0,
+    weight1, ... either way.
+
+    flat=True (the default) keeps them all in one Parameter, `flat_params` (layer after layer, its weight
+    row-major then its bias): the op takes it as one autograd input and gives it one gradient tensor, so that
+    autograd, zero_grad() and the optimizer handle one tensor instead of two per layer, which is most of a tiny
+    network's training step. `net.weight0` is then a view of it (and its `.grad` a view of flat_params.grad);
+    write through it under torch.no_grad(). Whatever needs per-layer Parameters (torch.nn.utils.prune,
+    parametrizations, per-parameter optimizer options, assigning a new Parameter) needs `net.unflatten()` first,
+    or flat=False from the start; assigning or deleting weight{l} / bias{l} raises.
     """
 
     def __init__(self, sizes: list[int], activation: str | list[str] = "relu", output_activation: str = "identity",
-                 bias: bool = True, device=None, dtype=None, backend: str = "auto", save: str = "preact") -> None:
+                 bias: bool = True, device=None, dtype=None, backend: str = "auto", save: str = "preact",
+                 flat: bool = True) -> None:
         super().__init__()
         if len(sizes) < 2:
             raise ValueError(f"sizes must list at least the input and output widths, got {list(sizes)}")
         layers = len(sizes) - 1
         self.activations = FL.mlp_activations(layers, activation, output_activation)
-        self.sizes, self.backend, self.save = list(sizes), check_backend(backend), save
+        self.sizes, self.backend, self.save, self._has_bias = list(sizes), check_backend(backend), save, bias
         FL.saves_preact(save)
         self._weight_names = [f"weight{i}" for i in range(layers)]
         self._bias_names = [f"bias{i}" for i in range(layers)]
         factory = {"device": device, "dtype": dtype}
-        for i in range(layers):
-            self.register_parameter(f"weight{i}", nn.Parameter(torch.empty(sizes[i + 1], sizes[i], **factory)))
-            self.register_parameter(f"bias{i}", nn.Parameter(torch.empty(sizes[i + 1], **factory)) if bias else None)
+        if flat:
+            self.flat_params = nn.Parameter(torch.empty(FL.flat_numel(self.sizes, bias), **factory))
+            # name -> (offset, shape) in flat_params, or None for an absent bias
+            found = FL.flat_slices(self.sizes, bias)
+            self._flat_slices = {n: found.get(n) for pair in zip(self._weight_names, self._bias_names) for n in pair}
+        else:
+            for i in range(layers):
+                self.register_parameter(f"weight{i}", nn.Parameter(torch.empty(sizes[i + 1], sizes[i], **factory)))
+                self.register_parameter(f"bias{i}",
+                                        nn.Parameter(torch.empty(sizes[i + 1], **factory)) if bias else None)
         self.reset_parameters()
+
+    _flat_slices = None
+
+    @property
+    def flat(self) -> bool:
+        """Whether the parameters live in the one Parameter flat_params (see the class's docstring)."""
+        return self._flat_slices is not None
 
     @property
     def num_layers(self) -> int:
         return len(self.sizes) - 1
 
+    # ---- the flat layout: weight{l} / bias{l} as views of flat_params ----
+
+    def _flat_view(self, name: str) -> Tensor | None:
+        where = self._flat_slices[name]
+        if where is None:
+            return None
+        offset, shape = where
+        flat = self.flat_params
+        view = flat.narrow(0, offset, math.prod(shape)).view(shape)
+        if flat.grad is not None:
+            view.grad = flat.grad.narrow(0, offset, math.prod(shape)).view(shape)
+        return view
+
+    def _refuse(self, name: str, what: str) -> None:
+        slices = self.__dict__.get("_flat_slices")
+        if slices is not None and (name in slices or name.partition("_")[0] in slices):
+            raise AttributeError(
+                f"FusedMLP (flat=True) keeps weight{{l}} and bias{{l}} in one Parameter, flat_params: cannot {what} "
+                f"{name!r}. Write values through the view (`with torch.no_grad(): net.{name.partition('_')[0]}"
+                f".copy_(value)`), or call net.unflatten() first for per-layer Parameters (pruning, "
+                f"parametrizations, replacing a Parameter)")
+
+    def __getattr__(self, name: str):
+        slices = self.__dict__.get("_flat_slices")
+        if slices is not None and name in slices:
+            return self._flat_view(name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        self._refuse(name, "assign")
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self._refuse(name, "delete")
+        super().__delattr__(name)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        self._refuse(name, "register the Parameter")
+        super().register_parameter(name, param)
+
+    def unflatten(self) -> "FusedMLP":
+        """Makes weight{l} / bias{l} per-layer Parameters again (sharing flat_params' memory, their .grad views
+        of its gradient), in place; returns self. flat_params is gone: build optimizers after this call."""
+        if not self.flat:
+            return self
+        if "flat_params" not in self._parameters:
+            raise RuntimeError("unflatten(): flat_params has a parametrization; remove it first")
+        flat = self._parameters.pop("flat_params")
+        slices, self._flat_slices = self._flat_slices, None
+        for name in slices:
+            if slices[name] is None:
+                self.register_parameter(name, None)
+                continue
+            offset, shape = slices[name]
+            param = nn.Parameter(flat.detach().narrow(0, offset, math.prod(shape)).view(shape), flat.requires_grad)
+            if flat.grad is not None:
+                param.grad = flat.grad.narrow(0, offset, math.prod(shape)).view(shape)
+            self.register_parameter(name, param)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.flat and prefix + "flat_params" in destination:  # the per-layer keys, as views of flat_params
+            flat = destination.pop(prefix + "flat_params")
+            for name, where in self._flat_slices.items():
+                if where is not None:
+                    destination[prefix + name] = flat.narrow(0, where[0], math.prod(where[1])).view(where[1])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        if not self.flat or "flat_params" not in self._parameters:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        # nn.Module's rules (its messages, strict, assign) for the per-layer keys, into the views of flat_params
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        names = [n for n, where in self._flat_slices.items() if where is not None]  # in flat_params' order
+        values = {}
+        for name in names:
+            key, shape = prefix + name, torch.Size(self._flat_slices[name][1])
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if not torch.overrides.is_tensor_like(value):
+                error_msgs.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
+                                  f"object from checkpoint but received {type(value)}")
+            elif value.shape != shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {value.shape} from "
+                                  f"checkpoint, the shape in current model is {shape}.")
+            else:
+                values[name] = value
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
+                                   and k[len(prefix):] not in self._flat_slices)
+        flat = self._parameters["flat_params"]
+        if local_metadata.get("assign_to_params_buffers", False) and len(values) == len(names):
+            joined = torch.cat([values[n].detach().reshape(-1) for n in names])
+            self._parameters["flat_params"] = nn.Parameter(joined, flat.requires_grad)
+            return
+        with torch.no_grad():
+            for name, value in values.items():
+                self._flat_view(name).copy_(value)
+
+    # ----
+
     def weights(self) -> list[Tensor]:
+        if self._flat_slices is not None:
+            return FL.flat_layers(self.flat_params, self.sizes, self._has_bias)[0]
         params = self._parameters  # direct: nn.Module.__getattr__ costs ~1 us a parameter, felt by tiny nets
         try:
             return [params[name] for name in self._weight_names]
@@ -123,21 +257,30 @@ class FusedMLP(nn.Module):
             return [getattr(self, name) for name in self._weight_names]
 
     def biases(self) -> list[Tensor] | None:
+        if not self._has_bias:
+            return None
+        if self._flat_slices is not None:
+            return FL.flat_layers(self.flat_params, self.sizes, True)[1]
         params = self._parameters
         try:
-            return None if params["bias0"] is None else [params[name] for name in self._bias_names]
+            return [params[name] for name in self._bias_names]
         except KeyError:
-            return None if self.bias0 is None else [getattr(self, name) for name in self._bias_names]
+            return [getattr(self, name) for name in self._bias_names]
 
     def reset_parameters(self) -> None:
-        for i in range(self.num_layers):
-            _linear_init(getattr(self, f"weight{i}"), getattr(self, f"bias{i}"))
+        with torch.no_grad():  # writing through the views of flat_params
+            for i in range(self.num_layers):
+                _linear_init(getattr(self, f"weight{i}"), getattr(self, f"bias{i}"))
 
     def forward(self, input: Tensor) -> Tensor:
         # The op directly: the names were checked when the module was built, and for tiny networks the
         # per-call Python work is a visible part of the time.
-        return FL.mlp_op(input, self.weights(), self.biases() or [], self.activations, FL.saves_preact(self.save),
-                         FL.backend_for(self.backend, input))
+        save, backend = FL.saves_preact(self.save), FL.backend_for(self.backend, input)
+        if self._flat_slices is not None:
+            params = self._parameters
+            flat = params["flat_params"] if "flat_params" in params else self.flat_params
+            return FL.mlp_flat_op(input, flat, self.sizes, self._has_bias, self.activations, save, backend)
+        return FL.mlp_op(input, self.weights(), self.biases() or [], self.activations, save, backend)
 
     def jet(self, x: Tensor, direction: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(u, du, d2u): the network's output and its first and second derivatives w.r.t. the input along
@@ -145,9 +288,11 @@ class FusedMLP(nn.Module):
         return FL.mlp_jet(x, self.weights(), self.biases(), self.activations[:-1], self.activations[-1], direction)
 
     @classmethod
-    def from_sequential(cls, seq: nn.Sequential, backend: str = "auto", save: str = "preact") -> "FusedMLP":
-        """The FusedMLP computing seq, sharing its Parameters. seq is Linear layers, each optionally followed by
-        one activation module with torch's default parameters (see fusedlayers.ACTIVATIONS)."""
+    def from_sequential(cls, seq: nn.Sequential, backend: str = "auto", save: str = "preact",
+                        flat: bool = True) -> "FusedMLP":
+        """The FusedMLP computing seq. seq is Linear layers, each optionally followed by one activation module
+        with torch's default parameters (see fusedlayers.ACTIVATIONS). With flat=True (the default) the result
+        holds a copy of seq's parameters in its one flat Parameter; with flat=False it shares seq's Parameters."""
         linears, activations = [], []
         open_slot = False  # a Linear's activation not yet given (an nn.Identity keeps it open)
         for i, m in enumerate(seq):
@@ -170,11 +315,21 @@ class FusedMLP(nn.Module):
         for a, b in zip(linears, linears[1:]):
             if a.out_features != b.in_features:
                 raise ValueError(f"from_sequential(): {a!r} is followed by {b!r}")
+        params = [t for lin in linears for t in (lin.weight, lin.bias) if t is not None]
+        if flat and len({(t.dtype, t.device, t.requires_grad) for t in params}) > 1:
+            raise ValueError("from_sequential(): with flat=True the Linear layers' parameters must share one dtype, "
+                             "device and requires_grad (they become one Parameter); pass flat=False to share them "
+                             "as they are")
         fused = cls([linears[0].in_features] + [lin.out_features for lin in linears], activations[:-1],
-                    activations[-1], bias=linears[0].bias is not None, device="meta", backend=backend, save=save)
-        for i, lin in enumerate(linears):
-            setattr(fused, f"weight{i}", lin.weight)
-            setattr(fused, f"bias{i}", lin.bias)
+                    activations[-1], bias=linears[0].bias is not None, device="meta", backend=backend, save=save,
+                    flat=flat)
+        if flat:
+            joined = torch.cat([t.detach().reshape(-1) for t in params])
+            fused.flat_params = nn.Parameter(joined, params[0].requires_grad)
+        else:
+            for i, lin in enumerate(linears):
+                setattr(fused, f"weight{i}", lin.weight)
+                setattr(fused, f"bias{i}", lin.bias)
         return fused
 
     def to_sequential(self) -> nn.Sequential:
@@ -193,7 +348,7 @@ class FusedMLP(nn.Module):
         return nn.Sequential(*modules)
 
     def extra_repr(self) -> str:
-        return f"sizes={self.sizes}, activations={self.activations}, bias={self.bias0 is not None}"
+        return f"sizes={self.sizes}, activations={self.activations}, bias={self._has_bias}, flat={self.flat}"
 
 
 class FusedCrossEntropyLoss(nn.Module):

@@ -34,3 +34,13 @@ def assert_rel_close(actual, expected, rtol, what=""):
 def value_classes(t: torch.Tensor) -> torch.Tensor:
     """Each element's class: 0 finite, 1 NaN, 2 +inf, 3 -inf (NaN/inf placement compared against PyTorch's)."""
     return torch.where(t.isnan(), 1, torch.where(t.isposinf(), 2, torch.where(t.isneginf(), 3, 0)))
+
+
+def per_layer(net, grads) -> list[torch.Tensor]:
+    """The gradients of net's parameters (in parameters() order) as one tensor per layer weight and bias, in
+    state_dict order: a flat FusedMLP's one gradient split as its layout stores it, anything else's as given."""
+    if not getattr(net, "flat", False):
+        return list(grads)
+    (flat,) = grads
+    weights, biases = fusedlayers.functional.flat_layers(flat, net.sizes, net.bias0 is not None)
+    return [t for pair in zip(weights, biases or [None] * len(weights)) for t in pair if t is not None]

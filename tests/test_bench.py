@@ -101,6 +101,7 @@ def test_floors_match_the_networks_they_bound():
         seq = sequential(sizes, acts[0], acts[1], bias=bias, dtype=torch.float64)
         floor = call_floor_net(sizes, acts[0], acts[1], bias, torch.float64, "cpu")
         assert floor.activations == [acts[0]] * (len(sizes) - 2) + [acts[1]]
-        assert [p.dim() for p in floor.parameters()] == [p.dim() for p in seq.parameters()]
+        assert [p.dim() for p in floor.state_dict().values()] == [p.dim() for p in seq.parameters()]
+        assert len(list(floor.parameters())) == 1  # the flat layout, as FusedMLP's default
         x = torch.randn(rows, sizes[0], dtype=torch.float64)
         assert floor(x).shape == seq(x).shape and floor(x).dtype == torch.float64

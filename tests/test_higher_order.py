@@ -13,7 +13,7 @@ from fusedlayers import FusedMLP
 from fusedlayers.activations import ACTIVATIONS, REFERENCE
 from fusedlayers.functional import cross_entropy, dense, mlp
 
-from conftest import assert_rel_close, device_of, value_classes
+from conftest import assert_rel_close, device_of, per_layer, value_classes
 
 F64 = torch.float64
 
@@ -349,8 +349,9 @@ def test_pinn_parameter_gradient_matches_eager(backend):
     fused = FusedMLP([1, 16, 16, 1], "tanh", dtype=F64, device=device, backend=backend)
     seq = fused.to_sequential()
     x = torch.linspace(0, 3, 33, dtype=F64, device=device).unsqueeze(1).requires_grad_()
-    got = torch.autograd.grad(_pinn_loss(fused, x), list(fused.parameters()))
+    got = per_layer(fused, torch.autograd.grad(_pinn_loss(fused, x), list(fused.parameters())))
     want = torch.autograd.grad(_pinn_loss(seq, x), list(seq.parameters()))
+    assert len(got) == len(want)
     for g, w in zip(got, want):
         assert_rel_close(g, w, 1e-9)
 
@@ -461,22 +462,23 @@ def test_mlp_transforms_match_eager(backend):
     _close(hessian(_summed(f), 2)(*args), hessian(_summed(r), 2)(*args), "hessian wrt weights[1]")
 
 
-def test_fused_mlp_module_under_functional_call(backend):
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "layers"])
+def test_fused_mlp_module_under_functional_call(backend, flat):
     """torch.func over a module's parameters (functional_call), the usual way to get per-sample gradients."""
     device = device_of(backend)
     torch.manual_seed(0)
-    fused = FusedMLP([3, 6, 2], "tanh", dtype=F64, device=device, backend=backend)
+    fused = FusedMLP([3, 6, 2], "tanh", dtype=F64, device=device, backend=backend, flat=flat)
     seq = fused.to_sequential()
     xs = _randn(7, 3, device=device)
-    fused_params = dict(fused.named_parameters())
-    seq_params = dict(zip(fused_params, seq.parameters()))
-    per_sample = lambda model, names: vmap(grad(  # noqa: E731
-        lambda p, x: torch.func.functional_call(model, {n: p[k] for k, n in zip(fused_params, names)}, (x,)).sum()),
-        (None, 0))
-    got = per_sample(fused, list(fused_params))({k: v.detach() for k, v in fused_params.items()}, xs)
-    want = per_sample(seq, [n for n, _ in seq.named_parameters()])({k: v.detach() for k, v in seq_params.items()}, xs)
-    for k in fused_params:
-        assert_rel_close(got[k], want[k], 1e-10, k)
+
+    def per_sample(model):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        f = lambda p, x: torch.func.functional_call(model, p, (x,)).sum()  # noqa: E731
+        return vmap(grad(f), (None, 0))(params, xs)
+
+    got, want = per_sample(fused), per_sample(seq)
+    want = torch.cat([g.reshape(7, -1) for g in want.values()], 1)
+    assert_rel_close(torch.cat([g.reshape(7, -1) for g in got.values()], 1), want, 1e-10)
 
 
 def test_forward_mode_ad(backend):
@@ -503,16 +505,18 @@ def test_forward_over_reverse(backend):
     _close(jvp(f, (x,), (v,)), jvp(r, (x,), (v,)), "hvp")
 
 
-def test_compiled_module_keeps_the_op():
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "layers"])
+def test_compiled_module_keeps_the_op(flat):
     """Under torch.compile the op is traced as it is (the autograd.Function route is eager-only)."""
     torch._dynamo.reset()
-    model = FusedMLP([3, 8, 2], "tanh")
+    model = FusedMLP([3, 8, 2], "tanh", flat=flat)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 3)
     assert_rel_close(compiled(x), model(x), 1e-6)
     graph = []
     torch.compile(model, fullgraph=True, backend=lambda gm, _: graph.append(gm) or gm)(x)
-    assert any(n.target == torch.ops.fusedlayers.mlp.default for n in graph[0].graph.nodes)
+    op = torch.ops.fusedlayers.mlp_flat.default if flat else torch.ops.fusedlayers.mlp.default
+    assert any(n.target == op for n in graph[0].graph.nodes)
 
 
 def test_create_graph_through_sequential_of_fused_dense(backend):

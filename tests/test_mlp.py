@@ -286,9 +286,13 @@ def test_same_init_and_state_dict_values_as_sequential():
     seq = _sequential([4, 8, 8, 2], ["relu", "relu", "identity"])
     torch.manual_seed(5)
     fused = FusedMLP([4, 8, 8, 2], "relu")
-    assert [n for n, _ in fused.named_parameters()] == ["weight0", "bias0", "weight1", "bias1", "weight2", "bias2"]
-    for p, q in zip(fused.parameters(), seq.parameters()):
-        assert torch.equal(p, q)
+    torch.manual_seed(5)
+    per_layer = FusedMLP([4, 8, 8, 2], "relu", flat=False)
+    assert [n for n, _ in per_layer.named_parameters()] == ["weight0", "bias0", "weight1", "bias1", "weight2",
+                                                            "bias2"]
+    assert list(fused.state_dict()) == [n for n, _ in per_layer.named_parameters()]
+    for p, q, r in zip(per_layer.parameters(), seq.parameters(), fused.state_dict().values()):
+        assert torch.equal(p, q) and torch.equal(r, q)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -330,7 +334,7 @@ def test_cos_module_round_trip():
 
 
 def test_bad_input():
-    fused = FusedMLP([4, 8, 2])
+    fused = FusedMLP([4, 8, 2], flat=False)  # the flat layout's messages: test_mlp_flat.py
     with pytest.raises(RuntimeError, match=r"expected weights\[0\].size\(1\) == 5"):
         fused(torch.randn(3, 5))
     with pytest.raises(RuntimeError, match=r"weights\[0\] to have the dtype of x"):

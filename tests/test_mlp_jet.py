@@ -11,7 +11,7 @@ from fusedlayers import FusedMLP
 from fusedlayers.activations import ACTIVATIONS, REFERENCE
 from fusedlayers.functional import mlp_jet
 
-from conftest import assert_rel_close
+from conftest import assert_rel_close, per_layer
 
 F64 = torch.float64
 
@@ -165,8 +165,9 @@ def test_pinn_parameter_gradient_matches_eager(activation):
     fused = FusedMLP([1, 16, 16, 1], activation, dtype=F64)
     seq = fused.to_sequential()
     x = torch.linspace(0, 3, 33, dtype=F64).unsqueeze(1)
-    got = torch.autograd.grad(_pinn_loss_jet(fused, x), list(fused.parameters()))
+    got = per_layer(fused, torch.autograd.grad(_pinn_loss_jet(fused, x), list(fused.parameters())))
     want = torch.autograd.grad(_pinn_loss_eager(seq, x.clone().requires_grad_()), list(seq.parameters()))
+    assert len(got) == len(want)
     for g, w in zip(got, want):
         assert_rel_close(g, w, 1e-9)
 
@@ -342,9 +343,10 @@ def test_compiled_pinn_step_matches_eager():
 
     torch._dynamo.reset()
     loss = torch.compile(lambda x: _pinn_loss_jet(fused, x), fullgraph=True)(x)
-    got = torch.autograd.grad(loss, params)  # through the compiled backward
+    got = per_layer(fused, torch.autograd.grad(loss, params))  # through the compiled backward
     seq = fused.to_sequential()
     want = torch.autograd.grad(_pinn_loss_eager(seq, x.clone().requires_grad_()), list(seq.parameters()))
+    assert len(got) == len(want)
     for g, w in zip(got, want):
         assert_rel_close(g, w, 1e-9)
 

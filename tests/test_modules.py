@@ -101,7 +101,7 @@ def test_register_parametrization_on_weight_and_bias():
 
 def test_fused_mlp_parametrized_and_pruned_layers_as_the_sequential():
     torch.manual_seed(0)
-    net = FusedMLP([4, 4, 3], activation="tanh", dtype=torch.float64)
+    net = FusedMLP([4, 4, 3], activation="tanh", dtype=torch.float64).unflatten()  # per-layer Parameters
     reference = net.to_sequential()  # Linear, Tanh, Linear with copies of the parameters
     parametrize.register_parametrization(net, "weight0", Symmetric())
     parametrize.register_parametrization(reference[0], "weight", Symmetric())

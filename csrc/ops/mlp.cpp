@@ -150,6 +150,120 @@ at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorL
   return y;
 }
 
+// ---- the flat layout: the parameters in one tensor, one autograd edge for all of them -------------------------
+
+void check_flat_args(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
+                     size_t num_activations) {
+  TORCH_CHECK(sizes.size() >= 2, "mlp_flat(): expected sizes to list at least the input and output widths, got ",
+              sizes);
+  for (const int64_t s : sizes) TORCH_CHECK(s >= 0, "mlp_flat(): expected non-negative sizes, got ", sizes);
+  TORCH_CHECK(num_activations == sizes.size() - 1, "mlp_flat(): expected one activation per layer (",
+              sizes.size() - 1, "), got ", num_activations);
+  const int64_t n = flat_numel(sizes, bias);
+  TORCH_CHECK(params.dim() == 1 && params.sym_numel() == n, "mlp_flat(): expected params to be 1-D with ", n,
+              " elements (every layer's weight", bias ? " and bias" : "", " for sizes ", sizes, "), got shape ",
+              params.sym_sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) == sizes[0], "mlp_flat(): expected x of shape [..., ", sizes[0],
+              "] (sizes[0]), got ", x.sym_sizes());
+  TORCH_CHECK(x.is_floating_point(), "mlp_flat(): expected x to be a floating-point tensor, got ",
+              py(x.scalar_type()));
+  TORCH_CHECK(params.scalar_type() == x.scalar_type(), "mlp_flat(): expected params to have the dtype of x (",
+              py(x.scalar_type()), "), got ", py(params.scalar_type()));
+  TORCH_CHECK(params.device() == x.device(), "mlp_flat(): expected params on the device of x (", x.device(),
+              "), got ", params.device());
+}
+
+// The parameters' gradients in the flat layout (differentiable, for create_graph).
+at::Tensor join_flat(const std::vector<at::Tensor>& dweights, const std::vector<at::Tensor>& dbiases) {
+  std::vector<at::Tensor> parts;
+  parts.reserve(dweights.size() + dbiases.size());
+  for (size_t l = 0; l < dweights.size(); ++l) {
+    parts.push_back(dweights[l].reshape({-1}));
+    if (!dbiases.empty()) parts.push_back(dbiases[l]);
+  }
+  return at::cat(parts);
+}
+
+// MLPBackward for the flat layout: its outputs are the gradients of x and params.
+struct MLPFlatBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x, params;
+  std::vector<torch::autograd::SavedVariable> saved;
+  std::vector<int64_t> sizes;
+  bool bias = true;
+  std::vector<std::string> activations;
+  Backend backend = Backend::Native;
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(2);
+    const bool input_grad = task_should_compute_output(0), params_grad = task_should_compute_output(1);
+    if (!grads[0].defined() || !(input_grad || params_grad)) return out;
+    const at::Tensor x_ = x.unpack(), p = params.unpack();
+    at::Tensor dx;
+    std::vector<at::Tensor> dweights, dbiases;
+    if (at::GradMode::is_enabled()) {
+      static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_grad", "").typed<MlpGradFn>();
+      const auto [ws, bs] = flat_layers(p, sizes, bias);  // differentiable views: the gradient reaches params
+      std::tie(dx, dweights, dbiases) = composite.call(grads[0], x_, ws, bs, activations, input_grad, params_grad);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::vector<at::Tensor> ss;
+      for (const auto& v : saved) ss.push_back(v.unpack());
+      const auto [ws, bs] = flat_layers(p, sizes, bias);
+      std::tie(dx, dweights, dbiases) = mlp_backward_op(backend).call(grads[0], x_, ws, bs, ss, activations, input_grad);
+    }
+    out[0] = dx;
+    if (params_grad) out[1] = join_flat(dweights, dbiases);
+    return out;
+  }
+
+  std::string name() const override { return "MLPFlatBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x.reset_data();
+    params.reset_data();
+    for (auto& v : saved) v.reset_data();
+  }
+};
+
+at::Tensor mlp_flat_no_autograd(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
+                                std::vector<std::string> activations, bool /*save*/, c10::string_view backend) {
+  check_flat_args(x, params, sizes, bias, activations.size());
+  const auto [ws, bs] = flat_layers(params, sizes, bias);
+  return std::get<0>(mlp_forward_op(parse_backend(backend)).call(x, ws, bs, activations, false));
+}
+
+at::Tensor mlp_flat_autograd(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
+                             std::vector<std::string> activations, bool save, c10::string_view backend) {
+  check_flat_args(x, params, sizes, bias, activations.size());
+  check_no_forward_grad({&x, &params});
+  if (!(at::GradMode::is_enabled() && (x.requires_grad() || params.requires_grad()))) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return mlp_flat_no_autograd(x, params, sizes, bias, activations, save, backend);
+  }
+  const Backend kernels = parse_backend(backend);
+  auto node = c10::make_intrusive<MLPFlatBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, params));
+  at::Tensor y;
+  std::vector<at::Tensor> saved;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto [ws, bs] = flat_layers(params, sizes, bias);
+    save = save && !mlp_recomputes(kernels, x, ws);
+    std::tie(y, saved) = mlp_forward_op(kernels).call(x, ws, bs, activations, save);
+  }
+  node->x = torch::autograd::SavedVariable(x, /*is_output=*/false);
+  node->params = torch::autograd::SavedVariable(params, /*is_output=*/false);
+  for (const auto& t : saved) node->saved.emplace_back(t, /*is_output=*/false);
+  node->sizes = sizes.vec();
+  node->bias = bias;
+  node->activations = std::move(activations);
+  node->backend = kernels;
+  torch::autograd::set_history(y, node);
+  return y;
+}
+
 // Few rows, all registered at static initialization, before any call reads them.
 std::vector<std::tuple<Backend, c10::DeviceType, MlpRecomputesFn>>& recomputes_table() {
   static std::vector<std::tuple<Backend, c10::DeviceType, MlpRecomputesFn>> table;
@@ -157,6 +271,26 @@ std::vector<std::tuple<Backend, c10::DeviceType, MlpRecomputesFn>>& recomputes_t
 }
 
 }  // namespace
+
+int64_t flat_numel(at::IntArrayRef sizes, bool bias) {
+  int64_t n = 0;
+  for (size_t l = 0; l + 1 < sizes.size(); ++l) n += sizes[l + 1] * (sizes[l] + (bias ? 1 : 0));
+  return n;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> flat_layers(const at::Tensor& flat, at::IntArrayRef sizes,
+                                                                         bool bias) {
+  std::vector<at::Tensor> weights, biases;
+  int64_t offset = 0;
+  for (size_t l = 0; l + 1 < sizes.size(); ++l) {
+    const int64_t in = sizes[l], out = sizes[l + 1];
+    weights.push_back(flat.narrow(0, offset, out * in).view({out, in}));
+    offset += out * in;
+    if (bias) biases.push_back(flat.narrow(0, offset, out));
+    offset += bias ? out : 0;
+  }
+  return {weights, biases};
+}
 
 bool register_mlp_recomputes(Backend backend, c10::DeviceType device, MlpRecomputesFn fn) {
   recomputes_table().emplace_back(backend, device, fn);
@@ -187,7 +321,13 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   m.def("mlp_grad(Tensor grad_out, Tensor x, Tensor[] weights, Tensor[] biases, str[] activations, "
         "bool input_grad, bool params_grad) -> (Tensor, Tensor[], Tensor[])");
 
+  // The same network with its parameters in one tensor (the layout of flat_layers, ops/mlp.h): one autograd
+  // edge for all of them, and their gradient in one tensor.
+  m.def("mlp_flat(Tensor x, Tensor params, int[] sizes, bool bias, str[] activations, bool save, str backend) "
+        "-> Tensor");
+
   fusedlayers::impl_differentiable(m, "mlp", &fusedlayers::mlp_autograd, &fusedlayers::mlp_no_autograd);
+  fusedlayers::impl_differentiable(m, "mlp_flat", &fusedlayers::mlp_flat_autograd, &fusedlayers::mlp_flat_no_autograd);
   fusedlayers::not_differentiable(m, {"mlp_forward", "mlp_backward"});
   fusedlayers::impl_composite(m, "mlp_grad", &fusedlayers::mlp_grad);
 }

@@ -62,6 +62,13 @@ MlpBackwardResult mlp_chain_backward(const at::Tensor& grad_out, const at::Tenso
                                      at::TensorList biases, at::TensorList saved,
                                      std::vector<std::string> activations, bool input_grad);
 
+// The flat layout of a network's parameters (the mlp_flat op; FusedMLP's one Parameter): layer after layer, its
+// weight (out x in, row-major) then its bias (out), when the network has biases. sizes = [in, h1, ..., out].
+int64_t flat_numel(at::IntArrayRef sizes, bool bias);
+// The layers' weights and biases as views of a flat tensor (any 1-D strides) of that layout.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> flat_layers(const at::Tensor& flat, at::IntArrayRef sizes,
+                                                                         bool bias);
+
 // Whether a backend's kernels for x's device recompute the forward in their backward for this network: the
 // autograd then does not ask the forward to save anything. Asked before the call, from concrete shapes, because
 // the fake kernels must know at trace time what the forward saves. A backend's folder registers its answer at

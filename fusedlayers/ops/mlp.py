@@ -1,6 +1,8 @@
 """The mlp family's Python side (its schemas, autograd and C++ contract: csrc/ops/mlp.{h,cpp}): the argument
 contract, the kernels' fakes (every backend's, with each backend's saved layout), the torch.func route and the
 autocast rule."""
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -12,6 +14,7 @@ from .dense import dense_op
 
 _ops = torch.ops.fusedlayers
 _mlp = _ops.mlp.default
+_mlp_flat = _ops.mlp_flat.default
 
 
 def check_mlp_args(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: list[str],
@@ -159,3 +162,48 @@ def mlp_op(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: 
     return _mlp(x, weights, biases, activations, save, backend)
 
 register_autocast("mlp", lambda args: args[3][-1])
+
+
+# ---- the flat layout -----------------------------------------------------------------------------------------
+
+def flat_numel(sizes: list[int], bias: bool) -> int:
+    """The elements of a network's parameters in the flat layout (csrc/ops/mlp.h): layer after layer, its weight
+    (out x in, row-major) then its bias."""
+    return sum(out * (inp + bias) for inp, out in zip(sizes, sizes[1:]))
+
+
+def flat_slices(sizes: list[int], bias: bool) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """{"weight0": (offset, shape), "bias0": ..., "weight1": ...}: where each layer's tensors sit in the flat
+    layout, in its order."""
+    slices, offset = {}, 0
+    for l, (inp, out) in enumerate(zip(sizes, sizes[1:])):
+        slices[f"weight{l}"] = (offset, (out, inp))
+        offset += out * inp
+        if bias:
+            slices[f"bias{l}"] = (offset, (out,))
+            offset += out
+    return slices
+
+
+def flat_layers(params: Tensor, sizes: list[int], bias: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """The layers' weights and biases as views of params (differentiable: a gradient through them reaches
+    params)."""
+    weights, biases = [], []
+    for name, (offset, shape) in flat_slices(sizes, bias).items():
+        view = params.narrow(0, offset, math.prod(shape)).view(shape)
+        (weights if name.startswith("weight") else biases).append(view)
+    return weights, biases
+
+
+def mlp_flat_op(x: Tensor, params: Tensor, sizes: list[int], bias: bool, activations: list[str], save: bool,
+                backend: str) -> Tensor:
+    """The mlp op on parameters in the flat layout: one autograd edge and one gradient tensor for all of them.
+    Where mlp_op takes its autograd.Function (torch.func, forward-mode tangents) or traces layer by layer
+    (torch.jit.trace), the layers as views of params through mlp_op instead: autograd carries the views'
+    gradients to params."""
+    if torch.jit.is_tracing() or (not torch.compiler.is_compiling() and needs_function(x, params)):
+        weights, biases = flat_layers(params, sizes, bias)
+        return mlp_op(x, weights, biases, activations, save, backend)
+    return _mlp_flat(x, params, sizes, bias, activations, save, backend)
+
+register_autocast("mlp_flat", lambda args: args[4][-1])

@@ -1,0 +1,269 @@
+"""The mlp family's flat layout (the mlp_flat op, FusedMLP(flat=True): every parameter in one Parameter) on every
+runnable backend, against the equivalent nn.Sequential in float64; and what the layout must keep of nn.Module's
+behaviour (state_dict keys, loading both ways, optimizers, torch.func, torch.compile, clear errors)."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize, prune
+
+from fusedlayers import FusedMLP
+from fusedlayers.functional import flat_numel, mlp_flat_op
+
+from conftest import assert_rel_close, device_of
+
+F64 = torch.float64
+NETS = {  # sizes, hidden activation, output activation
+    "seed000": ([12] * 7, "cos", "identity"),
+    "seed003": ([3, 10, 10, 10, 2], "selu", "identity"),
+    "wide": ([6, 150, 3], "gelu", "tanh"),  # the layer-by-layer path: its gradients are joined, not adjacent
+    "one_layer": ([6, 4], "relu", "sigmoid"),
+}
+
+
+def pair(net, bias, dtype=F64, device="cpu", backend="auto"):
+    """A flat FusedMLP and the nn.Sequential it copies."""
+    sizes, act, out_act = NETS[net]
+    torch.manual_seed(0)
+    fused = FusedMLP(sizes, act, out_act, bias=bias, dtype=dtype, device=device, backend=backend)
+    seq = fused.to_sequential()
+    return fused, seq
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("batch", [(), (1,), (37,), (2, 5)], ids=lambda b: "x".join(map(str, b)) or "vector")
+@pytest.mark.parametrize("net", NETS)
+def test_matches_sequential(backend, net, bias, batch):
+    fused, seq = pair(net, bias, device=device_of(backend), backend=backend)
+    assert [n for n, _ in fused.named_parameters()] == ["flat_params"]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*batch, fused.sizes[0], dtype=F64, generator=gen)
+    g = torch.randn(*batch, fused.sizes[-1], dtype=F64, generator=gen)
+    xr = x.clone().requires_grad_()
+    y_ref = seq(xr)
+    grads_ref = torch.autograd.grad(y_ref, [xr, *seq.parameters()], g)
+    xf = x.to(device_of(backend)).requires_grad_()
+    y = fused(xf)
+    dx, dflat = torch.autograd.grad(y, [xf, fused.flat_params], g.to(y.device))
+    assert_rel_close(y, y_ref, 1e-10, "y")
+    assert_rel_close(dx, grads_ref[0], 1e-10, "dx")
+    assert dflat.shape == (flat_numel(fused.sizes, bias),)
+    assert_rel_close(dflat, torch.cat([t.reshape(-1) for t in grads_ref[1:]]), 1e-10, "dflat")
+
+
+def test_backward_fills_views_of_the_gradient(backend):
+    """The user's loop: zero_grad, backward; weight{l}.grad reads flat_params.grad."""
+    fused, seq = pair("seed003", True, device=device_of(backend), backend=backend)
+    x = torch.randn(9, 3, dtype=F64)
+    fused.zero_grad()
+    fused(x.to(device_of(backend))).square().sum().backward()
+    seq(x).square().sum().backward()
+    linears = [m for m in seq if isinstance(m, nn.Linear)]
+    for i, lin in enumerate(linears):
+        assert_rel_close(getattr(fused, f"weight{i}").grad, lin.weight.grad, 1e-10, f"weight{i}.grad")
+        assert_rel_close(getattr(fused, f"bias{i}").grad, lin.bias.grad, 1e-10, f"bias{i}.grad")
+    grad = fused.flat_params.grad
+    fused.weight0.grad.zero_()  # a view: it writes the flat gradient
+    assert grad[:30].abs().sum() == 0 and grad[30:].abs().sum() > 0
+
+
+def test_double_backward_and_gradcheck(backend):
+    fused, seq = pair("seed003", True, device=device_of(backend), backend=backend)
+    x = torch.randn(4, 3, dtype=F64, device=device_of(backend), requires_grad=True)
+    torch.autograd.gradcheck(lambda x, p: mlp_flat_op(x, p, fused.sizes, True, fused.activations, True, "native"
+                                                      if backend == "cpu" else backend), (x, fused.flat_params))
+    torch.autograd.gradgradcheck(lambda x, p: mlp_flat_op(x, p, fused.sizes, True, fused.activations, True,
+                                                          "native" if backend == "cpu" else backend),
+                                 (x, fused.flat_params))
+    # the input-gradient penalty of a PINN-style loss: second order through the flat layout
+    xr = x.detach().cpu().requires_grad_()
+    (gx_ref,) = torch.autograd.grad(seq(xr).sum(), xr, create_graph=True)
+    ref = torch.autograd.grad(gx_ref.square().sum(), list(seq.parameters()), materialize_grads=True)
+    (gx,) = torch.autograd.grad(fused(x).sum(), x, create_graph=True)
+    (dflat,) = torch.autograd.grad(gx.square().sum(), fused.flat_params)
+    assert_rel_close(dflat, torch.cat([t.reshape(-1) for t in ref]), 1e-10, "d/dparams |dy/dx|^2")
+
+
+def test_adam_step_equals_unflattened():
+    """An optimizer step on the flat Parameter equals the same step on the per-layer Parameters."""
+    flat, _ = pair("seed000", True)
+    per_layer = FusedMLP(flat.sizes, "cos", dtype=F64, flat=False)
+    per_layer.load_state_dict(flat.state_dict())
+    x = torch.randn(5, 12, dtype=F64)
+    for net in (flat, per_layer):
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2, foreach=True)
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for name, value in per_layer.state_dict().items():
+        torch.testing.assert_close(flat.state_dict()[name], value, rtol=1e-13, atol=0, msg=name)
+
+
+def test_state_dict_keeps_per_layer_keys_and_loads_both_ways():
+    flat, seq = pair("seed003", True)
+    sd = flat.state_dict()
+    assert list(sd) == ["weight0", "bias0", "weight1", "bias1", "weight2", "bias2", "weight3", "bias3"]
+    assert sd["weight1"].shape == (10, 10) and not sd["weight1"].requires_grad
+    per_layer = FusedMLP([3, 10, 10, 10, 2], "selu", flat=False, dtype=F64)
+    per_layer.load_state_dict(sd, strict=True)  # flat -> per-layer
+    again = FusedMLP([3, 10, 10, 10, 2], "selu", dtype=F64)
+    again.load_state_dict(per_layer.state_dict(), strict=True)  # per-layer -> flat
+    torch.testing.assert_close(again.flat_params, flat.flat_params, rtol=0, atol=0)
+    # into the equivalent nn.Sequential through the documented conversion
+    seq2 = again.to_sequential()
+    for (name, value), (_, want) in zip(seq2.state_dict().items(), sd.items()):
+        torch.testing.assert_close(value, want, rtol=0, atol=0, msg=name)
+    # nn.Module's errors, with the per-layer keys
+    bad = dict(sd, weight1=torch.zeros(10, 9, dtype=F64))
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight1: copying a param with shape"):
+        again.load_state_dict(bad)
+    missing = {k: v for k, v in sd.items() if k != "bias2"}
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "bias2"'):
+        again.load_state_dict(missing)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "weight7"'):
+        again.load_state_dict(dict(sd, weight7=torch.zeros(1)))
+    extra = dict(missing, weight7=torch.zeros(1))
+    assert again.load_state_dict(extra, strict=False) == per_layer.load_state_dict(extra, strict=False)
+    # a model holding one: prefixed keys
+    model = nn.Sequential(nn.Identity(), flat)
+    assert "1.weight0" in model.state_dict() and "1.flat_params" not in model.state_dict()
+    model.load_state_dict(model.state_dict())
+
+
+def test_load_state_dict_assign_from_meta():
+    flat, _ = pair("seed003", True)
+    with torch.device("meta"):
+        empty = FusedMLP([3, 10, 10, 10, 2], "selu", dtype=F64)
+    empty.load_state_dict(flat.state_dict(), assign=True)
+    assert not empty.flat_params.is_meta and empty.flat_params.requires_grad
+    x = torch.randn(4, 3, dtype=F64)
+    torch.testing.assert_close(empty(x), flat(x), rtol=0, atol=0)
+
+
+def test_from_sequential_copies_into_one_parameter():
+    seq = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    fused = FusedMLP.from_sequential(seq)
+    assert fused.flat and [n for n, _ in fused.named_parameters()] == ["flat_params"]
+    x = torch.randn(6, 3, dtype=F64)
+    torch.testing.assert_close(fused(x), seq(x), rtol=1e-14, atol=0)
+    with torch.no_grad():
+        seq[0].weight.zero_()
+    assert fused.weight0.abs().sum() > 0  # a copy
+    shared = FusedMLP.from_sequential(seq, flat=False)
+    assert shared.weight0 is seq[0].weight  # shares
+    seq[2].float()
+    with pytest.raises(ValueError, match="share one dtype, device and requires_grad"):
+        FusedMLP.from_sequential(seq)
+
+
+def test_per_layer_tools_need_unflatten():
+    """What needs per-layer Parameters raises on the flat layout, naming unflatten(); after it, it works."""
+    net, _ = pair("seed003", True)
+    with pytest.raises(AttributeError, match=r"cannot assign 'weight0'.*unflatten\(\)"):
+        net.weight0 = nn.Parameter(torch.zeros(10, 3, dtype=F64))
+    with pytest.raises(AttributeError, match=r"cannot delete 'bias1'.*unflatten\(\)"):
+        del net.bias1
+    with pytest.raises(AttributeError, match=r"unflatten\(\)"):
+        prune.l1_unstructured(net, "weight0", amount=0.5)
+    with pytest.raises(ValueError, match="does not have a parameter"):
+        parametrize.register_parametrization(net, "weight1", nn.Identity())
+    with pytest.raises(ValueError, match="can't optimize a non-leaf Tensor"):
+        torch.optim.SGD([{"params": [net.weight0]}], lr=0.1)
+    x = torch.randn(5, 3, dtype=F64)
+    y = net(x)
+    net.unflatten()
+    assert [n for n, _ in net.named_parameters()][:2] == ["weight0", "bias0"] and not net.flat
+    torch.testing.assert_close(net(x), y, rtol=0, atol=0)
+    prune.l1_unstructured(net, "weight0", amount=0.5)
+    assert (net.weight0 == 0).sum() == 15
+    net(x).sum().backward()
+    assert net.weight0_orig.grad is not None
+
+
+def test_writes_through_views_reach_the_network():
+    net, seq = pair("one_layer", True)
+    x = torch.randn(3, 6, dtype=F64)
+    with torch.no_grad():
+        net.weight0.mul_(2)
+        net.bias0.zero_()
+        seq[0].weight.mul_(2)
+        seq[0].bias.zero_()
+    assert_rel_close(net(x), seq(x), 1e-14, "after writes")
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        net.weight0.mul_(2)  # as on a Parameter outside no_grad
+    nobias = FusedMLP([4, 3], bias=False)
+    assert nobias.bias0 is None and nobias.flat_params.shape == (12,)
+
+
+def test_torch_func_and_compile():
+    net, seq = pair("seed003", True)
+    x = torch.randn(7, 3, dtype=F64)
+    params = dict(net.named_parameters())
+    fn = lambda p, x: torch.func.functional_call(net, p, (x,)).square().sum()  # noqa: E731
+    grads = torch.func.grad(fn)(params, x)
+    seq_grads = torch.autograd.grad(seq(x).square().sum(), list(seq.parameters()))
+    assert_rel_close(grads["flat_params"], torch.cat([t.reshape(-1) for t in seq_grads]), 1e-10, "func.grad")
+    per_sample = torch.func.vmap(torch.func.jacrev(lambda x: net(x)))(x)
+    seq_jac = torch.func.vmap(torch.func.jacrev(lambda x: seq(x)))(x)
+    assert_rel_close(per_sample, seq_jac, 1e-10, "vmap(jacrev)")
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    xr = x.clone().requires_grad_()
+    y = compiled(xr)
+    (dflat,) = torch.autograd.grad(y.square().sum(), net.flat_params)
+    assert_rel_close(dflat, torch.cat([t.reshape(-1) for t in seq_grads]), 1e-10, "compiled")
+
+
+def test_bad_arguments_name_themselves():
+    p = torch.zeros(flat_numel([3, 4, 2], True), dtype=F64)
+    x = torch.zeros(5, 3, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"expected params to be 1-D with 26 elements"):
+        mlp_flat_op(x, p[:-1], [3, 4, 2], True, ["relu", "identity"], True, "native")
+    with pytest.raises(RuntimeError, match=r"expected x of shape \[..., 3\]"):
+        mlp_flat_op(x[:, :2], p, [3, 4, 2], True, ["relu", "identity"], True, "native")
+    with pytest.raises(RuntimeError, match=r"expected params to have the dtype of x \(torch.float64\)"):
+        mlp_flat_op(x, p.float(), [3, 4, 2], True, ["relu", "identity"], True, "native")
+    with pytest.raises(RuntimeError, match=r"expected one activation per layer \(2\), got 1"):
+        mlp_flat_op(x, p, [3, 4, 2], True, ["relu"], True, "native")
+    y = mlp_flat_op(torch.zeros(0, 3, dtype=F64), p, [3, 4, 2], True, ["relu", "identity"], True, "native")
+    assert y.shape == (0, 2)
+
+
+# ---- distributed: DDP and FSDP2 over gloo, two processes (the helpers of test_convert.py) --------------------
+
+def flat_ddp_and_fsdp2_worker(rank, port):
+    import os
+    import sys
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+    from test_convert import init_two_processes
+
+    init_two_processes(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        wraps = {"ddp": (DistributedDataParallel, lambda g: g),
+                 "fsdp2": (lambda m: fully_shard(m, mesh=mesh), lambda g: g.full_tensor())}
+        for name, (wrap, full) in wraps.items():
+            torch.manual_seed(0)  # the same network and data on both ranks
+            net = FusedMLP([3, 10, 10, 2], "tanh", dtype=F64)
+            seq = net.to_sequential()
+            x, target = torch.randn(8, 3, dtype=F64), torch.randn(8, 2, dtype=F64)
+            wrapped = wrap(net)
+            F.mse_loss(wrapped(x.chunk(2)[rank]), target.chunk(2)[rank]).backward()
+            F.mse_loss(seq(x), target).backward()  # the whole batch: the mean of the halves' gradients
+            want = torch.cat([p.grad.reshape(-1) for p in seq.parameters()])
+            assert_rel_close(full(net.flat_params.grad), want, 1e-10, f"{name}, rank {rank}")
+            assert list(net.state_dict()) == [f"{k}{i}" for i in range(3) for k in ("weight", "bias")], name
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as test_convert's worker: gloo's thread may still free FSDP2's last all-gather
+
+
+def test_ddp_and_fsdp2_gloo_two_processes():
+    from test_convert import spawn_two
+    spawn_two(flat_ddp_and_fsdp2_worker)
