@@ -77,9 +77,20 @@ def _dense_case(name, description, batch, n_in, n_out, activation, dtype, reps, 
     return Case(name, description, DEVICE, dtype, make, reps)
 
 
+def _graph_free_impl(net, x, grad_out, name) -> Impl:
+    """FusedMLP.grad_and_value: the value and the gradients w.r.t. x (when it requires grad) and the parameters
+    in one call without an autograd graph."""
+    def forward():
+        with torch.no_grad():
+            return net(x)
+
+    return Impl(name, forward, lambda: net.grad_and_value(x, grad_out, input_grad=x.requires_grad))
+
+
 def _mlp_case(name, description, sizes, activation, output_activation, batch, dtype, reps, bias=True,
-              loss=None, target=None, wrt_input=True, fused_loss=None, floor=None) -> Case:
-    """floor: None, "gemm" (floors.gemm_floor) or "call" (floors.call_floor_net; for a case without a loss)."""
+              loss=None, target=None, wrt_input=True, fused_loss=None, floor=None, graph_free=False) -> Case:
+    """floor: None, "gemm" (floors.gemm_floor) or "call" (floors.call_floor_net; for a case without a loss).
+    graph_free: add fused-<backend>-graph-free (FusedMLP.grad_and_value; for a case without a loss)."""
     if floor == "call" and loss is not None:
         raise ValueError(f"{name}: a call-floor times the network alone, for a case without a loss")
 
@@ -96,6 +107,9 @@ def _mlp_case(name, description, sizes, activation, output_activation, batch, dt
             if fused_loss:
                 kw["fused_loss"] = lambda b: lambda out: fused_loss(out, y, backend=b)
         impls = model_impls(eager, lambda b: fusedlayers.FusedMLP.from_sequential(eager, backend=b), x, **kw)
+        if graph_free:
+            impls += [_graph_free_impl(fusedlayers.FusedMLP.from_sequential(eager, backend=b), x, kw["grad_out"],
+                                       f"fused-{b}-graph-free") for b in fused_backends()]
         if floor == "gemm":
             impls.append(floors.gemm_floor(sizes, batch, dtype, wrt_input, DEVICE))
         elif floor == "call":
@@ -111,7 +125,9 @@ def _training_case(name, description, sizes, activation, batch, dtype, reps, bia
     error to a fixed target) and loss.backward(), and with adam also torch.optim.Adam's step (foreach, as by
     default); forward is the network's value without a graph. eager is the nn.Sequential; fused-<backend> the
     FusedMLP (one flat Parameter), fused-<backend>-layers the FusedMLP with per-layer Parameters (flat=False),
-    call-floor the flat FusedMLP with hidden widths 1, each with its own optimizer, same hyperparameters."""
+    fused-<backend>-graph-free the flat FusedMLP's grad_and_value(x, target=..., accumulate_grad=True) in place
+    of the loss and backward, call-floor the flat FusedMLP with hidden widths 1, each with its own optimizer,
+    same hyperparameters."""
     def make():
         torch.manual_seed(0)
         eager = sequential(sizes, activation, bias=bias, dtype=dtype)
@@ -124,6 +140,18 @@ def _training_case(name, description, sizes, activation, batch, dtype, reps, bia
                                                                              flat=False)
         nets["call-floor"] = floors.call_floor_net(sizes, activation, "identity", bias, dtype, DEVICE)
         impls = []
+        for b in fused_backends():
+            net = fusedlayers.FusedMLP.from_sequential(eager, backend=b)
+            optimizer = torch.optim.Adam(net.parameters(), lr=1e-5, foreach=True) if adam else None
+
+            def graph_free(net=net, optimizer=optimizer):
+                (optimizer or net).zero_grad()
+                loss = net.grad_and_value(x, target=target, accumulate_grad=True)[1]
+                if optimizer is not None:
+                    optimizer.step()
+                return loss
+
+            impls.append(Impl(f"fused-{b}-graph-free", functools.partial(net, x), graph_free))
         for impl_name, net in nets.items():
             optimizer = torch.optim.Adam(net.parameters(), lr=1e-5, foreach=True) if adam else None
 
@@ -353,7 +381,7 @@ def _seed_and_layer_cases(quick: bool) -> list[Case]:
     return [
         _mlp_case("seed000", "6 x 12x12 cos chain, no bias, one vector, float64: gradient w.r.t. input and "
                   "parameters (seed 000)", [12] * 7, "cos", "cos", (), torch.float64, reps=40, bias=False,
-                  floor="call"),
+                  floor="call", graph_free=True),
         _training_case("seed000_backward", "seed000's network (6 x 12x12 cos, no bias, one vector, float64)",
                        [12] * 7, "cos", (), torch.float64, reps=40, bias=False),
         _training_case("seed000_adam", "seed000's network (6 x 12x12 cos, no bias, one vector, float64)",

@@ -114,6 +114,13 @@ def field_impls(device, backends) -> list[Impl]:
             return torch.autograd.grad(field(t0, y), wrt, v)
 
         impls.append(Impl(name, forward, forward_backward))
+    for name, net in nets.items():
+        if isinstance(net, fusedlayers.FusedMLP):  # the field's VJP as one graph-free call
+            def graph_free(net=net):
+                (dz, dparams), value = net.grad_and_value(torch.cat([y.detach(), control], -1), v, input_grad=True)
+                return value, dz[..., :y.shape[-1]], dparams
+
+            impls.append(Impl(f"{name}-graph-free", impls[list(nets).index(name)].forward, graph_free))
     return impls
 
 

@@ -282,6 +282,33 @@ class FusedMLP(nn.Module):
             return FL.mlp_flat_op(input, flat, self.sizes, self._has_bias, self.activations, save, backend)
         return FL.mlp_op(input, self.weights(), self.biases() or [], self.activations, save, backend)
 
+    def grad_and_value(self, input: Tensor, grad_output: Tensor | None = None, *, target: Tensor | None = None,
+                       input_grad: bool = False, accumulate_grad: bool = False
+                       ) -> tuple[tuple[Tensor | None, Tensor], Tensor]:
+        """The network's gradients and value in one native call that builds no autograd graph, for inner loops
+        where a graph per call costs more than the network (a hand-written solver's VJPs, Gauss-Newton or
+        Hamiltonian steps). Returns ((input's gradient or None, flat_params' gradient), value), the order of
+        torch.func.grad_and_value:
+        - with grad_output (the output's shape): value = self(input) and the gradients of <value, grad_output>
+          (the vector-Jacobian product, as torch.autograd.grad(self(input), ..., grad_output));
+        - with target: value = F.mse_loss(self(input), target) (the mean) and its gradients.
+        The parameters' gradient is one tensor in flat_params' layout (fusedlayers.functional.flat_layers splits
+        it per layer); accumulate_grad=True also adds it into flat_params.grad, as loss.backward() would. Prefer
+        autograd (self(input) and backward) everywhere else: nothing here is differentiable again, and neither
+        module hooks nor tensor hooks run (DDP's gradient synchronization included). Needs flat=True."""
+        if not self.flat:
+            raise RuntimeError("grad_and_value() needs the flat layout (FusedMLP(..., flat=True), the default)")
+        flat = self.flat_params
+        value, dx, dflat = FL.mlp_flat_grad_and_value(input, flat, grad_output, target, self.sizes, self._has_bias,
+                                                      self.activations, input_grad,
+                                                      FL.backend_for(self.backend, input))
+        if accumulate_grad:
+            if flat.grad is None:
+                flat.grad = dflat
+            else:
+                flat.grad.add_(dflat)
+        return (dx, dflat), value
+
     def jet(self, x: Tensor, direction: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(u, du, d2u): the network's output and its first and second derivatives w.r.t. the input along
         direction, in one pass (fusedlayers.functional.mlp_jet); direction may be None for one input feature."""

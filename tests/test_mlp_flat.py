@@ -3,6 +3,7 @@ runnable backend, against the equivalent nn.Sequential in float64; and what the 
 behaviour (state_dict keys, loading both ways, optimizers, torch.func, torch.compile, clear errors)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
@@ -235,7 +236,6 @@ def flat_ddp_and_fsdp2_worker(rank, port):
     import sys
 
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
@@ -267,3 +267,68 @@ def flat_ddp_and_fsdp2_worker(rank, port):
 def test_ddp_and_fsdp2_gloo_two_processes():
     from test_convert import spawn_two
     spawn_two(flat_ddp_and_fsdp2_worker)
+
+
+# ---- the graph-free call: FusedMLP.grad_and_value -------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [(), (37,), (2, 5)], ids=lambda b: "x".join(map(str, b)) or "vector")
+@pytest.mark.parametrize("net", NETS)
+def test_grad_and_value_equals_autograd(backend, net, batch):
+    fused, seq = pair(net, True, device=device_of(backend), backend=backend)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(*batch, fused.sizes[0], dtype=F64, generator=gen)
+    g = torch.randn(*batch, fused.sizes[-1], dtype=F64, generator=gen)
+    xr = x.clone().requires_grad_()
+    y_ref = seq(xr)
+    ref = torch.autograd.grad(y_ref, [xr, *seq.parameters()], g)
+    dev = device_of(backend)
+    (dx, dflat), y = fused.grad_and_value(x.to(dev), g.to(dev), input_grad=True)
+    assert not (y.requires_grad or dx.requires_grad or dflat.requires_grad)
+    assert_rel_close(y, y_ref, 1e-10, "value")
+    assert_rel_close(dx, ref[0], 1e-10, "dx")
+    assert_rel_close(dflat, torch.cat([t.reshape(-1) for t in ref[1:]]), 1e-10, "dflat")
+    # with the built-in loss, accumulating into .grad as loss.backward() does
+    target = torch.randn(*batch, fused.sizes[-1], dtype=F64, generator=gen)
+    loss_ref = F.mse_loss(seq(x), target)
+    ref = torch.autograd.grad(loss_ref, list(seq.parameters()))
+    fused.zero_grad()
+    for _ in range(2):
+        (dx, dflat), loss = fused.grad_and_value(x.to(dev), target=target.to(dev), accumulate_grad=True)
+    assert dx is None
+    assert_rel_close(loss, loss_ref, 1e-10, "loss")
+    assert_rel_close(fused.flat_params.grad, 2 * torch.cat([t.reshape(-1) for t in ref]), 1e-10, "accumulated")
+
+
+def test_grad_and_value_edge_cases_and_errors():
+    net, seq = pair("seed003", True)
+    empty = torch.zeros(0, 3, dtype=F64)
+    (_, dflat), loss = net.grad_and_value(empty, target=torch.zeros(0, 2, dtype=F64))
+    assert loss.isnan() and F.mse_loss(seq(empty), torch.zeros(0, 2, dtype=F64)).isnan()
+    assert torch.equal(dflat, torch.zeros_like(dflat))
+    x = torch.randn(4, 3, dtype=F64)
+    with pytest.raises(RuntimeError, match="exactly one of grad_output and target, got neither"):
+        net.grad_and_value(x)
+    with pytest.raises(RuntimeError, match="exactly one of grad_output and target, got both"):
+        net.grad_and_value(x, torch.ones(4, 2, dtype=F64), target=torch.ones(4, 2, dtype=F64))
+    with pytest.raises(RuntimeError, match=r"expected target of the output's shape \[4, 2\], got \[4, 3\]"):
+        net.grad_and_value(x, target=torch.ones(4, 3, dtype=F64))
+    with pytest.raises(RuntimeError, match=r"expected grad_output of the output's dtype and device"):
+        net.grad_and_value(x, torch.ones(4, 2))
+    with pytest.raises(RuntimeError, match="does not run under torch.func transforms"):
+        torch.func.vmap(lambda x: net.grad_and_value(x, torch.ones(2, dtype=F64))[1])(x)
+    with pytest.raises(RuntimeError, match="needs the flat layout"):
+        FusedMLP([3, 2], flat=False).grad_and_value(torch.ones(3), torch.ones(2))
+
+
+def test_grad_and_value_under_compile():
+    net, seq = pair("seed003", True)
+    x, target = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+    step = torch.compile(lambda x, t: net.grad_and_value(x, target=t, input_grad=True), fullgraph=True,
+                         backend="aot_eager")
+    (dx, dflat), loss = step(x, target)
+    xr = x.clone().requires_grad_()
+    loss_ref = F.mse_loss(seq(xr), target)
+    dx_ref, *ref = torch.autograd.grad(loss_ref, [xr, *seq.parameters()])
+    assert_rel_close(loss, loss_ref, 1e-10, "loss")
+    assert_rel_close(dx, dx_ref, 1e-10, "dx")
+    assert_rel_close(dflat, torch.cat([t.reshape(-1) for t in ref]), 1e-10, "dflat")

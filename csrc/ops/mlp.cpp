@@ -264,6 +264,46 @@ at::Tensor mlp_flat_autograd(const at::Tensor& x, const at::Tensor& params, at::
   return y;
 }
 
+// The network's value and its gradients in one call, with no autograd graph: y and the gradients for an upstream
+// gradient grad_out, or with a target the mean squared error and its gradients (F.mse_loss's "mean").
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_flat_grad_and_value(
+    const at::Tensor& x, const at::Tensor& params, const std::optional<at::Tensor>& grad_out,
+    const std::optional<at::Tensor>& target, at::IntArrayRef sizes, bool bias, std::vector<std::string> activations,
+    bool input_grad, c10::string_view backend) {
+  check_flat_args(x, params, sizes, bias, activations.size());
+  TORCH_CHECK(grad_out.has_value() != target.has_value(),
+              "mlp_flat_grad_and_value(): expected exactly one of grad_output and target, got ",
+              grad_out.has_value() ? "both" : "neither");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // graph-free: the outputs are plain tensors
+  const Backend kernels = parse_backend(backend);
+  const auto [ws, bs] = flat_layers(params, sizes, bias);
+  auto [y, saved] = mlp_forward_op(kernels).call(x, ws, bs, activations, !mlp_recomputes(kernels, x, ws));
+  const at::Tensor& other = grad_out.has_value() ? *grad_out : *target;
+  TORCH_CHECK(other.sym_sizes() == y.sym_sizes(), "mlp_flat_grad_and_value(): expected ",
+              grad_out.has_value() ? "grad_output" : "target", " of the output's shape ", y.sym_sizes(), ", got ",
+              other.sym_sizes());
+  TORCH_CHECK(other.scalar_type() == y.scalar_type() && other.device() == y.device(), "mlp_flat_grad_and_value(): ",
+              "expected ", grad_out.has_value() ? "grad_output" : "target", " of the output's dtype and device (",
+              py(y.scalar_type()), ", ", y.device(), "), got ", py(other.scalar_type()), ", ", other.device());
+  at::Tensor value = y, g = other;
+  if (target.has_value()) {
+    const at::Tensor diff = y - *target;
+    value = diff.square().mean();
+    g = diff.mul(2.0 / static_cast<double>(std::max<int64_t>(y.numel(), 1)));
+  }
+  auto [dx, dweights, dbiases] = mlp_backward_op(kernels).call(g, x, ws, bs, saved, activations, input_grad);
+  return {value, dx, join_flat(dweights, dbiases)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_flat_grad_and_value_autograd(
+    const at::Tensor& x, const at::Tensor& params, const std::optional<at::Tensor>& grad_out,
+    const std::optional<at::Tensor>& target, at::IntArrayRef sizes, bool bias, std::vector<std::string> activations,
+    bool input_grad, c10::string_view backend) {
+  check_no_forward_grad({&x, &params});
+  return mlp_flat_grad_and_value(x, params, grad_out, target, sizes, bias, std::move(activations), input_grad,
+                                 backend);
+}
+
 // Few rows, all registered at static initialization, before any call reads them.
 std::vector<std::tuple<Backend, c10::DeviceType, MlpRecomputesFn>>& recomputes_table() {
   static std::vector<std::tuple<Backend, c10::DeviceType, MlpRecomputesFn>> table;
@@ -326,7 +366,14 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   m.def("mlp_flat(Tensor x, Tensor params, int[] sizes, bool bias, str[] activations, bool save, str backend) "
         "-> Tensor");
 
+  // Its value and gradients with no autograd graph (FusedMLP.grad_and_value): (y, or with a target the mean
+  // squared error; dx or undefined without input_grad; dparams in the flat layout).
+  m.def("mlp_flat_grad_and_value(Tensor x, Tensor params, Tensor? grad_out, Tensor? target, int[] sizes, bool bias, "
+        "str[] activations, bool input_grad, str backend) -> (Tensor, Tensor, Tensor)");
+
   fusedlayers::impl_differentiable(m, "mlp", &fusedlayers::mlp_autograd, &fusedlayers::mlp_no_autograd);
+  fusedlayers::impl_differentiable(m, "mlp_flat_grad_and_value", &fusedlayers::mlp_flat_grad_and_value_autograd,
+                                   &fusedlayers::mlp_flat_grad_and_value);
   fusedlayers::impl_differentiable(m, "mlp_flat", &fusedlayers::mlp_flat_autograd, &fusedlayers::mlp_flat_no_autograd);
   fusedlayers::not_differentiable(m, {"mlp_forward", "mlp_backward"});
   fusedlayers::impl_composite(m, "mlp_grad", &fusedlayers::mlp_grad);

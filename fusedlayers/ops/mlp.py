@@ -15,6 +15,7 @@ from .dense import dense_op
 _ops = torch.ops.fusedlayers
 _mlp = _ops.mlp.default
 _mlp_flat = _ops.mlp_flat.default
+_mlp_flat_grad_and_value = _ops.mlp_flat_grad_and_value.default
 
 
 def check_mlp_args(x: Tensor, weights: list[Tensor], biases: list[Tensor], activations: list[str],
@@ -207,3 +208,14 @@ def mlp_flat_op(x: Tensor, params: Tensor, sizes: list[int], bias: bool, activat
     return _mlp_flat(x, params, sizes, bias, activations, save, backend)
 
 register_autocast("mlp_flat", lambda args: args[4][-1])
+
+
+def mlp_flat_grad_and_value(x: Tensor, params: Tensor, grad_output: Tensor | None, target: Tensor | None,
+                            sizes: list[int], bias: bool, activations: list[str], input_grad: bool,
+                            backend: str) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(value, dx, dparams) with no autograd graph (csrc/ops/mlp.cpp's mlp_flat_grad_and_value); value is the
+    network's output for a grad_output, or F.mse_loss's mean against a target."""
+    if not torch.compiler.is_compiling() and needs_function(x, params):
+        raise RuntimeError("grad_and_value(): the graph-free call computes its gradients itself and does not run "
+                           "under torch.func transforms or forward-mode AD; call the module there")
+    return _mlp_flat_grad_and_value(x, params, grad_output, target, sizes, bias, activations, input_grad, backend)
