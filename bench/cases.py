@@ -127,42 +127,41 @@ def _training_case(name, description, sizes, activation, batch, dtype, reps, bia
     FusedMLP (one flat Parameter), fused-<backend>-layers the FusedMLP with per-layer Parameters (flat=False),
     fused-<backend>-graph-free the flat FusedMLP's grad_and_value(x, target=..., accumulate_grad=True) in place
     of the loss and backward, call-floor the flat FusedMLP with hidden widths 1, each with its own optimizer,
-    same hyperparameters."""
+    same hyperparameters. With adam, eager and graph-free also with Adam(fused=True) (-fused-adam)."""
     def make():
         torch.manual_seed(0)
         eager = sequential(sizes, activation, bias=bias, dtype=dtype)
         x = torch.randn(*batch, sizes[0], device=DEVICE, dtype=dtype)
         target = torch.randn(*batch, sizes[-1], device=DEVICE, dtype=dtype)
-        nets = {"eager": eager, "compile": torch.compile(eager)}
+        flat = lambda b: fusedlayers.FusedMLP.from_sequential(eager, backend=b)  # noqa: E731
+        # name -> (network, graph-free, Adam's implementation flag)
+        runs = {"eager": (eager, False, "foreach"), "compile": (torch.compile(eager), False, "foreach")}
         for b in fused_backends():
-            nets[f"fused-{b}"] = fusedlayers.FusedMLP.from_sequential(eager, backend=b)
-            nets[f"fused-{b}-layers"] = fusedlayers.FusedMLP.from_sequential(copy.deepcopy(eager), backend=b,
-                                                                             flat=False)
-        nets["call-floor"] = floors.call_floor_net(sizes, activation, "identity", bias, dtype, DEVICE)
+            runs[f"fused-{b}"] = (flat(b), False, "foreach")
+            runs[f"fused-{b}-layers"] = (fusedlayers.FusedMLP.from_sequential(copy.deepcopy(eager), backend=b,
+                                                                            flat=False), False, "foreach")
+            runs[f"fused-{b}-graph-free"] = (flat(b), True, "foreach")
+            if adam:
+                runs[f"fused-{b}-graph-free-fused-adam"] = (flat(b), True, "fused")
+        if adam:
+            runs["eager-fused-adam"] = (copy.deepcopy(eager), False, "fused")
+        runs["call-floor"] = (floors.call_floor_net(sizes, activation, "identity", bias, dtype, DEVICE), False,
+                              "foreach")
         impls = []
-        for b in fused_backends():
-            net = fusedlayers.FusedMLP.from_sequential(eager, backend=b)
-            optimizer = torch.optim.Adam(net.parameters(), lr=1e-5, foreach=True) if adam else None
-
-            def graph_free(net=net, optimizer=optimizer):
-                (optimizer or net).zero_grad()
-                loss = net.grad_and_value(x, target=target, accumulate_grad=True)[1]
-                if optimizer is not None:
-                    optimizer.step()
-                return loss
-
-            impls.append(Impl(f"fused-{b}-graph-free", functools.partial(net, x), graph_free))
-        for impl_name, net in nets.items():
-            optimizer = torch.optim.Adam(net.parameters(), lr=1e-5, foreach=True) if adam else None
+        for impl_name, (net, graph_free, flag) in runs.items():
+            optimizer = torch.optim.Adam(net.parameters(), lr=1e-5, **{flag: True}) if adam else None
 
             def forward(net=net):
                 with torch.no_grad():
                     return net(x)
 
-            def forward_backward(net=net, optimizer=optimizer):
+            def forward_backward(net=net, optimizer=optimizer, graph_free=graph_free):
                 (optimizer or net).zero_grad()  # set_to_none, by default
-                loss = F.mse_loss(net(x), target)
-                loss.backward()
+                if graph_free:
+                    loss = net.grad_and_value(x, target=target, accumulate_grad=True)[1]
+                else:
+                    loss = F.mse_loss(net(x), target)
+                    loss.backward()
                 if optimizer is not None:
                     optimizer.step()
                 return loss

@@ -332,3 +332,23 @@ def test_grad_and_value_under_compile():
     assert_rel_close(loss, loss_ref, 1e-10, "loss")
     assert_rel_close(dx, dx_ref, 1e-10, "dx")
     assert_rel_close(dflat, torch.cat([t.reshape(-1) for t in ref]), 1e-10, "dflat")
+
+
+def test_deepcopy_pickle_and_conversions_keep_the_layout():
+    import copy
+    import io
+
+    net, _ = pair("seed003", True)
+    x = torch.randn(3, 3, dtype=F64)
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(net), torch.load(buffer, weights_only=False)):
+        assert other.flat and [n for n, _ in other.named_parameters()] == ["flat_params"]
+        torch.testing.assert_close(other(x), net(x), rtol=0, atol=0)
+        with torch.no_grad():
+            other.weight0.zero_()  # its own storage
+    assert net.weight0.abs().sum() > 0
+    single = copy.deepcopy(net).float()
+    assert single.flat_params.dtype == torch.float32 and single.weight0.dtype == torch.float32
+    assert_rel_close(single(x.float()), net(x), 1e-5, "float32 copy")
