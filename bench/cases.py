@@ -50,8 +50,9 @@ def model_impl(name, model, x, grad_out=None, loss=None, wrt_input=True) -> Impl
 
 
 def model_impls(eager, fused_for_backend, x, fused_loss=None, **kw) -> list[Impl]:
-    """eager, compile (torch.compile of eager) and fused-<backend> for each backend, all on one set of
-    parameters: fused_for_backend(backend) builds a fused model sharing eager's parameters; fused_loss(backend),
+    """eager, compile (torch.compile of eager) and fused-<backend> for each backend, all with the same parameter
+    values: fused_for_backend(backend) builds a fused model from eager (FusedDense shares its Parameters, FusedMLP
+    copies them into its flat one); fused_loss(backend),
     if given, is the fused implementations' loss in place of kw["loss"]."""
     impls = [model_impl("eager", eager, x, **kw), model_impl("compile", torch.compile(eager), x, **kw)]
     for b in fused_backends():
@@ -255,6 +256,9 @@ def sweep_cases(quick: bool) -> list[Case]:
                        torch.float32, reps=10) for b in batches]
     cases += [_mlp_case(f"sweep_width_{w}", f"[{w}]*4 tanh, batch 256", [w] * 4, "tanh", "identity", (256,),
                         torch.float32, reps=10) for w in widths]
+    # issue 21's network: 0.98x eager on an Intel Xeon with the default path choice
+    cases += [_mlp_case(f"sweep_silu64_batch_{b}", f"[64]*5 silu, batch {b}", [64] * 5, "silu", "identity", (b,),
+                        torch.float32, reps=10) for b in (256, 4096)]
     return cases
 
 

@@ -112,7 +112,7 @@ def main(argv=None) -> None:
         for sens in ("odeint", "adjoint"):
             net = copy.deepcopy(base)
             if kind == "fused":
-                net = FusedMLP.from_sequential(net)  # shares the copy's Parameters
+                net = FusedMLP.from_sequential(net)  # the same values, in one flat Parameter
             field = ControlledField(net, control)
             runs[(kind, sens)] = {"field": field, "opt": torch.optim.Adam(net.parameters(), lr=args.lr),
                                   "loss": [], "ms": [], "nfe_fwd": [], "nfe_bwd": []}
