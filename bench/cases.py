@@ -9,7 +9,7 @@ from torch import nn
 import fusedlayers
 from fusedlayers.activations import REFERENCE
 
-from . import floors, neural_ode
+from . import floors, jax_impls, neural_ode
 from .harness import Case, Impl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,7 +91,8 @@ def _graph_free_impl(net, x, grad_out, name) -> Impl:
 def _mlp_case(name, description, sizes, activation, output_activation, batch, dtype, reps, bias=True,
               loss=None, target=None, wrt_input=True, fused_loss=None, floor=None, graph_free=False) -> Case:
     """floor: None, "gemm" (floors.gemm_floor) or "call" (floors.call_floor_net; for a case without a loss).
-    graph_free: add fused-<backend>-graph-free (FusedMLP.grad_and_value; for a case without a loss)."""
+    graph_free: add fused-<backend>-graph-free (FusedMLP.grad_and_value; for a case without a loss), and jax-jit
+    when JAX is installed (bench/jax_impls.py)."""
     if floor == "call" and loss is not None:
         raise ValueError(f"{name}: a call-floor times the network alone, for a case without a loss")
 
@@ -111,6 +112,7 @@ def _mlp_case(name, description, sizes, activation, output_activation, batch, dt
         if graph_free:
             impls += [_graph_free_impl(fusedlayers.FusedMLP.from_sequential(eager, backend=b), x, kw["grad_out"],
                                        f"fused-{b}-graph-free") for b in fused_backends()]
+            impls += [i for i in [jax_impls.mlp_impl(eager, x, kw["grad_out"])] if i is not None]
         if floor == "gemm":
             impls.append(floors.gemm_floor(sizes, batch, dtype, wrt_input, DEVICE))
         elif floor == "call":

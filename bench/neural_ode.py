@@ -20,7 +20,7 @@ from torch import nn
 import fusedlayers
 from examples.neural_ode import SIZES, ControlledField, eager_net, loss_fn, make_problem, solve
 
-from . import floors
+from . import floors, jax_impls
 from .harness import Case, Impl
 
 
@@ -121,7 +121,8 @@ def field_impls(device, backends) -> list[Impl]:
                 return value, dz[..., :y.shape[-1]], dparams
 
             impls.append(Impl(f"{name}-graph-free", impls[list(nets).index(name)].forward, graph_free))
-    return impls
+    jax_impl = jax_impls.mlp_impl(nets["eager"], y, v, prefix=control)
+    return impls + ([jax_impl] if jax_impl is not None else [])
 
 
 class _Split:

@@ -9,6 +9,7 @@ from torch.nn import _reduction
 from . import functional as FL
 from .backends import check_backend
 from .activations import REFERENCE, check_activation, name_of_module
+from .flat_params import FlatLayers
 
 
 def weight_and_bias(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -87,7 +88,7 @@ class FusedDense(nn.Module):
                 f"activation={self.activation!r}")
 
 
-class FusedMLP(nn.Module):
+class FusedMLP(FlatLayers):
     """A whole network of dense layers as one op: sizes = [in, h1, ..., out].
 
     Layer l computes act_l(h @ weight{l}.T + bias{l}); the hidden layers use `activation` (one name, or a list
@@ -98,10 +99,11 @@ class FusedMLP(nn.Module):
     flat=True (the default) keeps them all in one Parameter, `flat_params` (layer after layer, its weight
     row-major then its bias): the op takes it as one autograd input and gives it one gradient tensor, so that
     autograd, zero_grad() and the optimizer handle one tensor instead of two per layer, which is most of a tiny
-    network's training step. `net.weight0` is then a view of it (and its `.grad` a view of flat_params.grad);
-    write through it under torch.no_grad(). Whatever needs per-layer Parameters (torch.nn.utils.prune,
-    parametrizations, per-parameter optimizer options, assigning a new Parameter) needs `net.unflatten()` first,
-    or flat=False from the start; assigning or deleting weight{l} / bias{l} raises.
+    network's training step. `net.weight0` is then a new view of it at each access (its `.grad` a view of
+    flat_params.grad); write through it under torch.no_grad(). Whatever needs per-layer Parameters
+    (torch.nn.utils.prune, parametrizations, per-parameter optimizer options, hooks on one layer's weight,
+    assigning a new Parameter) needs `net.unflatten()` first, or flat=False from the start; assigning or
+    deleting weight{l} / bias{l} raises (see fusedlayers/flat_params.py).
     """
 
     def __init__(self, sizes: list[int], activation: str | list[str] = "relu", output_activation: str = "identity",
@@ -118,10 +120,7 @@ class FusedMLP(nn.Module):
         self._bias_names = [f"bias{i}" for i in range(layers)]
         factory = {"device": device, "dtype": dtype}
         if flat:
-            self.flat_params = nn.Parameter(torch.empty(FL.flat_numel(self.sizes, bias), **factory))
-            # name -> (offset, shape) in flat_params, or None for an absent bias
-            found = FL.flat_slices(self.sizes, bias)
-            self._flat_slices = {n: found.get(n) for pair in zip(self._weight_names, self._bias_names) for n in pair}
+            self._init_flat(self.sizes, bias, factory)
         else:
             for i in range(layers):
                 self.register_parameter(f"weight{i}", nn.Parameter(torch.empty(sizes[i + 1], sizes[i], **factory)))
@@ -129,123 +128,9 @@ class FusedMLP(nn.Module):
                                         nn.Parameter(torch.empty(sizes[i + 1], **factory)) if bias else None)
         self.reset_parameters()
 
-    _flat_slices = None
-
-    @property
-    def flat(self) -> bool:
-        """Whether the parameters live in the one Parameter flat_params (see the class's docstring)."""
-        return self._flat_slices is not None
-
     @property
     def num_layers(self) -> int:
         return len(self.sizes) - 1
-
-    # ---- the flat layout: weight{l} / bias{l} as views of flat_params ----
-
-    def _flat_view(self, name: str) -> Tensor | None:
-        where = self._flat_slices[name]
-        if where is None:
-            return None
-        offset, shape = where
-        flat = self.flat_params
-        view = flat.narrow(0, offset, math.prod(shape)).view(shape)
-        if flat.grad is not None:
-            view.grad = flat.grad.narrow(0, offset, math.prod(shape)).view(shape)
-        return view
-
-    def _refuse(self, name: str, what: str) -> None:
-        slices = self.__dict__.get("_flat_slices")
-        if slices is not None and (name in slices or name.partition("_")[0] in slices):
-            raise AttributeError(
-                f"FusedMLP (flat=True) keeps weight{{l}} and bias{{l}} in one Parameter, flat_params: cannot {what} "
-                f"{name!r}. Write values through the view (`with torch.no_grad(): net.{name.partition('_')[0]}"
-                f".copy_(value)`), or call net.unflatten() first for per-layer Parameters (pruning, "
-                f"parametrizations, replacing a Parameter)")
-
-    def __getattr__(self, name: str):
-        slices = self.__dict__.get("_flat_slices")
-        if slices is not None and name in slices:
-            return self._flat_view(name)
-        return super().__getattr__(name)
-
-    def __setattr__(self, name: str, value) -> None:
-        self._refuse(name, "assign")
-        super().__setattr__(name, value)
-
-    def __delattr__(self, name: str) -> None:
-        self._refuse(name, "delete")
-        super().__delattr__(name)
-
-    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
-        self._refuse(name, "register the Parameter")
-        super().register_parameter(name, param)
-
-    def unflatten(self) -> "FusedMLP":
-        """Makes weight{l} / bias{l} per-layer Parameters again (sharing flat_params' memory, their .grad views
-        of its gradient), in place; returns self. flat_params is gone: build optimizers after this call."""
-        if not self.flat:
-            return self
-        if "flat_params" not in self._parameters:
-            raise RuntimeError("unflatten(): flat_params has a parametrization; remove it first")
-        flat = self._parameters.pop("flat_params")
-        slices, self._flat_slices = self._flat_slices, None
-        for name in slices:
-            if slices[name] is None:
-                self.register_parameter(name, None)
-                continue
-            offset, shape = slices[name]
-            param = nn.Parameter(flat.detach().narrow(0, offset, math.prod(shape)).view(shape), flat.requires_grad)
-            if flat.grad is not None:
-                param.grad = flat.grad.narrow(0, offset, math.prod(shape)).view(shape)
-            self.register_parameter(name, param)
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.flat and prefix + "flat_params" in destination:  # the per-layer keys, as views of flat_params
-            flat = destination.pop(prefix + "flat_params")
-            for name, where in self._flat_slices.items():
-                if where is not None:
-                    destination[prefix + name] = flat.narrow(0, where[0], math.prod(where[1])).view(where[1])
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        if not self.flat or "flat_params" not in self._parameters:
-            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                                 unexpected_keys, error_msgs)
-        # nn.Module's rules (its messages, strict, assign) for the per-layer keys, into the views of flat_params
-        for hook in self._load_state_dict_pre_hooks.values():
-            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        names = [n for n, where in self._flat_slices.items() if where is not None]  # in flat_params' order
-        values = {}
-        for name in names:
-            key, shape = prefix + name, torch.Size(self._flat_slices[name][1])
-            if key not in state_dict:
-                if strict:
-                    missing_keys.append(key)
-                continue
-            value = state_dict[key]
-            if not torch.overrides.is_tensor_like(value):
-                error_msgs.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
-                                  f"object from checkpoint but received {type(value)}")
-            elif value.shape != shape:
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {value.shape} from "
-                                  f"checkpoint, the shape in current model is {shape}.")
-            else:
-                values[name] = value
-        if strict:
-            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
-                                   and k[len(prefix):] not in self._flat_slices)
-        flat = self._parameters["flat_params"]
-        if local_metadata.get("assign_to_params_buffers", False) and len(values) == len(names):
-            joined = torch.cat([values[n].detach().reshape(-1) for n in names])
-            self._parameters["flat_params"] = nn.Parameter(joined, flat.requires_grad)
-            return
-        with torch.no_grad():
-            for name, value in values.items():
-                self._flat_view(name).copy_(value)
-
-    # ----
 
     def weights(self) -> list[Tensor]:
         if self._flat_slices is not None:
@@ -268,9 +153,17 @@ class FusedMLP(nn.Module):
             return [getattr(self, name) for name in self._bias_names]
 
     def reset_parameters(self) -> None:
-        with torch.no_grad():  # writing through the views of flat_params
+        if not self.flat:
             for i in range(self.num_layers):
                 _linear_init(getattr(self, f"weight{i}"), getattr(self, f"bias{i}"))
+            return
+        flat, values = self.flat_params, {}
+        for i in range(self.num_layers):  # nn.Linear's draws, in its order, then one write (FSDP2's shards too)
+            w = torch.empty(self.sizes[i + 1], self.sizes[i], dtype=flat.dtype, device=flat.device)
+            b = torch.empty(self.sizes[i + 1], dtype=flat.dtype, device=flat.device) if self._has_bias else None
+            _linear_init(w, b)
+            values.update({f"weight{i}": w} if b is None else {f"weight{i}": w, f"bias{i}": b})
+        self._write_layers(values)
 
     def forward(self, input: Tensor) -> Tensor:
         # The op directly: the names were checked when the module was built, and for tiny networks the
@@ -303,8 +196,11 @@ class FusedMLP(nn.Module):
                                                       self.activations, input_grad,
                                                       FL.backend_for(self.backend, input))
         if accumulate_grad:
+            if not (flat.is_leaf and flat.requires_grad):
+                raise RuntimeError("grad_and_value(accumulate_grad=True): flat_params is not a leaf that requires "
+                                   "grad (frozen, or computed by a parametrization): nothing to accumulate into")
             if flat.grad is None:
-                flat.grad = dflat
+                flat.grad = dflat.clone()  # not the tensor returned: .grad is the parameter's own
             else:
                 flat.grad.add_(dflat)
         return (dx, dflat), value

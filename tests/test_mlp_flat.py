@@ -257,6 +257,21 @@ def flat_ddp_and_fsdp2_worker(rank, port):
             want = torch.cat([p.grad.reshape(-1) for p in seq.parameters()])
             assert_rel_close(full(net.flat_params.grad), want, 1e-10, f"{name}, rank {rank}")
             assert list(net.state_dict()) == [f"{k}{i}" for i in range(3) for k in ("weight", "bias")], name
+            # loading another network's state_dict reaches the (sharded) parameters
+            torch.manual_seed(1)
+            other = wrap(FusedMLP([3, 10, 10, 2], "tanh", dtype=F64))
+            wrapped.load_state_dict(other.state_dict())
+            assert_rel_close(wrapped(x), other(x), 1e-14, f"{name}, loaded, rank {rank}")
+        # FSDP2's initialization: meta, fully_shard, to_empty, reset_parameters
+        with torch.device("meta"):
+            lazy = FusedMLP([3, 10, 10, 2], "tanh", dtype=F64)
+        fully_shard(lazy, mesh=mesh)
+        lazy.to_empty(device="cpu")
+        torch.manual_seed(2)
+        lazy.reset_parameters()
+        torch.manual_seed(2)
+        eager_init = FusedMLP([3, 10, 10, 2], "tanh", dtype=F64)
+        torch.testing.assert_close(lazy.flat_params.full_tensor(), eager_init.flat_params, rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
     sys.stdout.flush()
@@ -352,3 +367,76 @@ def test_deepcopy_pickle_and_conversions_keep_the_layout():
     single = copy.deepcopy(net).float()
     assert single.flat_params.dtype == torch.float32 and single.weight0.dtype == torch.float32
     assert_rel_close(single(x.float()), net(x), 1e-5, "float32 copy")
+
+
+def test_review_findings_stay_fixed():
+    """Each was a silent wrong answer once (session 13's review)."""
+    net, seq = pair("seed003", True)
+    x, target = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    # the returned gradient is not .grad itself: accumulating again leaves it as it was
+    net.zero_grad()
+    (_, g1), _ = net.grad_and_value(x, target=target, accumulate_grad=True)
+    first = g1.clone()
+    net.grad_and_value(x, target=target, accumulate_grad=True)
+    assert torch.equal(g1, first) and torch.allclose(net.flat_params.grad, 2 * first)
+    # nothing accumulates into a frozen network
+    net.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="not a leaf that requires grad"):
+        net.grad_and_value(x, target=target, accumulate_grad=True)
+    net.requires_grad_(True)
+    # a checkpoint with biases does not load into a network without them
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "bias0"'):
+        FusedMLP([3, 5, 2], bias=False).load_state_dict(FusedMLP([3, 5, 2]).state_dict())
+    # a subclass's buffer and extra state load with the layers; nested unexpected keys are reported
+    class Scaled(FusedMLP):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("scale", torch.ones(2, dtype=F64))
+            self.note = "a"
+
+        def get_extra_state(self):
+            return self.note
+
+        def set_extra_state(self, state):
+            self.note = state
+
+    a, b = Scaled([3, 4, 2], "tanh", dtype=F64), Scaled([3, 4, 2], "tanh", dtype=F64)
+    a.scale.fill_(3.0)
+    a.note = "b"
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.scale, a.scale) and b.note == "b" and torch.equal(b.flat_params, a.flat_params)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "foo.bar"'):
+        b.load_state_dict(dict(a.state_dict(), **{"foo.bar": torch.zeros(1)}))
+    # assign=True with some keys missing assigns nothing it lacks, and reports them
+    with torch.device("meta"):
+        lazy = FusedMLP([3, 10, 10, 10, 2], "selu", dtype=F64)
+    partial = {k: v for k, v in net.state_dict().items() if k != "bias3"}
+    result = lazy.load_state_dict(partial, strict=False, assign=True)
+    assert result.missing_keys == ["bias3"]
+    # assign=True with the flat layout's own checkpoint takes its storage, no copy
+    with torch.device("meta"):
+        lazy = FusedMLP([3, 10, 10, 10, 2], "selu", dtype=F64)
+    lazy.load_state_dict(net.state_dict(), assign=True)
+    assert lazy.flat_params.data_ptr() == net.flat_params.data_ptr() and lazy.flat_params.requires_grad
+    # an in-place update through the attribute lands whole
+    before = net.weight0.clone()
+    with torch.no_grad():
+        net.weight0 -= 1.0
+    torch.testing.assert_close(net.weight0, before - 1.0, rtol=0, atol=0)
+    # torch.func's route checks params as the op does
+    bad = {"flat_params": torch.zeros(flat_numel(net.sizes, True) + 7, dtype=F64)}
+    with pytest.raises(RuntimeError, match="expected params to be 1-D with"):
+        torch.func.grad(lambda p: torch.func.functional_call(net, p, (x,)).sum())(bad)
+    # symbolic shapes through the built-in loss
+    from torch.fx.experimental.proxy_tensor import make_fx
+    call = torch.ops.fusedlayers.mlp_flat_grad_and_value
+    loss = lambda x, t, p: call(x, p, None, t, net.sizes, True, net.activations, False, "native")[0]  # noqa: E731
+    traced = make_fx(loss, tracing_mode="symbolic")(x, target, net.flat_params.detach())
+    assert_rel_close(traced(x, target, net.flat_params.detach()), F.mse_loss(net(x), target), 1e-10, "traced")
+    # a module pickled before _has_bias existed
+    layers = FusedMLP([3, 4, 2], flat=False)
+    state = dict(layers.__dict__)
+    del state["_has_bias"]
+    old = FusedMLP.__new__(FusedMLP)
+    old.__setstate__(state)
+    assert old(torch.ones(3)).shape == (2,) and old.biases() is not None

@@ -159,6 +159,32 @@ MlpForwardResult mlp_forward(const at::Tensor& x, at::TensorList weights, at::Te
   return {y, {}};
 }
 
+// The fused and wide paths' backward into preallocated gradients (zeroed for the wide path, which accumulates):
+// per-layer tensors, or views of one tensor in the flat layout. dx is written unless undefined.
+void fused_or_wide_backward(const Shape& s, bool wide, const at::Tensor& grad_out, const at::Tensor& x,
+                            at::TensorList weights, at::TensorList biases, const std::vector<std::string>& activations,
+                            at::Tensor& dx, std::vector<at::Tensor>& dweights, std::vector<at::Tensor>& dbiases) {
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = s.widths.back();
+  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(out_shape), "mlp_backward(): expected grad_out of shape ",
+              c10::IntArrayRef(out_shape), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "mlp_backward(): expected grad_out of dtype ",
+              x.scalar_type(), ", got ", grad_out.scalar_type());
+  const auto acts = parse_activations(activations);
+  if (wide) {
+    wide_backward(s, x, grad_out, weights, biases, acts, dx, dweights, dbiases);
+    return;
+  }
+  at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mlp_backward", [&] {
+    std::vector<scalar_t*> dw, db;
+    for (auto& t : dweights) dw.push_back(t.data_ptr<scalar_t>());
+    for (auto& t : dbiases) db.push_back(t.data_ptr<scalar_t>());
+    fused_backward<scalar_t>(s, net_of<scalar_t>(s, weights, biases, acts), xc.data_ptr<scalar_t>(),
+                             gc.data_ptr<scalar_t>(), dx.defined() ? dx.data_ptr<scalar_t>() : nullptr, dw, db);
+  });
+}
+
 MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
                                at::TensorList biases, at::TensorList saved, std::vector<std::string> activations,
                                bool input_grad) {
@@ -169,33 +195,36 @@ MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, 
   if (!saved.empty() || !(wide || takes_fused_path(s))) {
     return mlp_chain_backward(grad_out, x, weights, biases, saved, activations, input_grad);
   }
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = s.widths.back();
-  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(out_shape), "mlp_backward(): expected grad_out of shape ",
-              c10::IntArrayRef(out_shape), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "mlp_backward(): expected grad_out of dtype ",
-              x.scalar_type(), ", got ", grad_out.scalar_type());
-  const auto acts = parse_activations(activations);
   at::Tensor dx = input_grad ? cpu_empty(x.sizes(), x) : at::Tensor();
-  if (wide) {  // the gradients accumulate into zeroed outputs
-    std::vector<at::Tensor> dweights, dbiases;
-    for (const auto& w : weights) dweights.push_back(at::zeros(w.sizes(), w.options()));
-    for (const auto& b : biases) dbiases.push_back(at::zeros(b.sizes(), b.options()));
-    wide_backward(s, x, grad_out, weights, biases, acts, dx, dweights, dbiases);
-    return {dx, dweights, dbiases};
-  }
   std::vector<at::Tensor> dweights, dbiases;
-  for (const auto& w : weights) dweights.push_back(cpu_empty(w.sizes(), w));
-  for (const auto& b : biases) dbiases.push_back(cpu_empty(b.sizes(), b));
-  at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mlp_backward", [&] {
-    std::vector<scalar_t*> dw, db;
-    for (auto& t : dweights) dw.push_back(t.data_ptr<scalar_t>());
-    for (auto& t : dbiases) db.push_back(t.data_ptr<scalar_t>());
-    fused_backward<scalar_t>(s, net_of<scalar_t>(s, weights, biases, acts), xc.data_ptr<scalar_t>(),
-                             gc.data_ptr<scalar_t>(), input_grad ? dx.data_ptr<scalar_t>() : nullptr, dw, db);
-  });
+  for (const auto& w : weights) dweights.push_back(wide ? at::zeros(w.sizes(), w.options()) : cpu_empty(w.sizes(), w));
+  for (const auto& b : biases) dbiases.push_back(wide ? at::zeros(b.sizes(), b.options()) : cpu_empty(b.sizes(), b));
+  fused_or_wide_backward(s, wide, grad_out, x, weights, biases, activations, dx, dweights, dbiases);
   return {dx, dweights, dbiases};
+}
+
+// mlp_backward for parameters in the flat layout: the fused and wide paths write the gradients into one tensor of
+// that layout, with no join.
+std::tuple<at::Tensor, at::Tensor> mlp_flat_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                     const at::Tensor& params, at::TensorList saved,
+                                                     at::IntArrayRef sizes, bool bias,
+                                                     std::vector<std::string> activations, bool input_grad) {
+  const auto [weights, biases] = flat_layers(params, sizes, bias);
+  check_mlp_args(x, weights, biases, activations.size());
+  check_cpu_dtype(x);
+  const Shape s = shape_of(x, weights);
+  const bool wide = saved.empty() && takes_wide_path(s, x.scalar_type());
+  if (!saved.empty() || !(wide || takes_fused_path(s))) {
+    auto [dx, dweights, dbiases] = mlp_chain_backward(grad_out, x, weights, biases, saved, activations, input_grad);
+    return {dx, join_flat(dweights, dbiases)};
+  }
+  at::Tensor dx = input_grad ? cpu_empty(x.sizes(), x) : at::Tensor();
+  const int64_t numel = flat_numel(sizes, bias);
+  at::Tensor dparams = wide ? at::zeros({numel}, x.options()) : cpu_empty({numel}, x);
+  std::vector<at::Tensor> dweights, dbiases;
+  std::tie(dweights, dbiases) = flat_layers(dparams, sizes, bias);
+  fused_or_wide_backward(s, wide, grad_out, x, weights, biases, activations, dx, dweights, dbiases);
+  return {dx, dparams};
 }
 
 // The fused and wide CPU paths recompute in their backward whatever the forward would save: the autograd asks this
@@ -216,5 +245,6 @@ const bool kRecomputesRegistered = register_mlp_recomputes(Backend::Native, c10:
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
   m.impl("mlp_forward", &fusedlayers::cpu::mlp_forward);
   m.impl("mlp_backward", &fusedlayers::cpu::mlp_backward);
+  m.impl("mlp_flat_backward", &fusedlayers::cpu::mlp_flat_backward);
 }
 

@@ -57,6 +57,11 @@ constinit const KernelOp<MlpForwardFn> mlp_forward_op("mlp_forward");
 
 constinit const KernelOp<MlpBackwardFn> mlp_backward_op("mlp_backward");
 
+using MlpFlatBackwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                             at::TensorList, at::IntArrayRef, bool,
+                                                             std::vector<std::string>, bool);
+constinit const KernelOp<MlpFlatBackwardFn> mlp_flat_backward_op("mlp_flat_backward");
+
 // One autograd node for the whole network. Its backward is the mlp_backward kernel, or under create_graph
 // the mlp_grad composite, which autograd differentiates again. A plain Node (as every node of fusedlayers) rather
 // than a torch::autograd::Function: the Function's per-call bookkeeping (a context of named IValues, per-input
@@ -173,17 +178,6 @@ void check_flat_args(const at::Tensor& x, const at::Tensor& params, at::IntArray
               "), got ", params.device());
 }
 
-// The parameters' gradients in the flat layout (differentiable, for create_graph).
-at::Tensor join_flat(const std::vector<at::Tensor>& dweights, const std::vector<at::Tensor>& dbiases) {
-  std::vector<at::Tensor> parts;
-  parts.reserve(dweights.size() + dbiases.size());
-  for (size_t l = 0; l < dweights.size(); ++l) {
-    parts.push_back(dweights[l].reshape({-1}));
-    if (!dbiases.empty()) parts.push_back(dbiases[l]);
-  }
-  return at::cat(parts);
-}
-
 // MLPBackward for the flat layout: its outputs are the gradients of x and params.
 struct MLPFlatBackward : public torch::autograd::Node {
   torch::autograd::SavedVariable x, params;
@@ -205,15 +199,16 @@ struct MLPFlatBackward : public torch::autograd::Node {
       static auto composite = c10::Dispatcher::singleton().findSchemaOrThrow("fusedlayers::mlp_grad", "").typed<MlpGradFn>();
       const auto [ws, bs] = flat_layers(p, sizes, bias);  // differentiable views: the gradient reaches params
       std::tie(dx, dweights, dbiases) = composite.call(grads[0], x_, ws, bs, activations, input_grad, params_grad);
+      out[1] = params_grad ? join_flat(dweights, dbiases) : at::Tensor();
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::vector<at::Tensor> ss;
       for (const auto& v : saved) ss.push_back(v.unpack());
-      const auto [ws, bs] = flat_layers(p, sizes, bias);
-      std::tie(dx, dweights, dbiases) = mlp_backward_op(backend).call(grads[0], x_, ws, bs, ss, activations, input_grad);
+      std::tie(dx, out[1]) =
+          mlp_flat_backward_op(backend).call(grads[0], x_, p, ss, sizes, bias, activations, input_grad);
+      if (!params_grad) out[1] = at::Tensor();
     }
     out[0] = dx;
-    if (params_grad) out[1] = join_flat(dweights, dbiases);
     return out;
   }
 
@@ -286,13 +281,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_flat_grad_and_value(
               "expected ", grad_out.has_value() ? "grad_output" : "target", " of the output's dtype and device (",
               py(y.scalar_type()), ", ", y.device(), "), got ", py(other.scalar_type()), ", ", other.device());
   at::Tensor value = y, g = other;
-  if (target.has_value()) {
-    const at::Tensor diff = y - *target;
-    value = diff.square().mean();
-    g = diff.mul(2.0 / static_cast<double>(std::max<int64_t>(y.numel(), 1)));
+  if (target.has_value()) {  // PyTorch's own loss and gradient, F.mse_loss's
+    value = at::mse_loss(y, *target, at::Reduction::Mean);
+    g = at::mse_loss_backward(at::ones({}, y.options()), y, *target, at::Reduction::Mean);
   }
-  auto [dx, dweights, dbiases] = mlp_backward_op(kernels).call(g, x, ws, bs, saved, activations, input_grad);
-  return {value, dx, join_flat(dweights, dbiases)};
+  auto [dx, dparams] = mlp_flat_backward_op(kernels).call(g, x, params, saved, sizes, bias, activations, input_grad);
+  return {value, dx, dparams};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_flat_grad_and_value_autograd(
@@ -302,6 +296,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_flat_grad_and_value_autograd(
   check_no_forward_grad({&x, &params});
   return mlp_flat_grad_and_value(x, params, grad_out, target, sizes, bias, std::move(activations), input_grad,
                                  backend);
+}
+
+// A backend's mlp_flat_backward unless it has its own: its mlp_backward on views of params, the gradients joined.
+template <Backend B>
+std::tuple<at::Tensor, at::Tensor> mlp_flat_backward_generic(const at::Tensor& grad_out, const at::Tensor& x,
+                                                             const at::Tensor& params, at::TensorList saved,
+                                                             at::IntArrayRef sizes, bool bias,
+                                                             std::vector<std::string> activations, bool input_grad) {
+  const auto [ws, bs] = flat_layers(params, sizes, bias);
+  auto [dx, dweights, dbiases] = mlp_backward_op(B).call(grad_out, x, ws, bs, saved, activations, input_grad);
+  return {dx, join_flat(dweights, dbiases)};
 }
 
 // Few rows, all registered at static initialization, before any call reads them.
@@ -332,6 +337,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> flat_layers(const a
   return {weights, biases};
 }
 
+at::Tensor join_flat(const std::vector<at::Tensor>& dweights, const std::vector<at::Tensor>& dbiases) {
+  std::vector<at::Tensor> parts;
+  parts.reserve(dweights.size() + dbiases.size());
+  for (size_t l = 0; l < dweights.size(); ++l) {
+    parts.push_back(dweights[l].reshape({-1}));
+    if (!dbiases.empty()) parts.push_back(dbiases[l]);
+  }
+  return at::cat(parts);
+}
+
 bool register_mlp_recomputes(Backend backend, c10::DeviceType device, MlpRecomputesFn fn) {
   recomputes_table().emplace_back(backend, device, fn);
   return true;
@@ -356,7 +371,10 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   fusedlayers::def_kernels(m, {"mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, str[] activations, bool save) "
                                "-> (Tensor, Tensor[])",
                                "mlp_backward(Tensor grad_out, Tensor x, Tensor[] weights, Tensor[] biases, "
-                               "Tensor[] saved, str[] activations, bool input_grad) -> (Tensor, Tensor[], Tensor[])"});
+                               "Tensor[] saved, str[] activations, bool input_grad) -> (Tensor, Tensor[], Tensor[])",
+                               // the same for parameters in the flat layout (ops/mlp.h): (dx or undefined, dparams)
+                               "mlp_flat_backward(Tensor grad_out, Tensor x, Tensor params, Tensor[] saved, "
+                               "int[] sizes, bool bias, str[] activations, bool input_grad) -> (Tensor, Tensor)"});
   // The gradient as a composite of differentiable ops (see dense_grad); the lists are empty without params_grad.
   m.def("mlp_grad(Tensor grad_out, Tensor x, Tensor[] weights, Tensor[] biases, str[] activations, "
         "bool input_grad, bool params_grad) -> (Tensor, Tensor[], Tensor[])");
@@ -375,6 +393,14 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   fusedlayers::impl_differentiable(m, "mlp_flat_grad_and_value", &fusedlayers::mlp_flat_grad_and_value_autograd,
                                    &fusedlayers::mlp_flat_grad_and_value);
   fusedlayers::impl_differentiable(m, "mlp_flat", &fusedlayers::mlp_flat_autograd, &fusedlayers::mlp_flat_no_autograd);
-  fusedlayers::not_differentiable(m, {"mlp_forward", "mlp_backward"});
+  fusedlayers::not_differentiable(m, {"mlp_forward", "mlp_backward", "mlp_flat_backward"});
   fusedlayers::impl_composite(m, "mlp_grad", &fusedlayers::mlp_grad);
+}
+
+// Every backend's mlp_flat_backward, unless it registers its own (the CPU's: csrc/cpu/mlp.cpp).
+TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
+  fusedlayers::for_each_backend([&](auto b) {
+    constexpr fusedlayers::Backend B = decltype(b)::value;
+    m.impl(fusedlayers::kernel_name(B, "mlp_flat_backward").c_str(), &fusedlayers::mlp_flat_backward_generic<B>);
+  });
 }

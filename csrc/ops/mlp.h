@@ -68,6 +68,8 @@ int64_t flat_numel(at::IntArrayRef sizes, bool bias);
 // The layers' weights and biases as views of a flat tensor (any 1-D strides) of that layout.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> flat_layers(const at::Tensor& flat, at::IntArrayRef sizes,
                                                                          bool bias);
+// Per-layer gradients joined into one tensor of that layout (a copy; differentiable, for create_graph).
+at::Tensor join_flat(const std::vector<at::Tensor>& dweights, const std::vector<at::Tensor>& dbiases);
 
 // Whether a backend's kernels for x's device recompute the forward in their backward for this network: the
 // autograd then does not ask the forward to save anything. Asked before the call, from concrete shapes, because

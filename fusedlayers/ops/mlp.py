@@ -196,13 +196,34 @@ def flat_layers(params: Tensor, sizes: list[int], bias: bool) -> tuple[list[Tens
     return weights, biases
 
 
+def check_flat_args(x: Tensor, params: Tensor, sizes: list[int], bias: bool, activations: list[str]) -> None:
+    """mlp_flat's contract, with the messages of check_flat_args in csrc/ops/mlp.cpp, for torch.func's route,
+    which does not reach the C++ op."""
+    op = "mlp_flat"
+    torch._check(len(sizes) >= 2, lambda: f"{op}(): expected sizes to list at least the input and output widths, got "
+                                          f"{list(sizes)}")
+    torch._check(len(activations) == len(sizes) - 1, lambda: f"{op}(): expected one activation per layer "
+                                                             f"({len(sizes) - 1}), got {len(activations)}")
+    n = flat_numel(sizes, bias)
+    torch._check(params.dim() == 1 and params.numel() == n,
+                 lambda: f"{op}(): expected params to be 1-D with {n} elements (every layer's weight"
+                         f"{' and bias' if bias else ''} for sizes {list(sizes)}), got shape {list(params.shape)}")
+    torch._check(x.dim() >= 1 and x.shape[-1] == sizes[0],
+                 lambda: f"{op}(): expected x of shape [..., {sizes[0]}] (sizes[0]), got {list(x.shape)}")
+    torch._check(params.dtype == x.dtype, lambda: f"{op}(): expected params to have the dtype of x ({x.dtype}), "
+                                                  f"got {params.dtype}")
+
+
 def mlp_flat_op(x: Tensor, params: Tensor, sizes: list[int], bias: bool, activations: list[str], save: bool,
                 backend: str) -> Tensor:
     """The mlp op on parameters in the flat layout: one autograd edge and one gradient tensor for all of them.
     Where mlp_op takes its autograd.Function (torch.func, forward-mode tangents) or traces layer by layer
     (torch.jit.trace), the layers as views of params through mlp_op instead: autograd carries the views'
     gradients to params."""
-    if torch.jit.is_tracing() or (not torch.compiler.is_compiling() and needs_function(x, params)):
+    tracing = torch.jit.is_tracing()
+    if tracing or (not torch.compiler.is_compiling() and needs_function(x, params)):
+        if not tracing:  # (a traced shape is a tensor; the traced layers check themselves)
+            check_flat_args(x, params, sizes, bias, activations)
         weights, biases = flat_layers(params, sizes, bias)
         return mlp_op(x, weights, biases, activations, save, backend)
     return _mlp_flat(x, params, sizes, bias, activations, save, backend)
