@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from fusedlayers import FusedMLP
-from fusedlayers.functional import flat_numel, mlp_flat_op
+from fusedlayers.functional import flat_layers, flat_numel, mlp_flat_op
 
 from conftest import assert_rel_close, device_of
 
@@ -440,3 +440,33 @@ def test_review_findings_stay_fixed():
     old = FusedMLP.__new__(FusedMLP)
     old.__setstate__(state)
     assert old(torch.ones(3)).shape == (2,) and old.biases() is not None
+
+
+@pytest.mark.parametrize("path", ["fused", "wide", "chain"])
+def test_opcheck(path, monkeypatch):
+    """torch.library's checks (schema, fake kernel, autograd registration) of the flat layout's ops, on each
+    CPU path: the tile loop, the wide path (forced) and the layer-by-layer chain."""
+    sizes, act, out_act = {"fused": NETS["seed003"], "wide": ([7, 150, 40, 3], "tanh", "identity"),
+                           "chain": NETS["wide"]}[path]
+    if path == "wide":
+        monkeypatch.setenv("FUSEDLAYERS_MLP_WIDE_MAX_MACS", str(2**40))
+    acts = [act] * (len(sizes) - 2) + [out_act]
+    gen = torch.Generator().manual_seed(4)
+    p = torch.randn(flat_numel(sizes, True), dtype=F64, generator=gen) * 0.3
+    x = torch.randn(37, sizes[0], dtype=F64, generator=gen)
+    g = torch.randn(37, sizes[-1], dtype=F64, generator=gen)
+    ops = torch.ops.fusedlayers
+    torch.library.opcheck(ops.mlp_flat.default, (x.requires_grad_(), p.requires_grad_(), sizes, True, acts, True,
+                                                 "native"))
+    x, p = x.detach(), p.detach()
+    for input_grad in (True, False):
+        torch.library.opcheck(ops.mlp_flat_backward.default, (g, x, p, [], sizes, True, acts, input_grad))
+    torch.library.opcheck(ops.mlp_flat_grad_and_value.default, (x, p, g, None, sizes, True, acts, True, "native"))
+    torch.library.opcheck(ops.mlp_flat_grad_and_value.default, (x, p, None, g, sizes, True, acts, False, "native"))
+    # the CPU kernel writes into the flat layout what mlp_backward gives per layer
+    ws, bs = flat_layers(p, sizes, True)
+    dx, dws, dbs = ops.mlp_backward(g, x, ws, bs, [], acts, True)
+    dx_flat, dflat = ops.mlp_flat_backward(g, x, p, [], sizes, True, acts, True)
+    torch.testing.assert_close(dx_flat, dx, rtol=0, atol=0)
+    torch.testing.assert_close(dflat, torch.cat([t.reshape(-1) for pair in zip(dws, dbs) for t in pair]), rtol=0,
+                               atol=0)
