@@ -39,7 +39,6 @@ def measure() -> list[tuple[str, str, float]]:
     flat = net.flat_params
     g = torch.ones(12, dtype=torch.float64)
     ws, _ = flat_layers(flat.detach(), net.sizes, False)
-    dws = _ops.mlp_backward(g, x, ws, [], [], net.activations, False)[1]
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-6, foreach=True)
     net(x).sum().backward()
 
@@ -73,7 +72,6 @@ def measure() -> list[tuple[str, str, float]]:
         "module + autograd.grad": lambda: torch.autograd.grad(net(x), flat, g),
         "module + backward": lambda: net(x).backward(g),
         "module + mse + backward": lambda: F.mse_loss(net(x), target).backward(),
-        "join of the gradients": lambda: torch.cat([d.reshape(-1) for d in dws]),
         "autograd step": autograd_step,
         "adam step": adam_step,
         "grad_and_value, target": lambda: net.grad_and_value(x, target=target),
@@ -85,9 +83,8 @@ def measure() -> list[tuple[str, str, float]]:
          t["op, no grad"] - t["no_grad"] - t["forward kernel"]),
         ("module call (nn.Module.__call__, backend choice)", "ours + PyTorch", t["module, no grad"] - t["op, no grad"]),
         ("autograd node and saved tensors", "ours", t["module, graph"] - t["module, no grad"] + t["no_grad"]),
-        ("autograd.grad: the engine, node apply, views, join, less the backward kernel", "PyTorch + ours",
+        ("autograd.grad: the engine, the node's apply, the views, less the backward kernel", "PyTorch + ours",
          t["module + autograd.grad"] - t["module, graph"] - t["backward kernel"]),
-        ("  of which the join of the per-layer gradients (as from Python)", "ours", t["join of the gradients"]),
         ("backward() instead of autograd.grad (AccumulateGrad)", "PyTorch",
          t["module + backward"] - t["module + autograd.grad"]),
         ("the MSE loss's forward and backward ops", "PyTorch",
