@@ -3,6 +3,7 @@ layer, the weight row-major, then the bias: csrc/ops/mlp.h's layout), and what n
 it: weight{l} / bias{l} as views, the per-layer state_dict keys and nn.Module's loading rules for them (FSDP2's
 sharded DTensors included), unflatten() back to per-layer Parameters, and clear errors for what needs those."""
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -63,11 +64,16 @@ class FlatLayers(nn.Module):
                 flat.copy_(distribute_tensor(full, flat.device_mesh, flat.placements))
 
     def _same_memory(self, name: str, value) -> bool:
-        """Whether value is the view net.<name> gives (what `net.weight0 -= d` assigns back)."""
+        """Whether value is the view net.<name> gives, as it gave it (what `net.weight0 -= d` assigns back): a
+        plain tensor over the same elements, same dtype, same layout."""
         where, flat = self._flat_slices[name], self._parameters.get("flat_params")
-        return (isinstance(value, Tensor) and where is not None and flat is not None and value.shape == where[1]
+        if not (type(value) is Tensor and where is not None and flat is not None and flat.stride(0) == 1):
+            return False
+        view = flat.detach().narrow(0, where[0], math.prod(where[1])).view(where[1])
+        return (value.dtype == flat.dtype and value.shape == view.shape and value.stride() == view.stride()
+                and not value.is_neg() and not value.is_conj()
                 and value.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
-                and value.storage_offset() == flat.storage_offset() + where[0] * flat.stride(0))
+                and value.storage_offset() == view.storage_offset())
 
     def _refuse(self, name: str, what: str, value=None) -> bool:
         """Raises for what would replace or remove a layer's tensor of the flat layout; True when an assignment
@@ -140,6 +146,9 @@ class FlatLayers(nn.Module):
         for hook in hooks.values():
             hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         names, values = self._layer_names(), {}
+        if prefix + "flat_params" in state_dict:  # not a key of this module's state_dict (as flat=False's)
+            state_dict.pop(prefix + "flat_params")
+            unexpected_keys.append(prefix + "flat_params")
         for name in names:
             key, shape = prefix + name, torch.Size(self._flat_slices[name][1])
             if key not in state_dict:
@@ -156,6 +165,16 @@ class FlatLayers(nn.Module):
                 values[name] = value
         if len(values) == len(names):
             state_dict[prefix + "flat_params"] = _joined([values[n] for n in names])
+        elif values and self.flat_params.is_meta:  # some missing: a meta flat_params cannot hold the rest
+            if local_metadata.get("assign_to_params_buffers", False):
+                raise RuntimeError(
+                    f"load_state_dict(assign=True): {type(self).__name__} (flat=True) on the meta device holds its "
+                    f"layers in one Parameter, which cannot be partly loaded; missing: "
+                    f"{[k for k in missing_keys if k.startswith(prefix)]}. Load every layer, or unflatten() first")
+            warnings.warn(f"for {prefix}flat_params: copying from a non-meta parameter in the checkpoint to a meta "
+                          "parameter in the current model, which is a no-op. (Did you mean to pass `assign=True` to "
+                          "assign items in the state dictionary to their corresponding key in the module instead of "
+                          "copying them in place?)", stacklevel=2)
         else:  # some missing or wrong: the rest goes in place, flat_params is not replaced
             self._write_layers(values)
         self._load_state_dict_pre_hooks = type(hooks)()
@@ -179,6 +198,7 @@ def _joined(tensors: list[Tensor]) -> Tensor:
     offset, adjacent = first.storage_offset(), True
     for t in tensors:
         adjacent = adjacent and type(t) is Tensor and t.is_contiguous() and t.dtype == first.dtype \
+            and not t.is_neg() and not t.is_conj() \
             and t.device == first.device and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() \
             and t.storage_offset() == offset
         offset += t.numel()

@@ -407,12 +407,11 @@ def test_review_findings_stay_fixed():
     assert torch.equal(b.scale, a.scale) and b.note == "b" and torch.equal(b.flat_params, a.flat_params)
     with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "foo.bar"'):
         b.load_state_dict(dict(a.state_dict(), **{"foo.bar": torch.zeros(1)}))
-    # assign=True with some keys missing assigns nothing it lacks, and reports them
-    with torch.device("meta"):
-        lazy = FusedMLP([3, 10, 10, 10, 2], "selu", dtype=F64)
+    # assign=True with some keys missing, into a real module: the rest in place, the missing ones reported
     partial = {k: v for k, v in net.state_dict().items() if k != "bias3"}
-    result = lazy.load_state_dict(partial, strict=False, assign=True)
-    assert result.missing_keys == ["bias3"]
+    other = FusedMLP([3, 10, 10, 10, 2], "selu", dtype=F64)
+    assert other.load_state_dict(partial, strict=False, assign=True).missing_keys == ["bias3"]
+    torch.testing.assert_close(other.weight3, net.weight3, rtol=0, atol=0)
     # assign=True with the flat layout's own checkpoint takes its storage, no copy
     with torch.device("meta"):
         lazy = FusedMLP([3, 10, 10, 10, 2], "selu", dtype=F64)
@@ -470,3 +469,24 @@ def test_opcheck(path, monkeypatch):
     torch.testing.assert_close(dx_flat, dx, rtol=0, atol=0)
     torch.testing.assert_close(dflat, torch.cat([t.reshape(-1) for pair in zip(dws, dbs) for t in pair]), rtol=0,
                                atol=0)
+
+
+def test_second_review_findings_stay_fixed():
+    net = FusedMLP([4, 4, 4], "tanh", dtype=F64)
+    # only the very view is taken back; anything else assigned to weight{l} raises as before
+    for value in (nn.Parameter(net.weight0.detach(), requires_grad=False), net.weight0.t(),
+                  net.weight0.detach().as_strided((4, 4), (1, 4))):
+        with pytest.raises(AttributeError, match="cannot assign 'weight0'"):
+            net.weight0 = value
+    # a meta module cannot be partly loaded with assign=True; without assign, PyTorch's warning
+    ckpt = {k: v for k, v in net.state_dict().items() if k != "bias1"}
+    with torch.device("meta"):
+        lazy = FusedMLP([4, 4, 4], "tanh", dtype=F64)
+    with pytest.raises(RuntimeError, match=r"cannot be partly loaded; missing: \['bias1'\]"):
+        lazy.load_state_dict(ckpt, strict=False, assign=True)
+    with pytest.warns(UserWarning, match="to a meta parameter in the current model, which is a no-op"):
+        lazy.load_state_dict(ckpt, strict=False)
+    # flat_params is not a state_dict key: unexpected, as with per-layer Parameters
+    result = FusedMLP([4, 4, 4], "tanh", dtype=F64).load_state_dict(
+        dict(net.state_dict(), flat_params=net.flat_params.detach()), strict=False)
+    assert result.unexpected_keys == ["flat_params"] and result.missing_keys == []
