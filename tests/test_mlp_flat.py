@@ -30,18 +30,24 @@ def pair(net, bias, dtype=F64, device="cpu", backend="auto"):
     return fused, seq
 
 
+def reference(fused, seq, batch, seed):
+    """(x, g, y, grads, generator): an input and an upstream gradient drawn from seed, the Sequential's output
+    and its gradients w.r.t. x then its parameters, in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, fused.sizes[0], dtype=F64, generator=gen)
+    g = torch.randn(*batch, fused.sizes[-1], dtype=F64, generator=gen)
+    xr = x.clone().requires_grad_()
+    y = seq(xr)
+    return x, g, y, torch.autograd.grad(y, [xr, *seq.parameters()], g), gen
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("batch", [(), (1,), (37,), (2, 5)], ids=lambda b: "x".join(map(str, b)) or "vector")
 @pytest.mark.parametrize("net", NETS)
 def test_matches_sequential(backend, net, bias, batch):
     fused, seq = pair(net, bias, device=device_of(backend), backend=backend)
     assert [n for n, _ in fused.named_parameters()] == ["flat_params"]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(*batch, fused.sizes[0], dtype=F64, generator=gen)
-    g = torch.randn(*batch, fused.sizes[-1], dtype=F64, generator=gen)
-    xr = x.clone().requires_grad_()
-    y_ref = seq(xr)
-    grads_ref = torch.autograd.grad(y_ref, [xr, *seq.parameters()], g)
+    x, g, y_ref, grads_ref, _ = reference(fused, seq, batch, 1)
     xf = x.to(device_of(backend)).requires_grad_()
     y = fused(xf)
     dx, dflat = torch.autograd.grad(y, [xf, fused.flat_params], g.to(y.device))
@@ -290,12 +296,7 @@ def test_ddp_and_fsdp2_gloo_two_processes():
 @pytest.mark.parametrize("net", NETS)
 def test_grad_and_value_equals_autograd(backend, net, batch):
     fused, seq = pair(net, True, device=device_of(backend), backend=backend)
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(*batch, fused.sizes[0], dtype=F64, generator=gen)
-    g = torch.randn(*batch, fused.sizes[-1], dtype=F64, generator=gen)
-    xr = x.clone().requires_grad_()
-    y_ref = seq(xr)
-    ref = torch.autograd.grad(y_ref, [xr, *seq.parameters()], g)
+    x, g, y_ref, ref, gen = reference(fused, seq, batch, 3)
     dev = device_of(backend)
     (dx, dflat), y = fused.grad_and_value(x.to(dev), g.to(dev), input_grad=True)
     assert not (y.requires_grad or dx.requires_grad or dflat.requires_grad)
