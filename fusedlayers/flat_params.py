@@ -2,13 +2,12 @@
 layer, the weight row-major, then the bias: csrc/ops/mlp.h's layout), and what nn.Module must keep doing with
 it: weight{l} / bias{l} as views, the per-layer state_dict keys and nn.Module's loading rules for them (FSDP2's
 sharded DTensors included), unflatten() back to per-layer Parameters, and clear errors for what needs those."""
-import math
 import warnings
 
 import torch
 from torch import Tensor, nn
 
-from .ops.mlp import flat_numel, flat_slices
+from .ops.mlp import flat_numel, flat_piece, flat_slices
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -41,26 +40,22 @@ class FlatLayers(nn.Module):
         where = self._flat_slices[name]
         if where is None:
             return None
-        offset, shape = where
         flat = self.flat_params
-        view = flat.narrow(0, offset, math.prod(shape)).view(shape)
+        view = flat_piece(flat, *where)
         if flat.grad is not None:
-            view.grad = flat.grad.narrow(0, offset, math.prod(shape)).view(shape)
+            view.grad = flat_piece(flat.grad, *where)
         return view
 
     def _write_layers(self, values: dict[str, Tensor]) -> None:
         """Copies per-layer tensors into flat_params, into its local shards when FSDP2 has sharded it (a DTensor,
         whose views would be gathered copies)."""
         flat = self.flat_params
+        sharded = DTensor is not None and isinstance(flat, DTensor)
         with torch.no_grad():
-            if DTensor is not None and isinstance(flat, DTensor):
-                full = flat.full_tensor()
-                target = lambda o, s: full.narrow(0, o, math.prod(s)).view(s)  # noqa: E731
-            else:
-                target = lambda o, s: flat.narrow(0, o, math.prod(s)).view(s)  # noqa: E731
+            full = flat.full_tensor() if sharded else flat
             for name, value in values.items():
-                target(*self._flat_slices[name]).copy_(value)
-            if DTensor is not None and isinstance(flat, DTensor):
+                flat_piece(full, *self._flat_slices[name]).copy_(value)
+            if sharded:
                 flat.copy_(distribute_tensor(full, flat.device_mesh, flat.placements))
 
     def _same_memory(self, name: str, value) -> bool:
@@ -69,7 +64,7 @@ class FlatLayers(nn.Module):
         where, flat = self._flat_slices[name], self._parameters.get("flat_params")
         if not (type(value) is Tensor and where is not None and flat is not None and flat.stride(0) == 1):
             return False
-        view = flat.detach().narrow(0, where[0], math.prod(where[1])).view(where[1])
+        view = flat_piece(flat.detach(), *where)
         return (value.dtype == flat.dtype and value.shape == view.shape and value.stride() == view.stride()
                 and not value.is_neg() and not value.is_conj()
                 and value.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
@@ -120,10 +115,9 @@ class FlatLayers(nn.Module):
             if where is None:
                 self.register_parameter(name, None)
                 continue
-            offset, shape = where
-            param = nn.Parameter(flat.detach().narrow(0, offset, math.prod(shape)).view(shape), flat.requires_grad)
+            param = nn.Parameter(flat_piece(flat.detach(), *where), flat.requires_grad)
             if flat.grad is not None:
-                param.grad = flat.grad.narrow(0, offset, math.prod(shape)).view(shape)
+                param.grad = flat_piece(flat.grad, *where)
             self.register_parameter(name, param)
         return self
 
@@ -132,8 +126,7 @@ class FlatLayers(nn.Module):
         if self.flat and prefix + "flat_params" in destination:  # the per-layer keys, as views of flat_params
             flat = destination.pop(prefix + "flat_params")
             for name in self._layer_names():
-                offset, shape = self._flat_slices[name]
-                destination[prefix + name] = flat.narrow(0, offset, math.prod(shape)).view(shape)
+                destination[prefix + name] = flat_piece(flat, *self._flat_slices[name])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

@@ -10,7 +10,7 @@ from .backends import resolve_backend
 from .ops.common import AUTOCAST_DEVICE_TYPES, needs_function
 from .ops.cross_entropy import cross_entropy_function, cross_entropy_soft, mean_class_weight
 from .ops.dense import dense_op
-from .ops.mlp import flat_layers, flat_numel, flat_slices, mlp_flat_grad_and_value, mlp_flat_op, mlp_op
+from .ops.mlp import flat_layers, flat_numel, mlp_flat_grad_and_value, mlp_flat_op, mlp_op
 
 __all__ = ["cross_entropy", "dense", "linear_cross_entropy", "mlp", "mlp_jet"]
 

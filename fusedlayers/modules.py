@@ -1,5 +1,4 @@
 """nn.Module forms of the fused layers: drop-in replacements for the torch.nn modules they fuse."""
-import math
 import types
 
 import torch

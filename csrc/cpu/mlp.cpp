@@ -13,6 +13,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "cpu/mlp.h"
@@ -185,16 +187,25 @@ void fused_or_wide_backward(const Shape& s, bool wide, const at::Tensor& grad_ou
   });
 }
 
+// After the checks every backward makes: the shape and whether the path is the wide one, when the fused or the
+// wide path takes this backward; nothing when the chain of dense kernels does.
+std::optional<std::pair<Shape, bool>> backward_path(const at::Tensor& x, at::TensorList weights,
+                                                    at::TensorList biases, at::TensorList saved,
+                                                    size_t num_activations) {
+  check_mlp_args(x, weights, biases, num_activations);
+  check_cpu_dtype(x);
+  Shape s = shape_of(x, weights);
+  const bool wide = saved.empty() && takes_wide_path(s, x.scalar_type());
+  if (!saved.empty() || !(wide || takes_fused_path(s))) return std::nullopt;
+  return std::make_pair(std::move(s), wide);
+}
+
 MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
                                at::TensorList biases, at::TensorList saved, std::vector<std::string> activations,
                                bool input_grad) {
-  check_mlp_args(x, weights, biases, activations.size());
-  check_cpu_dtype(x);
-  const Shape s = shape_of(x, weights);
-  const bool wide = saved.empty() && takes_wide_path(s, x.scalar_type());
-  if (!saved.empty() || !(wide || takes_fused_path(s))) {
-    return mlp_chain_backward(grad_out, x, weights, biases, saved, activations, input_grad);
-  }
+  const auto path = backward_path(x, weights, biases, saved, activations.size());
+  if (!path) return mlp_chain_backward(grad_out, x, weights, biases, saved, activations, input_grad);
+  const auto& [s, wide] = *path;
   at::Tensor dx = input_grad ? cpu_empty(x.sizes(), x) : at::Tensor();
   std::vector<at::Tensor> dweights, dbiases;
   for (const auto& w : weights) dweights.push_back(wide ? at::zeros(w.sizes(), w.options()) : cpu_empty(w.sizes(), w));
@@ -210,14 +221,12 @@ std::tuple<at::Tensor, at::Tensor> mlp_flat_backward(const at::Tensor& grad_out,
                                                      at::IntArrayRef sizes, bool bias,
                                                      std::vector<std::string> activations, bool input_grad) {
   const auto [weights, biases] = flat_layers(params, sizes, bias);
-  check_mlp_args(x, weights, biases, activations.size());
-  check_cpu_dtype(x);
-  const Shape s = shape_of(x, weights);
-  const bool wide = saved.empty() && takes_wide_path(s, x.scalar_type());
-  if (!saved.empty() || !(wide || takes_fused_path(s))) {
+  const auto path = backward_path(x, weights, biases, saved, activations.size());
+  if (!path) {
     auto [dx, dweights, dbiases] = mlp_chain_backward(grad_out, x, weights, biases, saved, activations, input_grad);
     return {dx, join_flat(dweights, dbiases)};
   }
+  const auto& [s, wide] = *path;
   at::Tensor dx = input_grad ? cpu_empty(x.sizes(), x) : at::Tensor();
   const int64_t numel = flat_numel(sizes, bias);
   at::Tensor dparams = wide ? at::zeros({numel}, x.options()) : cpu_empty({numel}, x);

@@ -222,11 +222,17 @@ struct MLPFlatBackward : public torch::autograd::Node {
   }
 };
 
+// The forward kernel on views of params, nothing saved; the arguments checked.
+at::Tensor flat_forward(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
+                        const std::vector<std::string>& activations, c10::string_view backend) {
+  const auto [ws, bs] = flat_layers(params, sizes, bias);
+  return std::get<0>(mlp_forward_op(parse_backend(backend)).call(x, ws, bs, activations, false));
+}
+
 at::Tensor mlp_flat_no_autograd(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
                                 std::vector<std::string> activations, bool /*save*/, c10::string_view backend) {
   check_flat_args(x, params, sizes, bias, activations.size());
-  const auto [ws, bs] = flat_layers(params, sizes, bias);
-  return std::get<0>(mlp_forward_op(parse_backend(backend)).call(x, ws, bs, activations, false));
+  return flat_forward(x, params, sizes, bias, activations, backend);
 }
 
 at::Tensor mlp_flat_autograd(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
@@ -235,7 +241,7 @@ at::Tensor mlp_flat_autograd(const at::Tensor& x, const at::Tensor& params, at::
   check_no_forward_grad({&x, &params});
   if (!(at::GradMode::is_enabled() && (x.requires_grad() || params.requires_grad()))) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return mlp_flat_no_autograd(x, params, sizes, bias, activations, save, backend);
+    return flat_forward(x, params, sizes, bias, activations, backend);
   }
   const Backend kernels = parse_backend(backend);
   auto node = c10::make_intrusive<MLPFlatBackward>();

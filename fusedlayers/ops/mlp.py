@@ -186,13 +186,17 @@ def flat_slices(sizes: list[int], bias: bool) -> dict[str, tuple[int, tuple[int,
     return slices
 
 
+def flat_piece(flat: Tensor, offset: int, shape: tuple[int, ...]) -> Tensor:
+    """The view of a 1-D flat tensor that is one layer's weight or bias (an entry of flat_slices)."""
+    return flat.narrow(0, offset, math.prod(shape)).view(shape)
+
+
 def flat_layers(params: Tensor, sizes: list[int], bias: bool) -> tuple[list[Tensor], list[Tensor]]:
     """The layers' weights and biases as views of params (differentiable: a gradient through them reaches
     params)."""
     weights, biases = [], []
-    for name, (offset, shape) in flat_slices(sizes, bias).items():
-        view = params.narrow(0, offset, math.prod(shape)).view(shape)
-        (weights if name.startswith("weight") else biases).append(view)
+    for name, where in flat_slices(sizes, bias).items():
+        (weights if name.startswith("weight") else biases).append(flat_piece(params, *where))
     return weights, biases
 
 
