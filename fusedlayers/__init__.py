@@ -8,6 +8,7 @@ from .backends import available_backends
 from .activations import ACTIVATIONS, ActivationModule
 from .convert import fuse
 from .modules import FusedCrossEntropyLoss, FusedDense, FusedLinearCrossEntropyLoss, FusedMLP
+from .ode import ODEField, odeint, odeint_adjoint
 
 __all__ = ["ACTIVATIONS", "ActivationModule", "FusedCrossEntropyLoss", "FusedDense", "FusedLinearCrossEntropyLoss",
-           "FusedMLP", "available_backends", "functional", "fuse"]
+           "FusedMLP", "ODEField", "available_backends", "functional", "fuse", "odeint", "odeint_adjoint"]

@@ -138,6 +138,8 @@ void check_cpu_dtype(const at::Tensor& x) {
               "mlp(): the CPU backend supports float32, float64 and bfloat16 x, got ", x.scalar_type());
 }
 
+}  // namespace
+
 MlpForwardResult mlp_forward(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                              std::vector<std::string> activations, bool save) {
   check_mlp_args(x, weights, biases, activations.size());
@@ -213,6 +215,8 @@ MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, 
   fused_or_wide_backward(s, wide, grad_out, x, weights, biases, activations, dx, dweights, dbiases);
   return {dx, dweights, dbiases};
 }
+
+namespace {
 
 // mlp_backward for parameters in the flat layout: the fused and wide paths write the gradients into one tensor of
 // that layout, with no join.

@@ -11,6 +11,7 @@
 #include "activations.h"
 #include "cpu/kernels.h"
 #include "ops/common.h"
+#include "ops/mlp.h"
 
 namespace fusedlayers::cpu {
 
@@ -81,5 +82,13 @@ void wide_forward(const Shape& s, const at::Tensor& x, at::TensorList weights, a
 void wide_backward(const Shape& s, const at::Tensor& x, const at::Tensor& grad_out, at::TensorList weights,
                    at::TensorList biases, const std::vector<Activation>& acts, at::Tensor& dx,
                    std::vector<at::Tensor>& dweights, std::vector<at::Tensor>& dbiases);
+
+// The CPU kernels of mlp_forward and mlp_backward, for callers inside the CPU backend that evaluate one network
+// many times (the ODE solve, csrc/cpu/odeint.cpp) and skip the dispatcher.
+MlpForwardResult mlp_forward(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                             std::vector<std::string> activations, bool save);
+MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
+                               at::TensorList biases, at::TensorList saved, std::vector<std::string> activations,
+                               bool input_grad);
 
 }  // namespace fusedlayers::cpu
