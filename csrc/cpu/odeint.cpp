@@ -120,18 +120,19 @@ struct Field : ode::System<T> {
     g = at::empty({B, p.sizes.back()}, p.y0.options());
   }
 
-  // the knot segment [j, j + 1] holding t, and t's weight on knot j + 1
+  // the knot segment [j, j + 1] holding t, and t's weight on knot j + 1 (unclamped: beyond the end knots it
+  // leaves [0, 1], where the control is constant)
   std::pair<int64_t, T> segment(T t) const {
     if (K == 1) return {0, T(0)};
     int64_t j = std::upper_bound(times.begin(), times.end(), t) - times.begin() - 1;
     j = std::clamp<int64_t>(j, 0, K - 2);
-    const T w = (t - times[j]) / (times[j + 1] - times[j]);
-    return {j, std::clamp(w, T(0), T(1))};
+    return {j, (t - times[j]) / (times[j + 1] - times[j])};
   }
 
   void fill(T t, const T* y) {
     T* xp = x.data_ptr<T>();
-    const auto [j, w] = control && K ? segment(t) : std::pair<int64_t, T>{0, T(0)};
+    const auto [j, w_raw] = control && K ? segment(t) : std::pair<int64_t, T>{0, T(0)};
+    const T w = std::clamp(w_raw, T(0), T(1));
     for (int64_t r = 0; r < B; ++r) {
       T* row = xp + r * in;
       std::copy(y + r * d, y + (r + 1) * d, row);
@@ -154,8 +155,9 @@ struct Field : ode::System<T> {
     std::copy(out.template const_data_ptr<T>(), out.template const_data_ptr<T>() + this->n, f);
   }
 
-  // Adds g_f's products with df/dy, df/dparams (flat layout) and df/dcontrol into gy, gp and gc (gc may be null).
-  void vjp_into(T t, const T* y, const T* g_f, T* gy, T* gp, T* gc) {
+  // Adds g_f's products with df/dy, df/dparams (flat layout), df/dcontrol and df/dt into gy, gp, gc and gt (the
+  // last two may be null).
+  void vjp_into(T t, const T* y, const T* g_f, T* gy, T* gp, T* gc, T* gt = nullptr) {
     fill(t, y);
     std::copy(g_f, g_f + this->n, g.data_ptr<T>());
     const auto [dx, dws, dbs] = cpu::mlp_backward(g, x, weights, biases, {}, acts, true);
@@ -172,9 +174,24 @@ struct Field : ode::System<T> {
         off += c.numel();
       }
     }
-    if (!gc || !control) return;
     const int64_t c0 = d + (time_input ? 1 : 0);
-    const auto [j, w] = K ? segment(t) : std::pair<int64_t, T>{0, T(0)};
+    const auto [j, w_raw] = control && K ? segment(t) : std::pair<int64_t, T>{0, T(0)};
+    const T w = std::clamp(w_raw, T(0), T(1));
+    if (gt) {
+      T sum = T(0);
+      if (time_input)
+        for (int64_t r = 0; r < B; ++r) sum += dxp[r * in + d];
+      if (control && K > 1 && w_raw >= T(0) && w_raw <= T(1)) {  // dc/dt = (hi - lo) / (t_{j+1} - t_j)
+        T dw = T(0);
+        for (int64_t r = 0; r < B; ++r) {
+          const T* lo = control + (r * K + j) * k;
+          for (int64_t e = 0; e < k; ++e) dw += dxp[r * in + c0 + e] * (lo[k + e] - lo[e]);
+        }
+        sum += dw / (times[j + 1] - times[j]);
+      }
+      *gt += sum;
+    }
+    if (!gc || !control) return;
     for (int64_t r = 0; r < B; ++r) {
       const T* dc = dxp + r * in + c0;
       if (K == 0) {
@@ -341,8 +358,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backprop(const at::Te
   return {dy0, dparams, dcontrol, at::tensor({nfe_forward, solver.nvjp, N}, at::kLong)};
 }
 
-// torchdiffeq's augmented adjoint system [0, y, a, a_params, a_control], evaluated at t:
-// [0, f(t, y), -a^T df/dy, -a^T df/dparams, -a^T df/dcontrol].
+// torchdiffeq's augmented adjoint system [a_t, y, a, a_params, a_control], evaluated at t:
+// [-a^T df/dt, f(t, y), -a^T df/dy, -a^T df/dparams, -a^T df/dcontrol]. a_t is no gradient (t takes none) but
+// enters the error norm, as in torchdiffeq, whose augmented dynamics differentiate w.r.t. t always.
 template <typename T>
 struct Augmented : ode::System<T> {
   Field<T>& field;
@@ -355,7 +373,7 @@ struct Augmented : ode::System<T> {
     std::fill(dz, dz + this->n, T(0));
     field.eval(t, z + 1, dz + 1);
     for (int64_t e = 0; e < ny; ++e) neg[e] = -z[1 + ny + e];
-    field.vjp_into(t, z + 1, neg.data(), dz + 1 + ny, dz + 1 + 2 * ny, C ? dz + 1 + 2 * ny + P : nullptr);
+    field.vjp_into(t, z + 1, neg.data(), dz + 1 + ny, dz + 1 + 2 * ny, C ? dz + 1 + 2 * ny + P : nullptr, dz);
   }
 };
 
