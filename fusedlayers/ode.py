@@ -109,7 +109,8 @@ def _check(func: ODEField, y0: Tensor, t: Tensor) -> None:
     if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] < 1 or not t.is_floating_point():
         raise ValueError("odeint(): expected t to be a 1-D floating-point tensor of length >= 1, got "
                          f"{t.shape if isinstance(t, Tensor) else type(t).__name__}")
-    if t.shape[0] > 1:
+    compiling = torch.compiler.is_compiling()  # the value checks below would read data while tracing
+    if t.shape[0] > 1 and not compiling:
         d = t[1:] - t[:-1]
         if not (bool((d > 0).all()) or bool((d < 0).all())):
             raise ValueError("odeint(): t must be strictly increasing or decreasing")
@@ -138,7 +139,7 @@ def _check(func: ODEField, y0: Tensor, t: Tensor) -> None:
     if c is not None and c.shape[0] != y0.shape[0]:
         raise ValueError(f"odeint(): control has {c.shape[0]} trajectories, y0 {y0.shape[0]}")
     times = func.control_times
-    if times is not None and (bool(times[0] > t.min()) or bool(times[-1] < t.max())):
+    if times is not None and not compiling and (bool(times[0] > t.min()) or bool(times[-1] < t.max())):
         raise ValueError(f"odeint(): control_times [{times[0].item()}, {times[-1].item()}] must cover t "
                          f"[{t.min().item()}, {t.max().item()}]")
 
@@ -174,10 +175,13 @@ def _net_params(net: FusedMLP, keep=lambda p: True) -> tuple[Tensor, list[tuple[
     return torch.cat(parts), spans
 
 
-def _problem(func: ODEField, t: Tensor) -> tuple:
+def _field(func: ODEField) -> tuple:
+    return (func.net.sizes, func.net._has_bias, func.net.activations, func.time_input)
+
+
+def _control_times(func: ODEField) -> Tensor | None:
     times = func.control_times
-    return (None if times is None else times.to(func.control.dtype), t, func.net.sizes, func.net._has_bias,
-            func.net.activations, func.time_input)
+    return None if times is None else times.to(func.control.dtype)
 
 
 def _stats_to(func: ODEField):
@@ -212,15 +216,16 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     method = _method(method)
     if isinstance(func, ODEField):
         _check(func, y0, t)
-    options = _with_knots(func, method, options)
     why = fused_solve_refusal(func, y0, t, options, event_fn)
     if why is not None or method not in ops.METHODS:
         _refused(method, why)
         kw = {} if event_fn is None else {"event_fn": event_fn}
-        return _torchdiffeq().odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, **kw)
+        return _torchdiffeq().odeint(func, y0, t, rtol=rtol, atol=atol, method=method,
+                                     options=_with_knots(func, method, options), **kw)
     params, _ = _net_params(func.net)
-    solve = ops.solve_args(method, rtol, atol, dict(options or {}))
-    return ops.Backprop.apply(_stats_to(func), _problem(func, t), solve, y0, params, func.control)
+    solve, step_t, jump_t = ops.solve_args(method, rtol, atol, dict(options or {}))
+    return ops.Backprop.apply(_stats_to(func), _field(func), solve, y0, params, func.control, _control_times(func),
+                              t, step_t, jump_t)
 
 
 def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None,
@@ -244,8 +249,6 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     params_given = adjoint_params
     adjoint_params = tuple(func.parameters() if adjoint_params is None else adjoint_params)
     adjoint_params = tuple(p for p in adjoint_params if p.requires_grad)
-    options = _with_knots(func, method, options)
-    adjoint_options = _with_knots(func, adjoint_method, adjoint_options)
     why = fused_solve_refusal(func, y0, t, options, event_fn)
     if why is None and callable(adjoint_options.get("norm")):
         why = "adjoint_options['norm'] is a callable"
@@ -256,17 +259,19 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
         _refused(method, why)
         _refused(adjoint_method, why)
         extra = {} if event_fn is None else {"event_fn": event_fn}
-        return _torchdiffeq().odeint_adjoint(func, y0, t, options=options, adjoint_options=adjoint_options,
-                                          adjoint_params=params_given, **kw, **extra)
+        return _torchdiffeq().odeint_adjoint(func, y0, t, options=_with_knots(func, method, options),
+                                             adjoint_options=_with_knots(func, adjoint_method, adjoint_options),
+                                             adjoint_params=params_given, **kw, **extra)
     chosen = lambda x: any(x is a for a in adjoint_params)  # noqa: E731
     params, spans = _net_params(func.net, chosen)
     control = func.control
     control_grad = control is not None and chosen(control)
     if control is not None and not control_grad:
         control = control.detach()
-    solve = ops.solve_args(method, rtol, atol, dict(options or {}))
+    solve, step_t, jump_t = ops.solve_args(method, rtol, atol, dict(options or {}))
     seminorm = adjoint_options.get("norm") == "seminorm"
-    adjoint_solve = ops.solve_args(adjoint_method, kw["adjoint_rtol"], kw["adjoint_atol"], dict(adjoint_options),
-                                   "adjoint_options")
+    adjoint_solve, adjoint_step_t, adjoint_jump_t = ops.solve_args(
+        adjoint_method, kw["adjoint_rtol"], kw["adjoint_atol"], dict(adjoint_options), "adjoint_options")
     adjoint = (adjoint_solve, [v for span in spans for v in span], control_grad, seminorm)
-    return ops.Adjoint.apply(_stats_to(func), _problem(func, t), solve, adjoint, y0, params, control)
+    return ops.Adjoint.apply(_stats_to(func), _field(func), solve, adjoint, y0, params, control,
+                             _control_times(func), t, step_t, jump_t, adjoint_step_t, adjoint_jump_t)

@@ -215,8 +215,10 @@ struct Field : ode::System<T> {
   }
 };
 
-// The solver's view of an OdeProblem's options, in solver time (tau = sign * t, ascending).
-ode::Options solver_options(const OdeSolve& s, int sign, const at::Tensor& t) {
+// The solver's view of an OdeProblem's options, in solver time (tau = sign * t, ascending). Adaptive methods
+// step onto the control's knots: they join jump_t.
+ode::Options solver_options(const OdeProblem& p, const OdeSolve& s, int sign) {
+  const at::Tensor& t = p.t;
   ode::Options o;
   o.rtol = s.rtol, o.atol = s.atol, o.first_step = s.first_step, o.step_size = s.step_size;
   o.safety = s.safety, o.ifactor = s.ifactor, o.dfactor = s.dfactor, o.min_step = s.min_step;
@@ -233,6 +235,16 @@ ode::Options solver_options(const OdeSolve& s, int sign, const at::Tensor& t) {
   };
   o.step_t = times(s.step_t);
   o.jump_t = times(s.jump_t);
+  if (p.control_times && ode::tableau(s.method)->adaptive) {
+    const auto knots = times(p.control_times);
+    o.jump_t.insert(o.jump_t.end(), knots.begin(), knots.end());
+    std::sort(o.jump_t.begin(), o.jump_t.end());
+    o.jump_t.erase(std::unique(o.jump_t.begin(), o.jump_t.end()), o.jump_t.end());
+  }
+  for (double v : o.step_t)
+    TORCH_CHECK(!std::binary_search(o.jump_t.begin(), o.jump_t.end(), v), "odeint(): `step_t` and `jump_t` must "
+                "not have any repeated elements between them (the control's knots are jump times), got ", sign * v,
+                " in both");
   return o;
 }
 
@@ -249,7 +261,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor> solve(const OdeProblem& p, const OdeSolve& s) {
   Field<T> field(p);
   const int sign = sign_of(p.t);
-  auto opt = solver_options(s, sign, p.t);
+  auto opt = solver_options(p, s, sign);
   opt.norm = {{0, field.n}};  // torchdiffeq's RMS norm over the state
   const auto tau = solver_times(p.t, sign);
   ode::Solver<T> solver(field, *ode::tableau(s.method), opt, sign < 0);
@@ -271,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backprop(const at::Te
   field.dparams.assign(p.params.numel(), T(0));
   if (p.control) field.dcontrol.assign(p.control->numel(), T(0));
   const int sign = sign_of(p.t);
-  auto opt = solver_options(s, sign, p.t);
+  auto opt = solver_options(p, s, sign);
   opt.norm = {{0, field.n}};  // torchdiffeq's RMS norm over the state
   const auto tau = solver_times(p.t, sign);
   const int64_t m = int64_t(tau.size());
@@ -386,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adjoint(const at::Ten
   const int64_t ny = field.n, P = p.params.numel(), C = control_grad ? p.control->numel() : 0;
   Augmented<T> aug(field, P, C);
   const int sign = -sign_of(p.t);  // each interval is solved backwards
-  auto opt = solver_options(s, sign, p.t);
+  auto opt = solver_options(p, s, sign);
   opt.norm = {{0, 1}, {1, ny}, {1 + ny, ny}};
   if (!seminorm) {
     for (size_t i = 0; i + 1 < param_norm.size(); i += 2) opt.norm.push_back({1 + 2 * ny + param_norm[i], param_norm[i + 1]});

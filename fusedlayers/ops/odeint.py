@@ -18,32 +18,39 @@ _ADAPTIVE_OPTIONS = {"first_step": None, "step_t": None, "jump_t": None, "safety
 _FIXED_OPTIONS = {"step_size": None, "perturb": False, "interp": "linear"}
 
 
-def solve_args(method: str, rtol: float, atol: float, options: dict, name: str = "options") -> tuple:
-    """The ops' solver arguments (ODE_SOLVE_SCHEMA of csrc/ops/odeint.h) from torchdiffeq's method and options;
-    ValueError for an option the method does not take."""
+def solve_args(method: str, rtol: float, atol: float, options: dict, name: str = "options"
+               ) -> tuple[tuple, Tensor | None, Tensor | None]:
+    """The ops' solver arguments (ODE_SOLVE_SCHEMA of csrc/ops/odeint.h) from torchdiffeq's method and options:
+    (the scalars, step_t, jump_t); ValueError for an option the method does not take."""
     known = _ADAPTIVE_OPTIONS if method in ADAPTIVE else _FIXED_OPTIONS
     for key in options:
         if key not in known and key != "norm":
             raise ValueError(f"odeint(): unknown {name} key {key!r} for method {method!r}; it takes "
                              f"{sorted(known)}")
-    o = {**known, **{k: v for k, v in options.items() if k != "norm"}}
-    if method in FIXED and o["interp"] != "linear":
+    o = {**_ADAPTIVE_OPTIONS, **_FIXED_OPTIONS, **{k: v for k, v in options.items() if k != "norm"}}
+    if o["interp"] != "linear":
         raise ValueError(f"odeint(): the fused solve interpolates linearly between grid points; {name}"
                          f"['interp'] = {o['interp']!r} is not supported")
-    if method in FIXED and o["step_size"] is not None and not o["step_size"] > 0:
+    if o["step_size"] is not None and not o["step_size"] > 0:
         raise ValueError(f"odeint(): {name}['step_size'] must be positive, got {o['step_size']}")
-    times = [None if o.get(k) is None else torch.as_tensor(o[k], dtype=torch.float64).reshape(-1)
-             for k in ("step_t", "jump_t")]
-    if times[0] is not None and times[1] is not None and bool(torch.isin(times[0], times[1]).any()):
-        raise ValueError("`step_t` and `jump_t` must not have any repeated elements between them.")
-    return (method, float(rtol), float(atol), _opt_float(o.get("first_step")), _opt_float(o.get("step_size")),
-            times[0], times[1], float(o.get("safety", 0.9)), float(o.get("ifactor", 10.0)),
-            float(o.get("dfactor", 0.2)), float(o.get("min_step", 0.0)), float(o.get("max_step", math.inf)),
-            int(o.get("max_num_steps", 2 ** 31 - 1)), bool(o.get("perturb", False)))
+    step_t, jump_t = (None if o[k] is None else torch.as_tensor(o[k], dtype=torch.float64).reshape(-1)
+                      for k in ("step_t", "jump_t"))
+    scalars = (method, float(rtol), float(atol), _opt_float(o["first_step"]), _opt_float(o["step_size"]),
+               float(o["safety"]), float(o["ifactor"]), float(o["dfactor"]), float(o["min_step"]),
+               float(o["max_step"]), int(o["max_num_steps"]), bool(o["perturb"]))
+    return scalars, step_t, jump_t
 
 
 def _opt_float(v) -> float | None:
     return None if v is None else float(v)
+
+
+def op_args(field: tuple, tensors: tuple, solve: tuple, step_t, jump_t) -> tuple:
+    """The arguments of the three ops after their leading ones: ODE_PROBLEM_SCHEMA then ODE_SOLVE_SCHEMA, from
+    field = (sizes, bias, activations, time_input), tensors = (y0, params, control, control_times, t) and
+    solve_args()'s three parts."""
+    (method, rtol, atol, first_step, step_size, *rest) = solve
+    return (*tensors, *field, method, rtol, atol, first_step, step_size, step_t, jump_t, *rest)
 
 
 @torch.library.register_fake("fusedlayers::odeint")
@@ -76,40 +83,45 @@ class Backprop(torch.autograd.Function):
     """The solve, differentiated by backpropagation through its accepted steps."""
 
     @staticmethod
-    def forward(ctx, stats_to, problem, solve, y0, params, control):
-        ys, stats = _ops.odeint(y0, params, control, *problem, *solve)
-        ctx.save_for_backward(y0, params, control)
-        ctx.problem, ctx.solve, ctx.stats_to = problem, solve, stats_to
+    def forward(ctx, stats_to, field, solve, y0, params, control, control_times, t, step_t, jump_t):
+        tensors = (y0, params, control, control_times, t)
+        ys, stats = _ops.odeint(*op_args(field, tensors, solve, step_t, jump_t))
+        ctx.save_for_backward(*tensors, step_t, jump_t)
+        ctx.field, ctx.solve, ctx.stats_to = field, solve, stats_to
         stats_to(forward=stats)
         return ys
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_double_backward()
-        y0, params, control = ctx.saved_tensors
-        dy0, dparams, dcontrol, stats = _ops.odeint_backward(grad.contiguous(), y0, params, control, *ctx.problem,
-                                                             *ctx.solve)
+        *tensors, step_t, jump_t = ctx.saved_tensors
+        dy0, dparams, dcontrol, stats = _ops.odeint_backward(
+            grad.contiguous(), *op_args(ctx.field, tensors, ctx.solve, step_t, jump_t))
         ctx.stats_to(backward=stats)
-        return None, None, None, dy0, dparams, dcontrol if control is not None else None
+        return None, None, None, dy0, dparams, dcontrol if tensors[2] is not None else None, None, None, None, None
 
 
 class Adjoint(torch.autograd.Function):
-    """The solve, differentiated by the continuous adjoint (torchdiffeq's OdeintAdjointMethod)."""
+    """The solve, differentiated by the continuous adjoint (torchdiffeq's OdeintAdjointMethod). adjoint =
+    (the adjoint's solve_args() scalars, param_norm, control_grad, seminorm)."""
 
     @staticmethod
-    def forward(ctx, stats_to, problem, solve, adjoint, y0, params, control):
-        ys, stats = _ops.odeint(y0, params, control, *problem, *solve)
-        ctx.save_for_backward(ys, y0, params, control)
-        ctx.problem, ctx.adjoint, ctx.stats_to = problem, adjoint, stats_to
+    def forward(ctx, stats_to, field, solve, adjoint, y0, params, control, control_times, t, step_t, jump_t,
+                adjoint_step_t, adjoint_jump_t):
+        tensors = (y0, params, control, control_times, t)
+        ys, stats = _ops.odeint(*op_args(field, tensors, solve, step_t, jump_t))
+        ctx.save_for_backward(ys, *tensors, adjoint_step_t, adjoint_jump_t)
+        ctx.field, ctx.adjoint, ctx.stats_to = field, adjoint, stats_to
         stats_to(forward=stats)
         return ys
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_double_backward()
-        ys, y0, params, control = ctx.saved_tensors
+        ys, *tensors, step_t, jump_t = ctx.saved_tensors
         solve, param_norm, control_grad, seminorm = ctx.adjoint
         dy0, dparams, dcontrol, stats = _ops.odeint_adjoint_backward(
-            grad.contiguous(), ys, y0, params, control, *ctx.problem, *solve, param_norm, control_grad, seminorm)
+            grad.contiguous(), ys, *op_args(ctx.field, tensors, solve, step_t, jump_t), param_norm, control_grad,
+            seminorm)
         ctx.stats_to(backward=stats)
-        return None, None, None, None, dy0, dparams, dcontrol if control_grad else None
+        return (None, None, None, None, dy0, dparams, dcontrol if control_grad else None, *[None] * 6)
