@@ -80,6 +80,11 @@ def _torchdiffeq():
                           "installed") from e
 
 
+def _torchdiffeq_methods():
+    _torchdiffeq()
+    return importlib.import_module("torchdiffeq._impl.odeint").SOLVERS
+
+
 def fused_solve_refusal(func, y0, t, options, event_fn) -> str | None:
     """Why torchdiffeq, not the fused solve, runs this problem; None when the fused solve does."""
     if not isinstance(func, ODEField):
@@ -100,7 +105,8 @@ def fused_solve_refusal(func, y0, t, options, event_fn) -> str | None:
     for key in ("norm", "grid_constructor"):
         if callable((options or {}).get(key)):
             return f"options[{key!r}] is a callable"
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in (y0, t, *net.parameters())):
+    if not torch.compiler.is_compiling() and any(
+            torch._C._functorch.is_functorch_wrapped_tensor(x) for x in (y0, t, *net.parameters())):
         return "a torch.func transform is active"
     return None
 
@@ -198,9 +204,9 @@ def _stats_to(func: ODEField):
 
 def _method(method: str | None) -> str:
     method = "dopri5" if method is None else method
-    if method not in ops.METHODS and method not in _torchdiffeq()._impl.odeint.SOLVERS:
+    if method not in ops.METHODS and method not in _torchdiffeq_methods():
         raise ValueError(f'odeint(): invalid method "{method}"; the fused solve has {list(ops.METHODS)}, '
-                         f"torchdiffeq {sorted(_torchdiffeq()._impl.odeint.SOLVERS)}")
+                         f"torchdiffeq {sorted(_torchdiffeq_methods())}")
     return method
 
 
