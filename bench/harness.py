@@ -256,4 +256,13 @@ def format_table(records: list[dict]) -> str:
         lines += [f"{r['case']:<16} {r['impl']:<12} {r['nfe_fwd']:>8} {r['nfe_bwd']:>8} "
                   f"{r['instrumented_step_ms']:>9.1f} {r['field_ms']:>9.1f} {r['solver_ms']:>10.1f} "
                   f"{r['field_share']:>11.0%}" for r in split]
+    per_eval = [r for r in records if "us_per_eval" in r]
+    if per_eval:
+        head = (f"{'case':<22} {'impl':<12} {'NFE fwd':>8} {'NFE bwd':>8} {'step ms':>9} {'us/eval':>8} "
+                f"{'kernel ms':>10} {'step/kernel':>12}")
+        lines += ["", "Per evaluation: the timed step over its field evaluations (calls and VJPs); the fused solve's "
+                  "evaluations also priced at the network kernels' per-call time", head, "-" * len(head)]
+        lines += [f"{r['case']:<22} {r['impl']:<12} {r['nfe_fwd']:>8} {r['nfe_bwd']:>8} {r['fwd_bwd_ms']:>9.1f} "
+                  f"{r['us_per_eval']:>8.1f} " + (f"{r['kernel_ms']:>10.2f} {r['step_over_kernel']:>11.2f}x"
+                                                   if "kernel_ms" in r else "") for r in per_eval]
     return "\n".join(lines)

@@ -4,10 +4,16 @@
 - seed003_field: the field as the solver calls it, field(t, y) = net([y, control]): the forward (what the
   no-grad solve of odeint_adjoint calls) and its vector-Jacobian product w.r.t. the state and the parameters.
 - seed003_odeint, seed003_adjoint: the training step, solve + loss + gradients of the parameters, by
-  backpropagation through odeint and by odeint_adjoint. Their records also hold the split of the step between
-  the field and the rest (torchdiffeq's own work: step-size control, interpolation, the adjoint's
-  bookkeeping, the loss, autograd), measured by FieldClock in separate, instrumented steps: nfe_fwd, nfe_bwd,
-  field_ms, solver_ms (the rest), instrumented_step_ms (their sum) and field_share (field_ms over that sum).
+  backpropagation through odeint and by odeint_adjoint; seed003_knots_odeint, seed003_knots_adjoint the same
+  with the seed's piecewise-linear controls (knots at the save times, jump times of the solve). torchdiffeq
+  solves with each field (eager, compile, fused-<backend>); `fused-solve` is fusedlayers.odeint's one-op solve of
+  an ODEField (CPU). The torchdiffeq records also hold the split of the step between the field and the rest
+  (torchdiffeq's own work: step-size control, interpolation, the adjoint's bookkeeping, the loss, autograd),
+  measured by FieldClock in separate, instrumented steps: nfe_fwd, nfe_bwd, field_ms, solver_ms (the rest),
+  instrumented_step_ms (their sum) and field_share (field_ms over that sum). Every training record has
+  us_per_eval, the timed step over its evaluations (nfe_fwd + nfe_bwd: field calls and VJPs); fused-solve's also
+  kernel_ms, its evaluations priced at the network kernels' own per-call time (mlp_forward, mlp_backward on the
+  (100, 3) batch, timed here), the arithmetic the solve cannot go below.
 """
 import functools
 import statistics
@@ -18,7 +24,7 @@ import torch._functorch.config
 from torch import nn
 
 import fusedlayers
-from examples.neural_ode import SIZES, ControlledField, eager_net, loss_fn, make_problem, solve
+from examples.neural_ode import SIZES, ControlledField, eager_net, field_for, loss_fn, make_problem, solve
 
 from . import floors, jax_impls
 from .harness import Case, Impl
@@ -64,6 +70,7 @@ class FieldClock(nn.Module):
         super().__init__()
         self.field = field
         self.net = field.net  # solve() passes net's parameters to odeint_adjoint
+        self.control_times = field.control_times  # and the knots as jump times
         self.reset()
 
     def reset(self) -> None:
@@ -81,10 +88,10 @@ class FieldClock(nn.Module):
 
 
 @functools.cache
-def _problem(device: str, backends: tuple[str, ...]):
-    """The data and the networks, built once per process: the three cases share them, and torch.compile
-    compiles the one eager network once (a new module would be a recompilation)."""
-    data = tuple(x.to(device) for x in make_problem(dtype=torch.float32))
+def _problem(device: str, backends: tuple[str, ...], controls: str = "constant"):
+    """The data and the networks, built once per process: the cases share them, and torch.compile compiles the
+    one eager network once (a new module would be a recompilation)."""
+    data = tuple(x.to(device) for x in make_problem(dtype=torch.float32, controls=controls))
     eager = eager_net(SIZES, dtype=torch.float32).to(device)
     # odeint_adjoint differentiates the field with retain_graph=True, which a backward compiled with donated
     # buffers (the default) refuses with a RuntimeError; the setting is read when a graph compiles, lazily at
@@ -163,16 +170,63 @@ class _Split:
         def fields_of(record: dict) -> dict:
             if self.results is None:
                 self.results = self._measure()
-            return self.results[name]
+            r = self.results[name]
+            return {**r, "us_per_eval": record["fwd_bwd_ms"] * 1e3 / (r["nfe_fwd"] + r["nfe_bwd"])}
         return fields_of
 
 
-def step_impls(device, backends, adjoint: bool, quick: bool) -> list[Impl]:
-    data, nets = _problem(device, backends)
+def _kernel_us(net: fusedlayers.FusedMLP, x: torch.Tensor, copies: int = 5, reps: int = 1000
+               ) -> tuple[float, float]:
+    """Microseconds of the CPU mlp_forward and mlp_backward kernels' arithmetic on x: their time on `copies`
+    copies of x stacked (still the fused path), over copies, so that the call's fixed cost (Python, the
+    dispatcher) is mostly divided away: the fused solve's evaluations priced at the network's own cost."""
+    weights, biases = net.weights(), net.biases() or []
+    x = x.repeat(copies, 1)
+    g = torch.ones(*x.shape[:-1], net.sizes[-1], dtype=x.dtype)
+    fwd = lambda: torch.ops.fusedlayers.mlp_forward(x, weights, biases, net.activations, False)  # noqa: E731
+    bwd = lambda: torch.ops.fusedlayers.mlp_backward(g, x, weights, biases, [], net.activations, True)  # noqa: E731
+    out = []
+    for fn in (fwd, bwd):
+        samples = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(reps // 5):
+                fn()
+            samples.append((time.perf_counter() - start) / (reps // 5) / copies * 1e6)
+        out.append(statistics.median(samples))
+    return out[0], out[1]
+
+
+def _fused_solve_extra(field: fusedlayers.ODEField, data, adjoint: bool):
+    y0, _, t, target = data
+
+    def fields_of(record: dict) -> dict:
+        torch.autograd.grad(loss_fn(solve(field, y0, t, adjoint), target), list(field.net.parameters()))
+        nfe_fwd, nfe_bwd = field.last_solve["nfe_forward"], field.last_solve["nfe_backward"]
+        with torch.no_grad():
+            x = torch.cat([y0, field.control_at(torch.zeros(()))], -1)
+        fwd_us, bwd_us = _kernel_us(field.net, x)
+        # backprop: a forward per evaluation, a VJP per stage in the backward (the solve recomputed: forward
+        # again); the adjoint: each backward evaluation is a forward and a VJP
+        kernel_us = nfe_fwd * fwd_us + nfe_bwd * (bwd_us + fwd_us if adjoint else bwd_us) + \
+            (0 if adjoint else nfe_fwd * fwd_us)
+        return {"nfe_fwd": nfe_fwd, "nfe_bwd": nfe_bwd,
+                "us_per_eval": record["fwd_bwd_ms"] * 1e3 / (nfe_fwd + nfe_bwd),
+                "kernel_fwd_us": fwd_us, "kernel_bwd_us": bwd_us, "kernel_ms": kernel_us / 1e3,
+                "step_over_kernel": record["fwd_bwd_ms"] / (kernel_us / 1e3)}
+    return fields_of
+
+
+def step_impls(device, backends, adjoint: bool, quick: bool, controls: str = "constant") -> list[Impl]:
+    data, nets = _problem(device, backends, controls)
     y0, control, t, target = data
-    fields = {name: ControlledField(net, control) for name, net in nets.items()}
+    fields = {name: field_for(net, control, t) for name, net in nets.items()}
     # A step by the adjoint takes seconds here, by odeint a tenth of one.
-    split = _Split(fields, data, adjoint, rounds=(1 if quick else 3) if adjoint else (5 if quick else 9))
+    split = _Split(dict(fields), data, adjoint, rounds=(1 if quick else 3) if adjoint else (5 if quick else 9))
+    extras = {name: split.extra(name) for name in fields}
+    if device == "cpu" and "fused-cpu" in nets:
+        fields["fused-solve"] = field_for(nets["fused-cpu"], control, t, fused_solve=True)
+        extras["fused-solve"] = _fused_solve_extra(fields["fused-solve"], data, adjoint)
     impls = []
     for name, field in fields.items():
         params = list(field.net.parameters())
@@ -185,7 +239,7 @@ def step_impls(device, backends, adjoint: bool, quick: bool) -> list[Impl]:
             loss = loss_fn(solve(field, y0, t, adjoint), target)
             return loss, torch.autograd.grad(loss, params)
 
-        impls.append(Impl(name, forward, forward_backward, extra=split.extra(name)))
+        impls.append(Impl(name, forward, forward_backward, extra=extras[name]))
     return impls
 
 
@@ -204,4 +258,9 @@ def cases(device: str, backends: list[str], quick: bool) -> list[Case]:
              lambda: step_impls(device, backends, False, quick), reps=8),
         Case("seed003_adjoint", f"{desc}: training step by odeint_adjoint (seed 003)", device, torch.float32,
              lambda: step_impls(device, backends, True, quick), reps=4),
+        Case("seed003_knots_odeint", f"{desc}, piecewise-linear controls (knots at the save times): training step "
+             "by backpropagation through odeint (seed 003's own controls)", device, torch.float32,
+             lambda: step_impls(device, backends, False, quick, "knots"), reps=8),
+        Case("seed003_knots_adjoint", f"{desc}, piecewise-linear controls: training step by odeint_adjoint",
+             device, torch.float32, lambda: step_impls(device, backends, True, quick, "knots"), reps=4),
     ]

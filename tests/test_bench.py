@@ -28,7 +28,8 @@ def test_quick_run_writes_results_and_plots(tmp_path):
     assert data["machine"]["torch"].startswith("2.14")
     records = data["results"]
     cases = {r["case"] for r in records}
-    assert {"seed000", "seed002", "seed003_field", "seed003_odeint", "seed003_adjoint", "seed004", "dense_large",
+    assert {"seed000", "seed002", "seed003_field", "seed003_odeint", "seed003_adjoint", "seed003_knots_odeint",
+            "seed003_knots_adjoint", "seed004", "dense_large",
             "dense_tiny", "ce", "linear_ce", "pinn", "models_vit", "models_mixer", "models_bert", "models_gpt2",
             "models_llama"} <= cases
     assert any(c.startswith("sweep_batch_") for c in cases) and any(c.startswith("sweep_width_") for c in cases)
@@ -39,6 +40,8 @@ def test_quick_run_writes_results_and_plots(tmp_path):
                                              if case == "pinn" else set() if case.startswith("models_") else {"compile"})
         assert {r["impl"] for r in records if r["case"] == case} >= expected, case
     assert {r["impl"] for r in records if r["case"] == "linear_ce"} >= {"torch-lce", "torch-lce-chunked"}
+    for case in ("seed003_odeint", "seed003_adjoint", "seed003_knots_odeint", "seed003_knots_adjoint"):
+        assert "fused-solve" in {r["impl"] for r in records if r["case"] == case}, case
     floors = {"dense_large": "gemm-floor", "seed002": "gemm-floor", "seed000": "call-floor",
               "seed003_field": "call-floor"}
     for case, floor in floors.items():
@@ -50,10 +53,14 @@ def test_quick_run_writes_results_and_plots(tmp_path):
         assert r["grad_ratio"] == r["fwd_bwd_ms"] / r["fwd_ms"]
         if r["case"].startswith("models_") and r["impl"] == "fused-cpu":
             assert r["pairs_fused"] > 0
-        if r["case"] in ("seed003_odeint", "seed003_adjoint"):  # the training step's split
+        if r["case"].startswith("seed003_") and r["case"] != "seed003_field" and r["impl"] != "fused-solve":
+            # torchdiffeq's training step split
             assert r["nfe_fwd"] > 0 and r["nfe_bwd"] > 0 and r["field_ms"] > 0
             assert r["field_ms"] + r["solver_ms"] == pytest.approx(r["instrumented_step_ms"])
             assert r["field_share"] == pytest.approx(r["field_ms"] / r["instrumented_step_ms"])
+        if r["impl"] == "fused-solve":  # the fused solve's evaluations and their price at the kernels' cost
+            assert r["nfe_fwd"] > 0 and r["nfe_bwd"] > 0 and r["kernel_ms"] > 0
+            assert r["us_per_eval"] == pytest.approx(r["fwd_bwd_ms"] * 1e3 / (r["nfe_fwd"] + r["nfe_bwd"]))
     for impl in ("eager", "compile", "fused-cpu"):  # --quick: one cold start per implementation
         assert any(r["impl"] == impl and r["cold_ms"] is not None and r["peak_mem_bytes"] is not None
                    for r in records)

@@ -181,7 +181,9 @@ struct Field : ode::System<T> {
       T sum = T(0);
       if (time_input)
         for (int64_t r = 0; r < B; ++r) sum += dxp[r * in + d];
-      if (control && K > 1 && w_raw >= T(0) && w_raw <= T(1)) {  // dc/dt = (hi - lo) / (t_{j+1} - t_j)
+      // dc/dt = (hi - lo) / (t_{j+1} - t_j), and 0 where the weight is clamped: at 0 and 1 too, as
+      // torch.clamp's gradient (the torchdiffeq field's interpolation)
+      if (control && K > 1 && w_raw > T(0) && w_raw < T(1)) {
         T dw = T(0);
         for (int64_t r = 0; r < B; ++r) {
           const T* lo = control + (r * K + j) * k;
