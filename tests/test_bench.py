@@ -20,6 +20,9 @@ RECORD_FIELDS = {"case", "impl", "device", "dtype", "fwd_ms", "fwd_bwd_ms", "gra
                  "cold_ms", "fwd_ms_spread", "fwd_bwd_ms_spread"}
 
 
+SOLVE_CASES = ("seed003_odeint", "seed003_adjoint", "seed003_knots_odeint", "seed003_knots_adjoint")
+
+
 def test_quick_run_writes_results_and_plots(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=ROOT, env=env,
@@ -40,7 +43,7 @@ def test_quick_run_writes_results_and_plots(tmp_path):
                                              if case == "pinn" else set() if case.startswith("models_") else {"compile"})
         assert {r["impl"] for r in records if r["case"] == case} >= expected, case
     assert {r["impl"] for r in records if r["case"] == "linear_ce"} >= {"torch-lce", "torch-lce-chunked"}
-    for case in ("seed003_odeint", "seed003_adjoint", "seed003_knots_odeint", "seed003_knots_adjoint"):
+    for case in SOLVE_CASES:
         assert "fused-solve" in {r["impl"] for r in records if r["case"] == case}, case
     floors = {"dense_large": "gemm-floor", "seed002": "gemm-floor", "seed000": "call-floor",
               "seed003_field": "call-floor"}
@@ -53,7 +56,7 @@ def test_quick_run_writes_results_and_plots(tmp_path):
         assert r["grad_ratio"] == r["fwd_bwd_ms"] / r["fwd_ms"]
         if r["case"].startswith("models_") and r["impl"] == "fused-cpu":
             assert r["pairs_fused"] > 0
-        if r["case"].startswith("seed003_") and r["case"] != "seed003_field" and r["impl"] != "fused-solve":
+        if r["case"] in SOLVE_CASES and r["impl"] != "fused-solve":
             # torchdiffeq's training step split
             assert r["nfe_fwd"] > 0 and r["nfe_bwd"] > 0 and r["field_ms"] > 0
             assert r["field_ms"] + r["solver_ms"] == pytest.approx(r["instrumented_step_ms"])
