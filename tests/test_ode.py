@@ -203,9 +203,7 @@ def test_matches_torchdiffeq(method, adjoint, kind, activation, bias, batch):
     t = torch.tensor([0.0, 0.3, 0.7, 1.2], dtype=torch.float64)
     ys, grads, ys_ref, grads_ref, ref = solve_both(field, y0, t, method, adjoint)
     assert_rel_close(ys, ys_ref, 1e-10, "solution")
-    # The adjoint's steps over a knot follow rounding (the field's derivative jumps there), as over a kink.
-    if not (adjoint and kind == "knots"):
-        assert field.last_solve["nfe_forward"] + field.last_solve["nfe_backward"] * adjoint == ref.nfe
+    assert field.last_solve["nfe_forward"] + field.last_solve["nfe_backward"] * adjoint == ref.nfe
     grid = int(torch.ceil((t[-1] - t[0]) / STEPS[method] + 1).item()) if method in STEPS else None
     assert field.last_solve["steps"] == (ref.steps if method not in STEPS else grid - 1)
     for name, a, b in zip(["y0", *[f"param{i}" for i in range(len(grads) - 2)], "control"], grads, grads_ref):

@@ -225,7 +225,8 @@ ode::Options solver_options(const OdeProblem& p, const OdeSolve& s, int sign) {
   o.rtol = s.rtol, o.atol = s.atol, o.first_step = s.first_step, o.step_size = s.step_size;
   o.safety = s.safety, o.ifactor = s.ifactor, o.dfactor = s.dfactor, o.min_step = s.min_step;
   o.max_step = s.max_step, o.max_num_steps = s.max_num_steps, o.perturb = s.perturb;
-  const double t0 = sign * t[0].item<double>();
+  // the solve's earliest solver time: the adjoint's intervals each start later, and find their next jump
+  const double t0 = std::min(sign * t[0].item<double>(), sign * t[-1].item<double>());
   auto times = [&](const std::optional<at::Tensor>& v) {
     std::vector<double> out;
     if (!v) return out;
