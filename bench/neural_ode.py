@@ -37,18 +37,20 @@ class _TimedCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx, clock, t, y, *params):
         with torch.enable_grad():
+            # t too: torchdiffeq's adjoint differentiates its field w.r.t. t (a knot control depends on it)
+            t_in = t.detach().requires_grad_(t.requires_grad)
             y_in = y.detach().requires_grad_(y.requires_grad)
             start = time.perf_counter()
-            out = clock.field(t, y_in)
+            out = clock.field(t_in, y_in)
             clock.seconds += time.perf_counter() - start
         clock.calls += 1
-        ctx.clock, ctx.out, ctx.y_in, ctx.params = clock, out, y_in, params
+        ctx.clock, ctx.out, ctx.t_in, ctx.y_in, ctx.params = clock, out, t_in, y_in, params
         return out.detach()
 
     @staticmethod
     def backward(ctx, grad_out):
         clock = ctx.clock
-        wrt = [ctx.y_in, *ctx.params]
+        wrt = [ctx.t_in, ctx.y_in, *ctx.params]
         needed = [x.requires_grad for x in wrt]
         start = time.perf_counter()
         # retain_graph: torchdiffeq's adjoint differentiates its graph with retain_graph=True too.
@@ -56,7 +58,7 @@ class _TimedCall(torch.autograd.Function):
                                          allow_unused=True, retain_graph=True))
         clock.seconds += time.perf_counter() - start
         clock.vjps += 1
-        return (None, None, *[next(grads) if n else None for n in needed])
+        return (None, *[next(grads) if n else None for n in needed])
 
 
 class FieldClock(nn.Module):
@@ -78,7 +80,7 @@ class FieldClock(nn.Module):
 
     def forward(self, t, y):
         params = [p for p in self.net.parameters() if p.requires_grad]
-        if torch.is_grad_enabled() and (y.requires_grad or params):
+        if torch.is_grad_enabled() and (y.requires_grad or params or (torch.is_tensor(t) and t.requires_grad)):
             return _TimedCall.apply(self, t, y, *params)
         start = time.perf_counter()
         out = self.field(t, y)
