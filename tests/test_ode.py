@@ -422,3 +422,33 @@ def test_other_functions_and_hooks_go_to_torchdiffeq():
     handle.remove()
     assert_rel_close(fused, fusedlayers.odeint(field, y0, t), 1e-12)
     assert field.last_solve["nfe_forward"] > 0
+
+
+@pytest.mark.parametrize("layout", ["transposed", "expanded", "sliced-knots", "strided-times"])
+@pytest.mark.parametrize("adjoint", [False, True], ids=["backprop", "adjoint"])
+def test_noncontiguous_control(layout, adjoint):
+    """A control (or its times) that is not contiguous in memory, a view of a leaf: the same solution and
+    gradients (w.r.t. the leaf) as its contiguous copy."""
+    torch.manual_seed(0)
+    net = FusedMLP([D + CONTROL, 6, D], activation="tanh", dtype=torch.float64)
+    shapes = {"transposed": (CONTROL, 3), "expanded": (1, CONTROL), "sliced-knots": (3, 5, CONTROL),
+              "strided-times": (3, 3, CONTROL)}
+    base = torch.randn(*shapes[layout], dtype=torch.float64)
+    view = {"transposed": lambda b: b.t(), "expanded": lambda b: b.expand(3, CONTROL),
+            "sliced-knots": lambda b: b[:, :3], "strided-times": lambda b: b}[layout]
+    times = {"sliced-knots": torch.tensor([-0.1, 0.4, 1.1], dtype=torch.float64),
+             "strided-times": torch.tensor([-0.1, 9, 0.4, 9, 1.1], dtype=torch.float64)[::2]}.get(layout)
+    y0 = torch.randn(3, D, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    solve = fusedlayers.odeint_adjoint if adjoint else fusedlayers.odeint
+    results = []
+    for contiguous in (False, True):
+        leaf, x0 = base.clone().requires_grad_(), y0.clone().requires_grad_()
+        c = view(leaf).contiguous() if contiguous else view(leaf)
+        ct = None if times is None else times.contiguous() if contiguous else times
+        assert contiguous or not (c.is_contiguous() and (ct is None or ct.is_contiguous()))
+        kw = {"adjoint_params": (net.flat_params, c)} if adjoint else {}
+        ys = solve(ODEField(net, c, ct), x0, t, **kw, **TOLS)
+        results.append([ys, *torch.autograd.grad(ys.square().sum(), [x0, net.flat_params, leaf])])
+    for a, b in zip(*results):
+        assert_rel_close(a, b, 1e-12)

@@ -96,6 +96,7 @@ struct Field : ode::System<T> {
   std::vector<std::string> acts;
   int64_t B, d, k = 0, K = 0, in;
   bool time_input;
+  at::Tensor control_c;  // control, contiguous (a transposed or expanded one is copied)
   const T* control = nullptr;
   std::vector<T> times;
   at::Tensor x, g;
@@ -107,12 +108,13 @@ struct Field : ode::System<T> {
     B = p.y0.dim() == 2 ? p.y0.size(0) : 1;
     in = p.sizes.front();
     if (p.control) {
-      control = p.control->template const_data_ptr<T>();
+      control_c = p.control->contiguous();
+      control = control_c.template const_data_ptr<T>();
       k = p.control->size(-1);
       if (p.control_times) {
-        K = p.control_times->size(0);
-        const T* ct = p.control_times->template const_data_ptr<T>();
-        times.assign(ct, ct + K);
+        const auto ct = p.control_times->contiguous();
+        K = ct.size(0);
+        times.assign(ct.template const_data_ptr<T>(), ct.template const_data_ptr<T>() + K);
       }
     }
     this->n = B * d;
