@@ -42,13 +42,13 @@ struct Options {
 enum class Perturb { None, Prev, Next };
 
 // The system dy/dtau = f(t, y) of n elements; eval writes f, vjp (backprop only) adds into g_y the product of
-// g_f with df/dy and accumulates its own parameter gradients.
+// g_f with df/dy, into *g_t (if not null) its product with df/dt, and accumulates its own parameter gradients.
 template <typename T>
 struct System {
   int64_t n = 0;
   virtual ~System() = default;
   virtual void eval(T t, const T* y, T* f) = 0;
-  virtual void vjp(T t, const T* y, const T* g_f, T* g_y) { TORCH_CHECK(false, "odeint(): no vjp"); }
+  virtual void vjp(T t, const T* y, const T* g_f, T* g_y, T* g_t) { TORCH_CHECK(false, "odeint(): no vjp"); }
 };
 
 // An accepted step, kept for backpropagation: its start state and stages k_0..k_S.
@@ -57,6 +57,10 @@ struct Step {
   double t0, dt, t1;
   std::vector<T> y0, k;
   bool jump = false;  // the step ended on a jump time: the next step's k_0 was evaluated afresh at t1+
+  // d t0 / d h and d dt / d h for the initial step h that initial_step() chose: torchdiffeq differentiates that
+  // choice (and holds every later step size constant), so each step's times move with h until one ends on a
+  // step_t or jump_t point
+  double sigma = 0, delta = 0;
 };
 
 template <typename T>
@@ -92,8 +96,8 @@ class Solver {
     ++nfe;
   }
 
-  // Adds g's product with the Jacobian of call(tau, p, y, .) into gy.
-  void vjp_call(T tau, Perturb p, const T* y, const T* g, T* gy) {
+  // Adds g's product with the Jacobian of call(tau, p, y, .) into gy, and with its derivative in tau into *gt.
+  void vjp_call(T tau, Perturb p, const T* y, const T* g, T* gy, T* gt = nullptr) {
     if (p == Perturb::Next) tau = std::nextafter(tau, std::numeric_limits<T>::infinity());
     if (p == Perturb::Prev) tau = std::nextafter(tau, -std::numeric_limits<T>::infinity());
     if (sign_ < 0) {
@@ -101,7 +105,9 @@ class Solver {
       for (auto& v : neg_) v = -v;
       g = neg_.data();
     }
-    sys_.vjp(T(sign_) * tau, y, g, gy);
+    T g_t = T(0);
+    sys_.vjp(T(sign_) * tau, y, g, gy, gt ? &g_t : nullptr);
+    if (gt) *gt += T(sign_) * g_t;
     ++nvjp;
   }
 
@@ -112,6 +118,9 @@ class Solver {
     return {T(t0) + a * T(dt), Perturb::None};
   }
   Perturb first_perturb() const { return !tab_.adaptive && opt_.perturb ? Perturb::Next : Perturb::None; }
+  int64_t size() const { return n_; }
+  const Tableau& tab() const { return tab_; }
+  const Options& options() const { return opt_; }
 
   // z = y0 + sum_{j<i} k_j * (beta[i-1][j] * dt), stage i's input.
   void stage_input(int64_t i, const T* y0, const T* k, double dt, T* z) const {
@@ -227,6 +236,7 @@ void Solver<T>::adaptive(const double* tau, int64_t m, const T* y0_in, T* out, R
   call(T(tau[0]), Perturb::None, y.data(), f.data());
   double dt = opt_.first_step ? *opt_.first_step : initial_step(tau[0], y.data(), f.data());
   double t0 = tau[0], t1 = tau[0];  // the last accepted step, [t0, t1]
+  double shift = 0, live = opt_.first_step ? 0 : 1;  // d t1 / d h and d dt / d h (Step's sigma and delta)
   for (int64_t e = 0; e < n_; ++e) coeff[e] = y[e];
   auto first_after = [&](const std::vector<double>& v) {
     const auto it = std::upper_bound(v.begin(), v.end(), tau[0]);
@@ -240,6 +250,7 @@ void Solver<T>::adaptive(const double* tau, int64_t m, const T* y0_in, T* out, R
                   ">=", opt_.max_num_steps, ")");
       // one adaptive step from (t1, y, f) (torchdiffeq's _adaptive_step)
       const double s0 = t1;
+      if (!std::isfinite(dt) || dt < opt_.min_step || dt > opt_.max_step) live = 0;  // torch.clamp's gradient
       if (!std::isfinite(dt)) dt = opt_.min_step;
       dt = std::clamp(dt, opt_.min_step, opt_.max_step);
       double s1 = s0 + dt;
@@ -266,9 +277,11 @@ void Solver<T>::adaptive(const double* tau, int64_t m, const T* y0_in, T* out, R
       bool accept = error_ratio <= 1;
       if (dt > opt_.max_step) accept = false;
       if (dt <= opt_.min_step) accept = true;
+      if (on_step || on_jump) live = -shift;  // dt = s1 - s0 with s1 fixed
       if (accept) {
         interp_fit(y.data(), y1.data(), k.data(), dt, coeff);
-        if (rec) rec->steps.push_back({s0, dt, s1, y, k, on_jump});
+        if (rec) rec->steps.push_back({s0, dt, s1, y, k, on_jump, shift, live});
+        shift += live;
         if (on_step && next_step != int64_t(opt_.step_t.size()) - 1) ++next_step;
         y = y1;
         t0 = s0, t1 = s1;
@@ -290,6 +303,7 @@ void Solver<T>::adaptive(const double* tau, int64_t m, const T* y0_in, T* out, R
         factor = std::min(opt_.ifactor, std::max(opt_.safety / std::pow(error_ratio, 1.0 / tab_.order), dfactor));
       }
       dt = std::clamp(dt * factor, opt_.min_step, opt_.max_step);
+      live = 0;
       ++n_steps;
     }
     const T x = T((tau[j] - t0) / (t1 - t0));

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "cpu/mlp.h"
-#include "cpu/ode_solver.h"
+#include "cpu/ode_backprop.h"
 #include "ops/odeint.h"
 
 namespace fusedlayers::cpu {
@@ -214,8 +214,8 @@ struct Field : ode::System<T> {
     }
   }
 
-  void vjp(T t, const T* y, const T* g_f, T* gy) override {
-    vjp_into(t, y, g_f, gy, dparams.data(), dcontrol.empty() ? nullptr : dcontrol.data());
+  void vjp(T t, const T* y, const T* g_f, T* gy, T* gt) override {
+    vjp_into(t, y, g_f, gy, dparams.data(), dcontrol.empty() ? nullptr : dcontrol.data(), gt);
   }
 };
 
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> solve(const OdeProblem& p, const OdeSolve& s)
   return {ys, at::tensor({solver.nfe, int64_t(rec.steps.size())}, at::kLong)};
 }
 
-// Backpropagation through the accepted steps of a solve (recomputed, then reversed).
+// Backpropagation through the accepted steps of a solve (recomputed, then reversed: csrc/cpu/ode_backprop.h).
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backprop(const at::Tensor& grad, const OdeProblem& p,
                                                                     const OdeSolve& s) {
@@ -300,79 +300,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backprop(const at::Te
   solver.integrate(tau.data(), m, y0.template const_data_ptr<T>(), ys.data(), &rec);
   const int64_t nfe_forward = solver.nfe;
 
-  const auto gc = grad.contiguous();
-  const T* G = gc.template const_data_ptr<T>();
-  const int64_t S = int64_t(tab.alpha.size()), N = int64_t(rec.steps.size());
-  std::vector<T> a_y(n, T(0)), a_kS(n, T(0)), gk((S + 1) * n), gy0(n), a_y1(n), z(n);
-  int64_t j = m - 1;  // outputs are read in order, so their steps are nondecreasing
-  for (int64_t si = N - 1; si >= 0; --si) {
-    const auto& st = rec.steps[si];
-    std::fill(gk.begin(), gk.end(), T(0));
-    std::fill(gy0.begin(), gy0.end(), T(0));
-    a_y1 = a_y;
-    for (int64_t e = 0; e < n; ++e) gk[S * n + e] += a_kS[e];
-    const T h = T(st.dt);
-    for (; j >= 1 && rec.out_step[j - 1] == si; --j) {
-      const T* g = G + j * n;
-      const T x = rec.out_x[j - 1];
-      if (tab.adaptive) {
-        // e + d x + c x^2 + b x^3 + a x^4 of (y0, y1, ymid, f0, f1) (torchdiffeq's _interp_fit)
-        const T x2 = x * x, x3 = x2 * x, x4 = x3 * x;
-        for (int64_t e = 0; e < n; ++e) {
-          const T ga = x4 * g[e], gb = x3 * g[e], gcc = x2 * g[e], gd = x * g[e];
-          const T gym = T(16) * ga - T(32) * gb + T(16) * gcc;
-          gy0[e] += g[e] - T(8) * ga + T(18) * gb - T(11) * gcc + gym;
-          a_y1[e] += -T(8) * ga + T(14) * gb - T(5) * gcc;
-          gk[e] += h * (-T(2) * ga + T(5) * gb - T(4) * gcc + gd);
-          gk[S * n + e] += h * (T(2) * ga - T(3) * gb + gcc);
-          for (int64_t q = 0; q <= S; ++q) gk[q * n + e] += h * T(tab.c_mid[q]) * gym;
-        }
-      } else {
-        const int8_t end = rec.out_end[j - 1];
-        for (int64_t e = 0; e < n; ++e) {
-          if (end == 0) gy0[e] += g[e];
-          else if (end == 1) a_y1[e] += g[e];
-          else gy0[e] += g[e] - x * g[e], a_y1[e] += x * g[e];
-        }
-      }
-    }
-    // y1 = y0 + sum_q k_q * (dt * c_sol[q])
-    for (int64_t e = 0; e < n; ++e) gy0[e] += a_y1[e];
-    for (int64_t q = 0; q <= S; ++q)
-      for (int64_t e = 0; e < n; ++e) gk[q * n + e] += h * T(tab.c_sol[q]) * a_y1[e];
-    for (int64_t i = S; i >= 1; --i) {
-      solver.stage_input(i, st.y0.data(), st.k.data(), st.dt, z.data());
-      const auto [ti, pert] = solver.stage_time(i, st.t0, st.dt, st.t1);
-      std::vector<T> gz(n, T(0));
-      solver.vjp_call(ti, pert, z.data(), gk.data() + i * n, gz.data());
-      for (int64_t e = 0; e < n; ++e) gy0[e] += gz[e];
-      for (int64_t q = 0; q < i; ++q) {
-        const T c = T(tab.beta[i - 1][q]) * h;
-        for (int64_t e = 0; e < n; ++e) gk[q * n + e] += c * gz[e];
-      }
-    }
-    // k_0: a fresh evaluation at the step's start, or (adaptive) the previous step's last stage
-    const bool fresh = !tab.adaptive || si == 0 || rec.steps[si - 1].jump;
-    if (fresh) {
-      const Perturb pert = !tab.adaptive ? solver.first_perturb() : si == 0 ? Perturb::None : Perturb::Next;
-      solver.vjp_call(T(st.t0), pert, st.y0.data(), gk.data(), gy0.data());
-      std::fill(a_kS.begin(), a_kS.end(), T(0));
-    } else {
-      std::copy(gk.begin(), gk.begin() + n, a_kS.begin());
-    }
-    a_y = gy0;
-  }
-  for (int64_t e = 0; e < n; ++e) a_y[e] += G[e];
   const auto opts = p.y0.options();
   at::Tensor dy0 = at::empty(p.y0.sizes(), opts), dparams = at::empty({p.params.numel()}, opts);
-  std::copy(a_y.begin(), a_y.end(), dy0.data_ptr<T>());
+  ode::backprop_steps(solver, rec, grad.contiguous().template const_data_ptr<T>(), m, dy0.data_ptr<T>());
   std::copy(field.dparams.begin(), field.dparams.end(), dparams.data_ptr<T>());
   at::Tensor dcontrol = at::empty({0}, opts);  // no control: empty
   if (p.control) {
     dcontrol = at::empty(p.control->sizes(), opts);
     std::copy(field.dcontrol.begin(), field.dcontrol.end(), dcontrol.data_ptr<T>());
   }
-  return {dy0, dparams, dcontrol, at::tensor({nfe_forward, solver.nvjp, N}, at::kLong)};
+  return {dy0, dparams, dcontrol, at::tensor({nfe_forward, solver.nvjp, int64_t(rec.steps.size())}, at::kLong)};
 }
 
 // torchdiffeq's augmented adjoint system [a_t, y, a, a_params, a_control], evaluated at t:

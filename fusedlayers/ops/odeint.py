@@ -31,8 +31,9 @@ def solve_args(method: str, rtol: float, atol: float, options: dict, name: str =
     if o["interp"] != "linear":
         raise ValueError(f"odeint(): the fused solve interpolates linearly between grid points; {name}"
                          f"['interp'] = {o['interp']!r} is not supported")
-    if o["step_size"] is not None and not o["step_size"] > 0:
-        raise ValueError(f"odeint(): {name}['step_size'] must be positive, got {o['step_size']}")
+    for key in ("step_size", "first_step"):  # torchdiffeq's error would be "underflow in dt"
+        if o[key] is not None and not o[key] > 0:
+            raise ValueError(f"odeint(): {name}[{key!r}] must be positive, got {o[key]}")
     step_t, jump_t = (None if o[k] is None else torch.as_tensor(o[k], dtype=torch.float64).reshape(-1)
                       for k in ("step_t", "jump_t"))
     scalars = (method, float(rtol), float(atol), _opt_float(o["first_step"]), _opt_float(o["step_size"]),
