@@ -95,7 +95,8 @@ void backprop_steps(Solver<T>& solver, const Record<T>& rec, const T* G, int64_t
   const Tableau& tab = solver.tab();
   const int64_t n = solver.size();
   const int64_t S = int64_t(tab.alpha.size()), N = int64_t(rec.steps.size());
-  std::vector<T> a_y(n, T(0)), a_kS(n, T(0)), gk((S + 1) * n), gy0(n), a_y1(n), z(n), gz(n), y1(n), coeff;
+  std::vector<T> a_y(n, T(0)), a_kS(n, T(0)), gk((S + 1) * n), gy0(n), a_y1(n), z(n), gz(n), y1(n), coeff,
+      gx(5 * n);
   double g_h = 0;  // d loss / d h, gathered from the steps whose times or size move with h
   int64_t j = m - 1;  // outputs are read in order, so their steps are nondecreasing
   for (int64_t si = N - 1; si >= 0; --si) {
@@ -107,37 +108,32 @@ void backprop_steps(Solver<T>& solver, const Record<T>& rec, const T* G, int64_t
     a_y1 = a_y;
     for (int64_t e = 0; e < n; ++e) gk[S * n + e] += a_kS[e];
     const T h = T(st.dt);
-    if (moves && tab.adaptive) {
+    if (moves && tab.adaptive && j >= 1 && rec.out_step[j - 1] == si) {  // the coefficients, for dx/dt0
       std::fill(y1.begin(), y1.end(), T(0));
       for (int64_t q = 0; q <= S; ++q)
         for (int64_t e = 0; e < n; ++e) y1[e] += k[q * n + e] * (h * T(tab.c_sol[q]));
       for (int64_t e = 0; e < n; ++e) y1[e] += st.y0[e];
       solver.interp_fit(st.y0.data(), y1.data(), k, st.dt, coeff);
     }
+    // the outputs read from this step: torchdiffeq's interpolation e + d x + c x^2 + b x^3 + a x^4 of (y0, y1,
+    // ymid, f0, f1) (its _interp_fit), or the fixed grid's linear one; gx[p] gathers x^p g over the outputs
+    bool read = false;
+    std::fill(gx.begin(), gx.end(), T(0));
     for (; j >= 1 && rec.out_step[j - 1] == si; --j) {
       const T* g = G + j * n;
       const T x = rec.out_x[j - 1];
+      read = true;
       if (tab.adaptive) {
-        // e + d x + c x^2 + b x^3 + a x^4 of (y0, y1, ymid, f0, f1) (torchdiffeq's _interp_fit)
-        const T x2 = x * x, x3 = x2 * x, x4 = x3 * x;
-        double g_x = 0, g_dt = 0;  // x = (t - t0) / (t1 - t0); the coefficients' own dt
-        for (int64_t e = 0; e < n; ++e) {
-          const T ga = x4 * g[e], gb = x3 * g[e], gcc = x2 * g[e], gd = x * g[e];
-          const T gym = T(16) * ga - T(32) * gb + T(16) * gcc;
-          gy0[e] += g[e] - T(8) * ga + T(18) * gb - T(11) * gcc + gym;
-          a_y1[e] += -T(8) * ga + T(14) * gb - T(5) * gcc;
-          const T f0 = k[e], f1 = k[S * n + e];
-          gk[e] += h * (-T(2) * ga + T(5) * gb - T(4) * gcc + gd);
-          gk[S * n + e] += h * (T(2) * ga - T(3) * gb + gcc);
-          T mid = T(0);
-          for (int64_t q = 0; q <= S; ++q) gk[q * n + e] += h * T(tab.c_mid[q]) * gym, mid += T(tab.c_mid[q]) * k[q * n + e];
-          if (!moves) continue;
-          const T* c = coeff.data();
+        T xp = T(1);
+        for (int p = 0; p < 5; ++p, xp *= x)
+          for (int64_t e = 0; e < n; ++e) gx[p * n + e] += xp * g[e];
+        if (!moves) continue;
+        // x = (t - t0) / (t1 - t0) moves with the step's times
+        const T* c = coeff.data();
+        double g_x = 0;
+        for (int64_t e = 0; e < n; ++e)
           g_x += double(g[e] * (c[n + e] + x * (T(2) * c[2 * n + e] + x * (T(3) * c[3 * n + e] + x * T(4) * c[4 * n + e]))));
-          g_dt += double(ga * (T(2) * (f1 - f0)) + gb * (T(5) * f0 - T(3) * f1) + gcc * (f1 - T(4) * f0) + gd * f0 +
-                         gym * mid);
-        }
-        g_h += g_x * (-st.sigma - double(x) * st.delta) / st.dt + g_dt * st.delta;
+        g_h += g_x * (-st.sigma - double(x) * st.delta) / st.dt;
       } else {
         const int8_t end = rec.out_end[j - 1];
         for (int64_t e = 0; e < n; ++e) {
@@ -146,6 +142,23 @@ void backprop_steps(Solver<T>& solver, const Record<T>& rec, const T* G, int64_t
           else gy0[e] += g[e] - x * g[e], a_y1[e] += x * g[e];
         }
       }
+    }
+    if (read && tab.adaptive) {
+      double g_dt = 0;  // the coefficients' own dependence on dt
+      for (int64_t e = 0; e < n; ++e) {
+        const T ga = gx[4 * n + e], gb = gx[3 * n + e], gcc = gx[2 * n + e], gd = gx[n + e];
+        const T gym = T(16) * ga - T(32) * gb + T(16) * gcc, f0 = k[e], f1 = k[S * n + e];
+        gy0[e] += gx[e] - T(8) * ga + T(18) * gb - T(11) * gcc + gym;
+        a_y1[e] += -T(8) * ga + T(14) * gb - T(5) * gcc;
+        gk[e] += h * (-T(2) * ga + T(5) * gb - T(4) * gcc + gd);
+        gk[S * n + e] += h * (T(2) * ga - T(3) * gb + gcc);
+        T mid = T(0);
+        for (int64_t q = 0; q <= S; ++q) gk[q * n + e] += h * T(tab.c_mid[q]) * gym, mid += T(tab.c_mid[q]) * k[q * n + e];
+        if (st.delta != 0)
+          g_dt += double(ga * (T(2) * (f1 - f0)) + gb * (T(5) * f0 - T(3) * f1) + gcc * (f1 - T(4) * f0) + gd * f0 +
+                         gym * mid);
+      }
+      g_h += g_dt * st.delta;
     }
     // y1 = y0 + sum_q k_q * (dt * c_sol[q])
     for (int64_t e = 0; e < n; ++e) gy0[e] += a_y1[e];
