@@ -140,8 +140,10 @@ class FlatLayers(nn.Module):
             hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         names, values = self._layer_names(), {}
         if prefix + "flat_params" in state_dict:  # not a key of this module's state_dict (as flat=False's)
-            state_dict.pop(prefix + "flat_params")
-            unexpected_keys.append(prefix + "flat_params")
+            # except the very Parameter: torch.distributed.checkpoint's full-state load adds each parameter under
+            # its own name next to the checkpoint's keys
+            if state_dict.pop(prefix + "flat_params") is not self._parameters["flat_params"]:
+                unexpected_keys.append(prefix + "flat_params")
         for name in names:
             key, shape = prefix + name, torch.Size(self._flat_slices[name][1])
             if key not in state_dict:

@@ -137,6 +137,22 @@ def test_state_dict_keeps_per_layer_keys_and_loads_both_ways():
     model.load_state_dict(model.state_dict())
 
 
+def test_distributed_checkpoint_state_dict_round_trip():
+    """torch.distributed.checkpoint's get/set_model_state_dict (one process), full_state_dict too: its load adds
+    the module's own flat_params next to the checkpoint's per-layer keys (it was an unexpected key)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    flat, _ = pair("seed003", True)
+    model = nn.Sequential(flat, nn.Linear(2, 2, dtype=F64))
+    for options in (StateDictOptions(), StateDictOptions(full_state_dict=True)):
+        sd = get_model_state_dict(model, options=options)
+        assert list(sd)[:2] == ["0.weight0", "0.bias0"] and "0.flat_params" not in sd
+        target = nn.Sequential(FusedMLP([3, 10, 10, 10, 2], "selu", dtype=F64), nn.Linear(2, 2, dtype=F64))
+        set_model_state_dict(target, sd, options=options)
+        torch.testing.assert_close(target[0].flat_params, flat.flat_params, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "0.flat_params"'):
+        target.load_state_dict(dict(model.state_dict(), **{"0.flat_params": flat.flat_params.detach().clone()}))
+
+
 def test_load_state_dict_assign_from_meta():
     flat, _ = pair("seed003", True)
     with torch.device("meta"):
