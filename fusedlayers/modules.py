@@ -187,7 +187,8 @@ class FusedMLP(FlatLayers):
         The parameters' gradient is one tensor in flat_params' layout (fusedlayers.functional.flat_layers splits
         it per layer); accumulate_grad=True also adds it into flat_params.grad, as loss.backward() would. Prefer
         autograd (self(input) and backward) everywhere else: nothing here is differentiable again, and neither
-        module hooks nor tensor hooks run (DDP's gradient synchronization included). Needs flat=True."""
+        module hooks nor tensor hooks run (DDP's gradient synchronization included). Needs flat=True; raises under torch.autocast
+        (it would not compute in the region's dtype)."""
         if not self.flat:
             raise RuntimeError("grad_and_value() needs the flat layout (FusedMLP(..., flat=True), the default)")
         flat = self.flat_params
@@ -195,6 +196,9 @@ class FusedMLP(FlatLayers):
                                                       self.activations, input_grad,
                                                       FL.backend_for(self.backend, input))
         if accumulate_grad:
+            if torch.is_inference_mode_enabled():
+                raise RuntimeError("grad_and_value(accumulate_grad=True) under torch.inference_mode(): .grad would "
+                                   "become an inference tensor, which a later update outside it cannot touch")
             if not (flat.is_leaf and flat.requires_grad):
                 raise RuntimeError("grad_and_value(accumulate_grad=True): flat_params is not a leaf that requires "
                                    "grad (frozen, or computed by a parametrization): nothing to accumulate into")

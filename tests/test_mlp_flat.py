@@ -350,6 +350,12 @@ def test_grad_and_value_edge_cases_and_errors():
         torch.func.vmap(lambda x: net.grad_and_value(x, torch.ones(2, dtype=F64))[1])(x)
     with pytest.raises(RuntimeError, match="needs the flat layout"):
         FusedMLP([3, 2], flat=False).grad_and_value(torch.ones(3), torch.ones(2))
+    # where the module's forward would compute otherwise, or the .grad could not be updated afterwards
+    net32 = FusedMLP([3, 4, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast is enabled"):
+        net32.grad_and_value(torch.ones(4, 3), torch.ones(4, 2))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="under torch.inference_mode"):
+        net.grad_and_value(x, target=torch.ones(4, 2, dtype=F64), accumulate_grad=True)
 
 
 def test_grad_and_value_under_compile():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..activations import CONSTANT_DERIVATIVE, check_activation
-from .common import (KERNELS, act, add, batch_first, batched_linear, function_op, needs_function,
+from .common import (AUTOCAST_DEVICE_TYPES, KERNELS, act, add, batch_first, batched_linear, function_op, needs_function,
                      register_autocast)
 from .dense import dense_op
 
@@ -243,4 +243,8 @@ def mlp_flat_grad_and_value(x: Tensor, params: Tensor, grad_output: Tensor | Non
     if not torch.compiler.is_compiling() and needs_function(x, params):
         raise RuntimeError("grad_and_value(): the graph-free call computes its gradients itself and does not run "
                            "under torch.func transforms or forward-mode AD; call the module there")
+    if x.device.type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(x.device.type):
+        raise RuntimeError("grad_and_value(): torch.autocast is enabled, and the graph-free call would run in "
+                           f"{params.dtype}, not in the autocast dtype the module's forward takes there; call it "
+                           "outside the autocast region, or call the module and backward()")
     return _mlp_flat_grad_and_value(x, params, grad_output, target, sizes, bias, activations, input_grad, backend)
