@@ -220,6 +220,21 @@ def test_backprop_first_step(method, first):
         assert_rel_close(a, b, 1e-7)
 
 
+def test_backprop_first_step_at_a_bound():
+    """min_step equal to the first step chosen: torch.clamp passes half its gradient there, as the fused solve."""
+    from torchdiffeq._impl.misc import _rms_norm, _select_initial_step
+    field, y0 = make("time", "tanh", True, 3)
+    t = torch.tensor([0.0, 0.3, 0.7, 1.2], dtype=torch.float64)
+    with torch.no_grad():
+        h = _select_initial_step(Reference(field), t[0], y0, SOLVERS["bosh3"].order - 1,
+                                 torch.tensor(TOLS["rtol"], dtype=torch.float64),
+                                 torch.tensor(TOLS["atol"], dtype=torch.float64), _rms_norm).item()
+    ys, grads, ys_ref, grads_ref, ref = solve_both(field, y0, t, "bosh3", False, {"min_step": h})
+    assert field.last_solve["nfe_forward"] == ref.nfe
+    for a, b in zip(grads, grads_ref):
+        assert_rel_close(a, b, 1e-10)
+
+
 @pytest.mark.parametrize("case,adjoint", [("layers", False), ("layers", True), ("no-bias-layers", True),
                                           ("seminorm", True), ("reversed", False), ("reversed", True)])
 def test_layouts_norms_and_directions(case, adjoint):

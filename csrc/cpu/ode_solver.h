@@ -250,7 +250,9 @@ void Solver<T>::adaptive(const double* tau, int64_t m, const T* y0_in, T* out, R
                   ">=", opt_.max_num_steps, ")");
       // one adaptive step from (t1, y, f) (torchdiffeq's _adaptive_step)
       const double s0 = t1;
-      if (!std::isfinite(dt) || dt < opt_.min_step || dt > opt_.max_step) live = 0;  // torch.clamp's gradient
+      // torch.clamp's gradient with tensor bounds: 0 beyond them, half at one
+      if (!std::isfinite(dt) || dt < opt_.min_step || dt > opt_.max_step) live = 0;
+      else if (dt == opt_.min_step || dt == opt_.max_step) live *= 0.5;
       if (!std::isfinite(dt)) dt = opt_.min_step;
       dt = std::clamp(dt, opt_.min_step, opt_.max_step);
       double s1 = s0 + dt;
