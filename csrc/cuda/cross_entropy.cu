@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <limits>
 #include <optional>
 
@@ -187,7 +188,25 @@ __device__ __forceinline__ acc_t soft_q(const scalar_t* t, const scalar_t* weigh
   return weight == nullptr ? q : q * acc_t(weight[c]);
 }
 
-// The block's sum of every thread's v, in every thread (one call per kernel: its shared memory is not reused).
+// q = hi + lo: the weight's product with the smoothed target and that product's rounding error (an FMA: exact),
+// lo 0 where the product is not finite, and in float64.
+template <typename acc_t>
+struct QParts {
+  acc_t hi, lo;
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ QParts<acc_t> soft_q_parts(const scalar_t* t, const scalar_t* weight, int64_t c,
+                                                      const CeParams<acc_t>& p) {
+  const acc_t a = soft_q<scalar_t, acc_t>(t, nullptr, c, p);
+  // float64 keeps the rounded product, as a float64 reference does (its lo parts spilled registers on sm_80)
+  if (weight == nullptr || std::is_same_v<acc_t, double>) return {weight == nullptr ? a : a * acc_t(weight[c]), acc_t(0)};
+  const acc_t w = acc_t(weight[c]), hi = a * w;
+  return {hi, isfinite(hi) ? ::fma(a, w, -hi) : acc_t(0)};
+}
+
+// The block's sum of every thread's v, in every thread (calls in one kernel need a __syncthreads() between them:
+// they share T's shared memory).
 template <typename T>
 __device__ T block_sum(T v) {
   __shared__ T partial[kMaxThreads / kWarp];
@@ -237,16 +256,44 @@ __global__ void __launch_bounds__(kMaxThreads)
   for_each_logit<scalar_t, acc_t>(x, p.C, [&](int64_t, acc_t v) { st.add(v, 0, false); });
   st = block_merge(st);
   const acc_t log_s = ::log(st.s);
-  // Q summed in double, rounded once: Q p - q cancels where p ~ 1, and a Q summed in float carried its rounding there
-  double part = 0;
-  for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) part += double(soft_q(t, weight, c, p));
-  const acc_t q_sum = acc_t(block_sum(part));
+  // Q p - q cancels where p ~ 1 and q holds most of Q: Q (summed in double) and each q are carried as hi + lo
+  // parts, and at the row's single maximum with p > 1/2 the value is (Q - q) - Q (1 - p) with 1 - p the other
+  // classes' p summed (as the CPU kernel, csrc/cpu/isa/cross_entropy.h)
+  double part_hi = 0, part_lo = 0;
+  for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) {
+    const auto q = soft_q_parts(t, weight, c, p);
+    part_hi += double(q.hi), part_lo += double(q.lo);
+  }
+  const double sum_hi = block_sum(part_hi);
+  __syncthreads();
+  const double sum_lo = block_sum(part_lo);
+  const acc_t q_hi = acc_t(sum_hi), q_lo = isfinite(q_hi) ? acc_t((sum_hi - double(q_hi)) + sum_lo) : acc_t(0);
   const acc_t g = grad_loss[row], g_lse = grad_lse == nullptr ? acc_t(0) : grad_lse[row];
+  const bool confident = isfinite(st.m) && isfinite(q_hi) && log_s < acc_t(0.69);
   map_logits<scalar_t, acc_t>(x, grad + row * p.C, p.C, vectorize, [&](int64_t c, acc_t v) {
     const acc_t prob = ::exp((v - st.m) - log_s);
+    const auto q = soft_q_parts(t, weight, c, p);
     // g (Q p - q) with Q p - q in one rounding, not g Q p - g q: contracted, that left g q's rounding
-    return g * ::fma(q_sum, prob, -soft_q(t, weight, c, p)) + g_lse * prob;
+    return g * (::fma(q_hi, prob, -q.hi) + ::fma(q_lo, prob, -q.lo)) + g_lse * prob;
   });
+  if (!confident) return;
+  double rest = 0, maxima = 0, at_max = 0;  // a second read of the row, in confident rows only
+  for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) {
+    const acc_t v = acc_t(x[c]);
+    if (v == st.m) maxima += 1, at_max += double(c);
+    else rest += double(::exp((v - st.m) - log_s));
+  }
+  __syncthreads();
+  rest = block_sum(rest);
+  __syncthreads();
+  maxima = block_sum(maxima);
+  __syncthreads();
+  at_max = block_sum(at_max);  // the index, where there is one maximum
+  if (threadIdx.x != 0 || maxima != 1) return;
+  const int64_t m = int64_t(at_max);
+  const auto q = soft_q_parts(t, weight, m, p);
+  const acc_t r = acc_t(rest), d = ((q_hi - q.hi) + (q_lo - q.lo)) - (q_hi + q_lo) * r;
+  grad[row * p.C + m] = scalar_t(g * d + g_lse * ::exp(-log_s));
 }
 
 // ---- the ops --------------------------------------------------------------------------------------------------

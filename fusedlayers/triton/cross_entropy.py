@@ -272,11 +272,32 @@ def _cross_entropy_soft_forward_kernel(logits_ptr, target_ptr, weight_ptr, loss_
 
 
 @triton.jit
+def _soft_q_parts(target_row, weight_ptr, cs, mask, C, label_smoothing, HAS_WEIGHT: tl.constexpr,
+                  HAS_SMOOTHING: tl.constexpr, MATH: tl.constexpr):
+    """q = hi + lo of one chunk: the weight's product with the smoothed target and that product's rounding error
+    (exact: in float64 for float32 math, by an FMA for float64)."""
+    q = _soft_q(target_row, weight_ptr, cs, mask, C, label_smoothing, 1.0, False, HAS_SMOOTHING, MATH)
+    if not HAS_WEIGHT:
+        return q, tl.zeros_like(q)
+    w = tl.load(weight_ptr + cs, mask=mask, other=0.0).to(MATH)
+    if MATH == tl.float32:
+        exact = q.to(tl.float64) * w.to(tl.float64)
+        hi = exact.to(tl.float32)
+        lo = (exact - hi.to(tl.float64)).to(tl.float32)
+    else:
+        hi = q * w
+        lo = tl.fma(q, w, -hi)
+    return hi, tl.where((hi - hi) == 0.0, lo, 0.0)  # 0 where the product is not finite
+
+
+@triton.jit
 def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr, target_ptr, weight_ptr, lse_ptr,
                                         grad_ptr, C, label_smoothing: tl.float64, HAS_GRAD_LSE: tl.constexpr,
                                         HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK: tl.constexpr):
     """grad[row] = g (Q p - q) + grad_lse[row] p, g = grad_loss[row], Q = sum_c q[c], p renormalized as in the
-    backward above."""
+    backward above. Q p - q cancels where p ~ 1 and q holds most of Q: Q (summed in float64) and each q are
+    carried as hi + lo parts, and at the row's single maximum with p > 1/2 the value is (Q - q) - Q (1 - p) with
+    1 - p the sum of the other classes' p (as the CPU kernel)."""
     MATH: tl.constexpr = lse_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     row_ptr, t_row, grad_row = logits_ptr + row * C, target_ptr + row * C, grad_ptr + row * C
@@ -284,26 +305,49 @@ def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr,
     lse = tl.load(lse_ptr + row)
     g = tl.load(grad_loss_ptr + row).to(MATH)
     s = tl.full((), 0.0, MATH)
-    q_sum = tl.full((), 0.0, tl.float64)  # rounded once: Q p - q cancels where p ~ 1
+    top = tl.full((), float("-inf"), MATH)
+    sum_hi = tl.full((), 0.0, tl.float64)
+    sum_lo = tl.full((), 0.0, tl.float64)
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
         mask = cs < C
         z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
         s += tl.sum(tl.where(mask, tl.exp(z - lse), 0.0), axis=0)
-        q_sum += tl.sum(_soft_q(t_row, weight_ptr, cs, mask, C, label_smoothing, 1.0, HAS_WEIGHT, HAS_SMOOTHING,
-                                MATH).to(tl.float64), axis=0)
-    q_hi = q_sum.to(MATH)
+        top = tl.maximum(top, tl.max(tl.where(mask, z, float("-inf")), axis=0))
+        hi, lo = _soft_q_parts(t_row, weight_ptr, cs, mask, C, label_smoothing, HAS_WEIGHT, HAS_SMOOTHING, MATH)
+        sum_hi += tl.sum(hi.to(tl.float64), axis=0)
+        sum_lo += tl.sum(lo.to(tl.float64), axis=0)
+    q_hi = sum_hi.to(MATH)
+    q_lo = tl.where((q_hi - q_hi) == 0.0, ((sum_hi - q_hi.to(tl.float64)) + sum_lo).to(MATH), 0.0)
     log_norm = tl.log(s)
+    g_lse = tl.load(grad_lse_ptr + row).to(MATH) if HAS_GRAD_LSE else tl.full((), 0.0, MATH)
+    rest = tl.full((), 0.0, MATH)
+    maxima = tl.full((), 0, tl.int32)
+    at_max = tl.full((), 0, tl.int64)
+    hi_m = tl.full((), 0.0, MATH)
+    lo_m = tl.full((), 0.0, MATH)
+    p_m = tl.full((), 0.0, MATH)
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
         mask = cs < C
         z = tl.load(row_ptr + cs, mask=mask, other=0.0).to(MATH)
-        q = _soft_q(t_row, weight_ptr, cs, mask, C, label_smoothing, 1.0, HAS_WEIGHT, HAS_SMOOTHING, MATH)
+        hi, lo = _soft_q_parts(t_row, weight_ptr, cs, mask, C, label_smoothing, HAS_WEIGHT, HAS_SMOOTHING, MATH)
         p = tl.exp((z - lse) - log_norm)
-        grad = g * tl.fma(q_hi, p, -q)  # Q p - q rounded once, not g Q p - g q: an FMA of that left g q's rounding
+        # Q p - q rounded once, not g Q p - g q: an FMA of that left g q's rounding
+        grad = g * (tl.fma(q_hi, p, -hi) + tl.fma(q_lo, p, -lo))
         if HAS_GRAD_LSE:
-            grad += tl.load(grad_lse_ptr + row).to(MATH) * p
+            grad += g_lse * p
         tl.store(grad_row + cs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        is_top = mask & (z == top)
+        rest += tl.sum(tl.where(mask & (z != top), p, 0.0), axis=0)
+        maxima += tl.sum(is_top.to(tl.int32), axis=0)
+        at_max = tl.maximum(at_max, tl.max(tl.where(is_top, cs, 0).to(tl.int64), axis=0))
+        hi_m += tl.sum(tl.where(is_top, hi, 0.0), axis=0)
+        lo_m += tl.sum(tl.where(is_top, lo, 0.0), axis=0)
+        p_m += tl.sum(tl.where(is_top, p, 0.0), axis=0)
+    fix = (maxima == 1) & (rest < 0.5) & ((top - top) == 0.0) & ((q_hi - q_hi) == 0.0)
+    d = ((q_hi - hi_m) + (q_lo - lo_m)) - (q_hi + q_lo) * rest
+    tl.store(grad_row + at_max, (g * d + g_lse * p_m).to(grad_ptr.dtype.element_ty), mask=fix)
 
 
 def _check_args(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,

@@ -179,11 +179,6 @@ at::vec::Vectorized<M> ce_soft_weighted(const CeRow<M>& row, at::vec::Vectorized
 }
 
 template <typename M>
-at::vec::Vectorized<M> ce_soft_q(const CeRow<M>& row, const M* target, int64_t c, int n) {
-  return ce_soft_weighted(row, ce_soft_smoothed(row, target, c, n), c, n);
-}
-
-template <typename M>
 M ce_soft_forward_row(const CeRow<M>& row, const M* target, CeSoftmax<M>* softmax) {
   using V = at::vec::Vectorized<M>;
   constexpr int64_t L = V::size();
@@ -200,42 +195,86 @@ M ce_soft_forward_row(const CeRow<M>& row, const M* target, CeSoftmax<M>* softma
   return lane_sum(sum);
 }
 
+// q as q_hi + q_lo: the weight's product with the (smoothed) target and its rounding error (exact, by an FMA),
+// 0 where the product is not finite
+template <typename M>
+std::pair<at::vec::Vectorized<M>, at::vec::Vectorized<M>> ce_soft_q_parts(const CeRow<M>& row, const M* target,
+                                                                           int64_t c, int n) {
+  using V = at::vec::Vectorized<M>;
+  const V s = ce_soft_smoothed(row, target, c, n);
+  if (!row.weight) return {s, V(M(0))};
+  const V w = V::loadu(row.weight + c, n), hi = s * w;
+  return {hi, V::blendv(V(M(0)), at::vec::fmadd(s, w, -hi), (hi - hi) == V(M(0)))};
+}
+
 template <typename M>
 void ce_soft_backward_row(const CeRow<M>& row, const M* target, CeSoftmax<M> softmax, M grad_loss, M grad_lse,
                           M* grad) {
   using V = at::vec::Vectorized<M>;
   constexpr int64_t L = V::size();
-  // Q compensated (Kahan per lane, the lanes summed in double), rounded once: Q p - q cancels where p ~ 1, and a
-  // plainly summed Q carried its rounding there (3x PyTorch's error at Q = 90.5, p = 1; the property-based suite)
-  V plain(M(0)), sum(M(0)), lost(M(0));
+  // Q p - q cancels where p ~ 1 and q holds most of Q: Q is summed compensated (Kahan per lane, the lanes in
+  // double) from each q's exact parts and carried as Q_hi + Q_lo, and each q as its two parts too, so that
+  // Q_hi p - q_hi is one rounding (an FMA) and Q's and q's own roundings do not enter (a plainly summed Q was 3x
+  // PyTorch's error at Q = 90.5, p = 1; a rounded Q and q 15x at Q = 32.1, p = 1: the property-based suite)
+  V plain(M(0)), sum(M(0)), lost(M(0)), low(M(0));
   for (int64_t c = 0; c < row.C; c += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, row.C - c));
-    const V q = ce_soft_q(row, target, c, n), qn = n == L ? q : V::set(V(M(0)), q, n);
-    const V y = qn - lost, t = sum + y;
+    auto [hi, lo] = ce_soft_q_parts(row, target, c, n);
+    if (n != L) hi = V::set(V(M(0)), hi, n), lo = V::set(V(M(0)), lo, n);  // lanes past n add nothing
+    const V y = hi - lost, t = sum + y;
     lost = (t - sum) - y;
     sum = t;
-    plain = plain + qn;
+    plain = plain + hi;
+    low = low + lo;
   }
-  M plains[L], sums[L], losts[L];
+  M plains[L], sums[L], losts[L], lows[L];
   plain.store(plains);
   sum.store(sums);
   lost.store(losts);
-  double plain_sum = 0, q_sum = 0, q_lost = 0;
+  low.store(lows);
+  double plain_sum = 0, q_sum = 0, q_lost = 0, low_sum = 0;
   for (int64_t l = 0; l < L; ++l) {
     plain_sum += plains[l];
     add_kahan(q_sum, q_lost, static_cast<double>(sums[l]) - losts[l]);
+    low_sum += lows[l];
   }
   // an inf or NaN q makes the compensation NaN (inf - inf): then the plain sum is the value
-  const V Q(static_cast<M>(std::isfinite(plain_sum) ? q_sum - q_lost : plain_sum)), g(grad_loss), g_lse(grad_lse),
-      vshift(softmax.shift), vlog(softmax.log_norm);
+  const double Q = std::isfinite(plain_sum) ? q_sum - q_lost : plain_sum;
+  const M Q_hi = static_cast<M>(Q);
+  // what Q_hi leaves of the sum (the rounding to M, for float) and of the q's low parts (for double, which
+  // one double does not hold next to their high parts)
+  const M Q_lo = std::isfinite(Q_hi) ? static_cast<M>(((q_sum - static_cast<double>(Q_hi)) - q_lost) + low_sum) : M(0);
+  const V vQ_hi(Q_hi), vQ_lo(Q_lo), g(grad_loss), g_lse(grad_lse), vshift(softmax.shift), vlog(softmax.log_norm);
+  // p > 1/2 at the row's maximum: there Q p - q is taken below as (Q - q) - Q (1 - p), with 1 - p the sum of the
+  // other classes' p, not 1 - p's rounding (1 ulp of p is 6e-4 of 1 - p at p = 1 - 6e-5)
+  const bool confident = std::isfinite(softmax.shift) && std::isfinite(Q_hi) && softmax.log_norm < M(0.69);
+  V rest(M(0));
+  int64_t at_max = -1, maxima = 0;
   for (int64_t c = 0; c < row.C; c += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, row.C - c));
-    const V p = Math<V>::exp((V::loadu(row.x + c, n) - vshift) - vlog);
-    // g (Q p - q) with Q p - q in one rounding (an FMA), not g Q p - g q: contracted, that left g q's rounding
-    V d = g * at::vec::fmadd(Q, p, -ce_soft_q(row, target, c, n));
+    const V x = V::loadu(row.x + c, n), p = Math<V>::exp((x - vshift) - vlog);
+    const auto [hi, lo] = ce_soft_q_parts(row, target, c, n);
+    // g (Q p - q), not g Q p - g q: contracted, that left g q's rounding
+    V d = g * (at::vec::fmadd(vQ_hi, p, -hi) + at::vec::fmadd(vQ_lo, p, -lo));
     if (grad_lse != M(0)) d = d + g_lse * p;
     d.store(grad + c, n);
+    if (!confident) continue;
+    const V top = x == vshift;
+    rest = rest + V::set(V(M(0)), V::blendv(p, V(M(0)), top), n);
+    if (top.zero_mask() == (1 << L) - 1) continue;
+    for (int l = 0; l < n; ++l)
+      if (row.x[c + l] == softmax.shift) at_max = c + l, ++maxima;
   }
+  if (maxima != 1) return;
+  M lanes[L];
+  const auto [hi, lo] = ce_soft_q_parts(row, target, at_max, 1);
+  const M r = lane_sum(rest);
+  hi.store(lanes);
+  M d = Q_hi - lanes[0];
+  lo.store(lanes);
+  d = (d + (Q_lo - lanes[0])) - (Q_hi + Q_lo) * r;
+  Math<V>::exp(V(-softmax.log_norm)).store(lanes);  // the loop's p
+  grad[at_max] = grad_loss * d + (grad_lse != M(0) ? grad_lse * lanes[0] : M(0));
 }
 
 }  // namespace fusedlayers::cpu::FL_ISA
