@@ -165,9 +165,10 @@ MlpForwardResult mlp_forward(const at::Tensor& x, at::TensorList weights, at::Te
 
 // The fused and wide paths' backward into preallocated gradients (zeroed for the wide path, which accumulates):
 // per-layer tensors, or views of one tensor in the flat layout. dx is written unless undefined.
-void fused_or_wide_backward(const Shape& s, bool wide, const at::Tensor& grad_out, const at::Tensor& x,
-                            at::TensorList weights, at::TensorList biases, const std::vector<std::string>& activations,
-                            at::Tensor& dx, std::vector<at::Tensor>& dweights, std::vector<at::Tensor>& dbiases) {
+static void fused_or_wide_backward(const Shape& s, bool wide, const at::Tensor& grad_out, const at::Tensor& x,
+                                   at::TensorList weights, at::TensorList biases,
+                                   const std::vector<std::string>& activations, at::Tensor& dx,
+                                   std::vector<at::Tensor>& dweights, std::vector<at::Tensor>& dbiases) {
   auto out_shape = x.sizes().vec();
   out_shape.back() = s.widths.back();
   TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(out_shape), "mlp_backward(): expected grad_out of shape ",
@@ -191,9 +192,9 @@ void fused_or_wide_backward(const Shape& s, bool wide, const at::Tensor& grad_ou
 
 // After the checks every backward makes: the shape and whether the path is the wide one, when the fused or the
 // wide path takes this backward; nothing when the chain of dense kernels does.
-std::optional<std::pair<Shape, bool>> backward_path(const at::Tensor& x, at::TensorList weights,
-                                                    at::TensorList biases, at::TensorList saved,
-                                                    size_t num_activations) {
+static std::optional<std::pair<Shape, bool>> backward_path(const at::Tensor& x, at::TensorList weights,
+                                                           at::TensorList biases, at::TensorList saved,
+                                                           size_t num_activations) {
   check_mlp_args(x, weights, biases, num_activations);
   check_cpu_dtype(x);
   Shape s = shape_of(x, weights);

@@ -75,7 +75,9 @@ template <typename T>
 class Solver {
  public:
   Solver(System<T>& sys, const Tableau& tab, const Options& opt, bool reversed)
-      : sys_(sys), tab_(tab), opt_(opt), sign_(reversed ? -1 : 1), n_(sys.n), S_(int64_t(tab.alpha.size())) {}
+      : sys_(sys), tab_(tab), opt_(opt), sign_(reversed ? -1 : 1), n_(sys.n), S_(int64_t(tab.alpha.size())),
+        fsal_(tab.adaptive && tab.c_sol.back() == 0 &&
+              std::equal(tab.beta.back().begin(), tab.beta.back().end(), tab.c_sol.begin())) {}
 
   int64_t nfe = 0, nvjp = 0;
 
@@ -153,9 +155,7 @@ class Solver {
       const auto [ti, p] = stage_time(i, t0, dt, t1);
       call(ti, p, z.data(), k + i * n_);
     }
-    const bool fsal = tab_.adaptive && tab_.c_sol.back() == 0 &&
-                      std::equal(tab_.beta.back().begin(), tab_.beta.back().end(), tab_.c_sol.begin());
-    if (fsal) {
+    if (fsal_) {  // y1 is the last stage's input (torchdiffeq's check of c_sol against the last beta row)
       std::copy(z.begin(), z.end(), y1);
     } else {
       std::fill(y1, y1 + n_, T(0));
@@ -204,6 +204,7 @@ class Solver {
   const Options& opt_;
   const int sign_;
   const int64_t n_, S_;
+  const bool fsal_;
   mutable std::vector<T> acc_, z_;
   std::vector<T> neg_;
 };
