@@ -241,9 +241,10 @@ void ce_soft_backward_row(const CeRow<M>& row, const M* target, CeSoftmax<M> sof
   // an inf or NaN q makes the compensation NaN (inf - inf): then the plain sum is the value
   const double Q = std::isfinite(plain_sum) ? q_sum - q_lost : plain_sum;
   const M Q_hi = static_cast<M>(Q);
-  // what Q_hi leaves of the sum (the rounding to M, for float) and of the q's low parts (for double, which
-  // one double does not hold next to their high parts)
-  const M Q_lo = std::isfinite(Q_hi) ? static_cast<M>(((q_sum - static_cast<double>(Q_hi)) - q_lost) + low_sum) : M(0);
+  // what Q_hi leaves of the sum (its rounding to M, for float) and of the q's low parts (for double, which one
+  // double does not hold next to their high parts); not Kahan's lost part below Q's double: a float64
+  // reference's Q has none of it either (1e30 + -2.5 is 1e30 there)
+  const M Q_lo = std::isfinite(Q_hi) ? static_cast<M>((Q - static_cast<double>(Q_hi)) + low_sum) : M(0);
   const V vQ_hi(Q_hi), vQ_lo(Q_lo), g(grad_loss), g_lse(grad_lse), vshift(softmax.shift), vlog(softmax.log_norm);
   // p > 1/2 at the row's maximum: there Q p - q is taken below as (Q - q) - Q (1 - p), with 1 - p the sum of the
   // other classes' p, not 1 - p's rounding (1 ulp of p is 6e-4 of 1 - p at p = 1 - 6e-5)
