@@ -319,6 +319,31 @@ def test_zero_upstream_at_an_overflowing_du_squared_gives_zero(bf16):
     assert torch.equal(got[off], want[off]), f"{got} != {want}"
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
+def test_zero_third_derivative_at_an_overflowing_du_squared_gives_zero(bf16):
+    """gelu_tanh beyond |z| = 10 after a 1e30 weight: its third derivative is 0 there and du * du overflows; that
+    term times the upstream is 0, not 0 * inf = NaN (NaN in dx where the float64 value is finite: the long
+    property-based run). Reference: the layers by autograd in float64, whose du * du does not overflow, with
+    gelu_tanh as relu beyond 10 (its value and derivatives there to within 1e-36)."""
+    dt = torch.bfloat16 if bf16 else torch.float32
+    x = torch.tensor([1.5390625, -0.29296875, -2.171875], dtype=dt)
+    w0, w1 = torch.tensor([[0.76953125, -0.146484375, -1.0859375]], dtype=dt), torch.tensor([[1e30]], dtype=dt)
+    g = [torch.tensor([1.5390625], dtype=dt), torch.tensor([0.66015625], dtype=dt),
+         torch.tensor([0.392578125], dtype=dt)]
+    xr = x.double().requires_grad_()
+    z0, dz0 = F.linear(xr, w0.double()), F.linear(x.double(), w0.double())
+    th = torch.tanh(z0)
+    h, dh, d2h = th, (1 - th ** 2) * dz0, -2 * th * (1 - th ** 2) * dz0 ** 2
+    z1, dz1, d2z1 = F.linear(h, w1.double()), F.linear(dh, w1.double()), F.linear(d2h, w1.double())
+    assert z1.abs().item() > 10 and (dz1.to(dt) ** 2).isinf().all()
+    on = (z1 > 0).double()
+    want = torch.autograd.grad([torch.relu(z1), on * dz1, on * d2z1], xr, [t.double() for t in g])[0]
+    xf = x.clone().requires_grad_()
+    got = torch.autograd.grad(mlp_jet(xf, [w0, w1], None, "tanh", "gelu_tanh", direction=x), xf, g)[0]
+    assert got.isfinite().all(), got
+    torch.testing.assert_close(got.double(), want, rtol=2e-2 if bf16 else 1e-4, atol=0)
+
+
 @pytest.mark.parametrize("activations", [["tanh", "identity"], ["identity", "tanh"]],
                          ids=["tanh", "identity_hidden"])
 def test_jet_opcheck(activations):

@@ -846,6 +846,29 @@ def build_probabilities(shape, kind, spec, dtype):
     return (lam * picks[0] + (1 - lam) * picks[1]).to(dtype)
 
 
+def exact_complement(dlogits, x, t, w, class_dim, upstream, reduction, label_smoothing):
+    """dlogits (PyTorch's float64 gradient of the soft-target loss) with its value at each row's single maximum
+    made exact: there Q p - q cancels, and float64's p carries 1 ulp of 1 (p = 1 - 1.5e-22 is 1, so a weight
+    of 1e30 left Q (1 - p) = 3e5 out of a gradient whose classes no longer summed to 0). Q p - q =
+    (Q - q) - Q r exactly, with r the other classes' p summed (accurate: no term near 1), so the value gains
+    Q ((1 - p) - r) times the row's upstream gradient."""
+    x, t = x.detach(), t.detach()
+    C = x.shape[class_dim]
+    q = (1 - label_smoothing) * t + label_smoothing / C
+    if w is not None:
+        q = q * w.detach().reshape([C if d == class_dim else 1 for d in range(x.dim())])
+    Q = q.sum(class_dim, keepdim=True)
+    p = x.softmax(class_dim)
+    top = x == x.amax(class_dim, keepdim=True)
+    r = torch.where(top, 0.0, p).sum(class_dim, keepdim=True)
+    one_minus_p = 1 - torch.where(top, p, 0.0).sum(class_dim, keepdim=True)
+    g = upstream.detach().to(F64)
+    g = g.unsqueeze(class_dim) if reduction == "none" else g / (x.numel() // max(C, 1) if reduction == "mean" else 1)
+    fix = top & (top.sum(class_dim, keepdim=True) == 1) & x.isfinite().all(class_dim, keepdim=True) \
+        & Q.isfinite() & q.isfinite().all(class_dim, keepdim=True)
+    return dlogits + torch.where(fix, g * Q * (one_minus_p - r), 0.0)
+
+
 def check_soft_ce(case, backend):
     dt, dev, C, shape = case["dtype"], device_of(backend), case["C"], case["shape"]
     x = build(shape, case["logits"], dt)
@@ -866,7 +889,11 @@ def check_soft_ce(case, backend):
         outs = [F.cross_entropy(turn(xx), turn(tt), None if ww is None else ww.flip(0) if flip else ww, **opts)]
         if case["return_lse"]:
             outs.append(_logsumexp(xx, class_dim))
-        return [*outs, *grads(outs, [xx, tt][:wrt], [cast(g, math_dtype, via) for g in gs])]
+        ups = [cast(g, math_dtype, via) for g in gs]
+        dx, *rest = grads(outs, [xx, tt][:wrt], ups)
+        if math_dtype == F64 and 0 not in shape:
+            dx = exact_complement(dx, xx, tt, ww, class_dim, ups[0], case["reduction"], case["label_smoothing"])
+        return [*outs, dx, *rest]
 
     def fused_side():
         xx, tt = leaves([x, t], dt, dev)

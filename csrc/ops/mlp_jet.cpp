@@ -60,7 +60,7 @@ at::Tensor composite_jet_activation_backward(const at::Tensor& g, const at::Tens
   at::Tensor dz0 = derivative_times(g0, z0, activation, 1), dz1 = g1 * d1;  // relu selects on g0, as torch's
   if (!derivative_is_zero(a, 2)) {
     const at::Tensor d2 = derivative(z0, activation, 2), d3 = derivative(z0, activation, 3);
-    dz0 = dz0 + g1 * z1 * d2 + g2 * z1 * z1 * d3 + g2 * z2 * d2;  // upstreams times z1 first: as cpu/isa/jet.h
+    dz0 = dz0 + g1 * z1 * d2 + (g2 * z1) * (z1 * d3) + g2 * z2 * d2;  // z1 * z1 never formed: as cpu/isa/jet.h
     dz1 = dz1 + 2 * g2 * d2 * z1;
   }
   return at::stack({dz0, dz1, g2 * d1});

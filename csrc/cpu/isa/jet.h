@@ -45,9 +45,9 @@ void jet_backward_loop(const T* g, const T* z, T* dz, int64_t n, int64_t plane) 
       (g1 * d1).store(dz + plane + i, m);
     } else {
       const V d2 = Act::d2f(z0), d3 = Act::d3f(z0);
-      // each upstream times z1 first, as torch's chain rule for f''(z) z1 z1 forms them: a zero upstream at an
-      // overflowing z1 * z1 is then 0, not 0 * inf
-      (g0 * d1 + g1 * z1 * d2 + g2 * z1 * z1 * d3 + g2 * z2 * d2).store(dz + i, m);
+      // z1 * z1 never formed, (g2 z1) (z1 d3) instead: a zero upstream, or a third derivative of 0 (gelu_tanh
+      // beyond 10), at an overflowing z1 * z1 then gives 0, not 0 * inf
+      (g0 * d1 + g1 * z1 * d2 + (g2 * z1) * (z1 * d3) + g2 * z2 * d2).store(dz + i, m);
       (g1 * d1 + V(T(2)) * g2 * d2 * z1).store(dz + plane + i, m);
     }
     (g2 * d1).store(dz + 2 * plane + i, m);
