@@ -846,12 +846,12 @@ def build_probabilities(shape, kind, spec, dtype):
     return (lam * picks[0] + (1 - lam) * picks[1]).to(dtype)
 
 
-def exact_complement(dlogits, x, t, w, class_dim, upstream, reduction, label_smoothing):
+def exact_complement(dlogits, x, t, w, class_dim, upstream, lse_upstream, reduction, label_smoothing):
     """dlogits (PyTorch's float64 gradient of the soft-target loss) with its value at each row's single maximum
-    made exact: there Q p - q cancels, and float64's p carries 1 ulp of 1 (p = 1 - 1.5e-22 is 1, so a weight
-    of 1e30 left Q (1 - p) = 3e5 out of a gradient whose classes no longer summed to 0). Q p - q =
-    (Q - q) - Q r exactly, with r the other classes' p summed (accurate: no term near 1), so the value gains
-    Q ((1 - p) - r) times the row's upstream gradient."""
+    made exact: there Q p - q cancels. float64's p carries 1 ulp of 1 (p = 1 - 1.5e-22 is 1, so a weight of 1e30
+    left Q (1 - p) = 3e5 out of a gradient whose classes no longer summed to 0), and Q 1 ulp of itself (at Q = 355,
+    most of Q - q = 0.8). There the value is taken as g ((Q - q) - Q r) + g_lse p, with Q - q the other classes'
+    q summed and r their p summed: no term cancels."""
     x, t = x.detach(), t.detach()
     C = x.shape[class_dim]
     q = (1 - label_smoothing) * t + label_smoothing / C
@@ -861,12 +861,20 @@ def exact_complement(dlogits, x, t, w, class_dim, upstream, reduction, label_smo
     p = x.softmax(class_dim)
     top = x == x.amax(class_dim, keepdim=True)
     r = torch.where(top, 0.0, p).sum(class_dim, keepdim=True)
-    one_minus_p = 1 - torch.where(top, p, 0.0).sum(class_dim, keepdim=True)
-    g = upstream.detach().to(F64)
-    g = g.unsqueeze(class_dim) if reduction == "none" else g / (x.numel() // max(C, 1) if reduction == "mean" else 1)
+    others = torch.where(top, 0.0, q).sum(class_dim, keepdim=True)
+
+    def per_row(g):
+        return g.detach().to(F64).unsqueeze(class_dim) if g.dim() else g.detach().to(F64)
+
+    g = per_row(upstream)
+    if reduction != "none":
+        g = g / (x.numel() // max(C, 1) if reduction == "mean" else 1)
+    value = g * (others - Q * r)
+    if lse_upstream is not None:
+        value = value + per_row(lse_upstream) * p
     fix = top & (top.sum(class_dim, keepdim=True) == 1) & x.isfinite().all(class_dim, keepdim=True) \
         & Q.isfinite() & q.isfinite().all(class_dim, keepdim=True)
-    return dlogits + torch.where(fix, g * Q * (one_minus_p - r), 0.0)
+    return torch.where(fix, value, dlogits)
 
 
 def check_soft_ce(case, backend):
@@ -892,7 +900,8 @@ def check_soft_ce(case, backend):
         ups = [cast(g, math_dtype, via) for g in gs]
         dx, *rest = grads(outs, [xx, tt][:wrt], ups)
         if math_dtype == F64 and 0 not in shape:
-            dx = exact_complement(dx, xx, tt, ww, class_dim, ups[0], case["reduction"], case["label_smoothing"])
+            dx = exact_complement(dx, xx, tt, ww, class_dim, ups[0], ups[1] if case["return_lse"] else None,
+                                  case["reduction"], case["label_smoothing"])
         return [*outs, dx, *rest]
 
     def fused_side():

@@ -257,8 +257,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   st = block_merge(st);
   const acc_t log_s = ::log(st.s);
   // Q p - q cancels where p ~ 1 and q holds most of Q: Q (summed in double) and each q are carried as hi + lo
-  // parts, and at the row's single maximum with p > 1/2 the value is (Q - q) - Q (1 - p) with 1 - p the other
-  // classes' p summed (as the CPU kernel, csrc/cpu/isa/cross_entropy.h)
+  // parts, and at the row's single maximum with p > 1/2 the value is (Q - q) - Q (1 - p) with Q - q the other
+  // classes' q summed and 1 - p their p (as the CPU kernel, csrc/cpu/isa/cross_entropy.h)
   double part_hi = 0, part_lo = 0;
   for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) {
     const auto q = soft_q_parts(t, weight, c, p);
@@ -277,11 +277,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     return g * (::fma(q_hi, prob, -q.hi) + ::fma(q_lo, prob, -q.lo)) + g_lse * prob;
   });
   if (!confident) return;
-  double rest = 0, maxima = 0, at_max = 0;  // a second read of the row, in confident rows only
+  double rest = 0, others = 0, maxima = 0, at_max = 0;  // a second read of the row, in confident rows only
   for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) {
     const acc_t v = acc_t(x[c]);
-    if (v == st.m) maxima += 1, at_max += double(c);
-    else rest += double(::exp((v - st.m) - log_s));
+    if (v == st.m) {
+      maxima += 1, at_max += double(c);
+    } else {
+      const auto q = soft_q_parts(t, weight, c, p);
+      rest += double(::exp((v - st.m) - log_s)), others += double(q.hi) + double(q.lo);
+    }
   }
   __syncthreads();
   rest = block_sum(rest);
@@ -289,10 +293,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   maxima = block_sum(maxima);
   __syncthreads();
   at_max = block_sum(at_max);  // the index, where there is one maximum
+  __syncthreads();
+  others = block_sum(others);
   if (threadIdx.x != 0 || maxima != 1) return;
   const int64_t m = int64_t(at_max);
-  const auto q = soft_q_parts(t, weight, m, p);
-  const acc_t r = acc_t(rest), d = ((q_hi - q.hi) + (q_lo - q.lo)) - (q_hi + q_lo) * r;
+  const acc_t d = acc_t(others) - (q_hi + q_lo) * acc_t(rest);
   grad[row * p.C + m] = scalar_t(g * d + g_lse * ::exp(-log_s));
 }
 

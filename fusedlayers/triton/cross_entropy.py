@@ -297,7 +297,7 @@ def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr,
     """grad[row] = g (Q p - q) + grad_lse[row] p, g = grad_loss[row], Q = sum_c q[c], p renormalized as in the
     backward above. Q p - q cancels where p ~ 1 and q holds most of Q: Q (summed in float64) and each q are
     carried as hi + lo parts, and at the row's single maximum with p > 1/2 the value is (Q - q) - Q (1 - p) with
-    1 - p the sum of the other classes' p (as the CPU kernel)."""
+    Q - q the other classes' q summed and 1 - p their p (as the CPU kernel)."""
     MATH: tl.constexpr = lse_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     row_ptr, t_row, grad_row = logits_ptr + row * C, target_ptr + row * C, grad_ptr + row * C
@@ -324,8 +324,8 @@ def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr,
     rest = tl.full((), 0.0, MATH)
     maxima = tl.full((), 0, tl.int32)
     at_max = tl.full((), 0, tl.int64)
-    hi_m = tl.full((), 0.0, MATH)
-    lo_m = tl.full((), 0.0, MATH)
+    others_hi = tl.full((), 0.0, MATH)
+    others_lo = tl.full((), 0.0, MATH)
     p_m = tl.full((), 0.0, MATH)
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
@@ -342,11 +342,11 @@ def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr,
         rest += tl.sum(tl.where(mask & (z != top), p, 0.0), axis=0)
         maxima += tl.sum(is_top.to(tl.int32), axis=0)
         at_max = tl.maximum(at_max, tl.max(tl.where(is_top, cs, 0).to(tl.int64), axis=0))
-        hi_m += tl.sum(tl.where(is_top, hi, 0.0), axis=0)
-        lo_m += tl.sum(tl.where(is_top, lo, 0.0), axis=0)
+        others_hi += tl.sum(tl.where(mask & (z != top), hi, 0.0), axis=0)
+        others_lo += tl.sum(tl.where(mask & (z != top), lo, 0.0), axis=0)
         p_m += tl.sum(tl.where(is_top, p, 0.0), axis=0)
     fix = (maxima == 1) & (rest < 0.5) & ((top - top) == 0.0) & ((q_hi - q_hi) == 0.0)
-    d = ((q_hi - hi_m) + (q_lo - lo_m)) - (q_hi + q_lo) * rest
+    d = (others_hi + others_lo) - (q_hi + q_lo) * rest
     tl.store(grad_row + at_max, (g * d + g_lse * p_m).to(grad_ptr.dtype.element_ty), mask=fix)
 
 

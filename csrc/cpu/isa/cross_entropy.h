@@ -246,10 +246,11 @@ void ce_soft_backward_row(const CeRow<M>& row, const M* target, CeSoftmax<M> sof
   // reference's Q has none of it either (1e30 + -2.5 is 1e30 there)
   const M Q_lo = std::isfinite(Q_hi) ? static_cast<M>((Q - static_cast<double>(Q_hi)) + low_sum) : M(0);
   const V vQ_hi(Q_hi), vQ_lo(Q_lo), g(grad_loss), g_lse(grad_lse), vshift(softmax.shift), vlog(softmax.log_norm);
-  // p > 1/2 at the row's maximum: there Q p - q is taken below as (Q - q) - Q (1 - p), with 1 - p the sum of the
-  // other classes' p, not 1 - p's rounding (1 ulp of p is 6e-4 of 1 - p at p = 1 - 6e-5)
+  // p > 1/2 at the row's maximum: there Q p - q is taken below as (Q - q) - Q (1 - p), with Q - q the other
+  // classes' q summed (not Q's rounding: 1 ulp of Q = 355 in float64 is most of Q - q = 0.8) and 1 - p their p
+  // summed (not 1 - p's rounding: 1 ulp of p is 6e-4 of 1 - p at p = 1 - 6e-5)
   const bool confident = std::isfinite(softmax.shift) && std::isfinite(Q_hi) && softmax.log_norm < M(0.69);
-  V rest(M(0));
+  V rest(M(0)), others(M(0)), others_lo(M(0));
   int64_t at_max = -1, maxima = 0;
   for (int64_t c = 0; c < row.C; c += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, row.C - c));
@@ -262,18 +263,15 @@ void ce_soft_backward_row(const CeRow<M>& row, const M* target, CeSoftmax<M> sof
     if (!confident) continue;
     const V top = x == vshift;
     rest = rest + V::set(V(M(0)), V::blendv(p, V(M(0)), top), n);
+    others = others + V::set(V(M(0)), V::blendv(hi, V(M(0)), top), n);
+    others_lo = others_lo + V::set(V(M(0)), V::blendv(lo, V(M(0)), top), n);
     if (top.zero_mask() == (1 << L) - 1) continue;
     for (int l = 0; l < n; ++l)
       if (row.x[c + l] == softmax.shift) at_max = c + l, ++maxima;
   }
   if (maxima != 1) return;
   M lanes[L];
-  const auto [hi, lo] = ce_soft_q_parts(row, target, at_max, 1);
-  const M r = lane_sum(rest);
-  hi.store(lanes);
-  M d = Q_hi - lanes[0];
-  lo.store(lanes);
-  d = (d + (Q_lo - lanes[0])) - (Q_hi + Q_lo) * r;
+  const M d = (lane_sum(others) + lane_sum(others_lo)) - (Q_hi + Q_lo) * lane_sum(rest);
   Math<V>::exp(V(-softmax.log_norm)).store(lanes);  // the loop's p
   grad[at_max] = grad_loss * d + (grad_lse != M(0) ? grad_lse * lanes[0] : M(0));
 }
