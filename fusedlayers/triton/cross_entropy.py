@@ -321,11 +321,11 @@ def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr,
     q_lo = tl.where((q_hi - q_hi) == 0.0, ((sum_hi - q_hi.to(tl.float64)) + sum_lo).to(MATH), 0.0)
     log_norm = tl.log(s)
     g_lse = tl.load(grad_lse_ptr + row).to(MATH) if HAS_GRAD_LSE else tl.full((), 0.0, MATH)
-    rest = tl.full((), 0.0, MATH)
+    rest = tl.full((), 0.0, tl.float64)  # float64: a float32 sum over thousands of classes drifts
     maxima = tl.full((), 0, tl.int32)
     at_max = tl.full((), 0, tl.int64)
-    others_hi = tl.full((), 0.0, MATH)
-    others_lo = tl.full((), 0.0, MATH)
+    others_hi = tl.full((), 0.0, tl.float64)
+    others_lo = tl.full((), 0.0, tl.float64)
     p_m = tl.full((), 0.0, MATH)
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
@@ -339,14 +339,14 @@ def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr,
             grad += g_lse * p
         tl.store(grad_row + cs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
         is_top = mask & (z == top)
-        rest += tl.sum(tl.where(mask & (z != top), p, 0.0), axis=0)
+        rest += tl.sum(tl.where(mask & (z != top), p, 0.0).to(tl.float64), axis=0)
         maxima += tl.sum(is_top.to(tl.int32), axis=0)
         at_max = tl.maximum(at_max, tl.max(tl.where(is_top, cs, 0).to(tl.int64), axis=0))
-        others_hi += tl.sum(tl.where(mask & (z != top), hi, 0.0), axis=0)
-        others_lo += tl.sum(tl.where(mask & (z != top), lo, 0.0), axis=0)
+        others_hi += tl.sum(tl.where(mask & (z != top), hi, 0.0).to(tl.float64), axis=0)
+        others_lo += tl.sum(tl.where(mask & (z != top), lo, 0.0).to(tl.float64), axis=0)
         p_m += tl.sum(tl.where(is_top, p, 0.0), axis=0)
     fix = (maxima == 1) & (rest < 0.5) & ((top - top) == 0.0) & ((q_hi - q_hi) == 0.0)
-    d = (others_hi + others_lo) - (q_hi + q_lo) * rest
+    d = (others_hi + others_lo).to(MATH) - (q_hi + q_lo) * rest.to(MATH)
     tl.store(grad_row + at_max, (g * d + g_lse * p_m).to(grad_ptr.dtype.element_ty), mask=fix)
 
 

@@ -207,39 +207,49 @@ std::pair<at::vec::Vectorized<M>, at::vec::Vectorized<M>> ce_soft_q_parts(const 
   return {hi, V::blendv(V(M(0)), at::vec::fmadd(s, w, -hi), (hi - hi) == V(M(0)))};
 }
 
+// A sum compensated per lane (Kahan), the lanes merged compensated in double: a plain float sum of thousands of
+// equal terms drifts (9x PyTorch's error in 1 - p at C = 16385, found by review).
+template <typename M>
+struct LaneKahan {
+  using V = at::vec::Vectorized<M>;
+  V sum{M(0)}, lost{M(0)};
+  void add(V v) {
+    const V y = v - lost, t = sum + y;
+    lost = (t - sum) - y;
+    sum = t;
+  }
+  double total() const {
+    M sums[V::size()], losts[V::size()];
+    sum.store(sums);
+    lost.store(losts);
+    double s = 0, l = 0;
+    for (int64_t i = 0; i < V::size(); ++i) add_kahan(s, l, static_cast<double>(sums[i]) - losts[i]);
+    return s - l;
+  }
+};
+
 template <typename M>
 void ce_soft_backward_row(const CeRow<M>& row, const M* target, CeSoftmax<M> softmax, M grad_loss, M grad_lse,
                           M* grad) {
   using V = at::vec::Vectorized<M>;
   constexpr int64_t L = V::size();
-  // Q p - q cancels where p ~ 1 and q holds most of Q: Q is summed compensated (Kahan per lane, the lanes in
-  // double) from each q's exact parts and carried as Q_hi + Q_lo, and each q as its two parts too, so that
-  // Q_hi p - q_hi is one rounding (an FMA) and Q's and q's own roundings do not enter (a plainly summed Q was 3x
-  // PyTorch's error at Q = 90.5, p = 1; a rounded Q and q 15x at Q = 32.1, p = 1: the property-based suite)
-  V plain(M(0)), sum(M(0)), lost(M(0)), low(M(0));
+  // Q p - q cancels where p ~ 1 and q holds most of Q: Q is summed compensated from each q's exact parts and
+  // carried as Q_hi + Q_lo, and each q as its two parts too, so that Q_hi p - q_hi is one rounding (an FMA) and
+  // Q's and q's own roundings do not enter (a plainly summed Q was 3x PyTorch's error at Q = 90.5, p = 1; a
+  // rounded Q and q 15x at Q = 32.1, p = 1: the property-based suite)
+  LaneKahan<M> q_sum;
+  V plain(M(0)), low(M(0));
   for (int64_t c = 0; c < row.C; c += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, row.C - c));
     auto [hi, lo] = ce_soft_q_parts(row, target, c, n);
     if (n != L) hi = V::set(V(M(0)), hi, n), lo = V::set(V(M(0)), lo, n);  // lanes past n add nothing
-    const V y = hi - lost, t = sum + y;
-    lost = (t - sum) - y;
-    sum = t;
+    q_sum.add(hi);
     plain = plain + hi;
     low = low + lo;
   }
-  M plains[L], sums[L], losts[L], lows[L];
-  plain.store(plains);
-  sum.store(sums);
-  lost.store(losts);
-  low.store(lows);
-  double plain_sum = 0, q_sum = 0, q_lost = 0, low_sum = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    plain_sum += plains[l];
-    add_kahan(q_sum, q_lost, static_cast<double>(sums[l]) - losts[l]);
-    low_sum += lows[l];
-  }
+  const double plain_sum = lane_sum(plain), low_sum = lane_sum(low);
   // an inf or NaN q makes the compensation NaN (inf - inf): then the plain sum is the value
-  const double Q = std::isfinite(plain_sum) ? q_sum - q_lost : plain_sum;
+  const double Q = std::isfinite(plain_sum) ? q_sum.total() : plain_sum;
   const M Q_hi = static_cast<M>(Q);
   // what Q_hi leaves of the sum (its rounding to M, for float) and of the q's low parts (for double, which one
   // double does not hold next to their high parts); not Kahan's lost part below Q's double: a float64
@@ -250,7 +260,8 @@ void ce_soft_backward_row(const CeRow<M>& row, const M* target, CeSoftmax<M> sof
   // classes' q summed (not Q's rounding: 1 ulp of Q = 355 in float64 is most of Q - q = 0.8) and 1 - p their p
   // summed (not 1 - p's rounding: 1 ulp of p is 6e-4 of 1 - p at p = 1 - 6e-5)
   const bool confident = std::isfinite(softmax.shift) && std::isfinite(Q_hi) && softmax.log_norm < M(0.69);
-  V rest(M(0)), others(M(0)), others_lo(M(0));
+  LaneKahan<M> rest, others;
+  V others_lo(M(0));
   int64_t at_max = -1, maxima = 0;
   for (int64_t c = 0; c < row.C; c += L) {
     const int n = static_cast<int>(std::min<int64_t>(L, row.C - c));
@@ -262,8 +273,8 @@ void ce_soft_backward_row(const CeRow<M>& row, const M* target, CeSoftmax<M> sof
     d.store(grad + c, n);
     if (!confident) continue;
     const V top = x == vshift;
-    rest = rest + V::set(V(M(0)), V::blendv(p, V(M(0)), top), n);
-    others = others + V::set(V(M(0)), V::blendv(hi, V(M(0)), top), n);
+    rest.add(V::set(V(M(0)), V::blendv(p, V(M(0)), top), n));
+    others.add(V::set(V(M(0)), V::blendv(hi, V(M(0)), top), n));
     others_lo = others_lo + V::set(V(M(0)), V::blendv(lo, V(M(0)), top), n);
     if (top.zero_mask() == (1 << L) - 1) continue;
     for (int l = 0; l < n; ++l)
@@ -271,7 +282,7 @@ void ce_soft_backward_row(const CeRow<M>& row, const M* target, CeSoftmax<M> sof
   }
   if (maxima != 1) return;
   M lanes[L];
-  const M d = (lane_sum(others) + lane_sum(others_lo)) - (Q_hi + Q_lo) * lane_sum(rest);
+  const M d = static_cast<M>(others.total() + lane_sum(others_lo)) - (Q_hi + Q_lo) * static_cast<M>(rest.total());
   Math<V>::exp(V(-softmax.log_norm)).store(lanes);  // the loop's p
   grad[at_max] = grad_loss * d + (grad_lse != M(0) ? grad_lse * lanes[0] : M(0));
 }
