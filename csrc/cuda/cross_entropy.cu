@@ -191,9 +191,7 @@ __device__ __forceinline__ acc_t soft_q(const scalar_t* t, const scalar_t* weigh
 // q = hi + lo: the weight's product with the smoothed target and that product's rounding error (an FMA: exact),
 // lo 0 where the product is not finite, and in float64.
 template <typename acc_t>
-struct QParts {
-  acc_t hi, lo;
-};
+struct QParts { acc_t hi, lo; };
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ QParts<acc_t> soft_q_parts(const scalar_t* t, const scalar_t* weight, int64_t c,
@@ -281,20 +279,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) {
     const acc_t v = acc_t(x[c]);
     if (v == st.m) {
-      maxima += 1, at_max += double(c);
-    } else {
-      const auto q = soft_q_parts(t, weight, c, p);
-      rest += double(::exp((v - st.m) - log_s)), others += double(q.hi) + double(q.lo);
+      maxima += 1, at_max += double(c);  // at_max: the index, where there is one maximum
+      continue;
     }
+    const auto q = soft_q_parts(t, weight, c, p);
+    rest += double(::exp((v - st.m) - log_s)), others += double(q.hi) + double(q.lo);
   }
-  __syncthreads();
-  rest = block_sum(rest);
-  __syncthreads();
-  maxima = block_sum(maxima);
-  __syncthreads();
-  at_max = block_sum(at_max);  // the index, where there is one maximum
-  __syncthreads();
-  others = block_sum(others);
+  const auto sum = [](double v) { __syncthreads(); return block_sum(v); };  // block_sum's memory is shared
+  rest = sum(rest), maxima = sum(maxima), at_max = sum(at_max), others = sum(others);
   if (threadIdx.x != 0 || maxima != 1) return;
   const int64_t m = int64_t(at_max);
   const acc_t d = acc_t(others) - (q_hi + q_lo) * acc_t(rest);

@@ -306,8 +306,7 @@ def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr,
     g = tl.load(grad_loss_ptr + row).to(MATH)
     s = tl.full((), 0.0, MATH)
     top = tl.full((), float("-inf"), MATH)
-    sum_hi = tl.full((), 0.0, tl.float64)
-    sum_lo = tl.full((), 0.0, tl.float64)
+    sum_hi, sum_lo = tl.full((), 0.0, tl.float64), tl.full((), 0.0, tl.float64)
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
         mask = cs < C
@@ -322,10 +321,8 @@ def _cross_entropy_soft_backward_kernel(grad_loss_ptr, grad_lse_ptr, logits_ptr,
     log_norm = tl.log(s)
     g_lse = tl.load(grad_lse_ptr + row).to(MATH) if HAS_GRAD_LSE else tl.full((), 0.0, MATH)
     rest = tl.full((), 0.0, tl.float64)  # float64: a float32 sum over thousands of classes drifts
-    maxima = tl.full((), 0, tl.int32)
-    at_max = tl.full((), 0, tl.int64)
-    others_hi = tl.full((), 0.0, tl.float64)
-    others_lo = tl.full((), 0.0, tl.float64)
+    maxima, at_max = tl.full((), 0, tl.int32), tl.full((), 0, tl.int64)
+    others_hi, others_lo = tl.full((), 0.0, tl.float64), tl.full((), 0.0, tl.float64)
     p_m = tl.full((), 0.0, MATH)
     for c0 in range(0, C, BLOCK):
         cs = c0 + cols
