@@ -276,18 +276,18 @@ def _soft_q_parts(target_row, weight_ptr, cs, mask, C, label_smoothing, HAS_WEIG
                   HAS_SMOOTHING: tl.constexpr, MATH: tl.constexpr):
     """q = hi + lo of one chunk: the weight's product with the smoothed target and that product's rounding error
     (exact: in float64 for float32 math, by an FMA for float64)."""
-    q = _soft_q(target_row, weight_ptr, cs, mask, C, label_smoothing, 1.0, False, HAS_SMOOTHING, MATH)
-    if not HAS_WEIGHT:
-        return q, tl.zeros_like(q)
-    w = tl.load(weight_ptr + cs, mask=mask, other=0.0).to(MATH)
-    if MATH == tl.float32:
-        exact = q.to(tl.float64) * w.to(tl.float64)
-        hi = exact.to(tl.float32)
-        lo = (exact - hi.to(tl.float64)).to(tl.float32)
-    else:
-        hi = q * w
-        lo = tl.fma(q, w, -hi)
-    return hi, tl.where((hi - hi) == 0.0, lo, 0.0)  # 0 where the product is not finite
+    hi = _soft_q(target_row, weight_ptr, cs, mask, C, label_smoothing, 1.0, False, HAS_SMOOTHING, MATH)
+    lo = tl.zeros_like(hi)
+    if HAS_WEIGHT:  # (no early return: the compiler reads what follows one)
+        w = tl.load(weight_ptr + cs, mask=mask, other=0.0).to(MATH)
+        if MATH == tl.float32:
+            exact = hi.to(tl.float64) * w.to(tl.float64)
+            hi = exact.to(tl.float32)
+            lo = (exact - hi.to(tl.float64)).to(tl.float32)
+        else:
+            hi, lo = hi * w, tl.fma(hi, w, -(hi * w))
+        lo = tl.where((hi - hi) == 0.0, lo, 0.0)  # 0 where the product is not finite
+    return hi, lo
 
 
 @triton.jit
