@@ -222,7 +222,12 @@ struct Softplus {
     // min() keeps exp() finite in the branch that where_gt discards.
     return Math<T>::where_gt(z, T(20), z, Math<T>::log1p(Math<T>::exp(Math<T>::min(z, T(20)))));
   }
-  template <typename T> static FL_HOST_DEVICE T df(T z) { return Math<T>::where_gt(z, T(20), T(1), Sigmoid::s(z)); }
+  // e / (1 + e), as torch's softplus_backward: sigmoid's 1 / (1 + e^-z) is 0 where e^z is still a subnormal
+  // (z in [-103, -88] in float32), which an infinite direction of the jet turns into NaN
+  template <typename T> static FL_HOST_DEVICE T df(T z) {
+    T e = Math<T>::exp(Math<T>::min(z, T(20)));
+    return Math<T>::where_gt(z, T(20), T(1), e / (T(1) + e));
+  }
   template <typename T> static FL_HOST_DEVICE T d2f(T z) { return Math<T>::where_gt(z, T(20), T(0), Sigmoid::df(z)); }
   template <typename T> static FL_HOST_DEVICE T d3f(T z) { return Math<T>::where_gt(z, T(20), T(0), Sigmoid::d2f(z)); }
 };

@@ -117,9 +117,11 @@ def _tanh_d2f(z):
     return -2 * torch.tanh(z) * _sech2(z)
 
 
-# Softplus with beta 1 and torch's threshold 20: linear above it, so f' = 1 and f'' = 0 there.
+# Softplus with beta 1 and torch's threshold 20: linear above it, so f' = 1 and f'' = 0 there. f' as torch's
+# softplus_backward, e / (1 + e): torch.sigmoid is 0 where e^z is still a float32 subnormal.
 def _softplus_df(z):
-    return torch.where(z > 20, torch.ones_like(z), torch.sigmoid(z))
+    e = torch.exp(torch.clamp(z, max=20))
+    return torch.where(z > 20, torch.ones_like(z), e / (1 + e))
 
 
 def _softplus_d2f(z):

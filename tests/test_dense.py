@@ -186,6 +186,24 @@ def test_relu_masks_a_nonfinite_upstream_gradient_as_torch(backend, rank):
         assert_rel_close(a.cpu().double(), e.cpu().double(), 1e-5, name)
 
 
+@pytest.mark.parametrize("rows", [1, 40])
+def test_softplus_derivative_keeps_subnormals_as_torch(backend, rows):
+    """softplus' = e / (1 + e) as torch's softplus_backward: 1 / (1 + e^-z) was 0 for float32 z in
+    [-103, -88], where e^z is subnormal and torch's f' is not 0 (an infinite upstream then gave NaN, not inf)."""
+    device = device_of(backend)
+    z = torch.tensor([-99.67, -95.0, -89.0, -103.0], device=device).repeat(rows).unsqueeze(1)
+    w = torch.ones(1, 1, device=device)
+    for g in (torch.full_like(z, 1e30), torch.full_like(z, float("inf"))):
+        x = z.clone().requires_grad_()
+        xr = z.clone().requires_grad_()
+        (got,) = torch.autograd.grad(dense(x, w, None, "softplus", backend=backend), x, g)
+        (want,) = torch.autograd.grad(F.softplus(xr), xr, g)
+        assert (want != 0).all()
+        assert torch.equal(got.isinf(), want.isinf()) and not got.isnan().any()
+        finite = want.isfinite()
+        assert_rel_close(got[finite].cpu().double(), want[finite].cpu().double(), 1e-5)
+
+
 @pytest.mark.parametrize("shape", [(32768, 8, 8), (1000, 1, 1)], ids=["gemm_path", "small_path"])
 def test_float32_parameter_gradients_over_many_rows_as_accurate_as_torch(backend, shape):
     """The weight and bias gradients sum over the rows: over 32768 rows a running float32 sum was 4-6x less
