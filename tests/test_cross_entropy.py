@@ -299,6 +299,24 @@ def test_gradient_exact_at_any_logit_scale(backend, reduction):
             assert err <= 2 * torch_err + 1e-7 * dx_ref.abs().max().item(), (offset, path, err, torch_err)
 
 
+def test_softmax_sum_over_a_large_vocabulary_with_one_dominant_logit(backend):
+    """One logit 12 above 16384 equal ones (float32): the softmax's sum is 1 plus many terms of 6e-6. A lane that
+    holds the 1 rounded each term it then added to an ulp of 1 (p at the max off by 5e-5, 850 eps, as
+    F.cross_entropy's own); summed in two levels it is within a few eps. Bound: 32 eps of p."""
+    dev = device_of(backend)
+    C = 16385
+    x = torch.zeros(2, C)
+    x[:, 0] = 12.0
+    t = torch.tensor([C // 2, 0])
+    xr = x.double().requires_grad_()
+    (want,) = torch.autograd.grad(F.cross_entropy(xr, t, reduction="sum"), xr)
+    xf = x.to(dev).requires_grad_()
+    (got,) = torch.autograd.grad(cross_entropy(xf, t.to(dev), reduction="sum", backend=backend), xf)
+    p_max = torch.softmax(x.double(), 1)[:, 0]
+    err = (got.cpu().double() - want)[:, 0].abs()
+    assert (err <= 32 * torch.finfo(torch.float32).eps * p_max).all(), err
+
+
 def test_gradient_exact_at_any_logit_scale_linear(backend):
     # linear_cross_entropy's backward recomputes each chunk's logits and runs the backward kernel: logits of
     # -1e30 (the bias) have the gradient (-2/3, 1/3, 1/3) there too
