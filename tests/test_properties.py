@@ -950,9 +950,9 @@ def exact_complement(dlogits, x, t, w, class_dim, upstream, lse_upstream, reduct
     if lse_upstream is not None:
         value = value + per_row(lse_upstream) * p
     # -inf logits are p = 0 terms of r (PyTorch's float64 lost a 1e30-weighted row's other q, 0.04, to Q's
-    # rounding next to a -inf logit: the long run); NaN and +inf make the whole row NaN
+    # rounding next to a -inf logit: the long run); NaN, +inf, or -inf everywhere make the whole row NaN
     fix = top & (top.sum(class_dim, keepdim=True) == 1) & ~(x.isnan() | x.isposinf()).any(class_dim, keepdim=True) \
-        & Q.isfinite() & q.isfinite().all(class_dim, keepdim=True)
+        & x.amax(class_dim, keepdim=True).isfinite() & Q.isfinite() & q.isfinite().all(class_dim, keepdim=True)
     return torch.where(fix, value, dlogits)
 
 
