@@ -650,8 +650,9 @@ def jet_case(draw, nonfinite):
 def jet_reference(x, direction, weights, biases, acts, plain=False, exact=False):
     """(u, du, d2u) layer by layer in plain PyTorch: z = W h + b, dz = W dh, d2z = W d2h; u = f(z),
     du = f'(z) dz, d2u = f''(z) dz^2 + f'(z) d2z, with f' and f'' by autograd of _Derivative (plain: of the
-    activation itself; exact: EXACT_TAILS in any dtype). Terms that are zero by construction are left out rather than multiplied: d2z of the first
-    layer, and f'' of a piecewise-linear activation (torch.func.jvp's zero tangents gave 0 * inf = nan there)."""
+    activation itself; exact: EXACT_TAILS in any dtype). Terms that are zero by construction are left out rather
+    than multiplied: d2z of the first layer, and f'' of a piecewise-linear activation (torch.func.jvp's zero
+    tangents gave 0 * inf = nan there)."""
     h, dh, d2h = x, direction.expand_as(x), None
     for i, (w, a) in enumerate(zip(weights, acts)):
         z = F.linear(h, w, None if biases is None else biases[i])
@@ -799,15 +800,17 @@ def _logsumexp(z, dim):
     return (torch.log(torch.exp(z - m).sum(dim, keepdim=True)) + m).squeeze(dim)
 
 
-def ce_reference(z, t, w, ignore_index, reduction, label_smoothing, z_loss, softcap, class_dim):
+def ce_reference(z, t, w, ignore_index, reduction, label_smoothing, z_loss, softcap, class_dim, plain=False,
+                 exact=False):
     """F.cross_entropy of the (capped) logits plus z_loss * lse**2 per kept sample, weighted and reduced like the
-    loss (README: cross_entropy); and lse, the logsumexp of each sample's (capped) logits."""
+    loss (README: cross_entropy); and lse, the logsumexp of each sample's (capped) logits. The cap's tanh as
+    reference_activation(plain, exact) takes it."""
     if z.dim() == 3 and z.shape[1] == 0:  # torch's (N, 0, d) path raises a spurious size mismatch; (N, 0, d, 1) not
         loss, lse = ce_reference(z.unsqueeze(-1), t.unsqueeze(-1), w, ignore_index, reduction, label_smoothing, z_loss,
-                                 softcap, class_dim)
+                                 softcap, class_dim, plain, exact)
         return (loss.squeeze(-1) if reduction == "none" else loss), lse.squeeze(-1)
     if softcap is not None:  # tanh with exact float64 tails: 1 - tanh^2 cancels where the logits pass ~8 caps
-        z = softcap * torch_activation("tanh", z / softcap)
+        z = softcap * reference_activation("tanh", z / softcap, plain, exact)
     if reduction == "mean" and w is not None and w.dtype == F64 and w.numel() and 0 < w.abs().max() < 1:
         # the same mean without denormal products and sums (torch's float64 lost 1e-14 relative on weights of 1e-310)
         w = w / w.abs().max()
@@ -824,6 +827,14 @@ def ce_reference(z, t, w, ignore_index, reduction, label_smoothing, z_loss, soft
         per = torch.where(kept, z_loss * wt * lse * lse, 0)
         loss = loss + {"none": per, "sum": per.sum(), "mean": per.sum() / wt.sum()}[reduction]
     return loss, lse
+
+
+def ce_variants(torch_side, softcap):
+    """The losses' variants (rule 1): the softcap's tanh by PyTorch's plain autograd, and with its exact tails."""
+    if softcap is None:
+        return []
+    return [lambda math_dtype: torch_side(math_dtype, plain=True),
+            lambda math_dtype: torch_side(math_dtype, exact=True)]
 
 
 @st.composite
@@ -861,9 +872,10 @@ def check_ce(case, backend):
     loss_shape = per_sample if case["reduction"] == "none" else ()
     gs = ce_upstreams(loss_shape, per_sample, case["upstream"][0], case["return_lse"], dt)
 
-    def torch_side(math_dtype, via=None):
+    def torch_side(math_dtype, via=None, plain=False, exact=False):
         (xx,) = leaves([x], math_dtype, via=via)
-        loss, lse = ce_reference(xx, t, cast(w, math_dtype, via), class_dim=0 if x.dim() == 1 else 1, **opts)
+        loss, lse = ce_reference(xx, t, cast(w, math_dtype, via), class_dim=0 if x.dim() == 1 else 1, plain=plain,
+                                 exact=exact, **opts)
         outs = [loss, lse] if case["return_lse"] else [loss]
         return [*outs, *grads(outs, [xx], [cast(g, math_dtype, via) for g in gs])]
 
@@ -875,8 +887,11 @@ def check_ce(case, backend):
         return [*outs, *grads(outs, [xx], [g.to(dev) for g in gs])]
 
     names = ["loss", "lse"] if case["return_lse"] else ["loss"]
+    # the cap's derivative one product (an infinite upstream times PyTorch's 1 - tanh^2 = 0 is NaN where the
+    # exact derivative gives inf: the long run), PyTorch's plain autograd and the exact tails in the dtype accepted
     check_against_torch(names + ["dlogits"], torch_side, fused_side, dt, "cross_entropy",
                         "0-d input" if x.dim() == 0 else "", nonnegative=("loss",),
+                        variants=ce_variants(torch_side, case["softcap"]),
                         describe=lambda: dict(logits=x, target=t, weight=w, options=opts, upstreams=gs))
 
 
@@ -1036,10 +1051,11 @@ def check_lce(case, backend):
     gs = ce_upstreams(loss_shape, batch, case["upstream"][0], case["return_lse"], dt)
     inputs = (h, w, b)
 
-    def torch_side(math_dtype, via=None):
+    def torch_side(math_dtype, via=None, plain=False, exact=False):
         ts = leaves(inputs, math_dtype, via=via)
         logits = F.linear(*ts).reshape(math.prod(batch), V)
-        loss, lse = ce_reference(logits, t.reshape(-1), cast(cw, math_dtype, via), class_dim=1, **opts)
+        loss, lse = ce_reference(logits, t.reshape(-1), cast(cw, math_dtype, via), class_dim=1, plain=plain,
+                                 exact=exact, **opts)
         loss = loss.reshape(batch) if case["reduction"] == "none" else loss
         outs = [loss, lse.reshape(batch)] if case["return_lse"] else [loss]
         return [*outs, *grads(outs, [v for v in ts if v is not None], [cast(g, math_dtype, via) for g in gs])]
@@ -1055,6 +1071,7 @@ def check_lce(case, backend):
     names = (["loss", "lse"] if case["return_lse"] else ["loss"]) + ["dhidden", "dweight"] + (["dbias"] if case["bias"]
                                                                                             else [])
     check_against_torch(names, torch_side, fused_side, dt, "linear_cross_entropy", nonnegative=("loss",),
+                        variants=ce_variants(torch_side, case["softcap"]),
                         describe=lambda: dict(hidden=h, weight=w, bias=b, target=t, class_weight=cw, options=opts,
                                               chunk_size=case["chunk_size"], upstreams=gs))
 
