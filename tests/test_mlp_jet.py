@@ -474,3 +474,21 @@ def test_module_jet_is_the_functional():
     x, direction = _randn(4, 2, seed=2), _randn(2, seed=3)
     _check_jet(net.jet(x, direction), jet_ref(x, direction, net.weights(), net.biases(), ["cos", "sin"]), 1e-12)
     assert fusedlayers.functional.mlp_jet is mlp_jet
+
+
+def test_float32_weight_gradient_sums_each_plane_apart():
+    """The weight gradient is a GEMM per plane (value, direction, ...) and then their sum, as PyTorch's graph
+    forms it: one GEMM over all planes' rows added the direction plane's small terms to a running sum of the value
+    plane's (8 eps of the gradient off at 169 rows where PyTorch was 1.4: the long property run's case)."""
+    def normal(shape, seed, scale=1.0):
+        return (torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(seed)) * scale).float()
+
+    x, direction, w = normal((13, 13, 1), 0), normal((1,), 0), normal((1, 1), 0, 0.5)
+    grads = [normal((13, 13, 1), seed) for seed in range(3)]
+    ww = w.clone().requires_grad_()
+    (got,) = torch.autograd.grad(mlp_jet(x, [ww], None, "identity", "leaky_relu", direction), ww, grads)
+    w64 = w.double().requires_grad_()
+    z = F.linear(x.double(), w64)
+    u, du = F.leaky_relu(z), torch.where(z > 0, 1.0, 0.01) * F.linear(direction.double().expand_as(z), w64)
+    (want,) = torch.autograd.grad([u, du], w64, [g.double() for g in grads[:2]])
+    assert (got.double() - want).abs().item() <= 4 * torch.finfo(torch.float32).eps * want.abs().item()
