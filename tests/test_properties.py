@@ -115,9 +115,10 @@ _GELU_TANH_K = math.sqrt(2 / math.pi)
 EXACT_TAILS = {
     "tanh": (lambda z: z.abs() > 1, lambda z: 2 * _sigmoid_tails(2 * z) - 1),
     "gelu": (lambda z: z < -1, lambda z: z * 0.5 * torch.special.erfc(-z / math.sqrt(2))),
-    # up to 1e30, not only to 10 (torch_activation's relu beyond 10 is for PyTorch's NaN from z**3 overflowing):
-    # f'' at z = -10.3 is 1e-37, which a direction of 1e30 makes a d2u of 1e21
-    "gelu_tanh": (lambda z: (z.abs() > 1) & (z.abs() < 1e30),
+    # in float64 up to 1e30, not only to 10 (torch_activation's relu beyond 10 is for PyTorch's NaN from z**3
+    # overflowing): f'' at z = -10.3 is 1e-37, which a direction of 1e30 makes a d2u of 1e21; in the other dtypes
+    # (VARIANT_EXACT) up to 10, beyond which the kernels take relu's
+    "gelu_tanh": (lambda z: (z.abs() > 1) & (z.abs() < (1e30 if z.dtype == F64 else 10)),
                   lambda z: z * _sigmoid_tails(2 * _GELU_TANH_K * (z + 0.044715 * z ** 3))),
 }
 
@@ -130,14 +131,11 @@ EXACT_TAILS = {
 def _exact_tails(name, z, y, exact=False):
     """y (the activation of z by PyTorch) with the value and the derivatives of every order of EXACT_TAILS[name] in
     its tails (PyTorch's float64 gelu(-9.1) is 0 from 1 + erf cancelling, where it is -4.6e-19: times a weight of
-    1e30 the difference is an output): in float64, and in any dtype if exact (the forms the kernels take; there
-    gelu_tanh's only up to 10, beyond which they take relu's)."""
+    1e30 the difference is an output): in float64, and in any dtype if exact (the forms the kernels take)."""
     if name not in EXACT_TAILS or not (exact or z.dtype == F64):
         return y
     where, carrier = EXACT_TAILS[name]
     tail = where(z) & z.isfinite()
-    if name == "gelu_tanh" and z.dtype != F64:
-        tail = tail & (z.abs() < 10)
     c = carrier(torch.where(tail, z, torch.ones_like(z)))
     return torch.where(tail, c, y)
 

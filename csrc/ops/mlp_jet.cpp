@@ -108,9 +108,9 @@ JetGrads jet_backward(at::Tensor grad, const at::Tensor& x, const at::Tensor& di
   for (size_t l = L; l-- > 0;) {
     const at::Tensor dz = step.backward(grad, jet.preacts[l], activations[l]);
     const int64_t planes = jet.inputs[l].size(0);
-    if (mask[2]) {  // one GEMM per plane, then their sum, as PyTorch's graph: a GEMM over every plane's rows (or
-                    // an addmm into the first plane's) adds the later planes' small terms to a large running sum
-                    // (8 eps against PyTorch's 1.4 at 169 rows: the long run)
+    if (mask[2]) {  // one GEMM per plane, then their sum, as PyTorch's graph: one GEMM over every plane's rows
+                    // adds the later planes' small terms to a large running sum (8 eps against PyTorch's 1.4 at
+                    // 169 rows: the long run)
       dweights[l] = at::mm(dz.select(0, 0).t(), jet.inputs[l].select(0, 0));
       for (int64_t p = 1; p < planes; ++p) dweights[l].add_(at::mm(dz.select(0, p).t(), jet.inputs[l].select(0, p)));
     }
