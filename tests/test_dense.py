@@ -204,6 +204,24 @@ def test_softplus_derivative_keeps_subnormals_as_torch(backend, rows):
         assert_rel_close(got[finite].cpu().double(), want[finite].cpu().double(), 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("rows", [4096, 1000], ids=["vector_path", "small_path"])
+def test_gelu_keeps_its_relative_accuracy_in_the_negative_tail(backend, dtype, rows):
+    """gelu(z) = z erfc(-z / sqrt 2) / 2 to a few ulp down to where it underflows: 1 + erf cancels there (Triton's
+    float64 gelu(-3.3) was 3.5x torch's error, gelu(-10) all digits lost), and a fast erfc must keep exp(-x^2)'s
+    x^2 exact. Against torch's float64 erfc at the argument as the dtype rounds it."""
+    device = device_of(backend)
+    lo = -37.0 if dtype == torch.float64 else -13.0
+    z = torch.linspace(lo, -0.1, rows, dtype=dtype)
+    y = dense(z.unsqueeze(1).to(device), torch.ones(1, 1, dtype=dtype, device=device), None, "gelu",
+              backend=backend).squeeze(1).cpu().double()
+    arg = (z * -0.70710678118654752440).double()  # rounded to the dtype, as the kernels round it
+    want = z.double() * 0.5 * torch.special.erfc(arg)
+    normal = want.abs() > torch.finfo(dtype).tiny
+    rel = ((y - want).abs() / want.abs())[normal].max().item()
+    assert rel <= 16 * torch.finfo(dtype).eps, f"max relative error {rel:.2e}"
+
+
 @pytest.mark.parametrize("shape", [(32768, 8, 8), (1000, 1, 1)], ids=["gemm_path", "small_path"])
 def test_float32_parameter_gradients_over_many_rows_as_accurate_as_torch(backend, shape):
     """The weight and bias gradients sum over the rows: over 32768 rows a running float32 sum was 4-6x less

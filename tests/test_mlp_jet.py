@@ -344,6 +344,34 @@ def test_zero_third_derivative_at_an_overflowing_du_squared_gives_zero(bf16):
     torch.testing.assert_close(got.double(), want, rtol=2e-2 if bf16 else 1e-4, atol=0)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["kernels", "composite"])
+@pytest.mark.parametrize("hidden", [[], ["relu"]], ids=["first_layer", "after_relu"])
+def test_infinite_upstream_of_the_first_curved_layer_as_torch(bf16, hidden):
+    """Below the first curved activation the d2 plane is zero by construction (the input's jet is (x, d, 0)), so
+    the gradient of f'(z) z2 has no term there, as torch's graph has none: an infinite upstream of d2u times that
+    zero z2 made the bias gradient NaN where torch's is -inf (found by the long property-based run). Reference:
+    the same layers by autograd in the same dtype."""
+    dt = torch.bfloat16 if bf16 else torch.float32
+    x, direction = torch.tensor([[89.0]], dtype=dt), torch.tensor([float("inf")], dtype=dt)
+    ws = [torch.tensor([[1.0]], dtype=dt) for _ in hidden] + [torch.tensor([[0.33]], dtype=dt),
+                                                               torch.tensor([[float("inf")]], dtype=dt)]
+    bs = [torch.tensor([0.0], dtype=dt) for _ in hidden] + [torch.tensor([1.5], dtype=dt), torch.tensor([0.0], dtype=dt)]
+    g = [torch.tensor([[-1.3]], dtype=dt), torch.tensor([[0.45]], dtype=dt), torch.tensor([[0.043]], dtype=dt)]
+    br = [b.clone().requires_grad_() for b in bs]
+    h, dh = x, direction.expand_as(x)
+    for w, b in zip(ws[:-2], br):  # relu at x > 0 passes (h, dh) through, with no d2 term
+        h, dh = torch.relu(F.linear(h, w, b)), F.linear(dh, w)
+    z, dz = F.linear(h, ws[-2], br[-2]), F.linear(dh, ws[-2])
+    dh, d2h = -torch.sin(z) * dz, -torch.cos(z) * dz * dz
+    outs = [F.linear(torch.cos(z), ws[-1], br[-1]), F.linear(dh, ws[-1]), F.linear(d2h, ws[-1])]
+    want = torch.autograd.grad(outs, br[-2], g)[0]
+    assert want.isinf().all()
+    bf = [b.clone().requires_grad_() for b in bs]
+    got = torch.autograd.grad(mlp_jet(x, ws, bf, ["relu"] * len(hidden) + ["cos"], "identity", direction=direction),
+                              bf[-2], g)[0]
+    assert torch.equal(got, want), f"{got} != {want}"
+
+
 @pytest.mark.parametrize("activations", [["tanh", "identity"], ["identity", "tanh"]],
                          ids=["tanh", "identity_hidden"])
 def test_jet_opcheck(activations):

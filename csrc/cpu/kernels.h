@@ -90,9 +90,10 @@ struct Kernels {
 
   // The jet of f along a direction (cpu/isa/jet.h): z and h hold three planes (value, first and second
   // derivative) of n elements each, `plane` elements apart: h = (f(z0), f'(z0) z1, f''(z0) z1^2 + f'(z0) z2).
-  void (*jet_forward_elements)(Activation a, const T* z, T* h, int64_t n, int64_t plane);
+  void (*jet_forward_elements)(Activation a, const T* z, T* h, int64_t n, int64_t plane, bool z2_zero);
   // Its vector-Jacobian product: dz = the gradient w.r.t. (z0, z1, z2) of <g, h>, planes as above.
-  void (*jet_backward_elements)(Activation a, const T* g, const T* z, T* dz, int64_t n, int64_t plane);
+  void (*jet_backward_elements)(Activation a, const T* g, const T* z, T* dz, int64_t n, int64_t plane,
+                                bool z2_zero);
 
   // The fused mlp (cpu/isa/mlp_tile.h). Tiles are feature-major: x (widths[0] x R), y (widths[L] x R),
   // R <= kMlpTileRows rows.

@@ -14,7 +14,7 @@ namespace {
 // Elementwise passes split over threads in chunks of at least this many elements of a plane.
 constexpr int64_t kJetGrain = 16384;
 
-at::Tensor jet_activation(const at::Tensor& z, const std::string& activation) {
+at::Tensor jet_activation(const at::Tensor& z, const std::string& activation, bool z2_zero) {
   const Activation a = parse_activation(activation);
   if (a == Activation::Identity) return z;
   at::Tensor h = at::empty_like(z);
@@ -23,13 +23,14 @@ at::Tensor jet_activation(const at::Tensor& z, const std::string& activation) {
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     scalar_t* hp = h.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, plane, kJetGrain, [&](int64_t begin, int64_t end) {
-      kernels<scalar_t>().jet_forward_elements(a, zp + begin, hp + begin, end - begin, plane);
+      kernels<scalar_t>().jet_forward_elements(a, zp + begin, hp + begin, end - begin, plane, z2_zero);
     });
   });
   return h;
 }
 
-at::Tensor jet_activation_backward(const at::Tensor& g, const at::Tensor& z, const std::string& activation) {
+at::Tensor jet_activation_backward(const at::Tensor& g, const at::Tensor& z, const std::string& activation,
+                                   bool z2_zero) {
   const Activation a = parse_activation(activation);
   if (a == Activation::Identity) return g;
   at::Tensor dz = at::empty_like(z);
@@ -40,7 +41,8 @@ at::Tensor jet_activation_backward(const at::Tensor& g, const at::Tensor& z, con
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     scalar_t* dp = dz.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, plane, kJetGrain, [&](int64_t begin, int64_t end) {
-      kernels<scalar_t>().jet_backward_elements(a, gp + begin, zp + begin, dp + begin, end - begin, plane);
+      kernels<scalar_t>().jet_backward_elements(a, gp + begin, zp + begin, dp + begin, end - begin, plane,
+                                                 z2_zero);
     });
   });
   return dz;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/bit_cast.h>
 
 #include "activations.h"
 
@@ -77,7 +78,42 @@ struct Math<at::vec::Vectorized<T>> {
     }
     return x.erf();
   }
-  static V erfc(V x) { return x.erfc(); }
+  // float: 1 - erf(x) up to x = 0.5 (erf < 0.53 there: no cancellation); beyond, exp(-x^2) P(1 / (x + 1.5)),
+  // P of degree 9 fitted here (6e-9 relative on [0.5, 10.1], past which erfc rounds to 0), x^2 = s + e exactly
+  // and exp(-x^2) = exp(-s) (1 - e): 4.3 ulp in float32. In place of Sleef's erfc, which made exact
+  // gelu's f and f' cost 3.5 ns an element against 0.4 with erf (in cache, AVX-512). double: Sleef's.
+  static V erfc(V x) {
+    if constexpr (sizeof(T) == 4) {
+      const V big = x > V(T(0.5));
+      if (big.zero_mask() == (1 << V::size()) - 1) return V(T(1)) - erf(x);  // no lane above 0.5
+      const V a = at::vec::clamp(x, V(T(0.5)), V(T(10.1)));
+      const V t = V(T(1)) / (a + V(T(1.5)));
+      V p = V(T(3.6911595175825416));
+      p = at::vec::fmadd(p, t, V(T(-13.770962047395791)));
+      p = at::vec::fmadd(p, t, V(T(20.167057721899674)));
+      p = at::vec::fmadd(p, t, V(T(-13.56019903822017)));
+      p = at::vec::fmadd(p, t, V(T(2.992040601113814)));
+      p = at::vec::fmadd(p, t, V(T(-0.05153328279348973)));
+      p = at::vec::fmadd(p, t, V(T(1.0735647325052469)));
+      p = at::vec::fmadd(p, t, V(T(0.8395279201540985)));
+      p = at::vec::fmadd(p, t, V(T(0.5644890888677849)));
+      p = at::vec::fmadd(p, t, V(T(-5.719718607785913e-06)));
+      // a^2 = s + e exactly. With FMA by one fmsub: written out as products, the compiler contracted
+      // hi * hi - a * a into one fma and e came out 0 (erfc(8) 2e-6 off). The default ISA has no FMA, so no
+      // contraction: there hi keeps a's top 12 bits, and hi^2 is exact.
+      const V s = a * a;
+#ifndef FL_TARGET_DEFAULT
+      const V e = at::vec::fmsub(a, a, s);
+#else
+      const V hi = a & V(T(c10::bit_cast<float>(0xfffff000u))), lo = a - hi;
+      const V e = (hi * hi - s) + lo * (hi + a);
+#endif
+      const V tail = exp(V(T(0)) - s) * (V(T(1)) - e) * p;
+      if (big.zero_mask() == 0) return tail;  // every lane above 0.5
+      return V::blendv(V(T(1)) - erf(x), tail, big);
+    }
+    return x.erfc();
+  }
   static V cos(V x) { return x.cos(); }
   static V sin(V x) { return x.sin(); }
   static V max(V a, V b) { return at::vec::maximum(a, b); }

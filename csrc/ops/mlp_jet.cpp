@@ -41,17 +41,18 @@ using torch::autograd::variable_list;
 
 // f'' and f''' of a piecewise-linear activation are zero: their terms are left out, not multiplied (an inf z1
 // would make them NaN), as the cpu kernels (cpu/isa/jet.h) and torch's own derivatives do.
-at::Tensor composite_jet_activation(const at::Tensor& z, const std::string& activation) {
+at::Tensor composite_jet_activation(const at::Tensor& z, const std::string& activation, bool z2_zero) {
   const Activation a = parse_activation(activation);
   if (a == Activation::Identity) return z;
   const at::Tensor z0 = z.select(0, 0), z1 = z.select(0, 1), z2 = z.select(0, 2);
   const at::Tensor d1 = derivative(z0, activation, 1);
-  at::Tensor h2 = d1 * z2;
+  at::Tensor h2 = z2_zero ? at::zeros_like(z2) : d1 * z2;
   if (!derivative_is_zero(a, 2)) h2 = derivative(z0, activation, 2) * z1 * z1 + h2;
   return at::stack({derivative(z0, activation, 0), d1 * z1, h2});
 }
 
-at::Tensor composite_jet_activation_backward(const at::Tensor& g, const at::Tensor& z, const std::string& activation) {
+at::Tensor composite_jet_activation_backward(const at::Tensor& g, const at::Tensor& z, const std::string& activation,
+                                             bool z2_zero) {
   const Activation a = parse_activation(activation);
   if (a == Activation::Identity) return g;
   const at::Tensor z0 = z.select(0, 0), z1 = z.select(0, 1), z2 = z.select(0, 2);
@@ -60,7 +61,8 @@ at::Tensor composite_jet_activation_backward(const at::Tensor& g, const at::Tens
   at::Tensor dz0 = derivative_times(g0, z0, activation, 1), dz1 = g1 * d1;  // relu selects on g0, as torch's
   if (!derivative_is_zero(a, 2)) {
     const at::Tensor d2 = derivative(z0, activation, 2), d3 = derivative(z0, activation, 3);
-    dz0 = dz0 + g1 * z1 * d2 + (g2 * z1) * (z1 * d3) + g2 * z2 * d2;  // z1 * z1 never formed: as cpu/isa/jet.h
+    dz0 = dz0 + g1 * z1 * d2 + (g2 * z1) * (z1 * d3);  // z1 * z1 never formed: as cpu/isa/jet.h
+    if (!z2_zero) dz0 = dz0 + g2 * z2 * d2;
     dz1 = dz1 + 2 * g2 * d2 * z1;
   }
   return at::stack({dz0, dz1, g2 * d1});
@@ -91,7 +93,7 @@ JetLayers jet_forward(const at::Tensor& x, const at::Tensor& direction, at::Tens
     }
     jet.inputs.push_back(h);
     jet.preacts.push_back(z);
-    h = step.forward(z, activations[l]);
+    h = step.forward(z, activations[l], flat);
     if (flat && derivative_is_zero(parse_activation(activations[l]), 2)) h = h.narrow(0, 0, 2);
   }
   jet.out = h.size(0) == 3 ? h : at::cat({h, at::zeros_like(h.narrow(0, 0, 1))});
@@ -106,8 +108,8 @@ JetGrads jet_backward(at::Tensor grad, const at::Tensor& x, const at::Tensor& di
   std::vector<at::Tensor> dweights(mask[2] ? L : 0), dbiases(mask[2] && has_bias ? L : 0);
   at::Tensor dx, ddirection;
   for (size_t l = L; l-- > 0;) {
-    const at::Tensor dz = step.backward(grad, jet.preacts[l], activations[l]);
     const int64_t planes = jet.inputs[l].size(0);
+    const at::Tensor dz = step.backward(grad, jet.preacts[l], activations[l], /*z2_zero=*/planes == 2);
     if (mask[2]) {  // one GEMM per plane, then their sum, as PyTorch's graph: one GEMM over every plane's rows
                     // adds the later planes' small terms to a large running sum (8 eps against PyTorch's 1.4 at
                     // 169 rows: the long run)

@@ -21,12 +21,14 @@ void check_jet_args(const at::Tensor& x, const at::Tensor& direction, at::Tensor
                     size_t num_activations);
 
 // A layer's elementwise step: the activation's jet (f(z0), f'(z0) z1, f''(z0) z1^2 + f'(z0) z2) of a
-// pre-activation jet z, and its vector-Jacobian product (the gradient w.r.t. z of <g, step(z)>). bias_in_place:
+// pre-activation jet z, and its vector-Jacobian product (the gradient w.r.t. z of <g, step(z)>). z2_zero: z's d2
+// plane is zero by construction (no curved activation below): its terms are left out, never multiplied (an inf
+// f' or upstream times that 0 is NaN where torch's graph has no such term). bias_in_place:
 // the bias may be added into the GEMM's output (not under vmap, which cannot add a batched bias into an
 // unbatched tensor in place).
 struct JetStep {
-  at::Tensor (*forward)(const at::Tensor& z, const std::string& activation);
-  at::Tensor (*backward)(const at::Tensor& g, const at::Tensor& z, const std::string& activation);
+  at::Tensor (*forward)(const at::Tensor& z, const std::string& activation, bool z2_zero);
+  at::Tensor (*backward)(const at::Tensor& g, const at::Tensor& z, const std::string& activation, bool z2_zero);
   bool bias_in_place;
 };
 
