@@ -101,8 +101,8 @@ def _gelu_tanh_du(z):
 
 @triton.jit
 def _erfc(x):
-    # exp(-x^2) erfcx(x) for x >= 0 and 2 - erfc(-x) below (no cancellation either side: 1 - erf(x) lost every digit
-    # of gelu's tail, as PyTorch's 1 + erf does below z = -2). erfcx(x) (x + 2) is a Chebyshev series in
+    # exp(-x^2) erfcx(x) for x > 0.5 and 2 - erfc(-x) below -0.5 (no cancellation either side: 1 - erf(x) lost every
+    # digit of gelu's tail, as PyTorch's 1 + erf does below z = -2). erfcx(x) (x + 2) is a Chebyshev series in
     # t = 1 / (x + 2) over x in [0, 27], fitted here, summed by Clenshaw's recurrence (x clamped to 28: erfc is 0 in
     # float64 from 27.3), and exp(-x^2) = exp(-hi^2) exp(-lo (hi + x)) with hi = x's top bits, so that hi^2 is
     # exact: 6 ulp in float64, 4 in float32.
@@ -160,7 +160,8 @@ def _erfc(x):
     else:
         hi = (a.to(tl.int32, bitcast=True) & -4096).to(tl.float32, bitcast=True)  # 12 bits
     tail = tl.exp(-(hi * hi)) * tl.exp(-((a - hi) * (hi + a))) * (series * t)
-    return tl.where(x < 0.0, 2.0 - tail, tail)
+    # |x| <= 0.5: 1 - erf(x), whose rounding is half an ulp of a value near 1 (the series' is 3 eps there)
+    return tl.where(a <= 0.5, 1.0 - tl.erf(x), tl.where(x < 0.0, 2.0 - tail, tail))
 
 
 @triton.jit
