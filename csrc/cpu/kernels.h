@@ -89,7 +89,8 @@ struct Kernels {
   void (*activation_elements)(Activation a, int order, const T* g, const T* z, T* out, int64_t n);
 
   // The jet of f along a direction (cpu/isa/jet.h): z and h hold three planes (value, first and second
-  // derivative) of n elements each, `plane` elements apart: h = (f(z0), f'(z0) z1, f''(z0) z1^2 + f'(z0) z2).
+  // derivative) of n elements each, `plane` elements apart: h = (f(z0), f'(z0) z1, f''(z0) z1^2 + f'(z0) z2);
+  // z2_zero: the z2 plane is zero by construction and its terms are left out (JetStep, ops/mlp_jet.h).
   void (*jet_forward_elements)(Activation a, const T* z, T* h, int64_t n, int64_t plane, bool z2_zero);
   // Its vector-Jacobian product: dz = the gradient w.r.t. (z0, z1, z2) of <g, h>, planes as above.
   void (*jet_backward_elements)(Activation a, const T* g, const T* z, T* dz, int64_t n, int64_t plane,
