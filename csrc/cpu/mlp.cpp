@@ -23,41 +23,20 @@
 namespace fusedlayers::cpu {
 namespace {
 
-// The network in the math type M: float and double parameters are read in place, bfloat16 ones converted.
-template <typename T>
+// The network in the math type M, as the tile kernels read it.
+template <typename M>
 struct Net {
-  using M = at::opmath_type<T>;
-  std::vector<at::Tensor> keep;  // owns what the pointers point into
+  const LayerPtrs<M>& params;
   std::vector<int64_t> widths;
   std::vector<Activation> acts;
-  std::vector<const M*> w, b;
   MlpNetSizes sizes;
   MlpNet<M> view() const {
-    return {static_cast<int64_t>(acts.size()), widths.data(), acts.data(), w.data(), b.empty() ? nullptr : b.data(),
-            sizes};
+    return {static_cast<int64_t>(acts.size()), widths.data(), acts.data(), params.w.data(),
+            params.b.empty() ? nullptr : params.b.data(), sizes};
   }
   // Elements of the tile kernels' workspace for tiles of R rows (see MlpNetSizes).
   int64_t workspace(int64_t R) const { return 2 * (sizes.outputs + sizes.max_width) * R; }
 };
-
-template <typename T>
-Net<T> net_of(const Shape& s, at::TensorList weights, at::TensorList biases, const std::vector<Activation>& acts) {
-  using M = at::opmath_type<T>;
-  Net<T> net;
-  net.widths = s.widths;
-  net.acts = acts;
-  net.sizes = s.sizes;
-  const auto math = c10::CppTypeToScalarType<M>::value;
-  // Parameters already in the math type and contiguous (the usual case) are read in place without an ATen
-  // call: for a tiny network each call costs about as much as a layer's arithmetic.
-  auto in_math = [&](const at::Tensor& t) -> const M* {
-    if (t.scalar_type() == math && t.is_contiguous()) return t.template const_data_ptr<M>();
-    return net.keep.emplace_back(t.to(math).contiguous()).template const_data_ptr<M>();
-  };
-  for (const auto& w : weights) net.w.push_back(in_math(w));
-  for (const auto& b : biases) net.b.push_back(in_math(b));
-  return net;
-}
 
 // Rows per tile: kMlpTileRows, or all of them when fewer (a single vector computes one lane, not 32).
 int64_t tile_rows(const Shape& s) { return std::max<int64_t>(1, std::min(kMlpTileRows, s.rows)); }
@@ -77,7 +56,7 @@ void store_tile(const M* tile, int64_t r0, int64_t count, int64_t width, int64_t
 }
 
 template <typename T>
-void fused_forward(const Shape& s, const Net<T>& net, const T* x, T* y) {
+void fused_forward(const Shape& s, const Net<at::opmath_type<T>>& net, const T* x, T* y) {
   using M = at::opmath_type<T>;
   const auto view = net.view();
   const int64_t R = tile_rows(s), in = s.widths.front(), out = s.widths.back();
@@ -94,7 +73,7 @@ void fused_forward(const Shape& s, const Net<T>& net, const T* x, T* y) {
 
 // Gradients of every layer's weights and biases, and of x when dx is not null.
 template <typename T>
-void fused_backward(const Shape& s, const Net<T>& net, const T* x, const T* grad_out, T* dx, std::vector<T*>& dw,
+void fused_backward(const Shape& s, const Net<at::opmath_type<T>>& net, const T* x, const T* grad_out, T* dx, std::vector<T*>& dw,
                     std::vector<T*>& db) {
   using M = at::opmath_type<T>;
   const auto view = net.view();
@@ -138,6 +117,72 @@ void check_cpu_dtype(const at::Tensor& x) {
               "mlp(): the CPU backend supports float32, float64 and bfloat16 x, got ", x.scalar_type());
 }
 
+// The fused path, or the wide one (float and double only) when wide.
+template <typename T>
+void run_forward(const Shape& s, bool wide, const LayerPtrs<at::opmath_type<T>>& p,
+                 const std::vector<Activation>& acts, const T* x, T* y) {
+  if constexpr (std::is_same_v<at::opmath_type<T>, T>) {
+    if (wide) return wide_forward(s, p, acts, x, y);
+  }
+  fused_forward<T>(s, {p, s.widths, acts, s.sizes}, x, y);
+}
+
+template <typename T>
+void run_backward(const Shape& s, bool wide, const LayerPtrs<at::opmath_type<T>>& p,
+                  const std::vector<Activation>& acts, const T* x, const T* grad_out, T* dx, std::vector<T*>& dw,
+                  std::vector<T*>& db) {
+  if constexpr (std::is_same_v<at::opmath_type<T>, T>) {
+    if (wide) return wide_backward(s, p, acts, x, grad_out, dx, dw, db);
+  }
+  fused_backward<T>(s, {p, s.widths, acts, s.sizes}, x, grad_out, dx, dw, db);
+}
+
+// The fused or the wide path (wide), whichever takes_fused_path / takes_wide_path chose, for params.
+at::Tensor path_forward(const Shape& s, bool wide, const at::Tensor& x, const Params& params,
+                        const std::vector<std::string>& activations) {
+  const auto acts = parse_activations(activations);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = s.widths.back();
+  at::Tensor y = cpu_empty(out_shape, x);
+  const at::Tensor xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mlp_forward", [&] {
+    run_forward(s, wide, params.read<at::opmath_type<scalar_t>>(), acts, xc.const_data_ptr<scalar_t>(),
+                y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+// The backward of either path into preallocated gradients (zeroed for the wide path, which accumulates): dw and
+// db give each layer's place for a scalar type, in per-layer tensors or in one of the flat layout. dx is written
+// unless undefined.
+template <typename GradPtrs>
+void path_backward(const Shape& s, bool wide, const at::Tensor& grad_out, const at::Tensor& x, const Params& params,
+                   const std::vector<std::string>& activations, at::Tensor& dx, const GradPtrs& grad_ptrs) {
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = s.widths.back();
+  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(out_shape), "mlp_backward(): expected grad_out of shape ",
+              c10::IntArrayRef(out_shape), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "mlp_backward(): expected grad_out of dtype ",
+              x.scalar_type(), ", got ", grad_out.scalar_type());
+  const auto acts = parse_activations(activations);
+  const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mlp_backward", [&] {
+    std::vector<scalar_t*> dw, db;
+    grad_ptrs(dw, db);
+    run_backward(s, wide, params.read<at::opmath_type<scalar_t>>(), acts, xc.const_data_ptr<scalar_t>(),
+                 gc.const_data_ptr<scalar_t>(), dx.defined() ? dx.data_ptr<scalar_t>() : nullptr, dw, db);
+  });
+}
+
+// The path for a backward, after the checks every backward makes: nothing when the chain of dense kernels takes
+// it, else whether it is the wide path (or the fused one).
+std::optional<bool> backward_path(const Shape& s, const at::Tensor& x, at::TensorList saved) {
+  check_cpu_dtype(x);
+  const bool wide = saved.empty() && takes_wide_path(s, x.scalar_type());
+  if (!saved.empty() || !(wide || takes_fused_path(s))) return std::nullopt;
+  return wide;
+}
+
 }  // namespace
 
 MlpForwardResult mlp_forward(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
@@ -147,107 +192,71 @@ MlpForwardResult mlp_forward(const at::Tensor& x, at::TensorList weights, at::Te
   const Shape s = shape_of(x, weights);
   const bool wide = !save && takes_wide_path(s, x.scalar_type());
   if (save || !(wide || takes_fused_path(s))) return mlp_chain_forward(x, weights, biases, activations, save);
-  const auto acts = parse_activations(activations);
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = s.widths.back();
-  at::Tensor y = cpu_empty(out_shape, x);
-  if (wide) {
-    wide_forward(s, x, weights, biases, acts, y);
-    return {y, {}};
-  }
-  at::Tensor xc = x.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mlp_forward", [&] {
-    fused_forward<scalar_t>(s, net_of<scalar_t>(s, weights, biases, acts), xc.data_ptr<scalar_t>(),
-                            y.data_ptr<scalar_t>());
-  });
-  return {y, {}};
-}
-
-// The fused and wide paths' backward into preallocated gradients (zeroed for the wide path, which accumulates):
-// per-layer tensors, or views of one tensor in the flat layout. dx is written unless undefined.
-static void fused_or_wide_backward(const Shape& s, bool wide, const at::Tensor& grad_out, const at::Tensor& x,
-                                   at::TensorList weights, at::TensorList biases,
-                                   const std::vector<std::string>& activations, at::Tensor& dx,
-                                   std::vector<at::Tensor>& dweights, std::vector<at::Tensor>& dbiases) {
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = s.widths.back();
-  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(out_shape), "mlp_backward(): expected grad_out of shape ",
-              c10::IntArrayRef(out_shape), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "mlp_backward(): expected grad_out of dtype ",
-              x.scalar_type(), ", got ", grad_out.scalar_type());
-  const auto acts = parse_activations(activations);
-  if (wide) {
-    wide_backward(s, x, grad_out, weights, biases, acts, dx, dweights, dbiases);
-    return;
-  }
-  at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "mlp_backward", [&] {
-    std::vector<scalar_t*> dw, db;
-    for (auto& t : dweights) dw.push_back(t.data_ptr<scalar_t>());
-    for (auto& t : dbiases) db.push_back(t.data_ptr<scalar_t>());
-    fused_backward<scalar_t>(s, net_of<scalar_t>(s, weights, biases, acts), xc.data_ptr<scalar_t>(),
-                             gc.data_ptr<scalar_t>(), dx.defined() ? dx.data_ptr<scalar_t>() : nullptr, dw, db);
-  });
-}
-
-// After the checks every backward makes: the shape and whether the path is the wide one, when the fused or the
-// wide path takes this backward; nothing when the chain of dense kernels does.
-static std::optional<std::pair<Shape, bool>> backward_path(const at::Tensor& x, at::TensorList weights,
-                                                           at::TensorList biases, at::TensorList saved,
-                                                           size_t num_activations) {
-  check_mlp_args(x, weights, biases, num_activations);
-  check_cpu_dtype(x);
-  Shape s = shape_of(x, weights);
-  const bool wide = saved.empty() && takes_wide_path(s, x.scalar_type());
-  if (!saved.empty() || !(wide || takes_fused_path(s))) return std::nullopt;
-  return std::make_pair(std::move(s), wide);
+  return {path_forward(s, wide, x, Params{weights, biases}, activations), {}};
 }
 
 MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
                                at::TensorList biases, at::TensorList saved, std::vector<std::string> activations,
                                bool input_grad) {
-  const auto path = backward_path(x, weights, biases, saved, activations.size());
-  if (!path) return mlp_chain_backward(grad_out, x, weights, biases, saved, activations, input_grad);
-  const auto& [s, wide] = *path;
+  check_mlp_args(x, weights, biases, activations.size());
+  const Shape s = shape_of(x, weights);
+  const auto wide = backward_path(s, x, saved);
+  if (!wide) return mlp_chain_backward(grad_out, x, weights, biases, saved, activations, input_grad);
   at::Tensor dx = input_grad ? cpu_empty(x.sizes(), x) : at::Tensor();
   std::vector<at::Tensor> dweights, dbiases;
-  for (const auto& w : weights) dweights.push_back(wide ? at::zeros(w.sizes(), w.options()) : cpu_empty(w.sizes(), w));
-  for (const auto& b : biases) dbiases.push_back(wide ? at::zeros(b.sizes(), b.options()) : cpu_empty(b.sizes(), b));
-  fused_or_wide_backward(s, wide, grad_out, x, weights, biases, activations, dx, dweights, dbiases);
+  for (const auto& w : weights) dweights.push_back(*wide ? at::zeros(w.sizes(), w.options()) : cpu_empty(w.sizes(), w));
+  for (const auto& b : biases) dbiases.push_back(*wide ? at::zeros(b.sizes(), b.options()) : cpu_empty(b.sizes(), b));
+  path_backward(s, *wide, grad_out, x, Params{weights, biases}, activations, dx, [&](auto& dw, auto& db) {
+    using P = typename std::remove_reference_t<decltype(dw)>::value_type;
+    for (auto& t : dweights) dw.push_back(static_cast<P>(t.data_ptr()));
+    for (auto& t : dbiases) db.push_back(static_cast<P>(t.data_ptr()));
+  });
   return {dx, dweights, dbiases};
 }
 
 namespace {
 
-// mlp_backward for parameters in the flat layout: the fused and wide paths write the gradients into one tensor of
-// that layout, with no join.
+// mlp_forward and mlp_backward for parameters in the flat layout: the fused and wide paths read the layers from it
+// and write the gradients into one tensor of that layout, with no view per layer and no join.
+MlpForwardResult mlp_flat_forward(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
+                                  std::vector<std::string> activations, bool save) {
+  check_flat_args(x, params, sizes, bias, activations.size());
+  check_cpu_dtype(x);
+  const Shape s = shape_of(x, sizes);
+  const bool wide = !save && takes_wide_path(s, x.scalar_type());
+  if (save || !(wide || takes_fused_path(s))) {
+    const auto [weights, biases] = flat_layers(params, sizes, bias);
+    return mlp_chain_forward(x, weights, biases, activations, save);
+  }
+  return {path_forward(s, wide, x, Params{{}, {}, params, sizes, bias}, activations), {}};
+}
+
 std::tuple<at::Tensor, at::Tensor> mlp_flat_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                      const at::Tensor& params, at::TensorList saved,
                                                      at::IntArrayRef sizes, bool bias,
                                                      std::vector<std::string> activations, bool input_grad) {
-  const auto [weights, biases] = flat_layers(params, sizes, bias);
-  const auto path = backward_path(x, weights, biases, saved, activations.size());
-  if (!path) {
+  check_flat_args(x, params, sizes, bias, activations.size());
+  const Shape s = shape_of(x, sizes);
+  const auto wide = backward_path(s, x, saved);
+  if (!wide) {
+    const auto [weights, biases] = flat_layers(params, sizes, bias);
     auto [dx, dweights, dbiases] = mlp_chain_backward(grad_out, x, weights, biases, saved, activations, input_grad);
     return {dx, join_flat(dweights, dbiases)};
   }
-  const auto& [s, wide] = *path;
   at::Tensor dx = input_grad ? cpu_empty(x.sizes(), x) : at::Tensor();
   const int64_t numel = flat_numel(sizes, bias);
-  at::Tensor dparams = wide ? at::zeros({numel}, x.options()) : cpu_empty({numel}, x);
-  std::vector<at::Tensor> dweights, dbiases;
-  std::tie(dweights, dbiases) = flat_layers(dparams, sizes, bias);
-  fused_or_wide_backward(s, wide, grad_out, x, weights, biases, activations, dx, dweights, dbiases);
+  at::Tensor dparams = *wide ? at::zeros({numel}, x.options()) : cpu_empty({numel}, x);
+  path_backward(s, *wide, grad_out, x, Params{{}, {}, params, sizes, bias}, activations, dx, [&](auto& dw, auto& db) {
+    using P = typename std::remove_reference_t<decltype(dw)>::value_type;
+    flat_offsets(static_cast<P>(dparams.data_ptr()), sizes, bias, dw, db);
+  });
   return {dx, dparams};
 }
 
 // The fused and wide CPU paths recompute in their backward whatever the forward would save: the autograd asks this
 // before deciding to save (ops/mlp.h).
-// A traced x (symbolic sizes, or a Python tensor such as export's, whose sizes are symbolic behind a Python call)
-// saves: reading its sizes would specialize the graph to them.
-bool recomputes(const at::Tensor& x, at::TensorList weights) {
-  if (traced(x) || x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
-  const Shape s = shape_of(x, weights);
+bool recomputes(const at::Tensor& x, at::IntArrayRef sizes) {
+  const Shape s = shape_of(x, sizes);
   return takes_fused_path(s) || takes_wide_path(s, x.scalar_type());
 }
 
@@ -259,6 +268,7 @@ const bool kRecomputesRegistered = register_mlp_recomputes(Backend::Native, c10:
 TORCH_LIBRARY_IMPL(fusedlayers, CPU, m) {
   m.impl("mlp_forward", &fusedlayers::cpu::mlp_forward);
   m.impl("mlp_backward", &fusedlayers::cpu::mlp_backward);
+  m.impl("mlp_flat_forward", &fusedlayers::cpu::mlp_flat_forward);
   m.impl("mlp_flat_backward", &fusedlayers::cpu::mlp_flat_backward);
 }
 

@@ -95,24 +95,6 @@ WideLayout wide_layout(const Shape& s, const std::vector<Activation>& acts, int6
   return w;
 }
 
-template <typename T>
-struct WideNet {
-  std::vector<at::Tensor> keep;  // contiguous copies of non-contiguous parameters
-  std::vector<const T*> w, b;    // b empty without biases
-};
-
-template <typename T>
-WideNet<T> wide_net_of(at::TensorList weights, at::TensorList biases) {
-  WideNet<T> net;
-  auto ptr = [&](const at::Tensor& t) -> const T* {
-    if (t.is_contiguous()) return t.template const_data_ptr<T>();
-    return net.keep.emplace_back(t.contiguous()).template const_data_ptr<T>();
-  };
-  for (const auto& w : weights) net.w.push_back(ptr(w));
-  for (const auto& b : biases) net.b.push_back(ptr(b));
-  return net;
-}
-
 // Column-major C (m x n) = alpha op(A) op(B) + beta C, op given by 'N' or 'T'. Inside an OpenMP parallel
 // region the BLAS runs single-threaded. Every size is a tile's rows or a layer's width (checked to fit an int).
 template <typename T>
@@ -136,7 +118,7 @@ void tile_linear(const T* h, const T* w, T* z, int64_t count, int64_t n_in, int6
 // The tile's forward through layers [0, upto): every layer's input h_l and non-identity z_l into the
 // workspace; layer upto - 1 writes its output to out when not null (the forward's y).
 template <typename T>
-void wide_tile_forward(const Shape& s, const WideNet<T>& net, const std::vector<Activation>& acts,
+void wide_tile_forward(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts,
                        const WideLayout& lay, T* ws, const T* x, int64_t count, int64_t upto, T* out) {
   const T* h = x;
   for (int64_t l = 0; l < upto; ++l) {
@@ -153,7 +135,7 @@ void wide_tile_forward(const Shape& s, const WideNet<T>& net, const std::vector<
 }
 
 template <typename T>
-void forward_tiles(const Shape& s, const WideNet<T>& net, const std::vector<Activation>& acts, const T* x, T* y) {
+void forward_tiles(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts, const T* x, T* y) {
   const WideLayout lay = wide_layout(s, acts, sizeof(T));
   const int64_t L = static_cast<int64_t>(acts.size()), in = s.widths.front(), out = s.widths.back();
   const int64_t tiles = (s.rows + lay.R - 1) / lay.R;
@@ -179,7 +161,7 @@ void add_column_sums(const T* g, T* db, int64_t count, int64_t cols) {
 // One tile's gradients: dW_l += dz_l^T h_l and db_l += sums of dz_l into the chunk's accumulators; dx rows
 // written when dx is not null.
 template <typename T>
-void wide_tile_backward(const Shape& s, const WideNet<T>& net, const std::vector<Activation>& acts,
+void wide_tile_backward(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts,
                         const WideLayout& lay, T* ws, const T* x, const T* grad_out, T* dx, int64_t count,
                         const std::vector<T*>& dw, const std::vector<T*>& db) {
   const int64_t L = static_cast<int64_t>(acts.size());
@@ -212,7 +194,7 @@ void wide_tile_backward(const Shape& s, const WideNet<T>& net, const std::vector
 // The tiles are split into one contiguous chunk per thread, each with its own gradient accumulators (chunk 0
 // accumulates into the outputs), summed into the outputs at the end.
 template <typename T>
-void backward_tiles(const Shape& s, const WideNet<T>& net, const std::vector<Activation>& acts, const T* x,
+void backward_tiles(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts, const T* x,
                    const T* grad_out, T* dx, const std::vector<T*>& dw, const std::vector<T*>& db) {
   const WideLayout lay = wide_layout(s, acts, sizeof(T));
   const int64_t L = static_cast<int64_t>(acts.size()), in = s.widths.front(), out = s.widths.back();
@@ -277,26 +259,26 @@ bool takes_wide_path(const Shape& s, at::ScalarType dtype) {
   return s.macs_per_row <= wide_max_macs_per_element() * hidden;
 }
 
-void wide_forward(const Shape& s, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
-                  const std::vector<Activation>& acts, at::Tensor& y) {
-  const at::Tensor xc = x.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_forward", [&] {
-    forward_tiles<scalar_t>(s, wide_net_of<scalar_t>(weights, biases), acts, xc.const_data_ptr<scalar_t>(),
-                            y.data_ptr<scalar_t>());
-  });
+template <typename T>
+void wide_forward(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts, const T* x, T* y) {
+  forward_tiles(s, net, acts, x, y);
 }
 
-void wide_backward(const Shape& s, const at::Tensor& x, const at::Tensor& grad_out, at::TensorList weights,
-                   at::TensorList biases, const std::vector<Activation>& acts, at::Tensor& dx,
-                   std::vector<at::Tensor>& dweights, std::vector<at::Tensor>& dbiases) {
-  const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_backward", [&] {
-    std::vector<scalar_t*> dw, db;
-    for (auto& t : dweights) dw.push_back(t.data_ptr<scalar_t>());
-    for (auto& t : dbiases) db.push_back(t.data_ptr<scalar_t>());
-    backward_tiles<scalar_t>(s, wide_net_of<scalar_t>(weights, biases), acts, xc.const_data_ptr<scalar_t>(),
-                             gc.const_data_ptr<scalar_t>(), dx.defined() ? dx.data_ptr<scalar_t>() : nullptr, dw, db);
-  });
+template <typename T>
+void wide_backward(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts, const T* x,
+                   const T* grad_out, T* dx, const std::vector<T*>& dw, const std::vector<T*>& db) {
+  backward_tiles(s, net, acts, x, grad_out, dx, dw, db);
 }
+
+template void wide_forward<float>(const Shape&, const LayerPtrs<float>&, const std::vector<Activation>&,
+                                  const float*, float*);
+template void wide_forward<double>(const Shape&, const LayerPtrs<double>&, const std::vector<Activation>&,
+                                   const double*, double*);
+template void wide_backward<float>(const Shape&, const LayerPtrs<float>&, const std::vector<Activation>&,
+                                   const float*, const float*, float*, const std::vector<float*>&,
+                                   const std::vector<float*>&);
+template void wide_backward<double>(const Shape&, const LayerPtrs<double>&, const std::vector<Activation>&,
+                                    const double*, const double*, double*, const std::vector<double*>&,
+                                    const std::vector<double*>&);
 
 }  // namespace fusedlayers::cpu

@@ -57,6 +57,10 @@ constinit const KernelOp<MlpForwardFn> mlp_forward_op("mlp_forward");
 
 constinit const KernelOp<MlpBackwardFn> mlp_backward_op("mlp_backward");
 
+using MlpFlatForwardFn = MlpForwardResult(const at::Tensor&, const at::Tensor&, at::IntArrayRef, bool,
+                                          std::vector<std::string>, bool);
+constinit const KernelOp<MlpFlatForwardFn> mlp_flat_forward_op("mlp_flat_forward");
+
 using MlpFlatBackwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                              at::TensorList, at::IntArrayRef, bool,
                                                              std::vector<std::string>, bool);
@@ -157,27 +161,6 @@ at::Tensor mlp_autograd(const at::Tensor& x, at::TensorList weights, at::TensorL
 
 // ---- the flat layout: the parameters in one tensor, one autograd edge for all of them -------------------------
 
-void check_flat_args(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
-                     size_t num_activations) {
-  TORCH_CHECK(sizes.size() >= 2, "mlp_flat(): expected sizes to list at least the input and output widths, got ",
-              sizes);
-  for (const int64_t s : sizes) TORCH_CHECK(s >= 0, "mlp_flat(): expected non-negative sizes, got ", sizes);
-  TORCH_CHECK(num_activations == sizes.size() - 1, "mlp_flat(): expected one activation per layer (",
-              sizes.size() - 1, "), got ", num_activations);
-  const int64_t n = flat_numel(sizes, bias);
-  TORCH_CHECK(params.dim() == 1 && params.sym_numel() == n, "mlp_flat(): expected params to be 1-D with ", n,
-              " elements (every layer's weight", bias ? " and bias" : "", " for sizes ", sizes, "), got shape ",
-              params.sym_sizes());
-  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) == sizes[0], "mlp_flat(): expected x of shape [..., ", sizes[0],
-              "] (sizes[0]), got ", x.sym_sizes());
-  TORCH_CHECK(x.is_floating_point(), "mlp_flat(): expected x to be a floating-point tensor, got ",
-              py(x.scalar_type()));
-  TORCH_CHECK(params.scalar_type() == x.scalar_type(), "mlp_flat(): expected params to have the dtype of x (",
-              py(x.scalar_type()), "), got ", py(params.scalar_type()));
-  TORCH_CHECK(params.device() == x.device(), "mlp_flat(): expected params on the device of x (", x.device(),
-              "), got ", params.device());
-}
-
 // MLPBackward for the flat layout: its outputs are the gradients of x and params.
 struct MLPFlatBackward : public torch::autograd::Node {
   torch::autograd::SavedVariable x, params;
@@ -222,11 +205,10 @@ struct MLPFlatBackward : public torch::autograd::Node {
   }
 };
 
-// The forward kernel on views of params, nothing saved; the arguments checked.
+// The forward kernel, nothing saved; the arguments checked.
 at::Tensor flat_forward(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
                         const std::vector<std::string>& activations, c10::string_view backend) {
-  const auto [ws, bs] = flat_layers(params, sizes, bias);
-  return std::get<0>(mlp_forward_op(parse_backend(backend)).call(x, ws, bs, activations, false));
+  return std::get<0>(mlp_flat_forward_op(parse_backend(backend)).call(x, params, sizes, bias, activations, false));
 }
 
 at::Tensor mlp_flat_no_autograd(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
@@ -250,9 +232,8 @@ at::Tensor mlp_flat_autograd(const at::Tensor& x, const at::Tensor& params, at::
   std::vector<at::Tensor> saved;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const auto [ws, bs] = flat_layers(params, sizes, bias);
-    save = save && !mlp_recomputes(kernels, x, ws);
-    std::tie(y, saved) = mlp_forward_op(kernels).call(x, ws, bs, activations, save);
+    save = save && !mlp_recomputes(kernels, x, sizes);
+    std::tie(y, saved) = mlp_flat_forward_op(kernels).call(x, params, sizes, bias, activations, save);
   }
   node->x = torch::autograd::SavedVariable(x, /*is_output=*/false);
   node->params = torch::autograd::SavedVariable(params, /*is_output=*/false);
@@ -277,8 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_flat_grad_and_value(
               grad_out.has_value() ? "both" : "neither");
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // graph-free: the outputs are plain tensors
   const Backend kernels = parse_backend(backend);
-  const auto [ws, bs] = flat_layers(params, sizes, bias);
-  auto [y, saved] = mlp_forward_op(kernels).call(x, ws, bs, activations, !mlp_recomputes(kernels, x, ws));
+  auto [y, saved] =
+      mlp_flat_forward_op(kernels).call(x, params, sizes, bias, activations, !mlp_recomputes(kernels, x, sizes));
   const at::Tensor& other = grad_out.has_value() ? *grad_out : *target;
   TORCH_CHECK(other.sym_sizes() == y.sym_sizes(), "mlp_flat_grad_and_value(): expected ",
               grad_out.has_value() ? "grad_output" : "target", " of the output's shape ", y.sym_sizes(), ", got ",
@@ -304,6 +285,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_flat_grad_and_value_autograd(
                                  backend);
 }
 
+// A backend's mlp_flat_forward and mlp_flat_backward unless it has its own: its mlp_forward / mlp_backward on
+// views of params, the gradients joined.
+template <Backend B>
+MlpForwardResult mlp_flat_forward_generic(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes,
+                                          bool bias, std::vector<std::string> activations, bool save) {
+  check_flat_args(x, params, sizes, bias, activations.size());
+  const auto [ws, bs] = flat_layers(params, sizes, bias);
+  return mlp_forward_op(B).call(x, ws, bs, activations, save);
+}
+
 // A backend's mlp_flat_backward unless it has its own: its mlp_backward on views of params, the gradients joined.
 template <Backend B>
 std::tuple<at::Tensor, at::Tensor> mlp_flat_backward_generic(const at::Tensor& grad_out, const at::Tensor& x,
@@ -322,6 +313,27 @@ std::vector<std::tuple<Backend, c10::DeviceType, MlpRecomputesFn>>& recomputes_t
 }
 
 }  // namespace
+
+void check_flat_args(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
+                     size_t num_activations) {
+  TORCH_CHECK(sizes.size() >= 2, "mlp_flat(): expected sizes to list at least the input and output widths, got ",
+              sizes);
+  for (const int64_t s : sizes) TORCH_CHECK(s >= 0, "mlp_flat(): expected non-negative sizes, got ", sizes);
+  TORCH_CHECK(num_activations == sizes.size() - 1, "mlp_flat(): expected one activation per layer (",
+              sizes.size() - 1, "), got ", num_activations);
+  const int64_t n = flat_numel(sizes, bias);
+  TORCH_CHECK(params.dim() == 1 && params.sym_numel() == n, "mlp_flat(): expected params to be 1-D with ", n,
+              " elements (every layer's weight", bias ? " and bias" : "", " for sizes ", sizes, "), got shape ",
+              params.sym_sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) == sizes[0], "mlp_flat(): expected x of shape [..., ", sizes[0],
+              "] (sizes[0]), got ", x.sym_sizes());
+  TORCH_CHECK(x.is_floating_point(), "mlp_flat(): expected x to be a floating-point tensor, got ",
+              py(x.scalar_type()));
+  TORCH_CHECK(params.scalar_type() == x.scalar_type(), "mlp_flat(): expected params to have the dtype of x (",
+              py(x.scalar_type()), "), got ", py(params.scalar_type()));
+  TORCH_CHECK(params.device() == x.device(), "mlp_flat(): expected params on the device of x (", x.device(),
+              "), got ", params.device());
+}
 
 int64_t flat_numel(at::IntArrayRef sizes, bool bias) {
   int64_t n = 0;
@@ -343,6 +355,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> flat_layers(const a
   return {weights, biases};
 }
 
+bool mlp_recomputes(Backend backend, const at::Tensor& x, at::TensorList weights) {
+  if (traced(x) || x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
+  std::vector<int64_t> sizes{x.size(-1)};
+  for (const auto& w : weights) sizes.push_back(w.size(0));
+  return mlp_recomputes(backend, x, sizes);
+}
+
 at::Tensor join_flat(const std::vector<at::Tensor>& dweights, const std::vector<at::Tensor>& dbiases) {
   std::vector<at::Tensor> parts;
   parts.reserve(dweights.size() + dbiases.size());
@@ -358,9 +377,12 @@ bool register_mlp_recomputes(Backend backend, c10::DeviceType device, MlpRecompu
   return true;
 }
 
-bool mlp_recomputes(Backend backend, const at::Tensor& x, at::TensorList weights) {
+bool mlp_recomputes(Backend backend, const at::Tensor& x, at::IntArrayRef sizes) {
+  // A traced x (symbolic sizes, or a Python tensor such as export's, whose sizes are symbolic behind a Python
+  // call) saves: reading its sizes would specialize the graph to them.
+  if (traced(x) || x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
   for (const auto& [b, device, fn] : recomputes_table()) {
-    if (b == backend && device == x.device().type()) return fn(x, weights);
+    if (b == backend && device == x.device().type()) return fn(x, sizes);
   }
   return false;
 }
@@ -378,7 +400,10 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
                                "-> (Tensor, Tensor[])",
                                "mlp_backward(Tensor grad_out, Tensor x, Tensor[] weights, Tensor[] biases, "
                                "Tensor[] saved, str[] activations, bool input_grad) -> (Tensor, Tensor[], Tensor[])",
-                               // the same for parameters in the flat layout (ops/mlp.h): (dx or undefined, dparams)
+                               // the same for parameters in the flat layout (ops/mlp.h); the backward returns
+                               // (dx or undefined, dparams)
+                               "mlp_flat_forward(Tensor x, Tensor params, int[] sizes, bool bias, str[] activations, "
+                               "bool save) -> (Tensor, Tensor[])",
                                "mlp_flat_backward(Tensor grad_out, Tensor x, Tensor params, Tensor[] saved, "
                                "int[] sizes, bool bias, str[] activations, bool input_grad) -> (Tensor, Tensor)"});
   // The gradient as a composite of differentiable ops (see dense_grad); the lists are empty without params_grad.
@@ -399,14 +424,15 @@ TORCH_LIBRARY_FRAGMENT(fusedlayers, m) {
   fusedlayers::impl_differentiable(m, "mlp_flat_grad_and_value", &fusedlayers::mlp_flat_grad_and_value_autograd,
                                    &fusedlayers::mlp_flat_grad_and_value);
   fusedlayers::impl_differentiable(m, "mlp_flat", &fusedlayers::mlp_flat_autograd, &fusedlayers::mlp_flat_no_autograd);
-  fusedlayers::not_differentiable(m, {"mlp_forward", "mlp_backward", "mlp_flat_backward"});
+  fusedlayers::not_differentiable(m, {"mlp_forward", "mlp_backward", "mlp_flat_forward", "mlp_flat_backward"});
   fusedlayers::impl_composite(m, "mlp_grad", &fusedlayers::mlp_grad);
 }
 
-// Every backend's mlp_flat_backward, unless it registers its own (the CPU's: csrc/cpu/mlp.cpp).
+// Every backend's mlp_flat_forward and mlp_flat_backward, unless it registers its own (the CPU's: csrc/cpu/mlp.cpp).
 TORCH_LIBRARY_IMPL(fusedlayers, CompositeExplicitAutograd, m) {
   fusedlayers::for_each_backend([&](auto b) {
     constexpr fusedlayers::Backend B = decltype(b)::value;
+    m.impl(fusedlayers::kernel_name(B, "mlp_flat_forward").c_str(), &fusedlayers::mlp_flat_forward_generic<B>);
     m.impl(fusedlayers::kernel_name(B, "mlp_flat_backward").c_str(), &fusedlayers::mlp_flat_backward_generic<B>);
   });
 }

@@ -68,15 +68,20 @@ int64_t flat_numel(at::IntArrayRef sizes, bool bias);
 // The layers' weights and biases as views of a flat tensor (any 1-D strides) of that layout.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> flat_layers(const at::Tensor& flat, at::IntArrayRef sizes,
                                                                          bool bias);
+// The checks of every op and kernel on the flat layout (mlp_flat's messages).
+void check_flat_args(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
+                     size_t num_activations);
 // Per-layer gradients joined into one tensor of that layout (a copy; differentiable, for create_graph).
 at::Tensor join_flat(const std::vector<at::Tensor>& dweights, const std::vector<at::Tensor>& dbiases);
 
 // Whether a backend's kernels for x's device recompute the forward in their backward for this network: the
 // autograd then does not ask the forward to save anything. Asked before the call, from concrete shapes, because
 // the fake kernels must know at trace time what the forward saves. A backend's folder registers its answer at
-// static initialization (csrc/cpu/mlp.cpp); a (backend, device) with none saves as asked.
-using MlpRecomputesFn = bool (*)(const at::Tensor& x, at::TensorList weights);
+// static initialization (csrc/cpu/mlp.cpp); a (backend, device) with none, and a traced x, save as asked.
+// sizes = [x's width, every layer's output width].
+using MlpRecomputesFn = bool (*)(const at::Tensor& x, at::IntArrayRef sizes);
 bool register_mlp_recomputes(Backend backend, c10::DeviceType device, MlpRecomputesFn fn);
+bool mlp_recomputes(Backend backend, const at::Tensor& x, at::IntArrayRef sizes);
 bool mlp_recomputes(Backend backend, const at::Tensor& x, at::TensorList weights);
 
 }  // namespace fusedlayers
