@@ -90,7 +90,8 @@ def _graph_free_impl(net, x, grad_out, name) -> Impl:
 
 def _mlp_case(name, description, sizes, activation, output_activation, batch, dtype, reps, bias=True,
               loss=None, target=None, wrt_input=True, fused_loss=None, floor=None, graph_free=False) -> Case:
-    """floor: None, "gemm" (floors.gemm_floor) or "call" (floors.call_floor_net; for a case without a loss).
+    """floor: None, "gemm" (floors.gemm_floor) or "call" (floors.call_floor_net and floors.builtin_floor_net; for a
+    case without a loss).
     graph_free: add fused-<backend>-graph-free (FusedMLP.grad_and_value; for a case without a loss), and jax-jit
     when JAX is installed (bench/jax_impls.py)."""
     if floor == "call" and loss is not None:
@@ -118,6 +119,7 @@ def _mlp_case(name, description, sizes, activation, output_activation, batch, dt
         elif floor == "call":
             net = floors.call_floor_net(sizes, activation, output_activation, bias, dtype, DEVICE)
             impls.append(model_impl("call-floor", net, x, **kw))
+            impls.append(model_impl("builtin-floor", floors.builtin_floor_net(sizes, dtype, DEVICE), x, **kw))
         return impls
 
     return Case(name, description, DEVICE, dtype, make, reps)
@@ -129,8 +131,8 @@ def _training_case(name, description, sizes, activation, batch, dtype, reps, bia
     default); forward is the network's value without a graph. eager is the nn.Sequential; fused-<backend> the
     FusedMLP (one flat Parameter), fused-<backend>-layers the FusedMLP with per-layer Parameters (flat=False),
     fused-<backend>-graph-free the flat FusedMLP's grad_and_value(x, target=..., accumulate_grad=True) in place
-    of the loss and backward, call-floor the flat FusedMLP with hidden widths 1, each with its own optimizer,
-    same hyperparameters. With adam, eager and graph-free also with Adam(fused=True) (-fused-adam)."""
+    of the loss and backward, call-floor the flat FusedMLP with hidden widths 1, builtin-floor one nn.Linear
+    (floors.builtin_floor_net), each with its own optimizer, same hyperparameters. With adam, eager and graph-free also with Adam(fused=True) (-fused-adam)."""
     def make():
         torch.manual_seed(0)
         eager = sequential(sizes, activation, bias=bias, dtype=dtype)
@@ -150,6 +152,7 @@ def _training_case(name, description, sizes, activation, batch, dtype, reps, bia
             runs["eager-fused-adam"] = (copy.deepcopy(eager), False, "fused")
         runs["call-floor"] = (floors.call_floor_net(sizes, activation, "identity", bias, dtype, DEVICE), False,
                               "foreach")
+        runs["builtin-floor"] = (floors.builtin_floor_net(sizes, dtype, DEVICE), False, "foreach")
         impls = []
         for impl_name, (net, graph_free, flag) in runs.items():
             optimizer = torch.optim.Adam(net.parameters(), lr=1e-5, **{flag: True}) if adam else None

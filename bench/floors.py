@@ -38,3 +38,13 @@ def call_floor_net(sizes, activation, output_activation, bias, dtype, device) ->
     time over this one bounds what faster kernels can buy."""
     widths = [sizes[0]] + [1] * (len(sizes) - 2) + [sizes[-1]]
     return fusedlayers.FusedMLP(widths, activation, output_activation, bias=bias, device=device, dtype=dtype)
+
+
+def builtin_floor_net(sizes, dtype, device) -> torch.nn.Linear:
+    """The network of a case's "builtin-floor": one nn.Linear without bias from the case's input to its output
+    width: one module call, one builtin op and one parameter tensor, PyTorch's least cost for a network under
+    autograd (the engine, its Python wrapper, the loss's ops, zero_grad and the optimizer, each per call). Eager's
+    time over this one bounds what any implementation that builds an autograd graph can reach, fused or not;
+    the graph-free call (FusedMLP.grad_and_value) is not bound by it."""
+    return torch.nn.Linear(sizes[0], sizes[-1], bias=False, device=device, dtype=dtype)
+

@@ -110,7 +110,8 @@ def field_impls(device, backends) -> list[Impl]:
     v = torch.randn(y0.shape, generator=torch.Generator().manual_seed(1), dtype=y0.dtype).to(device)
     t0 = t[1]
     impls = []
-    floor = {"call-floor": floors.call_floor_net(SIZES, "selu", "identity", True, torch.float32, device)}
+    floor = {"call-floor": floors.call_floor_net(SIZES, "selu", "identity", True, torch.float32, device),
+             "builtin-floor": floors.builtin_floor_net(SIZES, torch.float32, device)}
     for name, net in {**nets, **floor}.items():
         field = ControlledField(net, control)
         wrt = [y, *net.parameters()]
@@ -248,7 +249,7 @@ def step_impls(device, backends, adjoint: bool, quick: bool, controls: str = "co
 def cases(device: str, backends: list[str], quick: bool) -> list[Case]:
     """seed003_field and the two training steps (few reps: a step is a solve of a thousand field calls), with
     eager, compile and fused-<backend> for each of `backends` (timed on `device`); seed003_field also with its
-    call-floor (bench/floors.py)."""
+    call-floor and builtin-floor (bench/floors.py)."""
     desc = "controlled neural ODE, 3-10-10-10-2 selu field, 100 trajectories x 100 save points, dopri5, float32"
     backends = tuple(backends)
     return [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.cases import sequential
-from bench.floors import call_floor_net, gemm_floor
+from bench.floors import builtin_floor_net, call_floor_net, gemm_floor
 from bench.neural_ode import FieldClock
 from examples.neural_ode import ControlledField, eager_net, loss_fn, make_problem, solve
 from fusedlayers import FusedMLP
@@ -45,10 +45,10 @@ def test_quick_run_writes_results_and_plots(tmp_path):
     assert {r["impl"] for r in records if r["case"] == "linear_ce"} >= {"torch-lce", "torch-lce-chunked"}
     for case in SOLVE_CASES:
         assert "fused-solve" in {r["impl"] for r in records if r["case"] == case}, case
-    floors = {"dense_large": "gemm-floor", "seed002": "gemm-floor", "seed000": "call-floor",
-              "seed003_field": "call-floor"}
-    for case, floor in floors.items():
-        assert floor in {r["impl"] for r in records if r["case"] == case}, case
+    floors = {"dense_large": {"gemm-floor"}, "seed002": {"gemm-floor"}, "seed000": {"call-floor", "builtin-floor"},
+              "seed003_field": {"call-floor", "builtin-floor"}}
+    for case, names in floors.items():
+        assert names <= {r["impl"] for r in records if r["case"] == case}, case
     assert all(r["cold_ms"] is None for r in records if r["impl"].endswith("-floor"))
     for r in records:
         assert RECORD_FIELDS <= r.keys()
@@ -115,3 +115,6 @@ def test_floors_match_the_networks_they_bound():
         assert len(list(floor.parameters())) == 1  # the flat layout, as FusedMLP's default
         x = torch.randn(rows, sizes[0], dtype=torch.float64)
         assert floor(x).shape == seq(x).shape and floor(x).dtype == torch.float64
+        builtin = builtin_floor_net(sizes, torch.float64, "cpu")  # one module, one builtin op, one leaf
+        assert len(list(builtin.parameters())) == 1 and list(builtin.children()) == []
+        assert builtin(x).shape == seq(x).shape and builtin(x).dtype == torch.float64
