@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from fusedlayers import FusedMLP
-from fusedlayers.functional import flat_layers
 
 _ops = torch.ops.fusedlayers
 
@@ -38,7 +37,6 @@ def measure() -> list[tuple[str, str, float]]:
     x, target = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
     flat = net.flat_params
     g = torch.ones(12, dtype=torch.float64)
-    ws, _ = flat_layers(flat.detach(), net.sizes, False)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-6, foreach=True)
     net(x).sum().backward()
 
@@ -63,8 +61,8 @@ def measure() -> list[tuple[str, str, float]]:
         optimizer.step()
 
     t = _median_us({
-        "forward kernel": lambda: _ops.mlp_forward(x, ws, [], net.activations, False),
-        "backward kernel": lambda: _ops.mlp_backward(g, x, ws, [], [], net.activations, False),
+        "forward kernel": lambda: _ops.mlp_flat_forward(x, flat, net.sizes, False, net.activations, False),
+        "backward kernel": lambda: _ops.mlp_flat_backward(g, x, flat, [], net.sizes, False, net.activations, False),
         "no_grad": no_grad_nothing,
         "op, no grad": no_grad_op,
         "module, no grad": no_grad_module,
@@ -79,11 +77,12 @@ def measure() -> list[tuple[str, str, float]]:
     return [
         ("forward kernel (the CPU tile loop, its checks and allocations)", "ours", t["forward kernel"]),
         ("backward kernel (recomputes the forward)", "ours", t["backward kernel"]),
-        ("op around the forward kernel (views of flat_params, checks, dispatch)", "ours",
+        ("op around the forward kernel (checks, dispatch)", "ours",
          t["op, no grad"] - t["no_grad"] - t["forward kernel"]),
         ("module call (nn.Module.__call__, backend choice)", "ours + PyTorch", t["module, no grad"] - t["op, no grad"]),
         ("autograd node and saved tensors", "ours", t["module, graph"] - t["module, no grad"] + t["no_grad"]),
-        ("autograd.grad: the engine, the node's apply, the views, less the backward kernel", "PyTorch + ours",
+        ("autograd.grad: the engine and its Python wrapper, the node's apply, less the backward kernel",
+         "PyTorch + ours",
          t["module + autograd.grad"] - t["module, graph"] - t["backward kernel"]),
         ("backward() instead of autograd.grad (AccumulateGrad)", "PyTorch",
          t["module + backward"] - t["module + autograd.grad"]),
