@@ -466,8 +466,8 @@ def test_review_findings_stay_fixed():
 
 @pytest.mark.parametrize("path", ["fused", "wide", "chain"])
 def test_opcheck(path, monkeypatch):
-    """torch.library's checks (schema, fake kernel, autograd registration) of the flat layout's ops, on each
-    CPU path: the tile loop, the wide path (forced) and the layer-by-layer chain."""
+    """torch.library's checks (schema, fake kernel, autograd registration) of the flat layout's ops and kernels,
+    on each CPU path: the tile loop, the wide path (forced) and the layer-by-layer chain."""
     sizes, act, out_act = {"fused": NETS["seed003"], "wide": ([7, 150, 40, 3], "tanh", "identity"),
                            "chain": NETS["wide"]}[path]
     if path == "wide":
@@ -481,12 +481,19 @@ def test_opcheck(path, monkeypatch):
     torch.library.opcheck(ops.mlp_flat.default, (x.requires_grad_(), p.requires_grad_(), sizes, True, acts, True,
                                                  "native"))
     x, p = x.detach(), p.detach()
+    for save in (True, False):
+        torch.library.opcheck(ops.mlp_flat_forward.default, (x, p, sizes, True, acts, save))
     for input_grad in (True, False):
         torch.library.opcheck(ops.mlp_flat_backward.default, (g, x, p, [], sizes, True, acts, input_grad))
     torch.library.opcheck(ops.mlp_flat_grad_and_value.default, (x, p, g, None, sizes, True, acts, True, "native"))
     torch.library.opcheck(ops.mlp_flat_grad_and_value.default, (x, p, None, g, sizes, True, acts, False, "native"))
-    # the CPU kernel writes into the flat layout what mlp_backward gives per layer
+    # the CPU kernels read and write in the flat layout what mlp_forward / mlp_backward take and give per layer
     ws, bs = flat_layers(p, sizes, True)
+    for save in (True, False):
+        (y_flat, saved_flat), (y, saved) = (ops.mlp_flat_forward(x, p, sizes, True, acts, save),
+                                            ops.mlp_forward(x, ws, bs, acts, save))
+        torch.testing.assert_close(y_flat, y, rtol=0, atol=0)
+        torch.testing.assert_close(saved_flat, saved, rtol=0, atol=0)
     dx, dws, dbs = ops.mlp_backward(g, x, ws, bs, [], acts, True)
     dx_flat, dflat = ops.mlp_flat_backward(g, x, p, [], sizes, True, acts, True)
     torch.testing.assert_close(dx_flat, dx, rtol=0, atol=0)
