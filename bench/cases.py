@@ -132,7 +132,8 @@ def _training_case(name, description, sizes, activation, batch, dtype, reps, bia
     FusedMLP (one flat Parameter), fused-<backend>-layers the FusedMLP with per-layer Parameters (flat=False),
     fused-<backend>-graph-free the flat FusedMLP's grad_and_value(x, target=..., accumulate_grad=True) in place
     of the loss and backward, call-floor the flat FusedMLP with hidden widths 1, builtin-floor one nn.Linear
-    (floors.builtin_floor_net), each with its own optimizer, same hyperparameters. With adam, eager and graph-free also with Adam(fused=True) (-fused-adam)."""
+    (floors.builtin_floor_net), each with its own optimizer, same hyperparameters. With adam, eager and
+    graph-free also with Adam(fused=True) (-fused-adam)."""
     def make():
         torch.manual_seed(0)
         eager = sequential(sizes, activation, bias=bias, dtype=dtype)

@@ -47,4 +47,3 @@ def builtin_floor_net(sizes, dtype, device) -> torch.nn.Linear:
     time over this one bounds what any implementation that builds an autograd graph can reach, fused or not;
     the graph-free call (FusedMLP.grad_and_value) is not bound by it."""
     return torch.nn.Linear(sizes[0], sizes[-1], bias=False, device=device, dtype=dtype)
-

@@ -26,16 +26,15 @@ namespace {
 // The network in the math type M, as the tile kernels read it.
 template <typename M>
 struct Net {
+  const Shape& shape;
   const LayerPtrs<M>& params;
-  std::vector<int64_t> widths;
-  std::vector<Activation> acts;
-  MlpNetSizes sizes;
+  const std::vector<Activation>& acts;
   MlpNet<M> view() const {
-    return {static_cast<int64_t>(acts.size()), widths.data(), acts.data(), params.w.data(),
-            params.b.empty() ? nullptr : params.b.data(), sizes};
+    return {static_cast<int64_t>(acts.size()), shape.widths.data(), acts.data(), params.w.data(),
+            params.b.empty() ? nullptr : params.b.data(), shape.sizes};
   }
   // Elements of the tile kernels' workspace for tiles of R rows (see MlpNetSizes).
-  int64_t workspace(int64_t R) const { return 2 * (sizes.outputs + sizes.max_width) * R; }
+  int64_t workspace(int64_t R) const { return 2 * (shape.sizes.outputs + shape.sizes.max_width) * R; }
 };
 
 // Rows per tile: kMlpTileRows, or all of them when fewer (a single vector computes one lane, not 32).
@@ -73,8 +72,8 @@ void fused_forward(const Shape& s, const Net<at::opmath_type<T>>& net, const T* 
 
 // Gradients of every layer's weights and biases, and of x when dx is not null.
 template <typename T>
-void fused_backward(const Shape& s, const Net<at::opmath_type<T>>& net, const T* x, const T* grad_out, T* dx, std::vector<T*>& dw,
-                    std::vector<T*>& db) {
+void fused_backward(const Shape& s, const Net<at::opmath_type<T>>& net, const T* x, const T* grad_out, T* dx,
+                    std::vector<T*>& dw, std::vector<T*>& db) {
   using M = at::opmath_type<T>;
   const auto view = net.view();
   const int64_t L = view.layers, in = s.widths.front(), out = s.widths.back();
@@ -124,7 +123,7 @@ void run_forward(const Shape& s, bool wide, const LayerPtrs<at::opmath_type<T>>&
   if constexpr (std::is_same_v<at::opmath_type<T>, T>) {
     if (wide) return wide_forward(s, p, acts, x, y);
   }
-  fused_forward<T>(s, {p, s.widths, acts, s.sizes}, x, y);
+  fused_forward<T>(s, {s, p, acts}, x, y);
 }
 
 template <typename T>
@@ -134,7 +133,7 @@ void run_backward(const Shape& s, bool wide, const LayerPtrs<at::opmath_type<T>>
   if constexpr (std::is_same_v<at::opmath_type<T>, T>) {
     if (wide) return wide_backward(s, p, acts, x, grad_out, dx, dw, db);
   }
-  fused_backward<T>(s, {p, s.widths, acts, s.sizes}, x, grad_out, dx, dw, db);
+  fused_backward<T>(s, {s, p, acts}, x, grad_out, dx, dw, db);
 }
 
 // The fused or the wide path (wide), whichever takes_fused_path / takes_wide_path chose, for params.
@@ -174,12 +173,13 @@ void path_backward(const Shape& s, bool wide, const at::Tensor& grad_out, const 
   });
 }
 
-// The path for a backward, after the checks every backward makes: nothing when the chain of dense kernels takes
-// it, else whether it is the wide path (or the fused one).
-std::optional<bool> backward_path(const Shape& s, const at::Tensor& x, at::TensorList saved) {
+// Which path takes a call, after the CPU's dtype check: nothing when the chain of dense kernels does (it alone
+// saves the forward's intermediates: a forward asked to save them, or a backward given them), else whether it is
+// the wide path (or the fused one).
+std::optional<bool> own_path(const Shape& s, const at::Tensor& x, bool saves) {
   check_cpu_dtype(x);
-  const bool wide = saved.empty() && takes_wide_path(s, x.scalar_type());
-  if (!saved.empty() || !(wide || takes_fused_path(s))) return std::nullopt;
+  const bool wide = !saves && takes_wide_path(s, x.scalar_type());
+  if (saves || !(wide || takes_fused_path(s))) return std::nullopt;
   return wide;
 }
 
@@ -188,11 +188,10 @@ std::optional<bool> backward_path(const Shape& s, const at::Tensor& x, at::Tenso
 MlpForwardResult mlp_forward(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                              std::vector<std::string> activations, bool save) {
   check_mlp_args(x, weights, biases, activations.size());
-  check_cpu_dtype(x);
   const Shape s = shape_of(x, weights);
-  const bool wide = !save && takes_wide_path(s, x.scalar_type());
-  if (save || !(wide || takes_fused_path(s))) return mlp_chain_forward(x, weights, biases, activations, save);
-  return {path_forward(s, wide, x, Params{weights, biases}, activations), {}};
+  const auto wide = own_path(s, x, save);
+  if (!wide) return mlp_chain_forward(x, weights, biases, activations, save);
+  return {path_forward(s, *wide, x, Params{weights, biases}, activations), {}};
 }
 
 MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, at::TensorList weights,
@@ -200,7 +199,7 @@ MlpBackwardResult mlp_backward(const at::Tensor& grad_out, const at::Tensor& x, 
                                bool input_grad) {
   check_mlp_args(x, weights, biases, activations.size());
   const Shape s = shape_of(x, weights);
-  const auto wide = backward_path(s, x, saved);
+  const auto wide = own_path(s, x, !saved.empty());
   if (!wide) return mlp_chain_backward(grad_out, x, weights, biases, saved, activations, input_grad);
   at::Tensor dx = input_grad ? cpu_empty(x.sizes(), x) : at::Tensor();
   std::vector<at::Tensor> dweights, dbiases;
@@ -221,14 +220,13 @@ namespace {
 MlpForwardResult mlp_flat_forward(const at::Tensor& x, const at::Tensor& params, at::IntArrayRef sizes, bool bias,
                                   std::vector<std::string> activations, bool save) {
   check_flat_args(x, params, sizes, bias, activations.size());
-  check_cpu_dtype(x);
   const Shape s = shape_of(x, sizes);
-  const bool wide = !save && takes_wide_path(s, x.scalar_type());
-  if (save || !(wide || takes_fused_path(s))) {
+  const auto wide = own_path(s, x, save);
+  if (!wide) {
     const auto [weights, biases] = flat_layers(params, sizes, bias);
     return mlp_chain_forward(x, weights, biases, activations, save);
   }
-  return {path_forward(s, wide, x, Params{{}, {}, params, sizes, bias}, activations), {}};
+  return {path_forward(s, *wide, x, Params{{}, {}, params, sizes, bias}, activations), {}};
 }
 
 std::tuple<at::Tensor, at::Tensor> mlp_flat_backward(const at::Tensor& grad_out, const at::Tensor& x,
@@ -237,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_flat_backward(const at::Tensor& grad_out,
                                                      std::vector<std::string> activations, bool input_grad) {
   check_flat_args(x, params, sizes, bias, activations.size());
   const Shape s = shape_of(x, sizes);
-  const auto wide = backward_path(s, x, saved);
+  const auto wide = own_path(s, x, !saved.empty());
   if (!wide) {
     const auto [weights, biases] = flat_layers(params, sizes, bias);
     auto [dx, dweights, dbiases] = mlp_chain_backward(grad_out, x, weights, biases, saved, activations, input_grad);

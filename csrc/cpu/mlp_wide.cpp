@@ -134,20 +134,6 @@ void wide_tile_forward(const Shape& s, const LayerPtrs<T>& net, const std::vecto
   }
 }
 
-template <typename T>
-void forward_tiles(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts, const T* x, T* y) {
-  const WideLayout lay = wide_layout(s, acts, sizeof(T));
-  const int64_t L = static_cast<int64_t>(acts.size()), in = s.widths.front(), out = s.widths.back();
-  const int64_t tiles = (s.rows + lay.R - 1) / lay.R;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    T* ws = scratch<T>(lay.size);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t * lay.R, count = std::min(lay.R, s.rows - r0);
-      wide_tile_forward(s, net, acts, lay, ws, x + r0 * in, count, L, y + r0 * out);
-    }
-  });
-}
-
 // db[c] += the sum over the rows of g[., c].
 template <typename T>
 void add_column_sums(const T* g, T* db, int64_t count, int64_t cols) {
@@ -191,10 +177,26 @@ void wide_tile_backward(const Shape& s, const LayerPtrs<T>& net, const std::vect
   }
 }
 
+}  // namespace
+
+template <typename T>
+void wide_forward(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts, const T* x, T* y) {
+  const WideLayout lay = wide_layout(s, acts, sizeof(T));
+  const int64_t L = static_cast<int64_t>(acts.size()), in = s.widths.front(), out = s.widths.back();
+  const int64_t tiles = (s.rows + lay.R - 1) / lay.R;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    T* ws = scratch<T>(lay.size);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * lay.R, count = std::min(lay.R, s.rows - r0);
+      wide_tile_forward(s, net, acts, lay, ws, x + r0 * in, count, L, y + r0 * out);
+    }
+  });
+}
+
 // The tiles are split into one contiguous chunk per thread, each with its own gradient accumulators (chunk 0
 // accumulates into the outputs), summed into the outputs at the end.
 template <typename T>
-void backward_tiles(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts, const T* x,
+void wide_backward(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts, const T* x,
                    const T* grad_out, T* dx, const std::vector<T*>& dw, const std::vector<T*>& db) {
   const WideLayout lay = wide_layout(s, acts, sizeof(T));
   const int64_t L = static_cast<int64_t>(acts.size()), in = s.widths.front(), out = s.widths.back();
@@ -248,8 +250,6 @@ void backward_tiles(const Shape& s, const LayerPtrs<T>& net, const std::vector<A
   }
 }
 
-}  // namespace
-
 bool takes_wide_path(const Shape& s, at::ScalarType dtype) {
   if (dtype != at::kFloat && dtype != at::kDouble) return false;
   if (s.widths.size() < 3 || s.rows == 0 || takes_fused_path(s)) return false;  // no hidden layer, or small
@@ -257,17 +257,6 @@ bool takes_wide_path(const Shape& s, at::ScalarType dtype) {
   if (*std::max_element(s.widths.begin(), s.widths.end()) > std::numeric_limits<int>::max() / 256) return false;
   const int64_t hidden = s.sizes.outputs - s.widths.back();  // elements of the hidden layers per row
   return s.macs_per_row <= wide_max_macs_per_element() * hidden;
-}
-
-template <typename T>
-void wide_forward(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts, const T* x, T* y) {
-  forward_tiles(s, net, acts, x, y);
-}
-
-template <typename T>
-void wide_backward(const Shape& s, const LayerPtrs<T>& net, const std::vector<Activation>& acts, const T* x,
-                   const T* grad_out, T* dx, const std::vector<T*>& dw, const std::vector<T*>& db) {
-  backward_tiles(s, net, acts, x, grad_out, dx, dw, db);
 }
 
 template void wide_forward<float>(const Shape&, const LayerPtrs<float>&, const std::vector<Activation>&,

@@ -306,6 +306,12 @@ std::tuple<at::Tensor, at::Tensor> mlp_flat_backward_generic(const at::Tensor& g
   return {dx, join_flat(dweights, dbiases)};
 }
 
+// A traced x (symbolic sizes, or a Python tensor such as export's, whose sizes are symbolic behind a Python call)
+// saves: reading its sizes would specialize the graph to them.
+bool concrete_shape(const at::Tensor& x) {
+  return !traced(x) && !x.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+}
+
 // Few rows, all registered at static initialization, before any call reads them.
 std::vector<std::tuple<Backend, c10::DeviceType, MlpRecomputesFn>>& recomputes_table() {
   static std::vector<std::tuple<Backend, c10::DeviceType, MlpRecomputesFn>> table;
@@ -356,7 +362,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> flat_layers(const a
 }
 
 bool mlp_recomputes(Backend backend, const at::Tensor& x, at::TensorList weights) {
-  if (traced(x) || x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
+  if (!concrete_shape(x)) return false;
   std::vector<int64_t> sizes{x.size(-1)};
   for (const auto& w : weights) sizes.push_back(w.size(0));
   return mlp_recomputes(backend, x, sizes);
@@ -378,9 +384,7 @@ bool register_mlp_recomputes(Backend backend, c10::DeviceType device, MlpRecompu
 }
 
 bool mlp_recomputes(Backend backend, const at::Tensor& x, at::IntArrayRef sizes) {
-  // A traced x (symbolic sizes, or a Python tensor such as export's, whose sizes are symbolic behind a Python
-  // call) saves: reading its sizes would specialize the graph to them.
-  if (traced(x) || x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
+  if (!concrete_shape(x)) return false;
   for (const auto& [b, device, fn] : recomputes_table()) {
     if (b == backend && device == x.device().type()) return fn(x, sizes);
   }
